@@ -1,0 +1,82 @@
+"""Attention for packed rows: every example attends only within itself, at the cost of its own length.
+
+transformers isolates examples packed in one row only through a dense (T x T) block-diagonal mask, whose work grows
+with the square of the row length, so long packed rows get slower per token. Packed batches here carry
+`cu_seq_lens` (the example boundaries) and go to PyTorch's variable-length flash attention
+(`torch.nn.attention.varlen`) on CUDA, or to one causal SDPA call per example on CPU. Everything else (padded
+batches, generation with a KV cache) goes to transformers' own SDPA function, unchanged.
+
+Registered with transformers as the attention implementation `lit_varlen` (with SDPA's mask builder)."""
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "lit_varlen"
+
+
+def _sliding(window: int | None, longest: int) -> int | None:
+    """The window that matters for these examples: None when every example fits inside it."""
+    return window if window is not None and longest > window else None
+
+
+def _flash_varlen(q, k, v, cu_seq_lens, max_length, scale, window):
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:  # torch >= 2.12: causal is a window (left, 0)
+        extra = {"window_size": (window - 1 if window else -1, 0)}
+    elif window is None:  # torch 2.10/2.11
+        extra = {"is_causal": True}
+    else:
+        raise NotImplementedError("sliding-window attention over packed rows needs torch >= 2.12")
+    cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
+    return varlen_attn(q, k, v, cu, cu, max_length, max_length, scale=scale, **extra)
+
+
+def _sdpa_per_example(q, k, v, cu_seq_lens, scale, window):
+    # (T, H, D) -> one causal SDPA per example; GQA by repeating K/V heads (what SDPA's enable_gqa does).
+    groups = q.shape[1] // k.shape[1]
+    bounds = cu_seq_lens.tolist()
+    out = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[start:stop].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, L, D)
+        if groups > 1:
+            ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)
+        n = stop - start
+        if window is not None and n > window:
+            i = torch.arange(n, device=q.device)
+            mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        out.append(o[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                     cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """transformers attention function. query (B, H, T, D), key/value (B, H_kv, T, D) -> ((B, T, H, D), None)."""
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      sliding_window=sliding_window, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError("packed attention expects one row (batch size 1) holding all examples")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
+    window = _sliding(sliding_window, max_length_q)
+    if q.is_cuda:
+        # flash kernels take bf16/fp16 only; with an fp32 residual stream RoPE hands back fp32 q/k
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else dtype
+        out = _flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seq_lens_q, max_length_q, scaling, window)
+    else:
+        out = _sdpa_per_example(q, k, v, cu_seq_lens_q, scaling, window)
+    return out[None], None
+
+
+AttentionInterface.register(NAME, varlen_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)

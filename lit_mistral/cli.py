@@ -1,0 +1,98 @@
+"""`python -m lit_mistral fit|validate|predict --config ...`: LightningCLI over `QLoRAModule` and
+`InstructionDataModule`, with shared settings linked, the run folder as the home of everything a run writes, and
+bad input reported as one clear error (exit status 2) instead of a traceback."""
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lit_mistral.data import InstructionDataModule
+from lit_mistral.errors import LitMistralError
+from lit_mistral.model import QLoRAModule
+from lit_mistral.predict import JsonlPredictionWriter
+
+TRAINER_DEFAULTS = {
+    "precision": "bf16-mixed",
+    "log_every_n_steps": 1,
+    "use_distributed_sampler": False,  # InstructionDataModule splits batches across ranks itself
+    "num_sanity_val_steps": 0,
+}
+
+
+def find_last_checkpoint(root: str) -> Path | None:
+    """The newest `last.ckpt` under `root/lightning_logs/version_*/checkpoints/`."""
+    found = sorted(Path(root).glob("lightning_logs/version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+class LitMistralCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # set once, used by both: the tokenizer follows the model, the model knows the data's longest sequence
+        parser.link_arguments("model.name_or_path", "data.tokenizer")
+        parser.link_arguments("model.gguf_file", "data.gguf_file")
+        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+        parser.link_arguments("data.max_length", "model.max_length")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step:06d}",
+                             "checkpoint.auto_insert_metric_name": False, "checkpoint.save_top_k": 1})
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
+
+    def before_fit(self) -> None:
+        ckpt = self.config_init["fit"].get("ckpt_path")
+        if ckpt is not None and Path(ckpt).is_dir():
+            raise LitMistralError(f"fit --ckpt_path: {ckpt!r} is a folder. Fix: to resume, pass a .ckpt file or "
+                                  "'last'; to start from a saved adapter, pass --model.adapter_path instead.")
+        if ckpt == "last":
+            root = self.trainer.default_root_dir
+            last = find_last_checkpoint(root)
+            if last is None:
+                raise LitMistralError(f"fit --ckpt_path last: no last.ckpt under {root}/lightning_logs/. Fix: start "
+                                      "without --ckpt_path, or set --trainer.default_root_dir to the earlier run's.")
+            # resume in the same run folder, so the curves and checkpoints of the run stay together
+            version = last.parent.parent.name.removeprefix("version_")
+            self.trainer.loggers = [TensorBoardLogger(save_dir=root, version=int(version))]
+            self.config_init["fit"]["ckpt_path"] = str(last)
+        elif ckpt is not None and not Path(ckpt).is_file():
+            raise LitMistralError(f"fit --ckpt_path: {ckpt!r} does not exist. Fix: check the path, or use 'last'.")
+
+    def _evaluate_with(self, subcommand: str) -> None:
+        ckpt = self.config_init[subcommand].get("ckpt_path")
+        if ckpt is None:
+            return
+        if Path(ckpt).is_dir():  # a peft adapter folder: load it on the base instead of a Lightning checkpoint
+            if not (Path(ckpt) / "adapter_config.json").is_file():
+                raise LitMistralError(f"{subcommand} --ckpt_path: {ckpt!r} is a folder without adapter_config.json. "
+                                      "Fix: pass a .ckpt file or the `adapter` folder of a fit run.")
+            self.model.adapter_path = ckpt
+            self.config_init[subcommand]["ckpt_path"] = None
+        elif ckpt != "last" and not Path(ckpt).is_file():
+            raise LitMistralError(f"{subcommand} --ckpt_path: {ckpt!r} does not exist. Fix: check the path.")
+
+    def before_validate(self) -> None:
+        self._evaluate_with("validate")
+
+    def before_predict(self) -> None:
+        self._evaluate_with("predict")
+
+
+def main(args: list[str] | None = None) -> None:
+    args = sys.argv[1:] if args is None else list(args)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        LitMistralCLI(
+            QLoRAModule,
+            InstructionDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=42,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except LitMistralError as err:
+        print(f"lit_mistral: error: {err}", file=sys.stderr)
+        sys.exit(2)

