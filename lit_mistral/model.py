@@ -43,6 +43,10 @@ class QLoRAModule(LightningModule):
         attn_implementation: transformers attention. `lit_varlen` (default) is SDPA for padded batches and
             variable-length flash attention for packed ones; `sdpa`, `eager`, `flex_attention` also work.
         gradient_checkpointing: Recompute activations in backward: much less memory, about a third more compute.
+        checkpoint_layers: With gradient checkpointing, recompute only the first this-many decoder layers and keep
+            the activations of the rest: spend spare memory on speed. None: all layers.
+        kernels: `liger`: Liger-Kernel's fused Triton kernels for RMSNorm, SwiGLU and RoPE (GPU only;
+            pip install liger-kernel). None: transformers' own modules.
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator (scale = alpha / r).
         lora_dropout: Dropout on the LoRA input.
@@ -78,6 +82,8 @@ class QLoRAModule(LightningModule):
         compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
         attn_implementation: str = attention.NAME,
         gradient_checkpointing: bool = True,
+        checkpoint_layers: int | None = None,
+        kernels: Literal["liger"] | None = None,
         lora_r: int = 8,
         lora_alpha: int = 16,
         lora_dropout: float = 0.05,
@@ -114,6 +120,9 @@ class QLoRAModule(LightningModule):
         if quantize is not None and compute_dtype == "float16":
             problems.append("model.compute_dtype=float16 with 4-bit weights overflows in LoRA training; "
                             "use bfloat16 (or float32 on CPUs without bf16)")
+        if checkpoint_layers is not None and (checkpoint_layers < 0 or not gradient_checkpointing):
+            problems.append(f"model.checkpoint_layers={checkpoint_layers}: needs model.gradient_checkpointing=true "
+                            "and a count >= 0")
         if max_new_tokens < 1:
             problems.append(f"model.max_new_tokens={max_new_tokens}: expected >= 1")
         raise_problems(problems, "Fix: correct these model settings.")
@@ -126,6 +135,7 @@ class QLoRAModule(LightningModule):
         self.trust_remote_code = trust_remote_code
         self.quantize, self.double_quant, self._compute_dtype = quantize, double_quant, compute_dtype
         self.attn_implementation, self.gradient_checkpointing = attn_implementation, gradient_checkpointing
+        self.checkpoint_layers, self.kernels = checkpoint_layers, kernels
         self.lora = dict(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          target_modules=list(lora_target_modules or DEFAULT_TARGETS), bias=lora_bias)
         self.adapter_path = adapter_path
@@ -178,13 +188,10 @@ class QLoRAModule(LightningModule):
         if self.quantize:
             # casts norms/embeddings to fp32, freezes the base, as QLoRA needs; checkpointing is enabled below
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if self.kernels:
+            self.apply_kernels(model)
         if self.gradient_checkpointing:
-            # transformers >= 5.20 renamed it (and warns on the old name); 5.17 has only the old one
-            enable = getattr(model, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.set_checkpointing(model, self.checkpoint_layers)
         if self.adapter_path is not None:
             model = self._load_adapter(model, self.adapter_path)
         else:
@@ -199,6 +206,33 @@ class QLoRAModule(LightningModule):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         rank_zero_info(f"Loaded {self.name_or_path} ({self.quantize or 'unquantized'}) in "
                        f"{time.perf_counter() - self._clock['load_start']:.1f}s; {trainable:,} trainable parameters.")
+
+    def apply_kernels(self, model) -> None:
+        """Swap in fused kernels (in place; works before or after the LoRA wrapping)."""
+        try:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        except ImportError:
+            raise LitMistralError("model.kernels=liger needs Liger-Kernel. Fix: pip install liger-kernel "
+                                  "(GPU only), or set --model.kernels null.") from None
+        # our chunked loss replaces the model's head + loss, so Liger's cross-entropy patches stay off
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False)
+
+    @staticmethod
+    def set_checkpointing(model, layers: int | None) -> None:
+        """Recompute the activations of the first `layers` decoder layers in backward (all when None)."""
+        # transformers >= 5.20 renamed the switch (and warns on the old name); 5.17 has only the old one
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if layers is not None:
+            # per-layer flag of transformers' GradientCheckpointingLayer: the rest keep their activations
+            blocks = [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and
+                      type(m).__name__.endswith(("DecoderLayer", "Block"))]
+            for i, block in enumerate(blocks):
+                block.gradient_checkpointing = i < layers
 
     @property
     def decoder(self) -> torch.nn.Module:
