@@ -78,10 +78,12 @@ def run_variant(module, name, opts, data_file, steps, warm, tokenizer_dir):
     max_tokens = int(opts.get("max_tokens", 0)) or None
     layers = int(opts.get("ckpt", 0))  # decoder layers recomputed in backward (0: none)
     liger = opts.get("liger") == "1"
+    bf16_norms = opts.get("r16") == "1"  # norms/embeddings (residual stream) in bf16: fp32_norms=false
     if module.model is None:  # the first variant: configure_model builds it with these settings
         module.gradient_checkpointing = layers > 0
         module.checkpoint_layers = layers or None
         module.kernels = "liger" if liger else None
+        module.fp32_norms = not bf16_norms
     else:  # later variants change the loaded model in place
         base = module.model.get_base_model()
         if layers:
@@ -91,9 +93,14 @@ def run_variant(module, name, opts, data_file, steps, warm, tokenizer_dir):
         if liger and module.kernels != "liger":  # one way: kernels stay for the variants after
             module.kernels = "liger"
             module.apply_kernels(base)
+        if bf16_norms and module.fp32_norms:  # one way too: what fp32_norms=false loads
+            module.fp32_norms = False
+            for p in base.parameters():
+                if p.dtype == torch.float32 and not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
     dm = InstructionDataModule(path=str(data_file), tokenizer=tokenizer_dir, prompt_style="mistral",
                                mask_prompt=False, max_length=512, overlong="truncate",
-                               batch_size=int(opts.get("bs", 4)), packing=max_tokens is not None,
+                               batch_size=int(opts.get("bs", 4)), packing=max_tokens is not None or opts.get("pack") == "1",
                                max_tokens=max_tokens, seed=0)
     clock = Clock(warm)
     trainer = Trainer(accelerator="gpu" if CUDA else "cpu", devices=1, precision="bf16-mixed" if CUDA else "32-true", max_steps=steps, logger=False,

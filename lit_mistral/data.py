@@ -393,10 +393,10 @@ class InstructionDataModule(LightningDataModule):
         overlong: What to do with longer examples: drop them, or truncate them (they lose their EOS). Either way the
             count is logged.
         batch_size: Examples per batch (padded batches) and per generation batch in predict.
-        packing: Put all examples of a batch in one row without padding, attention kept within each example
-            (the fast path; needs `max_tokens`).
-        max_tokens: Token budget per batch. With `packing`, the sum of example lengths; without, examples x longest.
-            None: fixed `batch_size` batches.
+        packing: Put all examples of a batch in one row without padding, attention kept within each example:
+            the same batches and loss as padding, without computing on pad tokens.
+        max_tokens: Token budget per batch instead of a fixed `batch_size`. With `packing`, the sum of example
+            lengths; without, examples x longest. Larger batches for the GPU, fewer optimizer steps per epoch.
         length_grouped: Batch examples of similar length together (less padding), order still shuffled.
         instruction_field: Record key of the instruction.
         context_field: Record key of the optional context (null: the data has none).
@@ -452,8 +452,6 @@ class InstructionDataModule(LightningDataModule):
             problems.append(f"data.max_length={max_length}: too short for any prompt")
         if batch_size < 1:
             problems.append(f"data.batch_size={batch_size}: expected >= 1")
-        if packing and max_tokens is None:
-            problems.append("data.packing=true needs data.max_tokens (the token budget of each packed row)")
         if max_tokens is not None and max_tokens < max_length:
             problems.append(f"data.max_tokens={max_tokens} is below data.max_length={max_length}: the longest "
                             "examples would not fit in a batch")

@@ -200,7 +200,6 @@ def test_val_fraction_split_is_seeded(tiny_model_dir, tmp_path, demo_records):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(train_records=(0, 50), val_records=(40, 60)), "overlap"),
     (dict(val_fraction=1.5), "val_fraction=1.5"),
-    (dict(packing=True), "needs data.max_tokens"),
     (dict(prompt_style="vicuna"), "unknown prompt style 'vicuna'"),
     (dict(max_tokens=100), "below data.max_length"),
 ])
