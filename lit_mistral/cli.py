@@ -82,7 +82,7 @@ class LitMistralCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    args = sys.argv[1:] if args is None else list(args)
+    """Entry point of `python -m lit_mistral` and `lit-mistral`; `args` (for tests) replaces sys.argv[1:]."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         LitMistralCLI(
