@@ -74,8 +74,18 @@ class LitMistralCLI(LightningCLI):
         elif ckpt != "last" and not Path(ckpt).is_file():
             raise LitMistralError(f"{subcommand} --ckpt_path: {ckpt!r} does not exist. Fix: check the path.")
 
+    def after_fit(self) -> None:
+        # the comparison on the trained model, in the same run: the report lands next to the adapter, and its numbers
+        # in the same TensorBoard run as the curves, at the last step
+        if self.model.compare_base and not self.trainer.interrupted and self.datamodule.val_set is not None:
+            self.trainer.validate(self.model, datamodule=self.datamodule)
+
     def before_validate(self) -> None:
         self._evaluate_with("validate")
+        if self.model.compare_base and self.model.adapter_path is None and self.config_init["validate"].get(
+                "ckpt_path") is None:  # checked again by the model; here it stops before the run folder is made
+            raise LitMistralError("validate --model.compare_base true: there is no adapter to compare with the base "
+                                  "model. Fix: pass --ckpt_path with the `adapter` folder (or a .ckpt file) of a fit run.")
 
     def before_predict(self) -> None:
         self._evaluate_with("predict")

@@ -201,32 +201,33 @@ def encode_prompts(examples: Sequence[Example], style: PromptStyle, tokenizer) -
 
 
 class TokenizedDataset(Dataset):
-    """Tokenized examples: `input_ids` (prompt + response + EOS) and `n_prompt` (how many carry no loss)."""
+    """Tokenized examples: `input_ids` (prompt + response + EOS), `n_prompt` (how many carry no loss) and `index`:
+    the example's position in the list it was made from (an item's optional third field), else its own."""
 
-    def __init__(self, items: list[tuple[list[int], int]]) -> None:
+    def __init__(self, items: list[tuple]) -> None:
         self.items = items
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        ids, n_prompt = self.items[i]
-        return {"input_ids": ids, "n_prompt": n_prompt}
+        ids, n_prompt, *index = self.items[i]
+        return {"input_ids": ids, "n_prompt": n_prompt, "index": index[0] if index else i}
 
     @property
     def lengths(self) -> list[int]:
-        return [len(ids) for ids, _ in self.items]
+        return [len(item[0]) for item in self.items]
 
 
-def fit_to_length(items: list[tuple[list[int], int]], max_length: int, overlong: str, key: str
-                  ) -> list[tuple[list[int], int]]:
-    """Apply `max_length`: drop long examples, or cut them (losing their EOS), and say how many."""
+def fit_to_length(items: list[tuple], max_length: int, overlong: str, key: str) -> list[tuple]:
+    """Apply `max_length` to (ids, n_prompt, ...) items: drop long examples, or cut them (losing their EOS), and say
+    how many. Fields after n_prompt are kept as they are."""
     kept, dropped, cut = [], 0, 0
-    for ids, n_prompt in items:
+    for ids, n_prompt, *rest in items:
         if len(ids) <= max_length:
-            kept.append((ids, n_prompt))
+            kept.append((ids, n_prompt, *rest))
         elif overlong == "truncate" and n_prompt < max_length:
-            kept.append((ids[:max_length], n_prompt))
+            kept.append((ids[:max_length], n_prompt, *rest))
             cut += 1
         else:
             dropped += 1
@@ -260,7 +261,7 @@ def collate_padded(items: list[dict], pad_id: int, mask_prompt: bool = True) -> 
         start = it["n_prompt"] if mask_prompt else 1
         labels[row, start : len(ids)] = ids[start:]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "num_tokens": int(attention_mask.sum())}
+            "num_tokens": int(attention_mask.sum()), "index": [it.get("index") for it in items]}
 
 
 def collate_packed(items: list[dict], mask_prompt: bool = True) -> dict:
@@ -279,7 +280,8 @@ def collate_packed(items: list[dict], mask_prompt: bool = True) -> dict:
     cu_seq_lens[1:] = torch.cumsum(lengths, 0)
     position_ids = torch.cat([torch.arange(int(n)) for n in lengths])
     return {"input_ids": ids[None], "position_ids": position_ids[None], "labels": labels[None],
-            "cu_seq_lens": cu_seq_lens, "max_length": int(lengths.max()), "num_tokens": int(lengths.sum())}
+            "cu_seq_lens": cu_seq_lens, "max_length": int(lengths.max()), "num_tokens": int(lengths.sum()),
+            "index": [it.get("index") for it in items]}
 
 
 def collate_prompts(items: list[dict], pad_id: int) -> dict:
@@ -498,9 +500,12 @@ class InstructionDataModule(LightningDataModule):
             rank_zero_info(f"Training on {len(items)} examples ({sum(self.train_set.lengths)} tokens).")
         if val:
             # validation keeps every example (truncation only where needed) so that metrics see the same set
+            # each item carries its position in val_examples (fit_to_length still drops an example whose prompt alone
+            # is longer than max_length), so metrics find the category and reference of every example in a batch
             self.val_examples = val
-            self.val_set = TokenizedDataset(fit_to_length(encode_examples(val, self.style, self.tokenizer),
-                                                          self.max_length, "truncate", "data.val_path"))
+            encoded = [(ids, n_prompt, i) for i, (ids, n_prompt)
+                       in enumerate(encode_examples(val, self.style, self.tokenizer))]
+            self.val_set = TokenizedDataset(fit_to_length(encoded, self.max_length, "truncate", "data.val_path"))
         elif stage == "validate":
             raise LitMistralError("validate: there is no validation data. Fix: set --data.val_path, "
                                   "--data.val_records or --data.val_fraction.")

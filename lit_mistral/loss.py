@@ -5,23 +5,30 @@ their gradient, most of it for tokens that carry no label. Here only labelled po
 chunks whose logits are recomputed in backward (activation checkpointing) instead of stored. Written by hand
 because transformers computes full logits, and Liger's fused kernel (an optional speed-up) has no CPU path."""
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
+                reduction: str = "sum") -> torch.Tensor:
     logits = head(hidden).float()  # (n, V) in fp32 for a stable softmax
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction=reduction)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
-                         chunk_size: int = 4096) -> torch.Tensor:
-    """Sum over N positions of CE(head(hidden[i]), targets[i]). hidden (N, H), targets (N,) -> scalar (fp32)."""
+                         chunk_size: int = 4096, reduction: Literal["sum", "none"] = "sum") -> torch.Tensor:
+    """Sum over N positions of CE(head(hidden[i]), targets[i]). hidden (N, H), targets (N,) -> scalar (fp32), or with
+    reduction="none" the N losses (fp32), e.g. for per-example validation losses."""
     if hidden.shape[0] <= chunk_size:
-        return _chunk_loss(hidden, targets, head)
+        return _chunk_loss(hidden, targets, head, reduction)
+    chunks = [checkpoint(_chunk_loss, hidden[start:start + chunk_size], targets[start:start + chunk_size], head,
+                         reduction, use_reentrant=False) for start in range(0, hidden.shape[0], chunk_size)]
+    if reduction == "none":
+        return torch.cat(chunks)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_size):
-        stop = start + chunk_size
-        total = total + checkpoint(_chunk_loss, hidden[start:stop], targets[start:stop], head, use_reentrant=False)
+    for chunk in chunks:
+        total = total + chunk
     return total

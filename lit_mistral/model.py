@@ -1,9 +1,12 @@
 """`QLoRAModule`: a Hugging Face causal LM, 4-bit quantized by bitsandbytes (or not), with peft LoRA adapters,
 trained and evaluated by Lightning. Checkpoints hold only what training changes."""
 
+import contextlib
+import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -12,17 +15,85 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import MeanMetric
-
-from lit_mistral import attention
+from lit_mistral import attention, evaluate
 from lit_mistral.errors import LitMistralError, raise_problems
+from lit_mistral.evaluate import SplitMetrics
 from lit_mistral.loss import linear_cross_entropy
 from lit_mistral.sources import check_model_location, load_tokenizer, model_folder, random_init_folder
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
+
+
+def adapter_mismatches(model, folder: str | os.PathLike) -> list[str]:
+    """What keeps the peft adapter in `folder` from fitting the (unwrapped) `model`: target modules it lacks, adapter
+    weights for modules it does not have, and weights whose shapes differ from its layers'. Read from the adapter's
+    files without loading it: peft reports a shape mismatch one tensor at a time, and loads an adapter made for a
+    deeper model of the same family without a word, leaving the extra layers' weights out."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    trained_on = f" (trained on {config['base_model_name_or_path']})" if config.get("base_model_name_or_path") else ""
+    modules = dict(model.named_modules())
+    leaf_names = {name.rsplit(".", 1)[-1] for name in modules}
+    problems = []
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):  # a regular expression over full module names (or peft's "all-linear")
+        if targets != "all-linear" and not any(re.fullmatch(targets, name) for name in modules):
+            problems.append(f"target_modules {targets!r}{trained_on} matches no module of the base model")
+    else:
+        missing = sorted(t for t in targets if t not in leaf_names)
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if hasattr(m, "in_features")})
+            problems.append(f"target_modules {missing}{trained_on} are not in the base model, whose linear layers "
+                            f"are {linear}")
+    weights = folder / "adapter_model.safetensors"
+    if problems or not weights.is_file():  # a .bin adapter is left to peft's own checks
+        return problems
+    absent, shapes = [], []
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            # base_model.model.<module path>.lora_A.weight (peft leaves the adapter name out of saved keys)
+            path, _, part = key.removeprefix("base_model.model.").partition(".lora_")
+            if not part:  # a fully saved module (modules_to_save, resized embeddings): its path is what matters
+                path = re.sub(r"\.(base_layer|modules_to_save)\b.*|\.(weight|bias)$", "", path)
+            module = modules.get(path)
+            if module is None:
+                absent.append(path)
+                continue
+            shape = tuple(f.get_slice(key).get_shape())
+            expected = _lora_shape(module, part, shape)
+            if expected is not None and expected != shape:
+                shapes.append(f"{key.removeprefix('base_model.model.')}: adapter {list(shape)}, base layer needs "
+                              f"{list(expected)}")
+    if absent:
+        absent = sorted(set(absent))
+        problems.append(f"the adapter{trained_on} has weights for {len(absent)} module(s) the base model does not "
+                        f"have, e.g. {absent[:3]}: it was made for a deeper or different model")
+    if shapes:
+        problems.append(f"{len(shapes)} adapter weight(s) have other shapes than the base model's layers{trained_on}, "
+                        f"e.g. {'; '.join(shapes[:3])}")
+    return problems
+
+
+def _lora_shape(module, part: str, shape: tuple) -> tuple | None:
+    """The shape a LoRA factor (`A.weight`: (r, in), `B.weight`: (out, r); embeddings alike) must have on `module`,
+    keeping the adapter's rank; None when there is nothing to compare."""
+    if isinstance(module, torch.nn.Embedding):
+        n_in, n_out = module.num_embeddings, module.embedding_dim
+    else:
+        n_in, n_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if n_in is None or n_out is None or len(shape) != 2:
+        return None
+    if part in ("A.weight", "embedding_A"):
+        return (shape[0], n_in)
+    if part in ("B.weight", "embedding_B"):
+        return (n_out, shape[1])
+    return None
 
 
 class QLoRAModule(LightningModule):
@@ -72,6 +143,19 @@ class QLoRAModule(LightningModule):
         top_p: Generation: nucleus sampling mass.
         top_k: Generation: sample among the k most likely tokens.
         generation_seed: Generation: seed of sampling.
+        eval_max_examples: Generation metrics: how many validation examples (the first ones) `validate` answers
+            greedily and scores against their references (ROUGE-L; exact match and contains-answer in the
+            closed-form categories). 0 turns generation metrics off (loss and perplexity are always reported).
+        eval_max_new_tokens: Generation metrics and samples: most new tokens per answer.
+        eval_in_fit: Also compute generation metrics at every validation during `fit` (by default only `validate`
+            does: generating costs far more than the loss).
+        compare_base: `validate` also evaluates the base model (the adapter switched off) on the same examples, and
+            its report (evaluation.md and .json in the run folder) puts both side by side; needs an adapter
+            (`--ckpt_path`). With `fit`, the CLI ends the run with this comparison, in the same run folder.
+        report_examples: How many answers the report shows side by side (all are in evaluation.json).
+        sample_every_n_val: During `fit`, every this-many validation runs, answer the first `num_samples`
+            validation prompts greedily and log them to TensorBoard as text. 0: never.
+        num_samples: How many validation prompts `sample_every_n_val` answers.
     """
 
     def __init__(
@@ -109,6 +193,13 @@ class QLoRAModule(LightningModule):
         top_p: float = 0.95,
         top_k: int = 50,
         generation_seed: int = 0,
+        eval_max_examples: int = 64,
+        eval_max_new_tokens: int = 128,
+        eval_in_fit: bool = False,
+        compare_base: bool = False,
+        report_examples: int = 3,
+        sample_every_n_val: int = 0,
+        num_samples: int = 2,
     ) -> None:
         super().__init__()
         problems = []
@@ -129,6 +220,12 @@ class QLoRAModule(LightningModule):
                             "and a count >= 0")
         if max_new_tokens < 1:
             problems.append(f"model.max_new_tokens={max_new_tokens}: expected >= 1")
+        if eval_max_new_tokens < 1:
+            problems.append(f"model.eval_max_new_tokens={eval_max_new_tokens}: expected >= 1")
+        for key, value in (("eval_max_examples", eval_max_examples), ("report_examples", report_examples),
+                           ("sample_every_n_val", sample_every_n_val), ("num_samples", num_samples)):
+            if value < 0:
+                problems.append(f"model.{key}={value}: expected >= 0")
         raise_problems(problems, "Fix: correct these model settings.")
         if adapter_path is not None and not (Path(adapter_path) / "adapter_config.json").is_file():
             raise LitMistralError(f"model.adapter_path: {adapter_path!r} is not a peft adapter folder (no "
@@ -150,10 +247,14 @@ class QLoRAModule(LightningModule):
         self.generation = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                top_p=top_p, top_k=top_k)
         self.generation_seed = generation_seed
+        self.eval_max_examples, self.eval_max_new_tokens, self.eval_in_fit = eval_max_examples, eval_max_new_tokens, eval_in_fit
+        self.compare_base, self.report_examples = compare_base, report_examples
+        self.sample_every_n_val, self.num_samples = sample_every_n_val, num_samples
+        self._val_metrics: dict[str, SplitMetrics] = {}  # column ("model", "base") -> its metrics of this run
+        self._val_runs = 0  # validation runs of this fit, for sample_every_n_val
         self.strict_loading = False  # checkpoints hold the adapter only; on_load_checkpoint checks it is complete
         self.model = None
         self.tokenizer = None
-        self.val_loss = MeanMetric()
         self._clock = {}
         self.throughput: dict = {}  # the last tokens/s, peak memory and time-to-first-step measured
 
@@ -265,11 +366,16 @@ class QLoRAModule(LightningModule):
     def _load_adapter(self, model, path: str):
         from peft import PeftModel
 
+        fix = "Fix: evaluate the adapter on the base model it was trained on (its adapter_config.json names it)."
+        problems = adapter_mismatches(model, path)
+        if problems:
+            raise LitMistralError(f"model.adapter_path: the adapter in {path!r} does not fit {self.name_or_path}:\n"
+                                  + "".join(f"  {p}\n" for p in problems) + fix)
         try:
             return PeftModel.from_pretrained(model, path, is_trainable=True)
         except (RuntimeError, ValueError, KeyError) as err:
             raise LitMistralError(f"model.adapter_path: the adapter in {path!r} does not fit {self.name_or_path} "
-                                  f"({str(err).splitlines()[0][:300]}). Fix: use the base model it was trained on.") from None
+                                  f"({str(err).splitlines()[0][:300]}). {fix}") from None
 
     # -- loss --------------------------------------------------------------------------------------------------------
 
@@ -285,18 +391,41 @@ class QLoRAModule(LightningModule):
         # other implementations isolate examples through transformers' own mask from position_ids
         return kwargs
 
-    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum of token cross-entropies over labelled positions, and their count."""
+    def _token_losses(self, batch: dict, reduction: Literal["sum", "none"]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token cross-entropies over labelled positions (summed, or (N,) row-major), and the (B, T-1) mask of them."""
         labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
         selected = labels != -100
         if not self._plain_head:
             logits = self.model(input_ids=batch["input_ids"], use_cache=False, **self._packed_kwargs(batch)).logits
             logits = logits[:, :-1][selected].float()
-            return torch.nn.functional.cross_entropy(logits, labels[selected], reduction="sum"), selected.sum()
+            return torch.nn.functional.cross_entropy(logits, labels[selected], reduction=reduction), selected
         hidden = self.decoder(input_ids=batch["input_ids"], use_cache=False,
                               **self._packed_kwargs(batch)).last_hidden_state  # (B, T, H)
-        loss = linear_cross_entropy(hidden[:, :-1][selected], self.lm_head, labels[selected], self.loss_chunk_size)
+        loss = linear_cross_entropy(hidden[:, :-1][selected], self.lm_head, labels[selected], self.loss_chunk_size,
+                                    reduction)
+        return loss, selected
+
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of token cross-entropies over labelled positions, and their count."""
+        loss, selected = self._token_losses(batch, "sum")
         return loss, selected.sum()
+
+    def example_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example of the batch: the sum of its token cross-entropies and its count of labelled tokens, (E,)
+        each (E = rows of a padded batch, examples of a packed row)."""
+        losses, selected = self._token_losses(batch, "none")  # (N,) in the row-major order of `selected`
+        if "cu_seq_lens" in batch:
+            # one packed row: position t is labelled with token t+1, which belongs to the example whose span holds it
+            bounds = batch["cu_seq_lens"].to(selected.device, torch.long)
+            targets = torch.arange(1, selected.shape[1] + 1, device=selected.device)
+            owner = torch.bucketize(targets, bounds[1:], right=True)[None]  # (1, T-1)
+            n = len(bounds) - 1
+        else:
+            owner = torch.arange(selected.shape[0], device=selected.device)[:, None]  # (B, 1): the row
+            n = selected.shape[0]
+        owner = owner.expand_as(selected)[selected]
+        sums = torch.zeros(n, dtype=torch.float32, device=losses.device).index_add_(0, owner, losses.float())
+        return sums, torch.bincount(owner, minlength=n)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss_sum, count = self.loss_sum(batch)
@@ -304,17 +433,115 @@ class QLoRAModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=int(count))
         return loss
 
+    # -- validation: loss per category, generation metrics, the base alongside, samples ------------------------------
+
+    def _val_examples(self) -> list:
+        """The validation examples of the datamodule (empty with a DataModule that does not keep them)."""
+        return list(getattr(getattr(self._trainer, "datamodule", None), "val_examples", None) or [])
+
+    def _generating(self) -> bool:
+        fn = self.trainer.state.fn
+        return (self.eval_max_examples > 0 and not self.trainer.sanity_checking
+                and (fn == "validate" or (fn == "fit" and self.eval_in_fit)))
+
+    def _adapter_state(self, column: str):
+        """`model`: the model as loaded (with its adapter); `base`: the same model with the adapter switched off."""
+        return self.model.disable_adapter() if column == "base" else contextlib.nullcontext()
+
+    def on_validation_start(self) -> None:
+        comparing = self.compare_base and self.trainer.state.fn == "validate"
+        trained = self.global_step > 0  # validate right after fit (the CLI's compare_base): the adapter just trained
+        if comparing and self.adapter_path is None and self.trainer.ckpt_path is None and not trained:
+            raise LitMistralError("model.compare_base: there is no adapter to compare with the base model. Fix: pass "
+                                  "--ckpt_path with the `adapter` folder (or a .ckpt file) of a fit run.")
+        examples = self._val_examples()
+        answered = examples[: self.eval_max_examples] if self._generating() else []
+        self._val_metrics = {column: SplitMetrics([e.category for e in examples], [e.category for e in answered],
+                                                  self.device)
+                             for column in (("model", "base") if comparing else ("model",))}
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss_sum, count = self.loss_sum(batch)
-        if count > 0:
-            self.val_loss.update(loss_sum / count, weight=count)
+        examples = self._val_examples()
+        # our batches carry each example's position in val_examples, and so its category
+        categories = [examples[i].category if i is not None else None
+                      for i in batch.get("index", [])] if examples else None
+        for column, metrics in self._val_metrics.items():
+            with self._adapter_state(column):
+                sums, counts = self.example_losses(batch)
+            metrics.update_loss(sums, counts, categories)
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_loss.update_count == 0:
+        examples = self._val_examples()
+        answered = examples[: self.eval_max_examples] if self._generating() else []
+        results, records, counts = {}, {}, {}
+        for column, metrics in self._val_metrics.items():
+            if answered:
+                with self._adapter_state(column):
+                    records[column] = self.answer(answered)
+                metrics.score(records[column])
+            results[column], counts = metrics.compute(), metrics.counts()
+            metrics.reset()
+        if "loss" not in results.get("model", {}):
+            return  # no validation batches ran
+        for column, values in results.items():
+            for key, value in values.items():  # already reduced over processes by torchmetrics
+                name = evaluate.COLUMNS[column] + key
+                self.log(name, value, prog_bar=name in ("val/loss", "val/ppl"), sync_dist=False)
+        if self.trainer.state.fn == "validate":
+            self._report(results, records, counts, len(examples))
+        elif self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self._val_runs += 1
+            boards = [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
+            if (self.sample_every_n_val and self._val_runs % self.sample_every_n_val == 0 and examples
+                    and self.num_samples and boards):
+                shown = examples[: self.num_samples]
+                done = records.get("model", [])  # eval_in_fit has answered them already
+                self._log_samples(boards, done[: len(shown)] if len(done) >= len(shown) else self.answer(shown))
+
+    def answer(self, examples: list) -> list[dict]:
+        """Greedy answers of the model in its current adapter state to `examples` (bounded by
+        eval_max_new_tokens), split across processes and gathered, so every process returns all of them."""
+        datamodule = self.trainer.datamodule
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        settings = dict(self.generation, do_sample=False, max_new_tokens=self.eval_max_new_tokens)
+        mine = evaluate.answer(self.model, self.tokenizer, datamodule.style, examples[rank::world],
+                               datamodule.batch_size, self.device, settings)
+        for record in mine:
+            record["index"] = record["index"] * world + rank  # position in `examples`
+        if world > 1:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, mine)
+            mine = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+        return mine
+
+    def _report(self, results: dict, records: dict, counts: dict, n_examples: int) -> None:
+        """Write evaluation.json and evaluation.md into the run folder and log the Markdown to TensorBoard."""
+        if not self.trainer.is_global_zero:
             return
-        loss = self.val_loss.compute()  # token-weighted mean over all processes
-        self.val_loss.reset()
-        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True, sync_dist=False)
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        adapter = self.adapter_path or self.trainer.ckpt_path or (
+            str(folder / "adapter") if self.global_step > 0 else None)  # right after fit: the adapter it saved
+        info = {"model": self.name_or_path, "gguf_file": self.gguf_file, "adapter": str(adapter) if adapter else None,
+                "quantize": self.quantize, "global_step": self.global_step, "max_new_tokens": self.eval_max_new_tokens,
+                "val_examples": n_examples, "counts": counts,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "versions": evaluate.versions()}
+        document, markdown = evaluate.build_report(results, records, info, self.report_examples)
+        json_path, md_path = evaluate.write_report(folder, document, markdown)
+        rank_zero_info(f"Wrote the evaluation report to {md_path} and {json_path.name}")
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("evaluation", markdown, global_step=self.global_step)
+
+    def _log_samples(self, boards: list[TensorBoardLogger], records: list[dict]) -> None:
+        """Log answers to fixed validation prompts as TensorBoard text, one tag per prompt (a slider over steps)."""
+        if not self.trainer.is_global_zero:
+            return
+        for logger in boards:
+            for i, record in enumerate(records):
+                context = f"\n\n**Context:** {record['context']}" if record["context"] else ""
+                text = (f"**Instruction:** {record['instruction']}{context}\n\n**Reference:** {record['reference']}"
+                        f"\n\n**Step {self.global_step}** ({record['finish']}): {record['response']}")
+                logger.experiment.add_text(f"samples/{i}", text, global_step=self.global_step)
 
     # -- what gets logged each step ----------------------------------------------------------------------------------
 

@@ -229,3 +229,18 @@ def test_packed_loader_respects_token_budget(tiny_model_dir, tmp_path, demo_reco
     assert all(b["input_ids"].shape[1] <= 512 and b["num_tokens"] == b["input_ids"].shape[1] for b in batches)
     assert torch.equal(batches[0]["position_ids"][0, : batches[0]["cu_seq_lens"][1]],
                        torch.arange(int(batches[0]["cu_seq_lens"][1])))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_validation_batches_name_their_examples(tiny_model_dir, tmp_path, demo_records, packing):
+    """Each validation batch lists the position of its examples in val_examples (for per-category metrics), also
+    when an example whose prompt alone exceeds max_length had to be left out."""
+    records = [dict(r) for r in demo_records[:10]]
+    records[3]["context"] = " ".join(["water"] * 300)  # prompt longer than max_length: dropped from val_set
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    dm = InstructionDataModule(path=str(path), tokenizer=str(tiny_model_dir), train_records=(0, 2),
+                               val_records=(2, 10), max_length=128, batch_size=3, packing=packing)
+    dm.setup("validate")
+    indices = [i for batch in dm.val_dataloader() for i in batch["index"]]
+    assert indices == [0, 2, 3, 4, 5, 6, 7]  # record 3 of the file is val example 1
+    assert [dm.val_examples[i].instruction for i in indices] == [records[2 + i]["instruction"] for i in indices]

@@ -204,3 +204,68 @@ def test_adapter_loads_with_plain_peft_and_gives_the_same_logits(tiny_model_dir,
         # and the adapter is not a no-op
         with plain.disable_adapter():
             assert not torch.allclose(plain(input_ids=ids).logits, module.model(input_ids=ids).logits)
+
+
+def test_example_losses_split_the_loss_by_example(tiny_model_dir, demo_file):
+    """Per-example loss sums (what per-category validation metrics add up) are each example's own loss, the same
+    from a padded batch and from a packed row, and add up to the batch loss."""
+    dm = data(tiny_model_dir, demo_file)
+    dm.setup("fit")
+    module = make(tiny_model_dir, quantize=None, gradient_checkpointing=False)
+    module.configure_model()
+    module.model.eval()
+    items = [dm.train_set[i] for i in range(4)]
+    with torch.no_grad():
+        sums_padded, counts_padded = module.example_losses(collate_padded(items, dm.tokenizer.pad_token_id))
+        sums_packed, counts_packed = module.example_losses(collate_packed(items))
+        total, n = module.loss_sum(collate_padded(items, dm.tokenizer.pad_token_id))
+        alone = [module.loss_sum(collate_padded([it], dm.tokenizer.pad_token_id)) for it in items]
+    assert counts_padded.tolist() == counts_packed.tolist() == [int(c) for _, c in alone]
+    assert counts_padded.tolist() == [len(it["input_ids"]) - it["n_prompt"] for it in items]
+    torch.testing.assert_close(sums_padded, torch.stack([s for s, _ in alone]), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(sums_packed, sums_padded, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(sums_padded.sum(), total, atol=1e-4, rtol=1e-5)
+    assert int(counts_padded.sum()) == int(n)
+
+
+def test_val_ppl_is_torchmetrics_perplexity_of_the_responses(tiny_model_dir, demo_file, tmp_path):
+    from torchmetrics.text import Perplexity
+
+    module = make(tiny_model_dir, eval_max_examples=0)
+    dm = data(tiny_model_dir, demo_file, val_records=(40, 52), batch_size=5)
+    val = trainer(tmp_path).validate(module, dm, verbose=False)[0]
+    reference = Perplexity(ignore_index=-100)
+    with torch.no_grad():
+        for batch in dm.val_dataloader():  # the full (B, T, V) logits, that the chunked loss never builds
+            logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            reference.update(logits[:, :-1].float(), batch["labels"][:, 1:])
+    assert val["val/ppl"] == pytest.approx(float(reference.compute()), rel=1e-4)
+    # the per-category losses are there too, and average (token-weighted) to the overall one
+    categories = {e.category for e in dm.val_examples}
+    assert {f"val/{c}/loss" for c in categories} <= set(val)
+
+
+@pytest.mark.parametrize("mismatch,message", [
+    ("targets", r"target_modules \['wqkv'\] .*are not in the base model, whose linear layers are \[.*'q_proj'"),
+    ("shapes", r"adapter weight\(s\) have other shapes than the base model's layers .*e\.g\. "
+               r"model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight: adapter \[8, 32\], base layer needs \[8, 64\]"),
+    ("deeper", r"has weights for 2 module\(s\) the base model does not have, e\.g\. "
+               r"\['model\.layers\.2\.self_attn\.q_proj', 'model\.layers\.2\.self_attn\.v_proj'\]"),
+])
+def test_adapter_that_does_not_fit_names_what_differs(tiny_model_dir, tmp_path, mismatch, message):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, MistralForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    if mismatch == "shapes":
+        config.hidden_size, config.intermediate_size = 32, 64
+    if mismatch == "deeper":
+        config.num_hidden_layers = 3
+    other = get_peft_model(MistralForCausalLM(config), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    other.save_pretrained(tmp_path / "adapter")
+    if mismatch == "targets":
+        path = tmp_path / "adapter" / "adapter_config.json"
+        path.write_text(path.read_text().replace('"q_proj"', '"wqkv"'))
+    module = make(tiny_model_dir, adapter_path=str(tmp_path / "adapter"))
+    with pytest.raises(LitMistralError, match=r"model.adapter_path: the adapter in .* does not fit (.|\n)*" + message):
+        module.configure_model()
