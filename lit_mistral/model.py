@@ -66,6 +66,12 @@ class QLoRAModule(LightningModule):
         warmup_ratio: Warmup as a fraction of all optimizer steps.
         max_length: Longest sequence in tokens; linked to `data.max_length` by the CLI.
         loss_chunk_size: Positions per chunk of the output-layer cross-entropy (bounds logits memory).
+        inference: Generation (predict) runs on `merged` weights (the adapter folded into a dequantized copy of the
+            base: plain matmuls, no LoRA overhead, as much memory as the unquantized model) or on the 4-bit base
+            with the `adapter` applied. `auto`: merged on CPUs, and on GPUs when the unquantized model fits in a
+            third of the free memory.
+        generation_cache: Generation KV cache: `dynamic` (grows as needed), or `static` (preallocated; on a GPU,
+            transformers then compiles the decoding step with torch.compile: slow first batch, faster after).
         max_new_tokens: Generation: most new tokens per answer.
         do_sample: Generation: sample (True) or greedy (False).
         temperature: Generation: sampling temperature.
@@ -103,6 +109,8 @@ class QLoRAModule(LightningModule):
         warmup_ratio: float = 0.0,
         max_length: int = 2048,
         loss_chunk_size: int = 4096,
+        inference: Literal["auto", "merged", "adapter"] = "auto",
+        generation_cache: Literal["dynamic", "static"] = "dynamic",
         max_new_tokens: int = 256,
         do_sample: bool = False,
         temperature: float = 0.7,
@@ -150,6 +158,7 @@ class QLoRAModule(LightningModule):
         self.generation = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                top_p=top_p, top_k=top_k)
         self.generation_seed = generation_seed
+        self.inference, self.generation_cache = inference, generation_cache
         self.strict_loading = False  # checkpoints hold the adapter only; on_load_checkpoint checks it is complete
         self.model = None
         self.tokenizer = None
@@ -160,15 +169,16 @@ class QLoRAModule(LightningModule):
     # -- building the model ------------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        """Load the base (quantizing it on the target device), then wrap it with LoRA adapters. Called by Lightning
-        after data setup, so bad data fails before the expensive load."""
-        if self.model is not None:
-            return
-        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+        """Called by Lightning after data setup (so bad data fails before the expensive load)."""
+        if self.model is None:
+            self.build(self.trainer.strategy.root_device if self._trainer is not None else self.device)
+
+    def build(self, device: torch.device) -> None:
+        """Load the base (quantizing it on `device`), then wrap it with LoRA adapters."""
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         self._clock["load_start"] = time.perf_counter()
-        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         self.tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(
             self.name_or_path, self.gguf_file, self.trust_remote_code)
@@ -404,7 +414,7 @@ class QLoRAModule(LightningModule):
             raise_problems(diffs, "Fix: run with the config the checkpoint was trained with (its run folder holds "
                                   "config.yaml).")
         rng = checkpoint.get("rng")
-        if rng and self.trainer.state.fn == "fit":
+        if rng and self._trainer is not None and self.trainer.state.fn == "fit":
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
             if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
@@ -439,10 +449,34 @@ class QLoRAModule(LightningModule):
 
     # -- generation --------------------------------------------------------------------------------------------------
 
+    def _merge_for_inference(self) -> bool:
+        if self.inference == "adapter":
+            return False
+        if self.inference == "merged" or self.device.type != "cuda":
+            return True
+        free, _ = torch.cuda.mem_get_info(self.device)
+        unquantized = sum(p.numel() for p in self.model.parameters()) * self.compute_dtype(self.device).itemsize
+        return 3 * unquantized < free + unquantized // 4  # the 4-bit copy is freed layer by layer while merging
+
     def on_predict_start(self) -> None:
+        """Runs after a checkpoint was restored, so the adapter weights are final: fold them in if asked."""
+        from peft import PeftModel
+
+        from lit_mistral.export import merge_adapter
+
         torch.manual_seed(self.generation_seed)
+        if isinstance(self.model, PeftModel) and self._merge_for_inference():
+            started = time.perf_counter()
+            self.model = merge_adapter(self.model, self.compute_dtype(self.device))
+            rank_zero_info(f"Merged the adapter into a dequantized copy of the base for generation "
+                           f"({time.perf_counter() - started:.1f}s; --model.inference adapter keeps them apart).")
+        if self.attn_implementation == attention.NAME:  # no packed rows in generation: transformers' own SDPA
+            self.model.set_attn_implementation("sdpa")
+        self.model.config.use_cache = True
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         from lit_mistral.predict import generate
 
-        return generate(self.model, self.tokenizer, batch, **self.generation)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        return generate(self.model, self.tokenizer, batch, context=context, cache=self.generation_cache,
+                        **self.generation)
