@@ -62,7 +62,10 @@ def read_done(path: Path, instructions: list[str]) -> dict[int, str]:
     """Rows of an earlier, interrupted run of the same inputs: {index: JSON line}. A line cut short by the
     interruption is dropped; a row that does not match the inputs stops the run."""
     done = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # split on "\n" only: str.splitlines also splits on U+2028 and friends, which JSON strings may hold raw
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line:
+            continue
         try:
             row = json.loads(line)
             index = row["index"]
@@ -149,7 +152,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self._file.close()
         self._file = None
         seconds = time.perf_counter() - self._started
-        lines = self.target.read_text(encoding="utf-8").splitlines()
+        lines = [line for line in self.target.read_text(encoding="utf-8").split("\n") if line]
         lines.sort(key=lambda line: json.loads(line)["index"])  # input order, whatever order batches finished in
         tmp = self.target.with_name(self.target.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")

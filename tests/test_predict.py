@@ -25,7 +25,7 @@ def predict(tiny_model_dir, adapter_dir, questions, out, *extra):
           "--trainer.default_root_dir", str(questions.parent / "runs"), "--data.predict_path", str(questions),
           "--data.predict_batch_size", "2", "--ckpt_path", str(adapter_dir), "--model.max_new_tokens", "6",
           "--predictions.path", str(out), *map(str, extra)])
-    return [json.loads(line) for line in out.read_text().splitlines()]
+    return [json.loads(line) for line in out.read_text().split("\n") if line]
 
 
 @pytest.fixture
@@ -47,9 +47,10 @@ def test_rows_in_input_order_and_merged_equals_adapter(tiny_model_dir, adapter_d
 
 def test_resume_keeps_finished_rows_and_fills_the_rest(tiny_model_dir, adapter_dir, questions, tmp_path):
     out = tmp_path / "answers.jsonl"
-    done = {"index": 3, "instruction": QUESTIONS[3], "context": "", "response": "kept", "prompt_tokens": 1,
+    # a generated text may hold U+2028/U+0085, which JSON leaves raw: they must not split rows
+    done = {"index": 3, "instruction": QUESTIONS[3], "context": "", "response": "kept\u2028line\x85", "prompt_tokens": 1,
             "response_tokens": 1, "finish": "eos"}
-    out.write_text(json.dumps(done) + "\n" + '{"index": 1, "instruction": "What is')  # killed mid-line
+    out.write_text(json.dumps(done, ensure_ascii=False) + "\n" + '{"index": 1, "instruction": "What is')  # killed
     with pytest.raises(SystemExit):  # an existing file is never overwritten silently
         predict(tiny_model_dir, adapter_dir, questions, out)
     rows = predict(tiny_model_dir, adapter_dir, questions, out, "--predictions.resume", "true")
