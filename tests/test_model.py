@@ -44,6 +44,47 @@ def test_builds_nf4_base_with_lora_adapters(tiny_model_dir):
     assert module.model.training  # Lightning keeps submodule modes; checkpointing acts only in train mode
 
 
+def test_fp4_and_random_init(tiny_model_dir, tmp_path):
+    """`quantize: fp4` quantizes to FP4; `random_init` needs only the config and tokenizer, no weights."""
+    import shutil
+
+    config_only = tmp_path / "config-only"
+    shutil.copytree(tiny_model_dir, config_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    module = make(config_only, quantize="fp4", random_init=True)
+    module.configure_model()
+    layer = module.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert layer.weight.quant_type == "fp4"
+    with pytest.raises(LitMistralError, match="could not load"):
+        make(config_only).configure_model()
+
+
+@pytest.mark.parametrize("optimizer", ["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw"])
+@pytest.mark.parametrize("scheduler", ["linear", "cosine", "constant"])
+def test_optimizers_and_warmup_schedules(tiny_model_dir, tmp_path, optimizer, scheduler):
+    module = make(tiny_model_dir, optimizer=optimizer, lr_scheduler=scheduler, warmup_ratio=0.25,
+                  learning_rate=1e-3)
+    module.configure_model()
+
+    class Stub:
+        estimated_stepping_batches = 8
+
+    module._trainer = Stub()
+    config = module.configure_optimizers()
+    optimizer_, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert type(optimizer_).__name__ == {"paged_adamw_32bit": "PagedAdamW32bit", "paged_adamw_8bit": "PagedAdamW8bit",
+                                         "adamw_8bit": "AdamW8bit", "adamw": "AdamW"}[optimizer]
+    lrs = []
+    for _ in range(8):
+        lrs.append(optimizer_.param_groups[0]["lr"])
+        optimizer_.step()
+        schedule.step()
+    assert lrs[:3] == pytest.approx([0.0, 5e-4, 1e-3])  # 2 warmup steps (ratio 0.25 of 8)
+    if scheduler == "constant":
+        assert lrs[2:] == pytest.approx([1e-3] * 6)
+    else:
+        assert lrs[3] < 1e-3 and lrs[-1] < lrs[3]  # decays after warmup
+
+
 def test_unknown_target_module_names_the_choices(tiny_model_dir):
     with pytest.raises(LitMistralError, match=r"\['qkv'\] match no module .* choose among .*'q_proj'"):
         make(tiny_model_dir, lora_target_modules=["qkv"]).configure_model()
@@ -204,3 +245,22 @@ def test_adapter_loads_with_plain_peft_and_gives_the_same_logits(tiny_model_dir,
         # and the adapter is not a no-op
         with plain.disable_adapter():
             assert not torch.allclose(plain(input_ids=ids).logits, module.model(input_ids=ids).logits)
+
+
+@pytest.mark.slow
+def test_packed_fast_path_learns_like_the_padded_path_on_the_real_model(smollm2_gguf, tmp_path):
+    """SmolLM2-135M (real weights, NF4): the same 3 steps on the same batches, padded or packed into one row with
+    per-example attention, end at the same validation loss (tolerance 1e-4, fp32 on CPU)."""
+    name, gguf = smollm2_gguf
+    results = {}
+    for packing in (False, True):
+        seed_everything(3)
+        module = QLoRAModule(name_or_path=name, gguf_file=gguf, lora_dropout=0.0, learning_rate=1e-3,
+                             gradient_checkpointing=False)
+        dm = InstructionDataModule(path="pkg://lit_mistral/assets/demo.jsonl", tokenizer=name, gguf_file=gguf,
+                                   prompt_style="chat_template", max_length=256, batch_size=2, packing=packing,
+                                   train_records=(0, 6), val_records=(56, 60))
+        trainer(tmp_path / str(packing), max_steps=3, limit_val_batches=0).fit(module, dm)
+        results[packing] = trainer(tmp_path / str(packing)).validate(module, dm, verbose=False)[0]["val/loss"]
+    print("val/loss padded, packed:", results)
+    assert results[True] == pytest.approx(results[False], abs=1e-4)
