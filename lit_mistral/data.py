@@ -582,14 +582,29 @@ class InstructionDataModule(LightningDataModule):
             return partial(collate_packed, mask_prompt=mask_prompt)
         return partial(collate_padded, pad_id=self.tokenizer.pad_token_id, mask_prompt=mask_prompt)
 
+    def state_dict(self) -> dict:
+        """Saved in checkpoints: how many processes shared the batches (resuming may use another count)."""
+        return {"world_size": self.trainer.world_size if self.trainer is not None else 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._saved_world_size = state.get("world_size", 1)
+
     def train_dataloader(self) -> DataLoader:
         plan = self._train_plan = self._plan(self.train_set, shuffle=True)
         if self.trainer is not None:
             plan.set_epoch(self.trainer.current_epoch)
-            # resuming mid-epoch: the checkpoint's loop state says how many batches of this epoch were trained on
+            # resuming mid-epoch: the checkpoint's loop state says how many batches each process trained on this
+            # epoch; every process takes the same number of the epoch's batches in turn, so with W processes then
+            # and W' now, W * done of the epoch's batches are done and each process skips W * done // W' of its own
             progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-            if self.trainer.fit_loop.restarting and 0 < progress.processed < len(plan):
-                plan.skip = progress.processed
+            if self.trainer.fit_loop.restarting and progress.processed > 0:
+                done = progress.processed * getattr(self, "_saved_world_size", plan.world_size)
+                if done % plan.world_size:
+                    rank_zero_warn(f"Resuming on {plan.world_size} processes a run saved on "
+                                   f"{self._saved_world_size}: up to {plan.world_size - 1} batches of this epoch "
+                                   "are trained on twice.")
+                if done // plan.world_size < len(plan):
+                    plan.skip = done // plan.world_size
         # its own generator: creating the iterator draws a worker seed, which must not move the global RNG that
         # LoRA dropout uses (a resumed run creates its iterator at another point than the uninterrupted one)
         return DataLoader(self.train_set, batch_sampler=plan, num_workers=self.num_workers,

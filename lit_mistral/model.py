@@ -21,7 +21,7 @@ from lit_mistral.loss import linear_cross_entropy
 from lit_mistral.sources import check_model_location, load_tokenizer, model_folder, random_init_folder
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
 
 
@@ -41,6 +41,8 @@ class QLoRAModule(LightningModule):
         fp32_norms: With a quantized base, keep its norms and embeddings - and so the residual stream - in float32, as
             peft's `prepare_model_for_kbit_training` does (the QLoRA recipe). False keeps them in the compute dtype:
             less memory and memory traffic, slightly coarser residual sums.
+        quant_storage: Dtype the packed 4-bit weights are stored in. `bfloat16` lets FSDP shard them together with
+            the other bf16 weights (FSDP flattens parameters of one dtype); the bits are the same.
         compute_dtype: Dtype of the 4-bit matmuls and of the unquantized base weights. `auto`: bfloat16 on GPUs,
             float32 on CPUs (most CPUs have no fast bf16 matmul).
         attn_implementation: transformers attention. `lit_varlen` (default) is SDPA for padded batches and
@@ -89,6 +91,7 @@ class QLoRAModule(LightningModule):
         quantize: Literal["nf4", "fp4"] | None = "nf4",
         double_quant: bool = False,
         fp32_norms: bool = True,
+        quant_storage: Literal["uint8", "bfloat16"] = "uint8",
         compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
         attn_implementation: str = attention.NAME,
         gradient_checkpointing: bool = True,
@@ -146,7 +149,7 @@ class QLoRAModule(LightningModule):
         self.name_or_path, self.gguf_file, self.random_init = name_or_path, gguf_file, random_init
         self.trust_remote_code = trust_remote_code
         self.quantize, self.double_quant, self._compute_dtype = quantize, double_quant, compute_dtype
-        self.fp32_norms = fp32_norms
+        self.fp32_norms, self.quant_storage = fp32_norms, quant_storage
         self.attn_implementation, self.gradient_checkpointing = attn_implementation, gradient_checkpointing
         self.checkpoint_layers, self.kernels = checkpoint_layers, kernels
         self.lora = dict(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -190,7 +193,7 @@ class QLoRAModule(LightningModule):
         if self.quantize:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=self.quantize, bnb_4bit_use_double_quant=self.double_quant,
-                bnb_4bit_compute_dtype=dtype)
+                bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=DTYPES.get(self.quant_storage, torch.uint8))
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         except OSError as err:
@@ -343,8 +346,10 @@ class QLoRAModule(LightningModule):
         metrics = {}
         if first:  # model load + data + first step: what a user waits before training really starts
             metrics["train/time_to_first_step_s"] = self._clock["first_step"] = now - self._clock.get("load_start", now)
-        else:
-            metrics["train/tokens_per_s"] = self._clock["tokens"] / (now - self._clock["window_start"])
+        else:  # all processes' tokens (every process reaches this line at the same step)
+            tokens = self.trainer.strategy.reduce(torch.tensor(float(self._clock["tokens"]), device=self.device),
+                                                  reduce_op="sum")
+            metrics["train/tokens_per_s"] = float(tokens) / (now - self._clock["window_start"])
         if self.device.type == "cuda":
             metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self._clock.update(window_start=now, tokens=0)
@@ -443,8 +448,10 @@ class QLoRAModule(LightningModule):
         return folder
 
     def on_train_end(self) -> None:
+        # trainer.log_dir is a collective call under DDP: every rank asks, rank 0 writes
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
         if self.trainer.is_global_zero:
-            folder = self.save_adapter(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter")
+            self.save_adapter(folder)
             rank_zero_info(f"Saved the peft adapter to {folder}")
 
     # -- generation --------------------------------------------------------------------------------------------------
