@@ -26,38 +26,38 @@ def _dequantized_weight(layer: torch.nn.Module) -> torch.Tensor:
     return weight.data.float()
 
 
+def _replace(model: torch.nn.Module, name: str, weight: torch.Tensor, bias: torch.Tensor | None,
+             dtype: torch.dtype) -> None:
+    """Put an `nn.Linear` holding `weight` (out, in) and `bias` where the module `name` was."""
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=dtype, device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, linear)
+
+
 def merge_adapter(peft_model, dtype: torch.dtype) -> torch.nn.Module:
     """Replace every LoRA-adapted layer of `peft_model` by a plain `nn.Linear` with the merged weight, dequantize
     the rest, and return the underlying transformers model (no peft, no bitsandbytes left in it)."""
     from peft.tuners.lora import LoraLayer
 
     model = peft_model.get_base_model()
+    replaced = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, LoraLayer):
-            continue
-        base = module.get_base_layer()
-        weight = _dequantized_weight(base)  # (out, in)
-        for adapter in module.active_adapters:
-            if adapter in module.lora_A:
-                weight += module.get_delta_weight(adapter).float()  # scale * B @ A, (out, in)
-        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=base.bias is not None, dtype=dtype,
-                                 device=weight.device)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if base.bias is not None:
-                linear.bias.copy_(base.bias)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
-    for name, module in list(model.named_modules()):  # 4-bit layers without an adapter
-        if type(module).__name__ == "Linear4bit":
-            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                     dtype=dtype, device=module.weight.device)
-            with torch.no_grad():
-                linear.weight.copy_(_dequantized_weight(module))
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        if any(name.startswith(prefix + ".") for prefix in replaced):
+            continue  # inside a layer merged already (its base_layer, lora_A, ...)
+        if isinstance(module, LoraLayer):
+            replaced.append(name)
+            base = module.get_base_layer()
+            weight = _dequantized_weight(base)  # (out, in)
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    weight += module.get_delta_weight(adapter).float()  # scale * B @ A, (out, in)
+            _replace(model, name, weight, base.bias, dtype)
+        elif type(module).__name__ == "Linear4bit":  # 4-bit layers without an adapter
+            _replace(model, name, _dequantized_weight(module), module.bias, dtype)
     # the model is an ordinary one now: drop what marks it quantized (transformers refuses to cast those, and
     # save_pretrained would describe a quantized model)
     model.hf_quantizer = None

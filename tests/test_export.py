@@ -40,6 +40,11 @@ def test_merged_model_computes_what_base_plus_adapter_computes(tiny_model_dir, q
             base = module.model(input_ids=IDS).logits
         merged = merge_adapter(module.model, torch.float32)
         assert not any("Linear4bit" in type(m).__name__ or "lora" in type(m).__module__ for m in merged.modules())
+        # exactly the parameters of a plain model of this architecture: nothing left behind by the adapter
+        from transformers import AutoModelForCausalLM
+
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        assert set(merged.state_dict()) == set(plain.state_dict())
         logits = merged(input_ids=IDS).logits
     assert (reference - base).abs().max() > 100 * tolerance  # the adapter matters
     torch.testing.assert_close(logits, reference, atol=tolerance, rtol=0)
