@@ -10,8 +10,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lit_mistral.checkpoint import SaveOnSigterm
+from lit_mistral.checks import check_settings
 from lit_mistral.data import InstructionDataModule
-from lit_mistral.errors import LitMistralError
+from lit_mistral.errors import LitMistralError, failure_message
 from lit_mistral.model import QLoRAModule
 from lit_mistral.predict import JsonlPredictionWriter
 
@@ -20,6 +22,8 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 1,
     "use_distributed_sampler": False,  # InstructionDataModule splits batches across ranks itself
     "num_sanity_val_steps": 0,
+    # checkpoints written whole or not at all, and loaded without unpickling arbitrary objects
+    "plugins": [{"class_path": "lit_mistral.checkpoint.AtomicCheckpointIO"}],
 }
 
 
@@ -42,6 +46,10 @@ class LitMistralCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
+
+    def before_instantiate_classes(self) -> None:
+        # incompatible settings fail here, before the tokenizer, the data or the model load
+        check_settings(str(self.subcommand), self._get(self.config, "model"), self._get(self.config, "trainer"))
 
     def before_fit(self) -> None:
         ckpt = self.config_init["fit"].get("ckpt_path")
@@ -88,7 +96,7 @@ def main(args: list[str] | None = None) -> None:
         LitMistralCLI(
             QLoRAModule,
             InstructionDataModule,
-            trainer_defaults=TRAINER_DEFAULTS,
+            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [SaveOnSigterm()]},
             seed_everything_default=42,
             save_config_kwargs={"overwrite": True},
             args=args,
@@ -96,3 +104,10 @@ def main(args: list[str] | None = None) -> None:
     except LitMistralError as err:
         print(f"lit_mistral: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except BaseException as err:  # SIGTERM, out of memory: a message with the way on instead of a traceback
+        known = failure_message(err)
+        if known is None:
+            raise
+        message, status = known
+        print(f"lit_mistral: {message}", file=sys.stderr)
+        sys.exit(status)
