@@ -32,7 +32,7 @@ def failure_message(err: BaseException) -> tuple[str, int] | None:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "torch.OutOfMemoryError"
         return (f"error: out of GPU memory ({first[:200]}). Fix: lower --data.batch_size (or --data.max_tokens "
                 "with packing) and raise --trainer.accumulate_grad_batches to keep the examples per step; lower "
-                "--data.max_length; set --model.gradient_checkpointing true (or a lower --model.checkpoint_layers); "
-                "configs/qlora-24gb.yaml fits a 24 GB GPU. Checkpoints written so far are intact: add "
-                "--ckpt_path last to continue.", 1)
+                "--data.max_length; set --model.gradient_checkpointing true (with --model.checkpoint_layers higher, "
+                "or null for all layers); configs/qlora-24gb.yaml fits a 24 GB GPU. Checkpoints written so far are "
+                "intact: add --ckpt_path last to continue.", 1)
     return None
