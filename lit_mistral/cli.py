@@ -14,8 +14,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lit_mistral.checkpoint import SaveOnSigterm
+from lit_mistral.checks import check_settings
 from lit_mistral.data import InstructionDataModule
-from lit_mistral.errors import LitMistralError
+from lit_mistral.errors import LitMistralError, failure_message
 from lit_mistral.model import DTYPES, QLoRAModule
 from lit_mistral.predict import JsonlPredictionWriter, PredictionProgressBar
 
@@ -24,6 +26,8 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 1,
     "use_distributed_sampler": False,  # InstructionDataModule splits batches across ranks itself
     "num_sanity_val_steps": 0,
+    # checkpoints written whole or not at all, and loaded without unpickling arbitrary objects
+    "plugins": [{"class_path": "lit_mistral.checkpoint.AtomicCheckpointIO"}],
 }
 
 
@@ -78,6 +82,10 @@ class LitMistralCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
 
+    def before_instantiate_classes(self) -> None:
+        # incompatible settings fail here, before the tokenizer, the data or the model load
+        check_settings(str(self.subcommand), self._get(self.config, "model"), self._get(self.config, "trainer"))
+
     def before_fit(self) -> None:
         ckpt = self.config_init["fit"].get("ckpt_path")
         if ckpt is not None and Path(ckpt).is_dir():
@@ -127,7 +135,7 @@ def main(args: list[str] | None = None) -> None:
             InstructionDataModule,
             trainer_class=LitTrainer,
             auto_configure_optimizers=False,  # QLoRAModule configures its own (bitsandbytes) optimizer
-            trainer_defaults=TRAINER_DEFAULTS,
+            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [SaveOnSigterm()]},
             seed_everything_default=42,
             save_config_kwargs={"overwrite": True},
             args=args,
@@ -135,3 +143,10 @@ def main(args: list[str] | None = None) -> None:
     except LitMistralError as err:
         print(f"lit_mistral: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except BaseException as err:  # SIGTERM, out of memory: a message with the way on instead of a traceback
+        known = failure_message(err)
+        if known is None:
+            raise
+        message, status = known
+        print(f"lit_mistral: {message}", file=sys.stderr)
+        sys.exit(status)

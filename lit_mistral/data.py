@@ -157,17 +157,20 @@ def read_examples(source: str, fields: Fields, key: str, need_response: bool = T
         rows, problems = _raw_rows(path)
     else:
         rows, problems = _hub_rows(source), []
-    examples = []
+    examples, n_bad = [], len(problems)  # so far: lines that did not parse, one problem each
     for where, row in rows:
         example, bad = _record_to_example(row, where, fields, need_response)
         problems += bad
         if example is not None:
             examples.append(example)
+        else:
+            n_bad += 1
     if problems and not skip_invalid:
         raise_problems(problems, f"Fix: correct these records, or set --data.skip_invalid true to leave them out.")
     if problems:
-        rank_zero_warn(f"{key}: skipped {len(problems)} invalid record(s) in {source} (data.skip_invalid=true); "
-                       f"first: {problems[0]}")
+        shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
+        rank_zero_warn(f"{key}: skipped {n_bad} invalid record(s) of {n_bad + len(examples)} in {source} "
+                       f"(data.skip_invalid=true): {shown}")
     if not examples:
         raise LitMistralError(f"{key}: {source!r} holds no usable records. Fix: point it at a non-empty dataset.")
     return examples

@@ -3,6 +3,7 @@ trained and evaluated by Lightning. Checkpoints hold only what training changes.
 
 import math
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -12,10 +13,11 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lit_mistral import attention
+from lit_mistral.checkpoint import unreadable
 from lit_mistral.errors import LitMistralError, raise_problems
 from lit_mistral.loss import linear_cross_entropy
 from lit_mistral.sources import check_model_location, load_tokenizer, model_folder, random_init_folder
@@ -74,6 +76,8 @@ class QLoRAModule(LightningModule):
             third of the free memory.
         generation_cache: Generation KV cache: `dynamic` (grows as needed), or `static` (preallocated; on a GPU,
             transformers then compiles the decoding step with torch.compile: slow first batch, faster after).
+        nonfinite: What a NaN or infinite training loss does: `stop` the run with an error naming the step and
+            batch, or `skip` that batch (no optimizer update; counted in `train/skipped_batches`).
         max_new_tokens: Generation: most new tokens per answer.
         do_sample: Generation: sample (True) or greedy (False).
         temperature: Generation: sampling temperature.
@@ -114,6 +118,7 @@ class QLoRAModule(LightningModule):
         loss_chunk_size: int = 4096,
         inference: Literal["auto", "merged", "adapter"] = "auto",
         generation_cache: Literal["dynamic", "static"] = "dynamic",
+        nonfinite: Literal["stop", "skip"] = "stop",
         max_new_tokens: int = 256,
         do_sample: bool = False,
         temperature: float = 0.7,
@@ -158,6 +163,7 @@ class QLoRAModule(LightningModule):
         self.optim = dict(name=optimizer, lr=learning_rate, weight_decay=weight_decay, betas=tuple(betas),
                           scheduler=lr_scheduler, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio)
         self.max_length, self.loss_chunk_size = max_length, loss_chunk_size
+        self.nonfinite, self.skipped_batches = nonfinite, 0
         self.generation = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                top_p=top_p, top_k=top_k)
         self.generation_seed = generation_seed
@@ -280,6 +286,8 @@ class QLoRAModule(LightningModule):
 
         try:
             return PeftModel.from_pretrained(model, path, is_trainable=True)
+        except pickle.UnpicklingError as err:  # peft reads a .bin adapter with torch.load(weights_only=True)
+            raise unreadable(Path(path) / "adapter_model.bin", err) from None
         except (RuntimeError, ValueError, KeyError) as err:
             raise LitMistralError(f"model.adapter_path: the adapter in {path!r} does not fit {self.name_or_path} "
                                   f"({str(err).splitlines()[0][:300]}). Fix: use the base model it was trained on.") from None
@@ -311,11 +319,31 @@ class QLoRAModule(LightningModule):
         loss = linear_cross_entropy(hidden[:, :-1][selected], self.lm_head, labels[selected], self.loss_chunk_size)
         return loss, selected.sum()
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss_sum, count = self.loss_sum(batch)
         loss = loss_sum / count.clamp(min=1)
+        if self._nonfinite(loss, batch_idx):
+            return None  # Lightning skips backward and the optimizer update for this batch
         self.log("train/loss", loss, prog_bar=True, batch_size=int(count))
         return loss
+
+    def _nonfinite(self, loss: torch.Tensor, batch_idx: int) -> bool:
+        """Stop on a NaN/inf loss (or report it to be skipped) instead of training on garbage gradients."""
+        # all ranks decide together, so that they all skip or all stop
+        if not self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
+            return False
+        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx} of the epoch)"
+        if self.nonfinite == "stop":
+            raise LitMistralError(
+                f"the training loss is {loss.item()} at {where}. Checkpoints written so far hold finite weights. "
+                "Fix: lower --model.learning_rate or add --model.warmup_steps; train in bf16-mixed or 32-true rather "
+                "than float16; then continue with --ckpt_path last. Or set --model.nonfinite skip to skip such "
+                "batches.")
+        self.skipped_batches += 1
+        rank_zero_warn(f"the training loss is {loss.item()} at {where}: batch skipped (model.nonfinite=skip; "
+                       f"{self.skipped_batches} so far).")
+        self.log("train/skipped_batches", float(self.skipped_batches))
+        return True
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss_sum, count = self.loss_sum(batch)
@@ -397,6 +425,7 @@ class QLoRAModule(LightningModule):
         trainable = self._trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["lit_mistral"] = self._signature()
+        checkpoint["skipped_batches"] = self.skipped_batches
         # RNG streams (LoRA dropout, sampling): a resumed run draws what the uninterrupted one would have
         checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
@@ -418,6 +447,7 @@ class QLoRAModule(LightningModule):
         if diffs:
             raise_problems(diffs, "Fix: run with the config the checkpoint was trained with (its run folder holds "
                                   "config.yaml).")
+        self.skipped_batches = checkpoint.get("skipped_batches", 0)
         rng = checkpoint.get("rng")
         if rng and self._trainer is not None and self.trainer.state.fn == "fit":
             torch.set_rng_state(rng["torch"])

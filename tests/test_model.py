@@ -264,3 +264,54 @@ def test_packed_fast_path_learns_like_the_padded_path_on_the_real_model(smollm2_
         results[packing] = trainer(tmp_path / str(packing)).validate(module, dm, verbose=False)[0]["val/loss"]
     print("val/loss padded, packed:", results)
     assert results[True] == pytest.approx(results[False], abs=1e-4)
+
+
+def poison_loss(module, at_batch: int, value: float) -> None:
+    """Make the training loss of one batch non-finite, as an overflow would, without touching the weights."""
+    original, calls = module.loss_sum, iter(range(10**6))
+
+    def loss_sum(batch):
+        loss, count = original(batch)
+        return (loss * value if next(calls) == at_batch else loss), count
+
+    module.loss_sum = loss_sum
+
+
+def test_nonfinite_loss_stops_naming_step_and_batch(tiny_model_dir, demo_file, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = make(tiny_model_dir, learning_rate=5e-3)
+    poison_loss(module, at_batch=2, value=float("nan"))
+    dm = data(tiny_model_dir, demo_file, train_records=(0, 20), batch_size=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    with pytest.raises(LitMistralError, match=r"the training loss is nan at step 2 \(epoch 0, batch 2 of the "
+                                              r"epoch\)\. Checkpoints written so far hold finite weights\. Fix: lower "
+                                              r"--model\.learning_rate .* --model\.nonfinite skip"):
+        trainer(tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[ckpt]).fit(module, dm)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_nonfinite_loss_skipped_when_asked(tiny_model_dir, demo_file, tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    module = make(tiny_model_dir, learning_rate=5e-3, nonfinite="skip")
+    poison_loss(module, at_batch=2, value=float("inf"))
+    changed = {}
+
+    class WeightsMoved(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = adapter_state(pl_module)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            after = adapter_state(pl_module)
+            changed[batch_idx] = any(not torch.equal(after[k], v) for k, v in self.before.items())
+
+    dm = data(tiny_model_dir, demo_file, train_records=(0, 20), batch_size=4)
+    with pytest.warns(UserWarning, match=r"the training loss is inf at step 2 \(epoch 0, batch 2 of the epoch\): "
+                                         r"batch skipped \(model.nonfinite=skip; 1 so far\)"):
+        trainer(tmp_path, max_steps=5, callbacks=[WeightsMoved()]).fit(module, dm)
+    assert changed == {0: True, 1: True, 2: False, 3: True, 4: True}  # no update from the bad batch, then training goes on
+    assert module.skipped_batches == 1
+    assert all(torch.isfinite(v).all() for v in adapter_state(module).values())
