@@ -166,7 +166,7 @@ def read_examples(source: str, fields: Fields, key: str, need_response: bool = T
         else:
             n_bad += 1
     if problems and not skip_invalid:
-        raise_problems(problems, f"Fix: correct these records, or set --data.skip_invalid true to leave them out.")
+        raise_problems(problems, "Fix: correct these records, or set --data.skip_invalid true to leave them out.")
     if problems:
         shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
         rank_zero_warn(f"{key}: skipped {n_bad} invalid record(s) of {n_bad + len(examples)} in {source} "

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lit_mistral.errors import LitMistralError
+from lit_mistral.files import writing_folder
 
 
 def _dequantized_weight(layer: torch.nn.Module) -> torch.Tensor:
@@ -84,8 +85,7 @@ def export_model(model, tokenizer, output_dir: str | os.PathLike, overwrite: boo
     if not target.parent.is_dir():
         raise LitMistralError(f"export --output_dir: the folder {str(target.parent)!r} does not exist. "
                               "Fix: create it first.")
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with writing_folder(target) as tmp:
         # our attention implementation is registered at import time; a plain transformers process must not need it
         model.set_attn_implementation("sdpa")
         model.save_pretrained(tmp, safe_serialization=True)
@@ -93,12 +93,6 @@ def export_model(model, tokenizer, output_dir: str | os.PathLike, overwrite: boo
         config = json.loads((tmp / "config.json").read_text())
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -6,7 +6,6 @@ import os
 import pickle
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -19,6 +18,7 @@ from torchmetrics import MeanMetric
 from lit_mistral import attention
 from lit_mistral.checkpoint import unreadable
 from lit_mistral.errors import LitMistralError, raise_problems
+from lit_mistral.files import writing_folder
 from lit_mistral.loss import linear_cross_entropy
 from lit_mistral.sources import check_model_location, load_tokenizer, model_folder, random_init_folder
 
@@ -459,22 +459,12 @@ class QLoRAModule(LightningModule):
         """Write the adapter in peft's format (adapter_config.json + adapter_model.safetensors) with the tokenizer,
         loadable by `peft.PeftModel.from_pretrained(base, folder)`. Written under a temporary name, then renamed."""
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the adapter folder is an ordinary output
-        try:
+        with writing_folder(folder) as tmp:
             config = self.model.peft_config["default"]
             config.base_model_name_or_path = (self.name_or_path if self.random_init
                                               else model_folder(self.name_or_path, self.gguf_file))
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
     def on_train_end(self) -> None:

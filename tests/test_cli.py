@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -77,7 +76,6 @@ def test_fit_checkpoint_resume_predict(tiny_model_dir, tmp_path, demo_records):
     assert all(isinstance(r["response"], str) and 0 < r["response_tokens"] <= 5 for r in rows)
 
     # a Lightning checkpoint works for predict too, and an existing output is never overwritten silently
-    err = ""
     with pytest.raises(SystemExit):
         cli("predict", *args, "--data.predict_path", questions, "--ckpt_path", run / "checkpoints" / "last.ckpt",
             "--model.max_new_tokens", "5", "--predictions.path", out)

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from lit_mistral.cli import main
 from test_export import adapted
