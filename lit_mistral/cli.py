@@ -4,22 +4,30 @@ bad input reported as one clear error (exit status 2) instead of a traceback."""
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
+from typing import Literal
+
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lit_mistral.checkpoint import SaveOnSigterm
+from lit_mistral.checks import check_settings
 from lit_mistral.data import InstructionDataModule
-from lit_mistral.errors import LitMistralError
-from lit_mistral.model import QLoRAModule
-from lit_mistral.predict import JsonlPredictionWriter
+from lit_mistral.errors import LitMistralError, failure_message
+from lit_mistral.model import DTYPES, QLoRAModule
+from lit_mistral.predict import JsonlPredictionWriter, PredictionProgressBar
 
 TRAINER_DEFAULTS = {
     "precision": "bf16-mixed",
     "log_every_n_steps": 1,
     "use_distributed_sampler": False,  # InstructionDataModule splits batches across ranks itself
     "num_sanity_val_steps": 0,
+    # checkpoints written whole or not at all, and loaded without unpickling arbitrary objects
+    "plugins": [{"class_path": "lit_mistral.checkpoint.AtomicCheckpointIO"}],
 }
 
 
@@ -29,7 +37,38 @@ def find_last_checkpoint(root: str) -> Path | None:
     return found[-1] if found else None
 
 
+class LitTrainer(Trainer):
+    """Lightning's Trainer, plus `export` as a subcommand of the CLI."""
+
+    def export(self, model: QLoRAModule, datamodule=None, ckpt_path: str | None = None, output_dir: str = "export",
+               overwrite: bool = False, adapter: bool = False,
+               dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16") -> Path:
+        """Merge a trained adapter into the dequantized base and write a standard Hugging Face model folder.
+
+        Args:
+            ckpt_path: The `adapter` folder of a fit run, or one of its .ckpt files.
+            output_dir: Folder to write: model safetensors + config + generation config + tokenizer, loadable by
+                `AutoModelForCausalLM.from_pretrained` without lit_mistral.
+            overwrite: Replace a non-empty `output_dir`.
+            adapter: Also write the adapter alone, in peft's format, to `output_dir/adapter`.
+            dtype: Dtype of the merged weights.
+        """
+        from lit_mistral.export import export
+
+        written = export(model, ckpt_path, output_dir, DTYPES[dtype], self.strategy.root_device, overwrite, adapter)
+        print(f"Exported the merged model to {written}")
+        return written
+
+
 class LitMistralCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        if config.get("enable_progress_bar") is not False:
+            callbacks = [*callbacks, PredictionProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # set once, used by both: the tokenizer follows the model, the model knows the data's longest sequence
         parser.link_arguments("model.name_or_path", "data.tokenizer")
@@ -42,6 +81,10 @@ class LitMistralCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
+
+    def before_instantiate_classes(self) -> None:
+        # incompatible settings fail here, before the tokenizer, the data or the model load
+        check_settings(str(self.subcommand), self._get(self.config, "model"), self._get(self.config, "trainer"))
 
     def before_fit(self) -> None:
         ckpt = self.config_init["fit"].get("ckpt_path")
@@ -94,11 +137,15 @@ class LitMistralCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Entry point of `python -m lit_mistral` and `lit-mistral`; `args` (for tests) replaces sys.argv[1:]."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # predict batches by prompt length on purpose; the writer restores input order (Lightning can't know that)
+    warnings.filterwarnings("ignore", message="You are using a custom batch sampler .* for prediction")
     try:
         LitMistralCLI(
             QLoRAModule,
             InstructionDataModule,
-            trainer_defaults=TRAINER_DEFAULTS,
+            trainer_class=LitTrainer,
+            auto_configure_optimizers=False,  # QLoRAModule configures its own (bitsandbytes) optimizer
+            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [SaveOnSigterm()]},
             seed_everything_default=42,
             save_config_kwargs={"overwrite": True},
             args=args,
@@ -106,3 +153,10 @@ def main(args: list[str] | None = None) -> None:
     except LitMistralError as err:
         print(f"lit_mistral: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except BaseException as err:  # SIGTERM, out of memory: a message with the way on instead of a traceback
+        known = failure_message(err)
+        if known is None:
+            raise
+        message, status = known
+        print(f"lit_mistral: {message}", file=sys.stderr)
+        sys.exit(status)

@@ -71,7 +71,7 @@ def _record_to_example(row, where: str, fields: Fields, need_response: bool) -> 
 def _raw_rows(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
     """(where, row) pairs of a local file, and the lines that could not be parsed at all."""
     suffix = path.suffix.lower()
-    rows, problems = [], []
+    rows, problems, blank = [], [], []
     if suffix in (".jsonl", ".txt"):
         for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
             where = f"{path}:{number}"
@@ -81,7 +81,8 @@ def _raw_rows(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
                 problems.append(f"{where}: not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})")
                 continue
             if not line.strip():
-                continue  # blank lines separate nothing and mean nothing
+                blank.append(number)
+                continue
             if suffix == ".txt":
                 rows.append((where, {"instruction": line.strip()}))
                 continue
@@ -89,6 +90,9 @@ def _raw_rows(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
                 rows.append((where, json.loads(line)))
             except json.JSONDecodeError as err:
                 problems.append(f"{where}: malformed JSON ({err.msg} at column {err.colno})")
+        if blank and rows:
+            shown = ", ".join(map(str, blank[:10])) + (" ..." if len(blank) > 10 else "")
+            rank_zero_info(f"{path}: skipped {len(blank)} blank line(s) ({shown}); they are not inputs.")
     elif suffix == ".json":
         try:
             document = json.loads(path.read_bytes().decode("utf-8"))
@@ -153,17 +157,20 @@ def read_examples(source: str, fields: Fields, key: str, need_response: bool = T
         rows, problems = _raw_rows(path)
     else:
         rows, problems = _hub_rows(source), []
-    examples = []
+    examples, n_bad = [], len(problems)  # so far: lines that did not parse, one problem each
     for where, row in rows:
         example, bad = _record_to_example(row, where, fields, need_response)
         problems += bad
         if example is not None:
             examples.append(example)
+        else:
+            n_bad += 1
     if problems and not skip_invalid:
-        raise_problems(problems, f"Fix: correct these records, or set --data.skip_invalid true to leave them out.")
+        raise_problems(problems, "Fix: correct these records, or set --data.skip_invalid true to leave them out.")
     if problems:
-        rank_zero_warn(f"{key}: skipped {len(problems)} invalid record(s) in {source} (data.skip_invalid=true); "
-                       f"first: {problems[0]}")
+        shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
+        rank_zero_warn(f"{key}: skipped {n_bad} invalid record(s) of {n_bad + len(examples)} in {source} "
+                       f"(data.skip_invalid=true): {shown}")
     if not examples:
         raise LitMistralError(f"{key}: {source!r} holds no usable records. Fix: point it at a non-empty dataset.")
     return examples
@@ -367,6 +374,19 @@ class BatchPlan(Sampler[list[int]]):
         yield from batches[skip:]
 
 
+class PresetBatches(Sampler[list[int]]):
+    """Batches decided in advance (predict: prompts grouped by length, finished rows left out)."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The DataModule
 # --------------------------------------------------------------------------------------------------------------------
@@ -394,7 +414,9 @@ class InstructionDataModule(LightningDataModule):
         max_length: Longest example in tokens (prompt + response + EOS).
         overlong: What to do with longer examples: drop them, or truncate them (they lose their EOS). Either way the
             count is logged.
-        batch_size: Examples per batch (padded batches) and per generation batch in predict.
+        batch_size: Examples per training/validation batch (unless `max_tokens` sets a token budget).
+        predict_batch_size: Prompts generated together in predict (None: `batch_size`). Prompts are batched by
+            length, so padding stays small; a GPU generates 100s at once about as fast as a few.
         packing: Put all examples of a batch in one row without padding, attention kept within each example:
             the same batches and loss as padding, without computing on pad tokens.
         max_tokens: Token budget per batch instead of a fixed `batch_size`. With `packing`, the sum of example
@@ -425,6 +447,7 @@ class InstructionDataModule(LightningDataModule):
         max_length: int = 2048,
         overlong: Literal["drop", "truncate"] = "drop",
         batch_size: int = 4,
+        predict_batch_size: int | None = None,
         packing: bool = False,
         max_tokens: int | None = None,
         length_grouped: bool = False,
@@ -452,8 +475,9 @@ class InstructionDataModule(LightningDataModule):
             problems.append(f"data.val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
         if max_length < 8:
             problems.append(f"data.max_length={max_length}: too short for any prompt")
-        if batch_size < 1:
-            problems.append(f"data.batch_size={batch_size}: expected >= 1")
+        if batch_size < 1 or (predict_batch_size is not None and predict_batch_size < 1):
+            problems.append(f"data.batch_size={batch_size}, data.predict_batch_size={predict_batch_size}: "
+                            "expected >= 1")
         if max_tokens is not None and max_tokens < max_length:
             problems.append(f"data.max_tokens={max_tokens} is below data.max_length={max_length}: the longest "
                             "examples would not fit in a batch")
@@ -463,6 +487,8 @@ class InstructionDataModule(LightningDataModule):
         self.prompt_style, self.mask_prompt = prompt_style, mask_prompt
         self.max_length, self.overlong = max_length, overlong
         self.batch_size, self.packing, self.max_tokens, self.length_grouped = batch_size, packing, max_tokens, length_grouped
+        self.predict_batch_size = predict_batch_size or batch_size
+        self.predict_done: set[int] = set()  # rows an interrupted predict run already wrote (set by the writer)
         self.fields = Fields(instruction_field, context_field, response_field, category_field)
         self.skip_invalid, self.num_workers = skip_invalid, num_workers
         self.tokenizer_source, self.gguf_file, self.trust_remote_code = tokenizer, gguf_file, trust_remote_code
@@ -564,14 +590,29 @@ class InstructionDataModule(LightningDataModule):
             return partial(collate_packed, mask_prompt=mask_prompt)
         return partial(collate_padded, pad_id=self.tokenizer.pad_token_id, mask_prompt=mask_prompt)
 
+    def state_dict(self) -> dict:
+        """Saved in checkpoints: how many processes shared the batches (resuming may use another count)."""
+        return {"world_size": self.trainer.world_size if self.trainer is not None else 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._saved_world_size = state.get("world_size", 1)
+
     def train_dataloader(self) -> DataLoader:
         plan = self._train_plan = self._plan(self.train_set, shuffle=True)
         if self.trainer is not None:
             plan.set_epoch(self.trainer.current_epoch)
-            # resuming mid-epoch: the checkpoint's loop state says how many batches of this epoch were trained on
+            # resuming mid-epoch: the checkpoint's loop state says how many batches each process trained on this
+            # epoch; every process takes the same number of the epoch's batches in turn, so with W processes then
+            # and W' now, W * done of the epoch's batches are done and each process skips W * done // W' of its own
             progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-            if self.trainer.fit_loop.restarting and 0 < progress.processed < len(plan):
-                plan.skip = progress.processed
+            if self.trainer.fit_loop.restarting and progress.processed > 0:
+                done = progress.processed * getattr(self, "_saved_world_size", plan.world_size)
+                if done % plan.world_size:
+                    rank_zero_warn(f"Resuming on {plan.world_size} processes a run saved on "
+                                   f"{self._saved_world_size}: up to {plan.world_size - 1} batches of this epoch "
+                                   "are trained on twice.")
+                if done // plan.world_size < len(plan):
+                    plan.skip = done // plan.world_size
         # its own generator: creating the iterator draws a worker seed, which must not move the global RNG that
         # LoRA dropout uses (a resumed run creates its iterator at another point than the uninterrupted one)
         return DataLoader(self.train_set, batch_sampler=plan, num_workers=self.num_workers,
@@ -585,5 +626,10 @@ class InstructionDataModule(LightningDataModule):
                           num_workers=self.num_workers, collate_fn=self._collate(True))
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.predict_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+        # longest prompts first (little padding per batch; the memory peak comes at once), done rows left out;
+        # the writer puts the rows back in input order
+        todo = sorted((i for i in range(len(self.predict_set)) if i not in self.predict_done),
+                      key=lambda i: -len(self.predict_set[i]["input_ids"]))
+        batches = [todo[s : s + self.predict_batch_size] for s in range(0, len(todo), self.predict_batch_size)]
+        return DataLoader(self.predict_set, batch_sampler=PresetBatches(batches), num_workers=self.num_workers,
                           collate_fn=partial(collate_prompts, pad_id=self.tokenizer.pad_token_id))

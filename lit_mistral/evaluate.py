@@ -5,8 +5,6 @@ and the report that puts the base model and the fine-tuned one side by side."""
 import json
 import math
 import os
-import re
-import tempfile
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +14,7 @@ from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.functional.text.rouge import rouge_score
 
 from lit_mistral.data import collate_prompts, encode_prompts
+from lit_mistral.files import write_text
 from lit_mistral.prompts import Example, PromptStyle
 
 ALL = "all"  # the group of every example; the others are the examples' categories
@@ -97,6 +96,8 @@ class SplitMetrics:
         """Score answer records (`response`, `reference`, `category`) in place and accumulate the scores."""
         for record in records:
             prediction, reference, category = record["response"], record["reference"], record["category"]
+            if prediction is None:  # skipped: the prompt leaves no room for an answer in the context window
+                continue
             record["rougeL"] = rouge_l(prediction, reference)
             if category in CLOSED_FORM:
                 record["exact_match"] = float(exact_match(prediction, reference))
@@ -146,9 +147,10 @@ def _key(group: str, metric: str) -> str:
 
 @torch.no_grad()
 def answer(model, tokenizer, style: PromptStyle, examples: Sequence[Example], batch_size: int,
-           device: torch.device, generation: dict) -> list[dict]:
+           device: torch.device, generation: dict, context: int | None = None) -> list[dict]:
     """Answer `examples` with `lit_mistral.predict.generate`, `batch_size` prompts at a time; records in input order,
-    each with the example's `reference` and `category` added."""
+    each with the example's `reference` and `category` added. A prompt with no room for the answer in the model's
+    `context` window gets no answer (response None, finish "skipped") and no score."""
     from lit_mistral.predict import generate
 
     prompts = encode_prompts(examples, style, tokenizer)
@@ -159,7 +161,7 @@ def answer(model, tokenizer, style: PromptStyle, examples: Sequence[Example], ba
         items = [{"input_ids": prompts[i], "index": i, "example": examples[i]} for i in order[start:start + batch_size]]
         batch = collate_prompts(items, tokenizer.pad_token_id)
         batch.update(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        for record in generate(model, tokenizer, batch, **generation):
+        for record in generate(model, tokenizer, batch, context=context, **generation):
             records[record["index"]] = record
     return [dict(records[i], reference=e.response, category=e.category) for i, e in enumerate(examples)]
 
@@ -218,7 +220,9 @@ def build_report(results: dict[str, dict[str, float]], records: dict[str, list[d
                   f"Instruction: {_clip(example['instruction'])}{context}", "",
                   f"Reference: {_clip(example['reference'])}"]
         for name in names:
-            lines += ["", f"{name} (ROUGE-L {example[name]['rougeL']:.3f}): {_clip(example[name]['response'])}"]
+            answer = example[name]
+            scored = f"ROUGE-L {answer['rougeL']:.3f}" if "rougeL" in answer else answer["finish"]
+            lines += ["", f"{name} ({scored}): {_clip(answer['response'] or '')}"]
     return document, "\n".join(lines) + "\n"
 
 
@@ -281,17 +285,8 @@ def _clip(text: str, limit: int = 400) -> str:
 
 
 def write_report(folder: str | os.PathLike, document: dict, markdown: str) -> tuple[Path, Path]:
-    """Write `evaluation.json` and `evaluation.md` into `folder`, each under a temporary name first."""
+    """Write `evaluation.json` and `evaluation.md` into `folder`, each whole or not at all."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    paths = []
-    for name, text in ((REPORT_JSON, json.dumps(document, indent=2, ensure_ascii=False) + "\n"), (REPORT_MD, markdown)):
-        fd, tmp = tempfile.mkstemp(prefix=name + ".tmp-", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the report is an ordinary output
-        os.replace(tmp, folder / name)
-        paths.append(folder / name)
-    return paths[0], paths[1]
+    return (write_text(folder / REPORT_JSON, json.dumps(document, indent=2, ensure_ascii=False) + "\n"),
+            write_text(folder / REPORT_MD, markdown))

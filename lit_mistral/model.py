@@ -5,10 +5,10 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -16,15 +16,18 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
 from lit_mistral import attention, evaluate
+from lit_mistral.checkpoint import unreadable
 from lit_mistral.errors import LitMistralError, raise_problems
 from lit_mistral.evaluate import SplitMetrics
+from lit_mistral.files import writing_folder
 from lit_mistral.loss import linear_cross_entropy
 from lit_mistral.sources import check_model_location, load_tokenizer, model_folder, random_init_folder
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
 
 
@@ -112,6 +115,8 @@ class QLoRAModule(LightningModule):
         fp32_norms: With a quantized base, keep its norms and embeddings - and so the residual stream - in float32, as
             peft's `prepare_model_for_kbit_training` does (the QLoRA recipe). False keeps them in the compute dtype:
             less memory and memory traffic, slightly coarser residual sums.
+        quant_storage: Dtype the packed 4-bit weights are stored in. `bfloat16` lets FSDP shard them together with
+            the other bf16 weights (FSDP flattens parameters of one dtype); the bits are the same.
         compute_dtype: Dtype of the 4-bit matmuls and of the unquantized base weights. `auto`: bfloat16 on GPUs,
             float32 on CPUs (most CPUs have no fast bf16 matmul).
         attn_implementation: transformers attention. `lit_varlen` (default) is SDPA for padded batches and
@@ -137,6 +142,14 @@ class QLoRAModule(LightningModule):
         warmup_ratio: Warmup as a fraction of all optimizer steps.
         max_length: Longest sequence in tokens; linked to `data.max_length` by the CLI.
         loss_chunk_size: Positions per chunk of the output-layer cross-entropy (bounds logits memory).
+        inference: Generation (predict) runs on `merged` weights (the adapter folded into a dequantized copy of the
+            base: plain matmuls, no LoRA overhead, as much memory as the unquantized model) or on the 4-bit base
+            with the `adapter` applied. `auto`: merged on CPUs, and on GPUs when the unquantized model fits in a
+            third of the free memory.
+        generation_cache: Generation KV cache: `dynamic` (grows as needed), or `static` (preallocated; on a GPU,
+            transformers then compiles the decoding step with torch.compile: slow first batch, faster after).
+        nonfinite: What a NaN or infinite training loss does: `stop` the run with an error naming the step and
+            batch, or `skip` that batch (no optimizer update; counted in `train/skipped_batches`).
         max_new_tokens: Generation: most new tokens per answer.
         do_sample: Generation: sample (True) or greedy (False).
         temperature: Generation: sampling temperature.
@@ -167,6 +180,7 @@ class QLoRAModule(LightningModule):
         quantize: Literal["nf4", "fp4"] | None = "nf4",
         double_quant: bool = False,
         fp32_norms: bool = True,
+        quant_storage: Literal["uint8", "bfloat16"] = "uint8",
         compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
         attn_implementation: str = attention.NAME,
         gradient_checkpointing: bool = True,
@@ -187,6 +201,9 @@ class QLoRAModule(LightningModule):
         warmup_ratio: float = 0.0,
         max_length: int = 2048,
         loss_chunk_size: int = 4096,
+        inference: Literal["auto", "merged", "adapter"] = "auto",
+        generation_cache: Literal["dynamic", "static"] = "dynamic",
+        nonfinite: Literal["stop", "skip"] = "stop",
         max_new_tokens: int = 256,
         do_sample: bool = False,
         temperature: float = 0.7,
@@ -235,7 +252,7 @@ class QLoRAModule(LightningModule):
         self.name_or_path, self.gguf_file, self.random_init = name_or_path, gguf_file, random_init
         self.trust_remote_code = trust_remote_code
         self.quantize, self.double_quant, self._compute_dtype = quantize, double_quant, compute_dtype
-        self.fp32_norms = fp32_norms
+        self.fp32_norms, self.quant_storage = fp32_norms, quant_storage
         self.attn_implementation, self.gradient_checkpointing = attn_implementation, gradient_checkpointing
         self.checkpoint_layers, self.kernels = checkpoint_layers, kernels
         self.lora = dict(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -244,6 +261,7 @@ class QLoRAModule(LightningModule):
         self.optim = dict(name=optimizer, lr=learning_rate, weight_decay=weight_decay, betas=tuple(betas),
                           scheduler=lr_scheduler, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio)
         self.max_length, self.loss_chunk_size = max_length, loss_chunk_size
+        self.nonfinite, self.skipped_batches = nonfinite, 0
         self.generation = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                top_p=top_p, top_k=top_k)
         self.generation_seed = generation_seed
@@ -252,6 +270,7 @@ class QLoRAModule(LightningModule):
         self.sample_every_n_val, self.num_samples = sample_every_n_val, num_samples
         self._val_metrics: dict[str, SplitMetrics] = {}  # column ("model", "base") -> its metrics of this run
         self._val_runs = 0  # validation runs of this fit, for sample_every_n_val
+        self.inference, self.generation_cache = inference, generation_cache
         self.strict_loading = False  # checkpoints hold the adapter only; on_load_checkpoint checks it is complete
         self.model = None
         self.tokenizer = None
@@ -261,15 +280,16 @@ class QLoRAModule(LightningModule):
     # -- building the model ------------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        """Load the base (quantizing it on the target device), then wrap it with LoRA adapters. Called by Lightning
-        after data setup, so bad data fails before the expensive load."""
-        if self.model is not None:
-            return
-        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+        """Called by Lightning after data setup (so bad data fails before the expensive load)."""
+        if self.model is None:
+            self.build(self.trainer.strategy.root_device if self._trainer is not None else self.device)
+
+    def build(self, device: torch.device) -> None:
+        """Load the base (quantizing it on `device`), then wrap it with LoRA adapters."""
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         self._clock["load_start"] = time.perf_counter()
-        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         self.tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(
             self.name_or_path, self.gguf_file, self.trust_remote_code)
@@ -281,7 +301,7 @@ class QLoRAModule(LightningModule):
         if self.quantize:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=self.quantize, bnb_4bit_use_double_quant=self.double_quant,
-                bnb_4bit_compute_dtype=dtype)
+                bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=DTYPES.get(self.quant_storage, torch.uint8))
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         except OSError as err:
@@ -373,6 +393,8 @@ class QLoRAModule(LightningModule):
                                   + "".join(f"  {p}\n" for p in problems) + fix)
         try:
             return PeftModel.from_pretrained(model, path, is_trainable=True)
+        except pickle.UnpicklingError as err:  # peft reads a .bin adapter with torch.load(weights_only=True)
+            raise unreadable(Path(path) / "adapter_model.bin", err) from None
         except (RuntimeError, ValueError, KeyError) as err:
             raise LitMistralError(f"model.adapter_path: the adapter in {path!r} does not fit {self.name_or_path} "
                                   f"({str(err).splitlines()[0][:300]}). {fix}") from None
@@ -427,11 +449,31 @@ class QLoRAModule(LightningModule):
         sums = torch.zeros(n, dtype=torch.float32, device=losses.device).index_add_(0, owner, losses.float())
         return sums, torch.bincount(owner, minlength=n)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss_sum, count = self.loss_sum(batch)
         loss = loss_sum / count.clamp(min=1)
+        if self._nonfinite(loss, batch_idx):
+            return None  # Lightning skips backward and the optimizer update for this batch
         self.log("train/loss", loss, prog_bar=True, batch_size=int(count))
         return loss
+
+    def _nonfinite(self, loss: torch.Tensor, batch_idx: int) -> bool:
+        """Stop on a NaN/inf loss (or report it to be skipped) instead of training on garbage gradients."""
+        # all ranks decide together, so that they all skip or all stop
+        if not self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
+            return False
+        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx} of the epoch)"
+        if self.nonfinite == "stop":
+            raise LitMistralError(
+                f"the training loss is {loss.item()} at {where}. Checkpoints written so far hold finite weights. "
+                "Fix: lower --model.learning_rate or add --model.warmup_steps; train in bf16-mixed or 32-true rather "
+                "than float16; then continue with --ckpt_path last. Or set --model.nonfinite skip to skip such "
+                "batches.")
+        self.skipped_batches += 1
+        rank_zero_warn(f"the training loss is {loss.item()} at {where}: batch skipped (model.nonfinite=skip; "
+                       f"{self.skipped_batches} so far).")
+        self.log("train/skipped_batches", float(self.skipped_batches))
+        return True
 
     # -- validation: loss per category, generation metrics, the base alongside, samples ------------------------------
 
@@ -504,8 +546,9 @@ class QLoRAModule(LightningModule):
         datamodule = self.trainer.datamodule
         rank, world = self.trainer.global_rank, self.trainer.world_size
         settings = dict(self.generation, do_sample=False, max_new_tokens=self.eval_max_new_tokens)
+        context = getattr(self.model.config, "max_position_embeddings", None)
         mine = evaluate.answer(self.model, self.tokenizer, datamodule.style, examples[rank::world],
-                               datamodule.batch_size, self.device, settings)
+                               datamodule.batch_size, self.device, settings, context)
         for record in mine:
             record["index"] = record["index"] * world + rank  # position in `examples`
         if world > 1:
@@ -540,7 +583,7 @@ class QLoRAModule(LightningModule):
             for i, record in enumerate(records):
                 context = f"\n\n**Context:** {record['context']}" if record["context"] else ""
                 text = (f"**Instruction:** {record['instruction']}{context}\n\n**Reference:** {record['reference']}"
-                        f"\n\n**Step {self.global_step}** ({record['finish']}): {record['response']}")
+                        f"\n\n**Step {self.global_step}** ({record['finish']}): {record['response'] or record.get('error', '')}")
                 logger.experiment.add_text(f"samples/{i}", text, global_step=self.global_step)
 
     # -- what gets logged each step ----------------------------------------------------------------------------------
@@ -560,8 +603,10 @@ class QLoRAModule(LightningModule):
         metrics = {}
         if first:  # model load + data + first step: what a user waits before training really starts
             metrics["train/time_to_first_step_s"] = self._clock["first_step"] = now - self._clock.get("load_start", now)
-        else:
-            metrics["train/tokens_per_s"] = self._clock["tokens"] / (now - self._clock["window_start"])
+        else:  # all processes' tokens (every process reaches this line at the same step)
+            tokens = self.trainer.strategy.reduce(torch.tensor(float(self._clock["tokens"]), device=self.device),
+                                                  reduce_op="sum")
+            metrics["train/tokens_per_s"] = float(tokens) / (now - self._clock["window_start"])
         if self.device.type == "cuda":
             metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self._clock.update(window_start=now, tokens=0)
@@ -609,6 +654,7 @@ class QLoRAModule(LightningModule):
         trainable = self._trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["lit_mistral"] = self._signature()
+        checkpoint["skipped_batches"] = self.skipped_batches
         # RNG streams (LoRA dropout, sampling): a resumed run draws what the uninterrupted one would have
         checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
@@ -630,8 +676,9 @@ class QLoRAModule(LightningModule):
         if diffs:
             raise_problems(diffs, "Fix: run with the config the checkpoint was trained with (its run folder holds "
                                   "config.yaml).")
+        self.skipped_batches = checkpoint.get("skipped_batches", 0)
         rng = checkpoint.get("rng")
-        if rng and self.trainer.state.fn == "fit":
+        if rng and self._trainer is not None and self.trainer.state.fn == "fit":
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
             if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
@@ -641,35 +688,51 @@ class QLoRAModule(LightningModule):
         """Write the adapter in peft's format (adapter_config.json + adapter_model.safetensors) with the tokenizer,
         loadable by `peft.PeftModel.from_pretrained(base, folder)`. Written under a temporary name, then renamed."""
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the adapter folder is an ordinary output
-        try:
+        with writing_folder(folder) as tmp:
             config = self.model.peft_config["default"]
             config.base_model_name_or_path = (self.name_or_path if self.random_init
                                               else model_folder(self.name_or_path, self.gguf_file))
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
     def on_train_end(self) -> None:
+        # trainer.log_dir is a collective call under DDP: every rank asks, rank 0 writes
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
         if self.trainer.is_global_zero:
-            folder = self.save_adapter(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter")
+            self.save_adapter(folder)
             rank_zero_info(f"Saved the peft adapter to {folder}")
 
     # -- generation --------------------------------------------------------------------------------------------------
 
+    def _merge_for_inference(self) -> bool:
+        if self.inference == "adapter":
+            return False
+        if self.inference == "merged" or self.device.type != "cuda":
+            return True
+        free, _ = torch.cuda.mem_get_info(self.device)
+        unquantized = sum(p.numel() for p in self.model.parameters()) * self.compute_dtype(self.device).itemsize
+        return 3 * unquantized < free + unquantized // 4  # the 4-bit copy is freed layer by layer while merging
+
     def on_predict_start(self) -> None:
+        """Runs after a checkpoint was restored, so the adapter weights are final: fold them in if asked."""
+        from peft import PeftModel
+
+        from lit_mistral.export import merge_adapter
+
         torch.manual_seed(self.generation_seed)
+        if isinstance(self.model, PeftModel) and self._merge_for_inference():
+            started = time.perf_counter()
+            self.model = merge_adapter(self.model, self.compute_dtype(self.device))
+            rank_zero_info(f"Merged the adapter into a dequantized copy of the base for generation "
+                           f"({time.perf_counter() - started:.1f}s; --model.inference adapter keeps them apart).")
+        if self.attn_implementation == attention.NAME:  # no packed rows in generation: transformers' own SDPA
+            self.model.set_attn_implementation("sdpa")
+        self.model.config.use_cache = True
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         from lit_mistral.predict import generate
 
-        return generate(self.model, self.tokenizer, batch, **self.generation)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        return generate(self.model, self.tokenizer, batch, context=context, cache=self.generation_cache,
+                        **self.generation)

@@ -7,13 +7,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 from lit_mistral.errors import LitMistralError
+from lit_mistral.files import writing_folder
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("Converting %s into %s (once; later runs reuse it)", gguf, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with writing_folder(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         state = model.state_dict()
@@ -100,14 +98,6 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "lit_mistral_source.json").write_text(json.dumps({"gguf_file": str(gguf.resolve())}))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished the same conversion first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (EOS when it has none; labels and masks never rely on pad ids)."""

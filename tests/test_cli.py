@@ -52,7 +52,12 @@ def test_fit_checkpoint_resume_predict(tiny_model_dir, tmp_path, demo_records):
     run = root / "lightning_logs" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "config.yaml").is_file()
-    assert list(run.glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(run.glob("events.out.tfevents.*"))))
+    events.Reload()
+    assert {"train/loss", "val/loss", "val/ppl", "train/grad_norm", "train/tokens_per_s",
+            "train/time_to_first_step_s", "lr-PagedAdamW32bit"} <= set(events.Tags()["scalars"])
     first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert first["global_step"] == 3
 
@@ -72,7 +77,6 @@ def test_fit_checkpoint_resume_predict(tiny_model_dir, tmp_path, demo_records):
     assert all(isinstance(r["response"], str) and 0 < r["response_tokens"] <= 5 for r in rows)
 
     # a Lightning checkpoint works for predict too, and an existing output is never overwritten silently
-    err = ""
     with pytest.raises(SystemExit):
         cli("predict", *args, "--data.predict_path", questions, "--ckpt_path", run / "checkpoints" / "last.ckpt",
             "--model.max_new_tokens", "5", "--predictions.path", out)

@@ -44,6 +44,47 @@ def test_builds_nf4_base_with_lora_adapters(tiny_model_dir):
     assert module.model.training  # Lightning keeps submodule modes; checkpointing acts only in train mode
 
 
+def test_fp4_and_random_init(tiny_model_dir, tmp_path):
+    """`quantize: fp4` quantizes to FP4; `random_init` needs only the config and tokenizer, no weights."""
+    import shutil
+
+    config_only = tmp_path / "config-only"
+    shutil.copytree(tiny_model_dir, config_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    module = make(config_only, quantize="fp4", random_init=True)
+    module.configure_model()
+    layer = module.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert layer.weight.quant_type == "fp4"
+    with pytest.raises(LitMistralError, match="could not load"):
+        make(config_only).configure_model()
+
+
+@pytest.mark.parametrize("optimizer", ["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw"])
+@pytest.mark.parametrize("scheduler", ["linear", "cosine", "constant"])
+def test_optimizers_and_warmup_schedules(tiny_model_dir, tmp_path, optimizer, scheduler):
+    module = make(tiny_model_dir, optimizer=optimizer, lr_scheduler=scheduler, warmup_ratio=0.25,
+                  learning_rate=1e-3)
+    module.configure_model()
+
+    class Stub:
+        estimated_stepping_batches = 8
+
+    module._trainer = Stub()
+    config = module.configure_optimizers()
+    optimizer_, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert type(optimizer_).__name__ == {"paged_adamw_32bit": "PagedAdamW32bit", "paged_adamw_8bit": "PagedAdamW8bit",
+                                         "adamw_8bit": "AdamW8bit", "adamw": "AdamW"}[optimizer]
+    lrs = []
+    for _ in range(8):
+        lrs.append(optimizer_.param_groups[0]["lr"])
+        optimizer_.step()
+        schedule.step()
+    assert lrs[:3] == pytest.approx([0.0, 5e-4, 1e-3])  # 2 warmup steps (ratio 0.25 of 8)
+    if scheduler == "constant":
+        assert lrs[2:] == pytest.approx([1e-3] * 6)
+    else:
+        assert lrs[3] < 1e-3 and lrs[-1] < lrs[3]  # decays after warmup
+
+
 def test_unknown_target_module_names_the_choices(tiny_model_dir):
     with pytest.raises(LitMistralError, match=r"\['qkv'\] match no module .* choose among .*'q_proj'"):
         make(tiny_model_dir, lora_target_modules=["qkv"]).configure_model()
@@ -269,3 +310,80 @@ def test_adapter_that_does_not_fit_names_what_differs(tiny_model_dir, tmp_path, 
     module = make(tiny_model_dir, adapter_path=str(tmp_path / "adapter"))
     with pytest.raises(LitMistralError, match=r"model.adapter_path: the adapter in .* does not fit (.|\n)*" + message):
         module.configure_model()
+
+
+def poison_loss(module, at_batch: int, value: float) -> None:
+    """Make the training loss of one batch non-finite, as an overflow would, without touching the weights."""
+    original, calls = module.loss_sum, iter(range(10**6))
+
+    def loss_sum(batch):
+        loss, count = original(batch)
+        return (loss * value if next(calls) == at_batch else loss), count
+
+    module.loss_sum = loss_sum
+
+
+def test_nonfinite_loss_stops_naming_step_and_batch(tiny_model_dir, demo_file, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = make(tiny_model_dir, learning_rate=5e-3)
+    poison_loss(module, at_batch=2, value=float("nan"))
+    dm = data(tiny_model_dir, demo_file, train_records=(0, 20), batch_size=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    with pytest.raises(LitMistralError, match=r"the training loss is nan at step 2 \(epoch 0, batch 2 of the "
+                                              r"epoch\)\. Checkpoints written so far hold finite weights\. Fix: lower "
+                                              r"--model\.learning_rate .* --model\.nonfinite skip"):
+        trainer(tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[ckpt]).fit(module, dm)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_nonfinite_loss_skipped_when_asked(tiny_model_dir, demo_file, tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    module = make(tiny_model_dir, learning_rate=5e-3, nonfinite="skip")
+    poison_loss(module, at_batch=2, value=float("inf"))
+    changed = {}
+
+    class WeightsMoved(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = adapter_state(pl_module)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            after = adapter_state(pl_module)
+            changed[batch_idx] = any(not torch.equal(after[k], v) for k, v in self.before.items())
+
+    dm = data(tiny_model_dir, demo_file, train_records=(0, 20), batch_size=4)
+    with pytest.warns(UserWarning, match=r"the training loss is inf at step 2 \(epoch 0, batch 2 of the epoch\): "
+                                         r"batch skipped \(model.nonfinite=skip; 1 so far\)"):
+        trainer(tmp_path, max_steps=5, callbacks=[WeightsMoved()]).fit(module, dm)
+    assert changed == {0: True, 1: True, 2: False, 3: True, 4: True}  # no update from the bad batch, then training goes on
+    assert module.skipped_batches == 1
+    assert all(torch.isfinite(v).all() for v in adapter_state(module).values())
+
+
+@pytest.mark.slow
+def test_packed_fast_path_learns_like_the_padded_path_on_the_real_model(smollm2_gguf, tmp_path):
+    """SmolLM2-135M (real weights): the same 3 steps on the same batches, padded or packed into one row with
+    per-example attention, end at the same validation loss (tolerance 1e-4, fp32 on CPU). The base loads once (not
+    quantized: what is compared is the batch layout); each run starts from the same adapter weights."""
+    name, gguf = smollm2_gguf
+    seed_everything(3)
+    module = QLoRAModule(name_or_path=name, gguf_file=gguf, quantize=None, lora_dropout=0.0, learning_rate=1e-3,
+                         gradient_checkpointing=False)
+    module.configure_model()
+    start = adapter_state(module)
+    results = {}
+    for packing in (False, True):
+        with torch.no_grad():
+            for n, p in module.named_parameters():
+                if n in start:
+                    p.copy_(start[n])
+        dm = InstructionDataModule(path="pkg://lit_mistral/assets/demo.jsonl", tokenizer=name, gguf_file=gguf,
+                                   prompt_style="chat_template", max_length=256, batch_size=2, packing=packing,
+                                   train_records=(0, 6), val_records=(56, 60))
+        module.on_train_end = lambda: None  # no adapter export needed here
+        trainer(tmp_path / str(packing), max_steps=3, limit_val_batches=0).fit(module, dm)
+        results[packing] = trainer(tmp_path / str(packing)).validate(module, dm, verbose=False)[0]["val/loss"]
+    assert results[True] == pytest.approx(results[False], abs=1e-4)

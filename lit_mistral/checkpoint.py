@@ -1,0 +1,128 @@
+"""Checkpoints that survive crashes and pre-emption: written whole or not at all, loaded without unpickling
+arbitrary objects, and one more written when the scheduler sends SIGTERM."""
+
+import errno
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lit_mistral.errors import LitMistralError
+
+SIGTERM_EXIT_STATUS = 128 + 15  # what a shell reports for a process ended by SIGTERM: schedulers see "not finished"
+
+
+def unreadable(path: str | os.PathLike, err: Exception) -> LitMistralError:
+    """The error for a weights file that `torch.load(weights_only=True)` refused or could not read."""
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    if found:
+        return LitMistralError(
+            f"{path}: holds pickled Python objects ({found.group(1)}), not just tensors; lit_mistral does not load "
+            "them, because unpickling can run any code. Fix: use a checkpoint written by a lit_mistral fit run, or "
+            "an adapter folder (safetensors).")
+    reason = f"{type(err).__name__}: {str(err).split('. ')[0][:200]}"
+    return LitMistralError(f"{path}: not a complete checkpoint ({reason}). Fix: pass another one; a run's "
+                           "checkpoints/ folder keeps the last complete ones.")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O with two guarantees: a checkpoint file is either the complete new one or the
+    previous one, never a truncated mix; and loading never unpickles anything but tensors and plain containers
+    (`torch.load(weights_only=True)`, whatever the caller asks for).
+
+    Written by hand because Lightning's `_atomic_save` goes through fsspec's local transaction, which puts the
+    temporary file in the system temp folder and `shutil.move`s it: when that is another filesystem than the run
+    folder (a local /tmp and a mounted volume, the usual setup on rented GPUs) the move is a copy into the target,
+    and a crash or a full disk mid-copy leaves a truncated last.ckpt; nothing is fsynced either. Here the temporary
+    file sits next to the target, is fsynced, and `os.replace` swaps it in."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)  # remote stores: fsspec's transaction
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # serialized in memory first, so that a failing torch.save (an unpicklable object) touches no file
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            _write_durably(fd, buffer.getbuffer())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint is an ordinary output
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)  # the rename itself survives a power cut
+        except OSError as err:
+            Path(tmp).unlink(missing_ok=True)
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                fix = ("free space there, or set --trainer.default_root_dir to a disk with room (a checkpoint takes "
+                       f"{buffer.tell() / 2**20:.1f} MiB)")
+            else:
+                fix = "check that the folder is writable, or set --trainer.default_root_dir elsewhere"
+            previous = f" The previous {path.name} is intact." if path.exists() else ""
+            raise LitMistralError(f"could not write the checkpoint {path}: {err.strerror or err}.{previous} "
+                                  f"Fix: {fix}; then continue with --ckpt_path last.") from None
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path, *args: Any, weights_only: bool | None = None, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, *args, weights_only=True, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # torch.load fails on a damaged file in many ways: zip errors, KeyError, EOFError
+            raise unreadable(path, err) from None
+
+
+def _write_durably(fd: int, data) -> None:
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems do not open folders; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class SaveOnSigterm(Callback):
+    """On SIGTERM (what schedulers and spot instances send before killing), Lightning lets the running step finish
+    and raises `SIGTERMException`; this writes `last.ckpt` then, so `fit --ckpt_path last` continues from that very
+    step instead of the last periodic checkpoint. (Logged metrics need nothing: Lightning flushes the loggers after
+    every write, so a run killed without warning has logged every step up to where it died.)"""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Lightning raises SIGTERMException only between training steps (or validation batches), where the state
+        # is consistent; any other exception (a crash, Ctrl+C) can land mid-step, amid a half-applied update
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        callback = trainer.checkpoint_callback
+        if callback is not None and callback.dirpath:
+            path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        else:
+            path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"Received SIGTERM: saved {path} at step {trainer.global_step}. Continue with the same "
+                       "command and --ckpt_path last.")

@@ -1,0 +1,73 @@
+"""Settings that are each valid but fail together or on this machine (precision x optimizer x quantization, a GPU
+that is not there, a bitsandbytes without CUDA), checked on the parsed config before anything is built. The checks
+of one group alone live in that group's `__init__` (`QLoRAModule`, `InstructionDataModule`)."""
+
+import importlib.util
+
+import torch
+
+from lit_mistral.errors import raise_problems
+
+FP16_PRECISIONS = {"16", "16-mixed", "16-true"}
+
+
+def target_device(accelerator) -> str | None:
+    """`cuda` or `cpu`: where Lightning will run, as far as these checks care (None: another accelerator)."""
+    if not isinstance(accelerator, str):
+        return None
+    accelerator = accelerator.lower()
+    if accelerator in ("gpu", "cuda"):
+        return "cuda"
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu" if accelerator == "cpu" else None
+
+
+def bitsandbytes_has_cuda() -> bool:
+    """Whether bitsandbytes loaded its CUDA library (it falls back to the CPU one when its build does not match)."""
+    from bitsandbytes.cextension import lib
+
+    return bool(getattr(lib, "compiled_with_cuda", True))  # unknown on other versions: let bitsandbytes decide
+
+
+def check_settings(subcommand: str, model, trainer) -> None:
+    """Raise one `LitMistralError` listing every incompatible setting of `model` and `trainer` (parsed config
+    namespaces) for `subcommand`, each with its fix."""
+    problems = []
+    precision = str(trainer.get("precision"))
+    quantize, optimizer, kernels = model.get("quantize"), model.get("optimizer"), model.get("kernels")
+    accelerator = trainer.get("accelerator")
+    device = target_device(accelerator)
+    fit = subcommand == "fit"
+
+    if device == "cuda" and not torch.cuda.is_available():
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None
+               else f"torch (CUDA {torch.version.cuda}) finds no device: check the driver and CUDA_VISIBLE_DEVICES")
+        problems.append(f"trainer.accelerator={accelerator}: no CUDA GPU is usable ({why}). Fix: install a CUDA "
+                        "build of torch, or run on the CPU with --trainer.accelerator cpu --trainer.precision 32-true.")
+    elif device == "cuda":
+        needs = [f"model.quantize={quantize}"] if quantize else []
+        needs += [f"model.optimizer={optimizer}"] if fit and optimizer != "adamw" else []
+        if needs and not bitsandbytes_has_cuda():
+            problems.append(f"{' and '.join(needs)} on a GPU need bitsandbytes' CUDA library, but it loaded its CPU "
+                            f"one (`python -m bitsandbytes` says why). Fix: install a bitsandbytes build for CUDA "
+                            f"{torch.version.cuda} (pip install -U bitsandbytes), or set --model.quantize null "
+                            "--model.optimizer adamw.")
+    if fit and precision == "16-true" and optimizer == "adamw":
+        problems.append("trainer.precision=16-true with model.optimizer=adamw: torch's AdamW on float16 LoRA weights "
+                        "adds eps=1e-8, which is 0 in float16, so 0/0 turns the adapters NaN at the second step. Fix: "
+                        "--trainer.precision bf16-mixed or 16-mixed (float32 adapters), or a bitsandbytes optimizer "
+                        "(paged_adamw_32bit keeps its state in float32).")
+    if fit and quantize and precision in FP16_PRECISIONS:
+        problems.append(f"trainer.precision={precision} with model.quantize={quantize}: float16 matmuls on a 4-bit "
+                        "base overflow in LoRA training (NaN losses, often thousands of steps in; the reason "
+                        "model.compute_dtype=float16 is refused too). Fix: --trainer.precision bf16-mixed on GPUs with "
+                        "bfloat16 (Ampere or newer), 32-true with --model.compute_dtype float32 on older ones, or "
+                        "--model.quantize null.")
+    if kernels == "liger" and device != "cuda":
+        problems.append("model.kernels=liger: Liger's Triton kernels run on CUDA GPUs only. Fix: set "
+                        "--model.kernels null on this machine.")
+    elif kernels == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        problems.append("model.kernels=liger: Liger-Kernel is not installed. Fix: pip install liger-kernel, or set "
+                        "--model.kernels null.")
+    raise_problems(problems, "Fix: change these settings as each line says; nothing was loaded yet.")

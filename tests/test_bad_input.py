@@ -1,0 +1,224 @@
+"""Bad input through the command line: every bad record and every incompatible setting stops the run before the
+model loads, with one message naming the file and line (or the option) and the fix, and exit status 2."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from lit_mistral.cli import main
+from lit_mistral.model import QLoRAModule
+
+GOOD = {"instruction": "Name a fish.", "context": "", "response": "A trout."}
+
+
+@pytest.fixture
+def model_must_not_load(monkeypatch):
+    """Every case here must stop before the (expensive) model load; loading it fails the test."""
+    monkeypatch.setattr(QLoRAModule, "configure_model", lambda self: pytest.fail("the model was loaded"))
+
+
+def run_fails(capsys, *args) -> str:
+    """Run the CLI; assert exit status 2 and no traceback; return stderr. Use with `model_must_not_load`."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+def common(tiny_model_dir, tmp_path) -> list:
+    return ["--model.name_or_path", tiny_model_dir, "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+            "--trainer.default_root_dir", tmp_path / "runs", "--data.max_length", "256", "--trainer.max_steps", "1",
+            "--trainer.enable_progress_bar", "false"]
+
+
+def line(record) -> str:
+    return record if isinstance(record, str) else json.dumps(record)
+
+
+# (case, training file name, its content: records/lines or raw bytes, what the message must say)
+BAD_DATA = [
+    ("malformed-json", "train.jsonl", [GOOD, '{"instruction": "Name a bird.", "response": '],
+     "train.jsonl:2: malformed JSON (Expecting value at column 45)"),
+    ("missing-instruction", "train.jsonl", [GOOD, {"response": "A trout."}],
+     "train.jsonl:2: field 'instruction' is missing"),
+    ("missing-response", "train.jsonl", [GOOD, GOOD, {"instruction": "Name a bird."}],
+     "train.jsonl:3: field 'response' is missing"),
+    ("null-response", "train.jsonl", [{"instruction": "Name a bird.", "response": None}, GOOD],
+     "train.jsonl:1: field 'response' is missing"),
+    ("instruction-not-string", "train.jsonl", [GOOD, {"instruction": 42, "response": "y"}],
+     "train.jsonl:2: field 'instruction' must be a string, got int ('42')"),
+    ("response-not-string", "train.jsonl", [GOOD, {"instruction": "x", "response": ["a", "b"]}],
+     "train.jsonl:2: field 'response' must be a string, got list"),
+    ("context-not-string", "train.jsonl", [GOOD, {"instruction": "x", "context": {"a": 1}, "response": "y"}],
+     "train.jsonl:2: field 'context' must be a string, got dict"),
+    ("empty-instruction", "train.jsonl", [GOOD, {"instruction": " \t", "response": "y"}],
+     "train.jsonl:2: field 'instruction' is empty"),
+    ("empty-response", "train.jsonl", [GOOD, {"instruction": "x", "response": ""}],
+     "train.jsonl:2: field 'response' is empty"),
+    ("not-an-object", "train.jsonl", [GOOD, '["Name a fish.", "A trout."]'],
+     "train.jsonl:2: expected a JSON object with an 'instruction' field, got list"),
+    ("undecodable-bytes", "train.jsonl",
+     json.dumps(GOOD).encode() + b'\n{"instruction": "Caf\xe9?", "response": "y"}\n',
+     "train.jsonl:2: not valid UTF-8 (byte 0xe9 at column 21)"),
+    ("json-malformed", "train.json", '[{"instruction": "x",\n  "response": }]',
+     "train.json:2: malformed JSON (Expecting value at column 15)"),
+    ("json-not-a-list", "train.json", json.dumps(GOOD), "train.json: expected a JSON list of records, got a dict"),
+    ("no-records", "train.jsonl", "\n\n", "holds no usable records"),
+    ("several-at-once", "train.jsonl", [{"response": "y"}, GOOD, "{", {"instruction": "x", "response": 3}],
+     "3 problems found:\n  {dir}/train.jsonl:3: malformed JSON (Expecting property name enclosed in double quotes at "
+     "column 2)\n  {dir}/train.jsonl:1: field 'instruction' is missing\n  {dir}/train.jsonl:4: field 'response' "
+     "must be a string, got int ('3')"),
+]
+
+
+@pytest.mark.parametrize("case,name,content,message", BAD_DATA, ids=[c[0] for c in BAD_DATA])
+@pytest.mark.usefixtures("model_must_not_load")
+def test_bad_training_data_stops_before_the_model_loads(tiny_model_dir, tmp_path, capsys, case, name, content,
+                                                        message):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        path.write_text(content)
+    else:
+        write_jsonl(path, [line(r) for r in content])
+    err = run_fails(capsys, "fit", *common(tiny_model_dir, tmp_path), "--data.path", path)
+    assert message.format(dir=tmp_path) in err
+    if case not in ("no-records", "json-not-a-list", "json-malformed"):  # whole-file problems: nothing to skip
+        assert "Fix: correct these records, or set --data.skip_invalid true to leave them out." in err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+@pytest.mark.usefixtures("model_must_not_load")
+def test_bad_validation_and_predict_files_are_named(tiny_model_dir, tmp_path, capsys, demo_records):
+    train = write_jsonl(tmp_path / "train.jsonl", demo_records[:8])
+    val = write_jsonl(tmp_path / "val.jsonl", [GOOD, {"instruction": "x"}])
+    err = run_fails(capsys, "fit", *common(tiny_model_dir, tmp_path), "--data.path", train, "--data.val_path", val)
+    assert f"{val}:2: field 'response' is missing" in err
+    questions = write_jsonl(tmp_path / "questions.jsonl", [{"instruction": "Name a fish."}, {"context": "no question"}])
+    err = run_fails(capsys, "predict", *common(tiny_model_dir, tmp_path), "--data.path", train,
+                    "--data.predict_path", questions)
+    assert f"{questions}:2: field 'instruction' is missing" in err
+
+
+def test_skip_invalid_leaves_bad_records_out_and_counts_them(tiny_model_dir, tmp_path, demo_records):
+    records = [line(r) for r in demo_records[:8]]
+    records[1] = "{not json"
+    records[4] = json.dumps({"response": 5})  # two problems, one record
+    records[6] = json.dumps({"instruction": "x", "response": " "})
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    with pytest.warns(UserWarning, match=r"data.path: skipped 3 invalid record\(s\) of 8 in .*train.jsonl "
+                                         r"\(data.skip_invalid=true\): .*train.jsonl:2: malformed JSON"):
+        main([str(a) for a in ("fit", *common(tiny_model_dir, tmp_path), "--data.path", path,
+                               "--data.skip_invalid", "true", "--data.batch_size", "5")])
+    last = torch.load(tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
+                      weights_only=True)
+    assert last["global_step"] == 1  # and the run went on without them
+
+
+# (case, options or a YAML config, what the message must say): none of these gets past the parsed config
+BAD_SETTINGS = [
+    ("unknown-option", ["--model.lora_rank", "4"], "error: unrecognized arguments: --model.lora_rank 4"),
+    ("unknown-key-in-yaml", {"model": {"lora_rank": 4}}, "Subcommand 'fit' does not accept option 'model.lora_rank'"),
+    ("wrong-type", ["--model.lora_r", "eight"], 'Parser key "model.lora_r":\n  Expected a <class \'int\'>. '
+                                                 "Got value: eight"),
+    ("wrong-type-in-yaml", {"data": {"batch_size": "four"}}, 'Parser key "data.batch_size":\n  Expected a <class '
+                                                              "'int'>. Got value: four"),
+    ("not-a-choice", ["--model.nonfinite", "ignore"], 'Parser key "model.nonfinite"'),
+    ("out-of-range", ["--model.lora_dropout", "1.5"], "model.lora_dropout=1.5: expected 0 <= dropout < 1"),
+    ("fp16-compute-with-4bit", ["--model.compute_dtype", "float16"],
+     "model.compute_dtype=float16 with 4-bit weights overflows in LoRA training; use bfloat16"),
+    ("fp16-precision-with-4bit", ["--trainer.precision", "16-mixed"],
+     "trainer.precision=16-mixed with model.quantize=nf4: float16 matmuls on a 4-bit base overflow in LoRA training "
+     "(NaN losses, often thousands of steps in; the reason model.compute_dtype=float16 is refused too). Fix: "
+     "--trainer.precision bf16-mixed on GPUs with bfloat16 (Ampere or newer), 32-true with --model.compute_dtype "
+     "float32 on older ones, or --model.quantize null."),
+    ("fp16-weights-with-adamw", ["--trainer.precision", "16-true", "--model.quantize", "null", "--model.optimizer",
+                                 "adamw"],
+     "trainer.precision=16-true with model.optimizer=adamw: torch's AdamW on float16 LoRA weights adds eps=1e-8, "
+     "which is 0 in float16, so 0/0 turns the adapters NaN at the second step. Fix: --trainer.precision bf16-mixed "
+     "or 16-mixed (float32 adapters), or a bitsandbytes optimizer (paged_adamw_32bit keeps its state in float32)."),
+    ("liger-on-cpu", ["--model.kernels", "liger"], "model.kernels=liger: Liger's Triton kernels run on CUDA GPUs only. "
+                                                   "Fix: set --model.kernels null on this machine."),
+    ("overlapping-records", ["--data.train_records", "[0, 10]", "--data.val_records", "[5, 15]"],
+     "data.train_records=[0, 10] and data.val_records=[5, 15] overlap"),
+]
+
+
+@pytest.mark.parametrize("case,settings,message", BAD_SETTINGS, ids=[c[0] for c in BAD_SETTINGS])
+@pytest.mark.usefixtures("model_must_not_load")
+def test_bad_settings_stop_before_the_model_loads(tiny_model_dir, tmp_path, capsys, demo_records, case, settings,
+                                                  message):
+    data = write_jsonl(tmp_path / "train.jsonl", demo_records[:16])
+    if isinstance(settings, dict):
+        import yaml
+
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump(settings))
+        settings = ["--config", config]
+    err = run_fails(capsys, "fit", *common(tiny_model_dir, tmp_path), "--data.path", data, *settings)
+    assert message in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+@pytest.mark.usefixtures("model_must_not_load")
+def test_gpu_asked_for_on_a_machine_without_one(tiny_model_dir, tmp_path, capsys, demo_records):
+    data = write_jsonl(tmp_path / "train.jsonl", demo_records[:16])
+    err = run_fails(capsys, "fit", *common(tiny_model_dir, tmp_path), "--data.path", data, "--trainer.accelerator",
+                    "gpu", "--trainer.precision", "bf16-mixed")
+    assert "trainer.accelerator=gpu: no CUDA GPU is usable (" in err
+    assert "Fix: install a CUDA build of torch, or run on the CPU with --trainer.accelerator cpu" in err
+
+
+@pytest.mark.usefixtures("model_must_not_load")
+def test_quantization_on_a_gpu_needs_bitsandbytes_with_cuda(tiny_model_dir, tmp_path, capsys, demo_records,
+                                                            monkeypatch):
+    """A CUDA machine whose bitsandbytes loaded only its CPU library (a build for another CUDA version)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("lit_mistral.checks.bitsandbytes_has_cuda", lambda: False)
+    data = write_jsonl(tmp_path / "train.jsonl", demo_records[:16])
+    err = run_fails(capsys, "fit", *common(tiny_model_dir, tmp_path), "--data.path", data, "--trainer.accelerator",
+                    "gpu", "--trainer.precision", "bf16-mixed")
+    assert ("model.quantize=nf4 and model.optimizer=paged_adamw_32bit on a GPU need bitsandbytes' CUDA library, but "
+            "it loaded its CPU one") in err
+    assert "--model.quantize null --model.optimizer adamw" in err
+    # without bitsandbytes in the way, the same machine is fine as far as the checks go
+    from jsonargparse import Namespace
+
+    from lit_mistral.checks import check_settings
+
+    check_settings("fit", Namespace(quantize=None, optimizer="adamw", kernels=None),
+                   Namespace(precision="bf16-mixed", accelerator="gpu"))
+
+
+def test_trust_remote_code_is_off_unless_turned_on(capsys):
+    import inspect
+
+    import yaml
+
+    from lit_mistral.data import InstructionDataModule
+    from lit_mistral.sources import load_tokenizer
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["trust_remote_code"] is False
+    assert "trust_remote_code" not in config["data"]  # the tokenizer follows the model's setting (linked)
+    for function in (QLoRAModule, InstructionDataModule, load_tokenizer):
+        assert inspect.signature(function).parameters["trust_remote_code"].default is False
+
+
+def test_predict_never_replaces_an_existing_output(tiny_model_dir, tmp_path, capsys):
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Name a fish.\n")
+    out = tmp_path / "answers.jsonl"
+    out.write_text("earlier answers\n")
+    err = run_fails(capsys, "predict", *common(tiny_model_dir, tmp_path), "--data.predict_path", questions,
+                    "--predictions.path", out, "--model.max_new_tokens", "2")
+    assert (f"predictions.path: '{out}' exists. Fix: pass --predictions.resume true to finish an interrupted run, "
+            "--predictions.overwrite true to replace it, or choose another path.") in err
+    assert out.read_text() == "earlier answers\n"

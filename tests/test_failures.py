@@ -1,0 +1,174 @@
+"""What happens when a run fails midway, through the real command line: killed (SIGKILL), terminated (SIGTERM),
+out of disk, out of memory; and that the same config and seed repeat a run exactly, the premise of comparing a
+resumed run with an uninterrupted one."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DEMO_DATA, ROOT
+from lit_mistral.cli import main
+from lit_mistral.model import QLoRAModule
+
+STEPS, PAUSE_AT = 8, 3  # 5 batches per epoch: the interruption is mid-epoch and the run crosses an epoch boundary
+
+
+def fit_args(tiny_model_dir, root, *extra) -> list[str]:
+    # LoRA dropout stays on (default 0.05): the RNG state must resume too
+    args = ["fit", "--model.name_or_path", tiny_model_dir, "--data.path", DEMO_DATA, "--data.train_records", "[0, 20]",
+            "--data.batch_size", "4", "--data.max_length", "256", "--model.learning_rate", "5e-3",
+            "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.default_root_dir", root,
+            "--trainer.max_steps", str(STEPS), "--checkpoint.every_n_train_steps", "3",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra]
+    return [str(a) for a in args]
+
+
+def logged(run: Path, tag: str = "train/loss") -> dict[int, float]:
+    """step -> value of `tag` over every TensorBoard event file of a run folder (a resumed run adds one); a step
+    logged twice (by the interrupted and by the resumed process) must carry the same value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in sorted(run.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for event in accumulator.Scalars(tag) if tag in accumulator.Tags()["scalars"] else []:
+            assert values.setdefault(event.step, event.value) == event.value, f"{tag} at step {event.step} differs"
+    return values
+
+
+def outcome(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    return {"adapter": load_file(run / "adapter" / "adapter_model.safetensors"), "last_step": last["global_step"],
+            "last_state": last["state_dict"], "losses": logged(run), "grad_norms": logged(run, "train/grad_norm")}
+
+
+def assert_same(run: dict, reference: dict) -> None:
+    """Bitwise: same final adapter, same last checkpoint, same logged losses and gradient norms at every step."""
+    assert run["losses"] == reference["losses"] and sorted(run["losses"]) == list(range(STEPS))
+    assert run["grad_norms"] == reference["grad_norms"]
+    assert run["last_step"] == reference["last_step"]
+    for key in ("adapter", "last_state"):
+        assert run[key].keys() == reference[key].keys()
+        for name, value in reference[key].items():
+            assert torch.equal(run[key][name], value), name
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory) -> dict:
+    """The uninterrupted run."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    main(fit_args(tiny_model_dir, root))
+    return outcome(root / "lightning_logs" / "version_0")
+
+
+def start_paused(tiny_model_dir, root: Path) -> tuple[subprocess.Popen, Path]:
+    """`python -m lit_mistral fit` in a subprocess, paused (by tests/harness.py) before the batch that would make
+    step PAUSE_AT + 1, i.e. right after the checkpoint of step PAUSE_AT; returns once it is there."""
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / "paused"
+    pause = {"class_path": "harness.PauseAtStep", "init_args": {"step": PAUSE_AT, "marker": str(marker)}}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    with open(root / "stdout", "w") as out, open(root / "stderr", "w") as err:
+        process = subprocess.Popen([sys.executable, "-m", "lit_mistral", *fit_args(tiny_model_dir, root),
+                                    f"--trainer.callbacks=[{json.dumps(pause)}]"], stdout=out, stderr=err, env=env)
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the run did not reach step {PAUSE_AT}:\n{(root / 'stderr').read_text()[-3000:]}")
+        time.sleep(0.05)
+    return process, root / "lightning_logs" / "version_0"
+
+
+@pytest.mark.slow
+def test_same_config_and_seed_give_the_same_run(reference, tiny_model_dir, tmp_path):
+    main(fit_args(tiny_model_dir, tmp_path))
+    assert_same(outcome(tmp_path / "lightning_logs" / "version_0"), reference)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_is_the_uninterrupted_run(reference, tiny_model_dir, tmp_path):
+    process, run = start_paused(tiny_model_dir, tmp_path)
+    process.send_signal(signal.SIGKILL)  # no handler, no cleanup: as a pre-empted machine or the OOM killer
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == PAUSE_AT
+    # everything logged before the kill reached the disk
+    assert logged(run) == {step: loss for step, loss in reference["losses"].items() if step < PAUSE_AT}
+
+    main(fit_args(tiny_model_dir, tmp_path, "--ckpt_path", "last"))
+    assert not (tmp_path / "lightning_logs" / "version_1").exists()  # continued in the same run folder
+    assert_same(outcome(run), reference)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_resume_is_the_uninterrupted_run(reference, tiny_model_dir, tmp_path):
+    process, run = start_paused(tiny_model_dir, tmp_path)
+    process.send_signal(signal.SIGTERM)  # what a scheduler or a spot instance sends before killing
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    err = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in err
+    assert f"Received SIGTERM: saved {run / 'checkpoints' / 'last.ckpt'} at step {PAUSE_AT + 1}." in err
+    assert ("lit_mistral: stopped by SIGTERM. A fit run saved last.ckpt on the way out (see the line above): run the "
+            "same command with --ckpt_path last to continue.") in err
+    # the step in flight finished, then the checkpoint was written: one step past the periodic one (every 3)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == PAUSE_AT + 1
+
+    main(fit_args(tiny_model_dir, tmp_path, "--ckpt_path", "last"))
+    assert_same(outcome(run), reference)
+
+
+def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from lit_mistral import checkpoint
+
+    write, writes = checkpoint._write_durably, []
+
+    def disk_full_from_the_third_write(fd, data):
+        writes.append(len(data))
+        if len(writes) < 3:
+            return write(fd, data)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    args = fit_args(tiny_model_dir, tmp_path, "--checkpoint.every_n_train_steps", "2", "--trainer.max_steps", "4")
+    monkeypatch.setattr(checkpoint, "_write_durably", disk_full_from_the_third_write)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)  # step 2 writes step000002.ckpt and last.ckpt; step 4's first write finds the disk full
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "step000004.ckpt: No space left on device. Fix: free space there" in err
+    run = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in run.iterdir()) == ["last.ckpt", "step000002.ckpt"]  # no half-written file
+    assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 2
+
+    monkeypatch.setattr(checkpoint, "_write_durably", write)  # space freed: continue
+    main([*args, "--ckpt_path", "last"])
+    assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_out_of_memory_gives_the_settings_that_lower_it(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                     "of 23.55 GiB of which 1.02 GiB is free.")
+
+    monkeypatch.setattr(QLoRAModule, "configure_model", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tiny_model_dir, tmp_path))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert ("lit_mistral: error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+            "capacity of 23.55 GiB of which 1.02 GiB is free.). Fix: lower --data.batch_size") in err
+    for advice in ("--trainer.accumulate_grad_batches", "--data.max_length", "--model.gradient_checkpointing true",
+                   "configs/qlora-24gb.yaml", "--ckpt_path last"):
+        assert advice in err
