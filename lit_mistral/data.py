@@ -372,6 +372,23 @@ class BatchPlan(Sampler[list[int]]):
         yield from batches[skip:]
 
 
+def predict_batches(lengths: Sequence[int], todo: Sequence[int], max_rows: int, max_tokens: int | None = None,
+                    new_tokens: int = 0) -> list[list[int]]:
+    """Batches of the prompts `todo` (indices into `lengths`), longest first: consecutive prompts share a batch while
+    it has at most `max_rows` rows and, with `max_tokens`, rows x (its longest prompt + `new_tokens`) stays within
+    `max_tokens` (the key/value cache the batch fills). A prompt over the budget alone gets a batch of its own."""
+    order = sorted(todo, key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        batch = batches[-1] if batches else None
+        width = lengths[batch[0]] + new_tokens if batch else 0  # the first prompt of a batch is its longest
+        if batch and len(batch) < max_rows and (max_tokens is None or (len(batch) + 1) * width <= max_tokens):
+            batch.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 class PresetBatches(Sampler[list[int]]):
     """Batches decided in advance (predict: prompts grouped by length, finished rows left out)."""
 
@@ -415,6 +432,10 @@ class InstructionDataModule(LightningDataModule):
         batch_size: Examples per training/validation batch (unless `max_tokens` sets a token budget).
         predict_batch_size: Prompts generated together in predict (None: `batch_size`). Prompts are batched by
             length, so padding stays small; a GPU generates 100s at once about as fast as a few.
+        predict_max_tokens: Also bound each predict batch by the key/value cache it fills: rows x (longest prompt +
+            max_new_tokens) token positions. Short prompts then share large batches while the few long ones go in
+            small batches of their own (None: `predict_batch_size` rows whatever their length).
+        max_new_tokens: Linked to `model.max_new_tokens` by the CLI, for `predict_max_tokens`.
         packing: Put all examples of a batch in one row without padding, attention kept within each example:
             the same batches and loss as padding, without computing on pad tokens.
         max_tokens: Token budget per batch instead of a fixed `batch_size`. With `packing`, the sum of example
@@ -446,6 +467,8 @@ class InstructionDataModule(LightningDataModule):
         overlong: Literal["drop", "truncate"] = "drop",
         batch_size: int = 4,
         predict_batch_size: int | None = None,
+        predict_max_tokens: int | None = None,
+        max_new_tokens: int = 0,
         packing: bool = False,
         max_tokens: int | None = None,
         length_grouped: bool = False,
@@ -476,6 +499,8 @@ class InstructionDataModule(LightningDataModule):
         if batch_size < 1 or (predict_batch_size is not None and predict_batch_size < 1):
             problems.append(f"data.batch_size={batch_size}, data.predict_batch_size={predict_batch_size}: "
                             "expected >= 1")
+        if predict_max_tokens is not None and predict_max_tokens < 1:
+            problems.append(f"data.predict_max_tokens={predict_max_tokens}: expected >= 1 (or null: no budget)")
         if max_tokens is not None and max_tokens < max_length:
             problems.append(f"data.max_tokens={max_tokens} is below data.max_length={max_length}: the longest "
                             "examples would not fit in a batch")
@@ -486,6 +511,7 @@ class InstructionDataModule(LightningDataModule):
         self.max_length, self.overlong = max_length, overlong
         self.batch_size, self.packing, self.max_tokens, self.length_grouped = batch_size, packing, max_tokens, length_grouped
         self.predict_batch_size = predict_batch_size or batch_size
+        self.predict_max_tokens, self.max_new_tokens = predict_max_tokens, max_new_tokens
         self.predict_done: set[int] = set()  # rows an interrupted predict run already wrote (set by the writer)
         self.fields = Fields(instruction_field, context_field, response_field, category_field)
         self.skip_invalid, self.num_workers = skip_invalid, num_workers
@@ -623,8 +649,8 @@ class InstructionDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         # longest prompts first (little padding per batch; the memory peak comes at once), done rows left out;
         # the writer puts the rows back in input order
-        todo = sorted((i for i in range(len(self.predict_set)) if i not in self.predict_done),
-                      key=lambda i: -len(self.predict_set[i]["input_ids"]))
-        batches = [todo[s : s + self.predict_batch_size] for s in range(0, len(todo), self.predict_batch_size)]
+        lengths = [len(item["input_ids"]) for item in self.predict_set]
+        todo = [i for i in range(len(lengths)) if i not in self.predict_done]
+        batches = predict_batches(lengths, todo, self.predict_batch_size, self.predict_max_tokens, self.max_new_tokens)
         return DataLoader(self.predict_set, batch_sampler=PresetBatches(batches), num_workers=self.num_workers,
                           collate_fn=partial(collate_prompts, pad_id=self.tokenizer.pad_token_id))

@@ -232,3 +232,17 @@ def test_packed_loader_respects_token_budget(tiny_model_dir, tmp_path, demo_reco
     assert all(b["input_ids"].shape[1] <= 512 and b["num_tokens"] == b["input_ids"].shape[1] for b in batches)
     assert torch.equal(batches[0]["position_ids"][0, : batches[0]["cu_seq_lens"][1]],
                        torch.arange(int(batches[0]["cu_seq_lens"][1])))
+
+
+def test_predict_batches_bound_rows_and_cache_tokens():
+    from lit_mistral.data import predict_batches
+
+    lengths = [10, 400, 12, 11, 300, 9, 1000, 8]
+    # rows only: longest first, 3 at a time
+    assert predict_batches(lengths, range(8), 3) == [[6, 1, 4], [2, 3, 0], [5, 7]]
+    # a cache budget: rows x (longest prompt + 20 new tokens) <= 1100; the 1000-token prompt alone is over it
+    batches = predict_batches(lengths, range(8), 100, max_tokens=1100, new_tokens=20)
+    assert batches == [[6], [1, 4], [2, 3, 0, 5, 7]]
+    assert all(len(b) * (lengths[b[0]] + 20) <= 1100 for b in batches[1:])
+    # rows already answered (a resumed run) are left out
+    assert predict_batches(lengths, [0, 2, 5], 100, 1100, 20) == [[2, 0, 5]]
