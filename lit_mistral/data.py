@@ -311,15 +311,20 @@ class BatchPlan(Sampler[list[int]]):
     - token budget (`max_tokens`): as many examples as fit in `max_tokens` tokens, counted as the batch will be
       laid out (packed: the sum of lengths; padded: examples x longest);
     - `length_grouped`: examples of similar length share batches (less padding), batch order still shuffled.
+
+    With several ranks, training (`equal_steps`) deals out whole batches and drops those that do not divide evenly,
+    since every rank must take the same number of optimizer steps; validation deals out the examples instead and
+    keeps them all (ranks may differ by one batch), so that its metrics cover every example whatever the number of
+    GPUs, and every rank has some as long as there are as many examples as ranks.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, max_tokens: int | None = None, packed: bool = False,
                  shuffle: bool = True, length_grouped: bool = False, seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, equal_steps: bool = True) -> None:
         self.lengths = list(lengths)
         self.batch_size, self.max_tokens, self.packed = batch_size, max_tokens, packed
         self.shuffle, self.length_grouped, self.seed = shuffle, length_grouped, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.equal_steps = rank, world_size, equal_steps
         self.epoch = 0
         self.skip = 0  # batches of the current epoch already done (set when resuming); used once
         self.sampler = self  # Lightning calls `batch_sampler.sampler.set_epoch(epoch)` at each epoch start
@@ -342,6 +347,8 @@ class BatchPlan(Sampler[list[int]]):
 
     def _batches(self) -> list[list[int]]:
         order = self._order()
+        if not self.equal_steps:
+            order = order[self.rank :: self.world_size]
         if self.max_tokens is None:
             batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         else:
@@ -359,6 +366,8 @@ class BatchPlan(Sampler[list[int]]):
         if self.shuffle and (self.length_grouped or self.max_tokens is not None):
             g = torch.Generator().manual_seed(self.seed + self.epoch + 1_000_003)
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        if not self.equal_steps:
+            return batches
         # every rank must take the same number of steps: drop the tail that does not divide evenly
         per_rank = len(batches) // self.world_size if self.world_size > 1 else len(batches)
         return batches[self.rank : per_rank * self.world_size : self.world_size]
@@ -553,6 +562,11 @@ class InstructionDataModule(LightningDataModule):
             self.val_examples = val
             self.val_set = TokenizedDataset(fit_to_length(encode_examples(val, self.style, self.tokenizer),
                                                           self.max_length, "truncate", "data.val_path"))
+            world = self.trainer.world_size if self.trainer is not None else 1
+            if len(self.val_set) < world:  # a process without validation batches would leave the others waiting
+                raise LitMistralError(f"data: {len(self.val_set)} validation example(s) for {world} processes. Fix: "
+                                      "validate on at least one example per process (data.val_records, "
+                                      "data.val_fraction or data.val_path), or on fewer devices.")
         elif stage == "validate":
             raise LitMistralError("validate: there is no validation data. Fix: set --data.val_path, "
                                   "--data.val_records or --data.val_fraction.")
@@ -604,7 +618,8 @@ class InstructionDataModule(LightningDataModule):
     def _plan(self, dataset: TokenizedDataset, shuffle: bool) -> BatchPlan:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return BatchPlan(dataset.lengths, self.batch_size, self.max_tokens, self.packing, shuffle=shuffle,
-                         length_grouped=self.length_grouped, seed=self.seed, rank=rank, world_size=world)
+                         length_grouped=self.length_grouped, seed=self.seed, rank=rank, world_size=world,
+                         equal_steps=shuffle)  # training batches are shuffled, validation's are not
 
     def _collate(self, mask_prompt: bool):
         if self.packing:

@@ -246,3 +246,16 @@ def test_predict_batches_bound_rows_and_cache_tokens():
     assert all(len(b) * (lengths[b[0]] + 20) <= 1100 for b in batches[1:])
     # rows already answered (a resumed run) are left out
     assert predict_batches(lengths, [0, 2, 5], 100, 1100, 20) == [[2, 0, 5]]
+
+
+def test_validation_plan_covers_every_example_on_any_number_of_ranks():
+    """Training drops the batches that would give ranks unequal step counts; validation deals out the examples and
+    keeps them all (one packed batch's worth of examples on 2 ranks: both get some)."""
+    lengths = [50 + 7 * i for i in range(9)]
+    for world in (1, 2, 3):
+        ranks = [list(BatchPlan(lengths, 4, 10_000, True, shuffle=False, rank=r, world_size=world,
+                                equal_steps=False)) for r in range(world)]
+        seen = sorted(i for batches in ranks for batch in batches for i in batch)
+        assert seen == list(range(9)) and all(ranks)
+    # a single batch on 2 ranks in training: neither rank can take it alone
+    assert [list(BatchPlan(lengths, 9, None, False, shuffle=True, rank=r, world_size=2)) for r in range(2)] == [[], []]
