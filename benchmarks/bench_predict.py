@@ -4,7 +4,8 @@ sampling (temperature 0.7, top-k 50, top-p 0.95, like ../shared/bench/seed_predi
 through the real code path (InstructionDataModule predict split, QLoRAModule, Lightning's Trainer.predict, the JSONL
 writer). Run it in the same device call as seed_predict.py (benchmarks/run_gpu.sh).
 
-Variants: `merged:batch=200` (adapter folded into dequantized bf16 weights, dynamic KV cache),
+Variants: `merged:batch=200` (adapter folded into dequantized bf16 weights, dynamic KV cache), `budget=N` (also
+bound each batch to N key/value-cache positions: data.predict_max_tokens),
 `adapter:batch=200` (4-bit base + LoRA), `merged:batch=200:cache=static` (static KV cache: transformers compiles
 the decoding step). Prints one JSON line per variant: generated tokens/s over the generation itself (first batch to
 last) and end to end (model load, merge and generation), peak GiB.
@@ -46,7 +47,8 @@ class GenerationClock(Callback):
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if batch_idx == 0:
             sync()
-            self.t0 = time.perf_counter()
+            self.t0, self.batches = time.perf_counter(), 0
+        self.batches += 1
 
     def on_predict_end(self, trainer, pl_module):
         sync()
@@ -66,20 +68,23 @@ def run(name: str, opts: dict, model_dir: str, questions: Path, new: int, out: P
         for n, p in module.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.01)
+    budget = int(opts["budget"]) if "budget" in opts else None  # predict_max_tokens: KV-cache positions per batch
     dm = InstructionDataModule(predict_path=str(questions), tokenizer=model_dir, prompt_style="mistral",
-                               predict_batch_size=int(opts.get("batch", 200)))
+                               predict_batch_size=int(opts.get("batch", 200)), predict_max_tokens=budget,
+                               max_new_tokens=new)
     target = out / f"predictions-{name}-{'-'.join(f'{k}{v}' for k, v in opts.items())}.jsonl"
     writer, clock = JsonlPredictionWriter(path=str(target), overwrite=True), GenerationClock()
     trainer = Trainer(accelerator="gpu" if CUDA else "cpu", devices=1, precision="bf16-mixed" if CUDA else "32-true",
                       logger=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[writer, clock])
     trainer.predict(module, dm, return_predictions=False)
-    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    rows = [json.loads(line) for line in target.read_text().split("\n") if line]  # not splitlines: answers hold U+2028
     tokens = sum(r["response_tokens"] for r in rows)
     result = dict(variant=name, **opts, prompts=len(rows), new_tokens=tokens,
                   tokens_per_s=round(tokens / clock.seconds, 1), generation_s=round(clock.seconds, 1),
                   end_to_end_s=round(time.perf_counter() - started, 1),
                   end_to_end_tokens_per_s=round(tokens / (time.perf_counter() - started), 1),
+                  batches=clock.batches,
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if CUDA else None,
                   finish=sorted({r["finish"] for r in rows}))
     del trainer, module, dm

@@ -3,8 +3,13 @@
 transformers isolates examples packed in one row only through a dense (T x T) block-diagonal mask, whose work grows
 with the square of the row length, so long packed rows get slower per token. Packed batches here carry
 `cu_seq_lens` (the example boundaries) and go to PyTorch's variable-length flash attention
-(`torch.nn.attention.varlen`) on CUDA, or to one causal SDPA call per example on CPU. Everything else (padded
-batches, generation with a KV cache) goes to transformers' own SDPA function, unchanged.
+(`torch.nn.attention.varlen`) on CUDA, or to one causal SDPA call per example on CPU.
+
+Decoding steps of batched generation (one new token per row, left-padded rows, so a mask) go to two batched matmuls
+over the key/value heads: SDPA with a mask and grouped-query heads first copies every key and value head once per
+query head it serves (transformers' `repeat_kv`), which made each decoding step of a 200-prompt Mistral-7B batch read
+and write several times its whole KV cache. Everything else (padded batches, the prompt's forward in generation) goes
+to transformers' own SDPA function, unchanged.
 
 Registered with transformers as the attention implementation `lit_varlen` (with SDPA's mask builder)."""
 
@@ -58,9 +63,32 @@ def _sdpa_per_example(q, k, v, cu_seq_lens, scale, window):
     return torch.cat(out)
 
 
+def decode_attention(query, key, value, attention_mask, scaling):
+    """One query position per row against its cache, grouped-query heads without repeating K/V.
+
+    query (B, H, 1, D); key/value (B, H_kv, L, D); attention_mask None, bool (True: attend) or additive float,
+    broadcastable to (B, 1, 1, L). Query heads j*G .. j*G+G-1 share key/value head j (G = H / H_kv), as in
+    transformers' repeat_kv. Returns (B, 1, H, D)."""
+    b, h, _, d = query.shape
+    h_kv = key.shape[1]
+    q = query.reshape(b, h_kv, h // h_kv, d)  # (B, H_kv, G, D): the G query heads of each K/V head as rows
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scaling  # (B, H_kv, G, L)
+    if attention_mask is not None:
+        mask = attention_mask[..., -1:, -key.shape[2]:]  # (B, 1, 1, L)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    return torch.matmul(probs, value).reshape(b, 1, h, d)
+
+
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                      cu_seq_lens_q=None, max_length_q=None, **kwargs):
     """transformers attention function. query (B, H, T, D), key/value (B, H_kv, T, D) -> ((B, T, H, D), None)."""
+    if cu_seq_lens_q is None and query.shape[2] == 1 and key.shape[1] < query.shape[1] and not module.training:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return decode_attention(query, key, value, attention_mask, scale), None
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, **kwargs)

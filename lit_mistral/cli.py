@@ -75,6 +75,7 @@ class LitMistralCLI(LightningCLI):
         parser.link_arguments("model.gguf_file", "data.gguf_file")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.link_arguments("data.max_length", "model.max_length")
+        parser.link_arguments("model.max_new_tokens", "data.max_new_tokens")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step:06d}",
                              "checkpoint.auto_insert_metric_name": False, "checkpoint.save_top_k": 1})

@@ -313,15 +313,20 @@ class BatchPlan(Sampler[list[int]]):
     - token budget (`max_tokens`): as many examples as fit in `max_tokens` tokens, counted as the batch will be
       laid out (packed: the sum of lengths; padded: examples x longest);
     - `length_grouped`: examples of similar length share batches (less padding), batch order still shuffled.
+
+    With several ranks, training (`equal_steps`) deals out whole batches and drops those that do not divide evenly,
+    since every rank must take the same number of optimizer steps; validation deals out the examples instead and
+    keeps them all (ranks may differ by one batch), so that its metrics cover every example whatever the number of
+    GPUs, and every rank has some as long as there are as many examples as ranks.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, max_tokens: int | None = None, packed: bool = False,
                  shuffle: bool = True, length_grouped: bool = False, seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, equal_steps: bool = True) -> None:
         self.lengths = list(lengths)
         self.batch_size, self.max_tokens, self.packed = batch_size, max_tokens, packed
         self.shuffle, self.length_grouped, self.seed = shuffle, length_grouped, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.equal_steps = rank, world_size, equal_steps
         self.epoch = 0
         self.skip = 0  # batches of the current epoch already done (set when resuming); used once
         self.sampler = self  # Lightning calls `batch_sampler.sampler.set_epoch(epoch)` at each epoch start
@@ -344,6 +349,8 @@ class BatchPlan(Sampler[list[int]]):
 
     def _batches(self) -> list[list[int]]:
         order = self._order()
+        if not self.equal_steps:
+            order = order[self.rank :: self.world_size]
         if self.max_tokens is None:
             batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         else:
@@ -361,6 +368,8 @@ class BatchPlan(Sampler[list[int]]):
         if self.shuffle and (self.length_grouped or self.max_tokens is not None):
             g = torch.Generator().manual_seed(self.seed + self.epoch + 1_000_003)
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        if not self.equal_steps:
+            return batches
         # every rank must take the same number of steps: drop the tail that does not divide evenly
         per_rank = len(batches) // self.world_size if self.world_size > 1 else len(batches)
         return batches[self.rank : per_rank * self.world_size : self.world_size]
@@ -372,6 +381,23 @@ class BatchPlan(Sampler[list[int]]):
         batches = self._batches()
         skip, self.skip = self.skip, 0
         yield from batches[skip:]
+
+
+def predict_batches(lengths: Sequence[int], todo: Sequence[int], max_rows: int, max_tokens: int | None = None,
+                    new_tokens: int = 0) -> list[list[int]]:
+    """Batches of the prompts `todo` (indices into `lengths`), longest first: consecutive prompts share a batch while
+    it has at most `max_rows` rows and, with `max_tokens`, rows x (its longest prompt + `new_tokens`) stays within
+    `max_tokens` (the key/value cache the batch fills). A prompt over the budget alone gets a batch of its own."""
+    order = sorted(todo, key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        batch = batches[-1] if batches else None
+        width = lengths[batch[0]] + new_tokens if batch else 0  # the first prompt of a batch is its longest
+        if batch and len(batch) < max_rows and (max_tokens is None or (len(batch) + 1) * width <= max_tokens):
+            batch.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 class PresetBatches(Sampler[list[int]]):
@@ -417,6 +443,10 @@ class InstructionDataModule(LightningDataModule):
         batch_size: Examples per training/validation batch (unless `max_tokens` sets a token budget).
         predict_batch_size: Prompts generated together in predict (None: `batch_size`). Prompts are batched by
             length, so padding stays small; a GPU generates 100s at once about as fast as a few.
+        predict_max_tokens: Also bound each predict batch by the key/value cache it fills: rows x (longest prompt +
+            max_new_tokens) token positions. Short prompts then share large batches while the few long ones go in
+            small batches of their own (None: `predict_batch_size` rows whatever their length).
+        max_new_tokens: Linked to `model.max_new_tokens` by the CLI, for `predict_max_tokens`.
         packing: Put all examples of a batch in one row without padding, attention kept within each example:
             the same batches and loss as padding, without computing on pad tokens.
         max_tokens: Token budget per batch instead of a fixed `batch_size`. With `packing`, the sum of example
@@ -448,6 +478,8 @@ class InstructionDataModule(LightningDataModule):
         overlong: Literal["drop", "truncate"] = "drop",
         batch_size: int = 4,
         predict_batch_size: int | None = None,
+        predict_max_tokens: int | None = None,
+        max_new_tokens: int = 0,
         packing: bool = False,
         max_tokens: int | None = None,
         length_grouped: bool = False,
@@ -478,6 +510,8 @@ class InstructionDataModule(LightningDataModule):
         if batch_size < 1 or (predict_batch_size is not None and predict_batch_size < 1):
             problems.append(f"data.batch_size={batch_size}, data.predict_batch_size={predict_batch_size}: "
                             "expected >= 1")
+        if predict_max_tokens is not None and predict_max_tokens < 1:
+            problems.append(f"data.predict_max_tokens={predict_max_tokens}: expected >= 1 (or null: no budget)")
         if max_tokens is not None and max_tokens < max_length:
             problems.append(f"data.max_tokens={max_tokens} is below data.max_length={max_length}: the longest "
                             "examples would not fit in a batch")
@@ -488,6 +522,7 @@ class InstructionDataModule(LightningDataModule):
         self.max_length, self.overlong = max_length, overlong
         self.batch_size, self.packing, self.max_tokens, self.length_grouped = batch_size, packing, max_tokens, length_grouped
         self.predict_batch_size = predict_batch_size or batch_size
+        self.predict_max_tokens, self.max_new_tokens = predict_max_tokens, max_new_tokens
         self.predict_done: set[int] = set()  # rows an interrupted predict run already wrote (set by the writer)
         self.fields = Fields(instruction_field, context_field, response_field, category_field)
         self.skip_invalid, self.num_workers = skip_invalid, num_workers
@@ -532,6 +567,11 @@ class InstructionDataModule(LightningDataModule):
             encoded = [(ids, n_prompt, i) for i, (ids, n_prompt)
                        in enumerate(encode_examples(val, self.style, self.tokenizer))]
             self.val_set = TokenizedDataset(fit_to_length(encoded, self.max_length, "truncate", "data.val_path"))
+            world = self.trainer.world_size if self.trainer is not None else 1
+            if len(self.val_set) < world:  # a process without validation batches would leave the others waiting
+                raise LitMistralError(f"data: {len(self.val_set)} validation example(s) for {world} processes. Fix: "
+                                      "validate on at least one example per process (data.val_records, "
+                                      "data.val_fraction or data.val_path), or on fewer devices.")
         elif stage == "validate":
             raise LitMistralError("validate: there is no validation data. Fix: set --data.val_path, "
                                   "--data.val_records or --data.val_fraction.")
@@ -583,7 +623,8 @@ class InstructionDataModule(LightningDataModule):
     def _plan(self, dataset: TokenizedDataset, shuffle: bool) -> BatchPlan:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return BatchPlan(dataset.lengths, self.batch_size, self.max_tokens, self.packing, shuffle=shuffle,
-                         length_grouped=self.length_grouped, seed=self.seed, rank=rank, world_size=world)
+                         length_grouped=self.length_grouped, seed=self.seed, rank=rank, world_size=world,
+                         equal_steps=shuffle)  # training batches are shuffled, validation's are not
 
     def _collate(self, mask_prompt: bool):
         if self.packing:
@@ -628,8 +669,8 @@ class InstructionDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         # longest prompts first (little padding per batch; the memory peak comes at once), done rows left out;
         # the writer puts the rows back in input order
-        todo = sorted((i for i in range(len(self.predict_set)) if i not in self.predict_done),
-                      key=lambda i: -len(self.predict_set[i]["input_ids"]))
-        batches = [todo[s : s + self.predict_batch_size] for s in range(0, len(todo), self.predict_batch_size)]
+        lengths = [len(item["input_ids"]) for item in self.predict_set]
+        todo = [i for i in range(len(lengths)) if i not in self.predict_done]
+        batches = predict_batches(lengths, todo, self.predict_batch_size, self.predict_max_tokens, self.max_new_tokens)
         return DataLoader(self.predict_set, batch_sampler=PresetBatches(batches), num_workers=self.num_workers,
                           collate_fn=partial(collate_prompts, pad_id=self.tokenizer.pad_token_id))

@@ -726,8 +726,6 @@ class QLoRAModule(LightningModule):
             self.model = merge_adapter(self.model, self.compute_dtype(self.device))
             rank_zero_info(f"Merged the adapter into a dequantized copy of the base for generation "
                            f"({time.perf_counter() - started:.1f}s; --model.inference adapter keeps them apart).")
-        if self.attn_implementation == attention.NAME:  # no packed rows in generation: transformers' own SDPA
-            self.model.set_attn_implementation("sdpa")
         self.model.config.use_cache = True
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:

@@ -247,3 +247,30 @@ def test_validation_batches_name_their_examples(tiny_model_dir, tmp_path, demo_r
     indices = [i for batch in dm.val_dataloader() for i in batch["index"]]
     assert indices == [0, 2, 3, 4, 5, 6, 7]  # record 3 of the file is val example 1
     assert [dm.val_examples[i].instruction for i in indices] == [records[2 + i]["instruction"] for i in indices]
+
+
+def test_predict_batches_bound_rows_and_cache_tokens():
+    from lit_mistral.data import predict_batches
+
+    lengths = [10, 400, 12, 11, 300, 9, 1000, 8]
+    # rows only: longest first, 3 at a time
+    assert predict_batches(lengths, range(8), 3) == [[6, 1, 4], [2, 3, 0], [5, 7]]
+    # a cache budget: rows x (longest prompt + 20 new tokens) <= 1100; the 1000-token prompt alone is over it
+    batches = predict_batches(lengths, range(8), 100, max_tokens=1100, new_tokens=20)
+    assert batches == [[6], [1, 4], [2, 3, 0, 5, 7]]
+    assert all(len(b) * (lengths[b[0]] + 20) <= 1100 for b in batches[1:])
+    # rows already answered (a resumed run) are left out
+    assert predict_batches(lengths, [0, 2, 5], 100, 1100, 20) == [[2, 0, 5]]
+
+
+def test_validation_plan_covers_every_example_on_any_number_of_ranks():
+    """Training drops the batches that would give ranks unequal step counts; validation deals out the examples and
+    keeps them all (one packed batch's worth of examples on 2 ranks: both get some)."""
+    lengths = [50 + 7 * i for i in range(9)]
+    for world in (1, 2, 3):
+        ranks = [list(BatchPlan(lengths, 4, 10_000, True, shuffle=False, rank=r, world_size=world,
+                                equal_steps=False)) for r in range(world)]
+        seen = sorted(i for batches in ranks for batch in batches for i in batch)
+        assert seen == list(range(9)) and all(ranks)
+    # a single batch on 2 ranks in training: neither rank can take it alone
+    assert [list(BatchPlan(lengths, 9, None, False, shuffle=True, rank=r, world_size=2)) for r in range(2)] == [[], []]

@@ -3,6 +3,8 @@
 import json
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from lit_mistral.cli import main
 from test_export import adapted
@@ -80,3 +82,42 @@ def test_output_folder_must_exist(tiny_model_dir, adapter_dir, questions, tmp_pa
         predict(tiny_model_dir, adapter_dir, questions, tmp_path / "missing" / "out.jsonl")
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "missing").exists()
+
+
+def test_decode_attention_equals_sdpa_with_repeated_heads():
+    """The decoding-step attention (grouped-query heads without copying K/V) gives SDPA's answer, with a left-padding
+    mask as bool or additive float, and with none."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from lit_mistral.attention import decode_attention
+
+    torch.manual_seed(0)
+    b, h, h_kv, length, d = 3, 8, 2, 11, 16
+    q, k, v = torch.randn(b, h, 1, d), torch.randn(b, h_kv, length, d), torch.randn(b, h_kv, length, d)
+    keep = torch.ones(b, 1, 1, length, dtype=torch.bool)
+    keep[0, ..., :4] = False  # row 0 is left-padded by 4
+    for mask in (keep, torch.zeros(b, 1, 1, length).masked_fill(~keep, float("-inf")), None):
+        expected = F.scaled_dot_product_attention(q, repeat_kv(k, h // h_kv), repeat_kv(v, h // h_kv),
+                                                  attn_mask=mask, scale=0.3).transpose(1, 2)
+        torch.testing.assert_close(decode_attention(q, k, v, mask, 0.3), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_with_our_attention_equals_sdpa(tiny_model_dir, monkeypatch):
+    """Greedy batched generation of left-padded prompts: the same tokens with lit_varlen (decoding steps through
+    decode_attention) as with transformers' SDPA."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lit_mistral import attention
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
+    batch = tokenizer(["Name a fish .", "Which is a species of fish ? Tope or Rope"], return_tensors="pt",
+                      padding=True)
+    calls = []
+    decode = attention.decode_attention
+    monkeypatch.setattr(attention, "decode_attention", lambda *a: calls.append(1) or decode(*a))
+    out = {}
+    for impl in ("sdpa", attention.NAME):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=impl).eval()
+        out[impl] = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(out["sdpa"], out[attention.NAME])
+    assert len(calls) == 11 * 2  # 11 decoding steps (the 12th token comes from the prompt's forward) x 2 layers

@@ -1,0 +1,91 @@
+"""Multi-GPU scaling of lit_mistral's training, through the command line users run (`python -m lit_mistral fit
+--config configs/qlora-ddp.yaml`): Mistral-7B QLoRA (random weights, the real architecture), the real Dolly records
+(0..199 tiled for training, 200..227 for validation).
+
+Three runs of the same config, each a fresh process:
+  gpu1        1 GPU                             -> single-GPU tokens/s
+  gpu2        2 GPUs, Lightning DDP             -> 2-GPU tokens/s (summed over ranks), scaling = gpu2 / gpu1
+  gpu1_acc2   1 GPU, accumulate_grad_batches=2  -> the 2-GPU run's global batch on one GPU: the same batches per
+              optimizer step (the plan hands batch i to rank i % 2), so its validation losses must match gpu2's
+Reads each run's TensorBoard events and prints one JSON line per run: median tokens/s over the steps after --warm,
+peak GiB, validation losses by optimizer step. Extra flags after `--` go to every run. Data, run folders and logs go to --work.
+
+    python benchmarks/bench_ddp.py --model $CKPT --data dolly-15k-head.jsonl --runs gpu1 gpu2 gpu1_acc2
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = {"gpu1": ["--trainer.devices", "1"],
+        "gpu2": ["--trainer.devices", "2"],
+        "gpu1_acc2": ["--trainer.devices", "1", "--trainer.accumulate_grad_batches", "2"],
+        "fsdp2": ["--trainer.devices", "2", "--trainer.strategy", "fsdp", "--model.quant_storage", "bfloat16"]}
+
+
+def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="Dolly .jsonl with at least 228 records")
+    p.add_argument("--runs", nargs="+", default=["gpu1", "gpu2", "gpu1_acc2"], choices=list(RUNS))
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--val_every", type=int, default=10, help="optimizer steps between validations")
+    p.add_argument("--warm", type=int, default=5)
+    p.add_argument("--work", default="/tmp/bench-ddp", help="data, run folders and logs (adapters: not for $OUT)")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per run")
+    p.add_argument("extra", nargs="*")
+    args = p.parse_args()
+    out = Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = Path(args.data).read_text().splitlines()
+    train, val = out / "ddp-train.jsonl", out / "ddp-val.jsonl"
+    train.write_text("\n".join(rows[i % 200] for i in range(200 * 45)) + "\n")
+    val.write_text("\n".join(rows[200:228]) + "\n")
+    for name in args.runs:
+        flags = RUNS[name]
+        accumulate = 2 if "acc2" in name else 1
+        root = out / f"ddp-{name}"
+        cmd = [sys.executable, "-m", "lit_mistral", "fit", "--config", str(ROOT / "configs" / "qlora-ddp.yaml"),
+               "--model.name_or_path", args.model, "--data.path", str(train), "--data.val_path", str(val),
+               "--data.train_records", "null", "--data.val_records", "null",
+               "--trainer.max_steps", str(args.steps), "--trainer.val_check_interval", str(args.val_every * accumulate),
+               "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+               "--trainer.num_sanity_val_steps", "0", *flags, *args.extra]
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired as err:
+            proc = subprocess.CompletedProcess(cmd, 124, err.stdout or "", err.stderr or "")
+            proc.stdout, proc.stderr = (x.decode() if isinstance(x, bytes) else x for x in (proc.stdout, proc.stderr))
+        wall = time.perf_counter() - started
+        (out / f"ddp-{name}.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode:
+            tail = [line for line in proc.stderr.splitlines() if "warn" not in line.lower()][-25:]
+            print(json.dumps(dict(run=name, rc=proc.returncode, wall_s=round(wall), stderr_tail=tail)), flush=True)
+            continue
+        s = scalars(root / "lightning_logs" / "version_0")
+        speeds = [v for step, v in s.get("train/tokens_per_s", []) if step > args.warm]
+        mem = [v for _, v in s.get("train/peak_mem_gib", [])]
+        print(json.dumps(dict(run=name, flags=" ".join(flags + args.extra), steps=args.steps,
+                              tokens_per_s=round(statistics.median(speeds)) if speeds else None,
+                              steps_measured=len(speeds), peak_gib_rank0=round(max(mem), 1) if mem else None,
+                              time_to_first_step_s=round(s["train/time_to_first_step_s"][0][1], 1),
+                              val_loss={step: round(v, 4) for step, v in s.get("val/loss", [])},
+                              wall_s=round(wall))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
