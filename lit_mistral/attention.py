@@ -83,12 +83,42 @@ def decode_attention(query, key, value, attention_mask, scaling):
     return torch.matmul(probs, value).reshape(b, 1, h, d)
 
 
+def padded_attention(query, key, value, attention_mask, scaling, sliding_window):
+    """Causal attention over a padded batch without a cache (the prompts' forward in generation, validation):
+    the real tokens of each row are packed into one row and attend within their example, as in training.
+
+    SDPA with a padding mask and grouped-query heads takes PyTorch's math path, which builds every (query, key)
+    score of the padded batch: 200 prompts padded to 1,321 tokens took 8 s and 79 GiB on an H200.
+    query (B, H, T, D), key/value (B, H_kv, T, D), attention_mask (B, 1, T, T) bool with the real tokens of each
+    row in one run (left or right padding). Returns (B, T, H, D), zeros at padding."""
+    real = attention_mask[:, 0].any(dim=1)  # (B, T): keys that some query may see, i.e. the row's real tokens
+    lengths = real.sum(dim=1)
+    cu_seq_lens = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=query.device)
+    cu_seq_lens[1:] = torch.cumsum(lengths, 0)
+    q, k, v = (t.transpose(1, 2)[real] for t in (query, key, value))  # (N, heads, D), row after row
+    longest = int(lengths.max())
+    window = _sliding(sliding_window, longest)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if q.is_cuda:
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else dtype
+        packed = _flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seq_lens, longest, scale, window)
+    else:
+        packed = _sdpa_per_example(q, k, v, cu_seq_lens, scale, window)
+    out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3], dtype=packed.dtype)
+    out[real] = packed
+    return out
+
+
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                      cu_seq_lens_q=None, max_length_q=None, **kwargs):
     """transformers attention function. query (B, H, T, D), key/value (B, H_kv, T, D) -> ((B, T, H, D), None)."""
     if cu_seq_lens_q is None and query.shape[2] == 1 and key.shape[1] < query.shape[1] and not module.training:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return decode_attention(query, key, value, attention_mask, scale), None
+    if (cu_seq_lens_q is None and attention_mask is not None and attention_mask.dtype == torch.bool
+            and query.shape[2] > 1 and key.shape[2] == query.shape[2] and not module.training):
+        return padded_attention(query, key, value, attention_mask, scaling, sliding_window), None
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, **kwargs)

@@ -121,3 +121,30 @@ def test_generation_with_our_attention_equals_sdpa(tiny_model_dir, monkeypatch):
         out[impl] = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert torch.equal(out["sdpa"], out[attention.NAME])
     assert len(calls) == 11 * 2  # 11 decoding steps (the 12th token comes from the prompt's forward) x 2 layers
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_attention_equals_sdpa_on_real_tokens(side):
+    """The prompts' forward packs each row's real tokens (no (T x T) scores of the padded batch): the same outputs
+    as SDPA with the padding mask, at every real token."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from lit_mistral.attention import padded_attention
+
+    torch.manual_seed(0)
+    b, h, h_kv, t, d = 3, 8, 2, 9, 16
+    q, k, v = torch.randn(b, h, t, d), torch.randn(b, h_kv, t, d), torch.randn(b, h_kv, t, d)
+    real = torch.ones(b, t, dtype=torch.bool)
+    pads = {0: 4, 2: 1}
+    for row, n in pads.items():
+        if side == "left":
+            real[row, :n] = False
+        else:
+            real[row, t - n :] = False
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    mask = causal[None, None] & real[:, None, None, :]  # transformers' sdpa mask: causal and padding
+    expected = F.scaled_dot_product_attention(q, repeat_kv(k, h // h_kv), repeat_kv(v, h // h_kv), attn_mask=mask,
+                                              scale=0.3).transpose(1, 2)
+    out = padded_attention(q, k, v, mask, 0.3, None)
+    torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert not out[~real].any()
