@@ -72,7 +72,7 @@ def run(name: str, opts: dict, model_dir: str, questions: Path, new: int, out: P
     dm = InstructionDataModule(predict_path=str(questions), tokenizer=model_dir, prompt_style="mistral",
                                predict_batch_size=int(opts.get("batch", 200)), predict_max_tokens=budget,
                                max_new_tokens=new)
-    target = out / f"predictions-{name}-{'-'.join(f'{k}{v}' for k, v in opts.items())}.jsonl"
+    target = Path(tempfile.gettempdir()) / f"predictions-{name}-{'-'.join(f'{k}{v}' for k, v in opts.items())}.jsonl"
     writer, clock = JsonlPredictionWriter(path=str(target), overwrite=True), GenerationClock()
     trainer = Trainer(accelerator="gpu" if CUDA else "cpu", devices=1, precision="bf16-mixed" if CUDA else "32-true",
                       logger=False, enable_progress_bar=False,
