@@ -63,6 +63,17 @@ def _sdpa_per_example(q, k, v, cu_seq_lens, scale, window):
     return torch.cat(out)
 
 
+def _packed_attention(q, k, v, cu_seq_lens, max_length, scale, window):
+    """Causal attention within each example of packed (T, H, D) tensors: flash varlen on CUDA, SDPA per example
+    elsewhere."""
+    if q.is_cuda:
+        # flash kernels take bf16/fp16 only; with an fp32 residual stream RoPE hands back fp32 q/k
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else dtype
+        return _flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seq_lens, max_length, scale, window)
+    return _sdpa_per_example(q, k, v, cu_seq_lens, scale, window)
+
+
 def decode_attention(query, key, value, attention_mask, scaling):
     """One query position per row against its cache, grouped-query heads without repeating K/V.
 
@@ -99,12 +110,7 @@ def padded_attention(query, key, value, attention_mask, scaling, sliding_window)
     longest = int(lengths.max())
     window = _sliding(sliding_window, longest)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if q.is_cuda:
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
-        dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else dtype
-        packed = _flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seq_lens, longest, scale, window)
-    else:
-        packed = _sdpa_per_example(q, k, v, cu_seq_lens, scale, window)
+    packed = _packed_attention(q, k, v, cu_seq_lens, longest, scale, window)
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3], dtype=packed.dtype)
     out[real] = packed
     return out
@@ -126,14 +132,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise ValueError("packed attention expects one row (batch size 1) holding all examples")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
     window = _sliding(sliding_window, max_length_q)
-    if q.is_cuda:
-        # flash kernels take bf16/fp16 only; with an fp32 residual stream RoPE hands back fp32 q/k
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
-        dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else dtype
-        out = _flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seq_lens_q, max_length_q, scaling, window)
-    else:
-        out = _sdpa_per_example(q, k, v, cu_seq_lens_q, scaling, window)
-    return out[None], None
+    return _packed_attention(q, k, v, cu_seq_lens_q, max_length_q, scaling, window)[None], None
 
 
 AttentionInterface.register(NAME, varlen_attention)
