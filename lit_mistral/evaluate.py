@@ -195,7 +195,8 @@ def build_report(results: dict[str, dict[str, float]], records: dict[str, list[d
     lines = [f"# Evaluation of {info['model']}" + (f" with the adapter {info['adapter']}" if info.get("adapter") else ""),
              "", _describe(info), ""]
     if info.get("date"):
-        lines += [f"Measured {info['date']} at step {info.get('global_step', 0)}, with "
+        step = f" at step {info['global_step']}" if info.get("global_step") else ""  # unknown for an adapter folder
+        lines += [f"Measured {info['date']}{step}, with "
                   + ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items()) + ".", ""]
     groups = [ALL] + sorted({k.split("/")[0] for c in columns for k in results[c] if "/" in k})
     header = ["category", "n", "metric", *names] + (["change"] if len(columns) == 2 else [])
