@@ -64,10 +64,10 @@ def check_settings(subcommand: str, model, trainer) -> None:
                         "model.compute_dtype=float16 is refused too). Fix: --trainer.precision bf16-mixed on GPUs with "
                         "bfloat16 (Ampere or newer), 32-true with --model.compute_dtype float32 on older ones, or "
                         "--model.quantize null.")
-    if kernels == "liger" and device != "cuda":
+    if fit and kernels == "liger" and device != "cuda":  # kernels are applied for fit only (see QLoRAModule)
         problems.append("model.kernels=liger: Liger's Triton kernels run on CUDA GPUs only. Fix: set "
                         "--model.kernels null on this machine.")
-    elif kernels == "liger" and importlib.util.find_spec("liger_kernel") is None:
+    elif fit and kernels == "liger" and importlib.util.find_spec("liger_kernel") is None:
         problems.append("model.kernels=liger: Liger-Kernel is not installed. Fix: pip install liger-kernel, or set "
                         "--model.kernels null.")
     raise_problems(problems, "Fix: change these settings as each line says; nothing was loaded yet.")

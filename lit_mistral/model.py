@@ -125,7 +125,9 @@ class QLoRAModule(LightningModule):
         checkpoint_layers: With gradient checkpointing, recompute only the first this-many decoder layers and keep
             the activations of the rest: spend spare memory on speed. None: all layers.
         kernels: `liger`: Liger-Kernel's fused Triton kernels for RMSNorm, SwiGLU and RoPE (GPU only;
-            pip install liger-kernel). None: transformers' own modules.
+            pip install liger-kernel), for `fit`. None: transformers' own modules. `predict` and `validate` keep
+            transformers' modules either way: in generation, where a step is a single token per row, the kernels
+            made it slower (1,837 vs 2,861 new tokens/s on one H200, BENCHMARKS.md).
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator (scale = alpha / r).
         lora_dropout: Dropout on the LoRA input.
@@ -314,7 +316,8 @@ class QLoRAModule(LightningModule):
         if self.quantize and self.fp32_norms:
             # casts norms/embeddings to fp32 (and freezes the base); checkpointing is enabled below
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        if self.kernels:
+        stage = self._trainer.state.fn if self._trainer is not None else None
+        if self.kernels and stage in (None, "fit"):
             self.apply_kernels(model)
         if self.gradient_checkpointing:
             self.set_checkpointing(model, self.checkpoint_layers)

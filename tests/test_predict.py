@@ -148,3 +148,10 @@ def test_padded_attention_equals_sdpa_on_real_tokens(side):
     out = padded_attention(q, k, v, mask, 0.3, None)
     torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-5)
     assert not out[~real].any()
+
+
+def test_training_kernels_stay_out_of_predict(tiny_model_dir, adapter_dir, questions, tmp_path):
+    """`kernels: liger` is a training setting: a config that has it predicts with transformers' own modules (here on
+    a CPU, where fit refuses it)."""
+    rows = predict(tiny_model_dir, adapter_dir, questions, tmp_path / "out.jsonl", "--model.kernels", "liger")
+    assert len(rows) == len(QUESTIONS) and all(r["finish"] == "length" for r in rows)
