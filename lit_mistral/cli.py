@@ -9,6 +9,7 @@ from pathlib import Path
 
 from typing import Literal
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -68,7 +69,11 @@ class LitMistralCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         if config.get("enable_progress_bar") is not False:
             callbacks = [*callbacks, PredictionProgressBar()]
-        return super()._instantiate_trainer(config, callbacks)
+        try:
+            return super()._instantiate_trainer(config, callbacks)
+        except (ValueError, MisconfigurationException) as err:  # accelerator, strategy, devices, precision
+            raise LitMistralError(f"trainer settings: {err} Fix: change the --trainer.* setting it names (nothing "
+                                  "was loaded yet).") from None
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # set once, used by both: the tokenizer follows the model, the model knows the data's longest sequence
         parser.link_arguments("model.name_or_path", "data.tokenizer")

@@ -144,6 +144,8 @@ BAD_SETTINGS = [
      "or 16-mixed (float32 adapters), or a bitsandbytes optimizer (paged_adamw_32bit keeps its state in float32)."),
     ("liger-on-cpu", ["--model.kernels", "liger"], "model.kernels=liger: Liger's Triton kernels run on CUDA GPUs only. "
                                                    "Fix: set --model.kernels null on this machine."),
+    ("fsdp-on-cpu", ["--trainer.strategy", "fsdp", "--trainer.devices", "2"],
+     "trainer settings: The strategy `fsdp` requires a GPU accelerator"),
     ("overlapping-records", ["--data.train_records", "[0, 10]", "--data.val_records", "[5, 15]"],
      "data.train_records=[0, 10] and data.val_records=[5, 15] overlap"),
 ]
