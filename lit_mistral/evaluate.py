@@ -13,7 +13,7 @@ import torch
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.functional.text.rouge import rouge_score
 
-from lit_mistral.data import collate_prompts, encode_prompts
+from lit_mistral.data import collate_prompts, encode_prompts, predict_batches
 from lit_mistral.files import write_text
 from lit_mistral.prompts import Example, PromptStyle
 
@@ -154,11 +154,10 @@ def answer(model, tokenizer, style: PromptStyle, examples: Sequence[Example], ba
     from lit_mistral.predict import generate
 
     prompts = encode_prompts(examples, style, tokenizer)
-    # prompts of similar length share a batch: each batch is left-padded to its longest prompt
-    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+    # batched as predict batches: by length, so each batch is left-padded to a prompt close to its own
     records = {}
-    for start in range(0, len(order), batch_size):
-        items = [{"input_ids": prompts[i], "index": i, "example": examples[i]} for i in order[start:start + batch_size]]
+    for rows in predict_batches([len(p) for p in prompts], range(len(prompts)), batch_size):
+        items = [{"input_ids": prompts[i], "index": i, "example": examples[i]} for i in rows]
         batch = collate_prompts(items, tokenizer.pad_token_id)
         batch.update(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         for record in generate(model, tokenizer, batch, context=context, **generation):

@@ -6,7 +6,6 @@ merged weight back to 4 bits (and so does not give the model that was trained), 
 does not see through peft's wrappers. Here each adapted layer becomes an `nn.Linear` holding
 dequantize(W_4bit) + scale * B @ A, summed in float32."""
 
-import json
 import os
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ import torch
 
 from lit_mistral.errors import LitMistralError
 from lit_mistral.files import writing_folder
+from lit_mistral.sources import drop_quantization_config
 
 
 def _dequantized_weight(layer: torch.nn.Module) -> torch.Tensor:
@@ -90,9 +90,7 @@ def export_model(model, tokenizer, output_dir: str | os.PathLike, overwrite: boo
         model.set_attn_implementation("sdpa")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        config = json.loads((tmp / "config.json").read_text())
-        config.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        drop_quantization_config(tmp)
     return target
 
 

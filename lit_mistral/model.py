@@ -549,9 +549,8 @@ class QLoRAModule(LightningModule):
         datamodule = self.trainer.datamodule
         rank, world = self.trainer.global_rank, self.trainer.world_size
         settings = dict(self.generation, do_sample=False, max_new_tokens=self.eval_max_new_tokens)
-        context = getattr(self.model.config, "max_position_embeddings", None)
         mine = evaluate.answer(self.model, self.tokenizer, datamodule.style, examples[rank::world],
-                               datamodule.batch_size, self.device, settings, context)
+                               datamodule.batch_size, self.device, settings, self.context_window)
         for record in mine:
             record["index"] = record["index"] * world + rank  # position in `examples`
         if world > 1:
@@ -717,6 +716,11 @@ class QLoRAModule(LightningModule):
         unquantized = sum(p.numel() for p in self.model.parameters()) * self.compute_dtype(self.device).itemsize
         return 3 * unquantized < free + unquantized // 4  # the 4-bit copy is freed layer by layer while merging
 
+    @property
+    def context_window(self) -> int | None:
+        """Longest prompt + answer the model takes, in tokens (None: not stated by its config)."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     def on_predict_start(self) -> None:
         """Runs after a checkpoint was restored, so the adapter weights are final: fold them in if asked."""
         from peft import PeftModel
@@ -734,6 +738,5 @@ class QLoRAModule(LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         from lit_mistral.predict import generate
 
-        context = getattr(self.model.config, "max_position_embeddings", None)
-        return generate(self.model, self.tokenizer, batch, context=context, cache=self.generation_cache,
+        return generate(self.model, self.tokenizer, batch, context=self.context_window, cache=self.generation_cache,
                         **self.generation)

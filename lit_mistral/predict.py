@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_mistral.errors import LitMistralError
+from lit_mistral.files import write_text
 
 
 def _record(index, example, prompt_tokens: int, response: str | None, response_tokens: int, finish: str,
@@ -129,9 +130,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         if not trainer.is_global_zero:
             return
         # start from the complete rows only (drops a half-written last line), then append as batches finish
-        tmp = self.target.with_name(self.target.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in self._done_lines.values()), encoding="utf-8")
-        os.replace(tmp, self.target)
+        write_text(self.target, "".join(line + "\n" for line in self._done_lines.values()))
         self._file = open(self.target, "a", encoding="utf-8")
         self.rows = self.tokens = 0
         self._started = time.perf_counter()
@@ -154,9 +153,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         seconds = time.perf_counter() - self._started
         lines = [line for line in self.target.read_text(encoding="utf-8").split("\n") if line]
         lines.sort(key=lambda line: json.loads(line)["index"])  # input order, whatever order batches finished in
-        tmp = self.target.with_name(self.target.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(tmp, self.target)
+        write_text(self.target, "".join(line + "\n" for line in lines))
         rank_zero_info(f"Wrote {len(lines)} predictions to {self.target} ({self.rows} generated now: "
                        f"{self.rows / seconds:.2f} rows/s, {self.tokens / seconds:.1f} new tokens/s).")
 

@@ -92,12 +92,18 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             state.pop("lm_head.weight", None)  # safetensors refuses shared storage; the config re-ties it
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
-        config = json.loads((tmp / "config.json").read_text())
-        config.pop("quantization_config", None)  # the weights are dequantized now; bitsandbytes may quantize them
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        drop_quantization_config(tmp)  # the weights are dequantized now; bitsandbytes may quantize them
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "lit_mistral_source.json").write_text(json.dumps({"gguf_file": str(gguf.resolve())}))
+
+
+def drop_quantization_config(folder: Path) -> None:
+    """Remove `quantization_config` from the config.json of a saved model folder whose weights are plain tensors."""
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (EOS when it has none; labels and masks never rely on pad ids)."""
