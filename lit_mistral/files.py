@@ -9,15 +9,19 @@ from pathlib import Path
 
 
 @contextmanager
-def writing_folder(target: str | os.PathLike) -> Iterator[Path]:
+def writing_folder(target: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder next to `target`. When the block succeeds it becomes `target` (replacing an
-    earlier one, which is kept until the rename is done); when the block fails, `target` is left as it was."""
+    earlier one, which is kept until the rename is done); when the block fails, `target` is left as it was.
+    `keep_existing`: a `target` that appeared meanwhile wins and the new folder is dropped (a cache entry that
+    several processes may build at once: none swaps out the one another is already reading)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     old = None
     try:
         yield tmp
+        if keep_existing and target.exists():
+            return
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; this is an ordinary output folder

@@ -84,7 +84,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("Converting %s into %s (once; later runs reuse it)", gguf, target)
-    with writing_folder(target) as tmp:
+    with writing_folder(target, keep_existing=True) as tmp:  # DDP ranks may convert at once
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         state = model.state_dict()

@@ -125,3 +125,21 @@ def test_adapter_with_pickled_objects_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(LitMistralError, match=r"adapter_model.bin: holds pickled Python objects \(io.open\)"):
         module.configure_model()
     assert not marker.exists()
+
+
+def test_output_folders_are_written_whole_and_a_cache_entry_built_meanwhile_wins(tmp_path):
+    from lit_mistral.files import writing_folder
+
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError), writing_folder(target) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("killed midway")
+    assert not target.exists() and list(tmp_path.iterdir()) == []  # nothing half-written, no leftovers
+    with writing_folder(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    with writing_folder(target) as tmp:  # an output folder: the new one replaces the old
+        (tmp / "a.txt").write_text("second")
+    assert (target / "a.txt").read_text() == "second"
+    with writing_folder(target, keep_existing=True) as tmp:  # a cache entry: the one already there stays
+        (tmp / "a.txt").write_text("third")
+    assert (target / "a.txt").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["out"]
