@@ -5,11 +5,13 @@ with the square of the row length, so long packed rows get slower per token. Pac
 `cu_seq_lens` (the example boundaries) and go to PyTorch's variable-length flash attention
 (`torch.nn.attention.varlen`) on CUDA, or to one causal SDPA call per example on CPU.
 
-Decoding steps of batched generation (one new token per row, left-padded rows, so a mask) go to two batched matmuls
-over the key/value heads: SDPA with a mask and grouped-query heads first copies every key and value head once per
-query head it serves (transformers' `repeat_kv`), which made each decoding step of a 200-prompt Mistral-7B batch read
-and write several times its whole KV cache. Everything else (padded batches, the prompt's forward in generation) goes
-to transformers' own SDPA function, unchanged.
+Outside training, two more cases leave SDPA, whose padding mask with grouped-query heads copies every key and value
+head once per query head it serves (transformers' `repeat_kv`) and takes PyTorch's math path:
+- padded batches without a cache (validation, the prompts' forward in generation): each row's real tokens are
+  packed and go the way packed batches do;
+- decoding steps of batched generation (one new token per row, left-padded rows): two batched matmuls over the
+  key/value heads, reading the KV cache once.
+Everything else (padded training batches, other cache layouts) goes to transformers' own SDPA function, unchanged.
 
 Registered with transformers as the attention implementation `lit_varlen` (with SDPA's mask builder)."""
 
@@ -74,7 +76,7 @@ def _packed_attention(q, k, v, cu_seq_lens, max_length, scale, window):
     return _sdpa_per_example(q, k, v, cu_seq_lens, scale, window)
 
 
-def decode_attention(query, key, value, attention_mask, scaling):
+def decode_attention(query, key, value, attention_mask, scale):
     """One query position per row against its cache, grouped-query heads without repeating K/V.
 
     query (B, H, 1, D); key/value (B, H_kv, L, D); attention_mask None, bool (True: attend) or additive float,
@@ -83,7 +85,7 @@ def decode_attention(query, key, value, attention_mask, scaling):
     b, h, _, d = query.shape
     h_kv = key.shape[1]
     q = query.reshape(b, h_kv, h // h_kv, d)  # (B, H_kv, G, D): the G query heads of each K/V head as rows
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scaling  # (B, H_kv, G, L)
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # (B, H_kv, G, L)
     if attention_mask is not None:
         mask = attention_mask[..., -1:, -key.shape[2]:]  # (B, 1, 1, L)
         if mask.dtype == torch.bool:
@@ -94,7 +96,7 @@ def decode_attention(query, key, value, attention_mask, scaling):
     return torch.matmul(probs, value).reshape(b, 1, h, d)
 
 
-def padded_attention(query, key, value, attention_mask, scaling, sliding_window):
+def padded_attention(query, key, value, attention_mask, scale, sliding_window):
     """Causal attention over a padded batch without a cache (the prompts' forward in generation, validation):
     the real tokens of each row are packed into one row and attend within their example, as in training.
 
@@ -109,7 +111,6 @@ def padded_attention(query, key, value, attention_mask, scaling, sliding_window)
     q, k, v = (t.transpose(1, 2)[real] for t in (query, key, value))  # (N, heads, D), row after row
     longest = int(lengths.max())
     window = _sliding(sliding_window, longest)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     packed = _packed_attention(q, k, v, cu_seq_lens, longest, scale, window)
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3], dtype=packed.dtype)
     out[real] = packed
@@ -119,12 +120,12 @@ def padded_attention(query, key, value, attention_mask, scaling, sliding_window)
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                      cu_seq_lens_q=None, max_length_q=None, **kwargs):
     """transformers attention function. query (B, H, T, D), key/value (B, H_kv, T, D) -> ((B, T, H, D), None)."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if cu_seq_lens_q is None and query.shape[2] == 1 and key.shape[1] < query.shape[1] and not module.training:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return decode_attention(query, key, value, attention_mask, scale), None
     if (cu_seq_lens_q is None and attention_mask is not None and attention_mask.dtype == torch.bool
             and query.shape[2] > 1 and key.shape[2] == query.shape[2] and not module.training):
-        return padded_attention(query, key, value, attention_mask, scaling, sliding_window), None
+        return padded_attention(query, key, value, attention_mask, scale, sliding_window), None
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, **kwargs)
@@ -132,7 +133,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise ValueError("packed attention expects one row (batch size 1) holding all examples")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
     window = _sliding(sliding_window, max_length_q)
-    return _packed_attention(q, k, v, cu_seq_lens_q, max_length_q, scaling, window)[None], None
+    return _packed_attention(q, k, v, cu_seq_lens_q, max_length_q, scale, window)[None], None
 
 
 AttentionInterface.register(NAME, varlen_attention)

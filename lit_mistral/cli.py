@@ -6,7 +6,6 @@ import os
 import sys
 import warnings
 from pathlib import Path
-
 from typing import Literal
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -74,6 +73,7 @@ class LitMistralCLI(LightningCLI):
         except (ValueError, MisconfigurationException) as err:  # accelerator, strategy, devices, precision
             raise LitMistralError(f"trainer settings: {err} Fix: change the --trainer.* setting it names (nothing "
                                   "was loaded yet).") from None
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # set once, used by both: the tokenizer follows the model, the model knows the data's longest sequence
         parser.link_arguments("model.name_or_path", "data.tokenizer")

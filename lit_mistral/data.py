@@ -620,11 +620,12 @@ class InstructionDataModule(LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------------------------------
 
-    def _plan(self, dataset: TokenizedDataset, shuffle: bool) -> BatchPlan:
+    def _plan(self, dataset: TokenizedDataset, training: bool) -> BatchPlan:
+        """Training: shuffled, the same number of batches on every rank. Validation: in order, every example."""
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return BatchPlan(dataset.lengths, self.batch_size, self.max_tokens, self.packing, shuffle=shuffle,
+        return BatchPlan(dataset.lengths, self.batch_size, self.max_tokens, self.packing, shuffle=training,
                          length_grouped=self.length_grouped, seed=self.seed, rank=rank, world_size=world,
-                         equal_steps=shuffle)  # training batches are shuffled, validation's are not
+                         equal_steps=training)
 
     def _collate(self, mask_prompt: bool):
         if self.packing:
@@ -639,7 +640,7 @@ class InstructionDataModule(LightningDataModule):
         self._saved_world_size = state.get("world_size", 1)
 
     def train_dataloader(self) -> DataLoader:
-        plan = self._train_plan = self._plan(self.train_set, shuffle=True)
+        plan = self._train_plan = self._plan(self.train_set, training=True)
         if self.trainer is not None:
             plan.set_epoch(self.trainer.current_epoch)
             # resuming mid-epoch: the checkpoint's loop state says how many batches each process trained on this
@@ -663,7 +664,7 @@ class InstructionDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
             return []
-        return DataLoader(self.val_set, batch_sampler=self._plan(self.val_set, shuffle=False),
+        return DataLoader(self.val_set, batch_sampler=self._plan(self.val_set, training=False),
                           num_workers=self.num_workers, collate_fn=self._collate(True))
 
     def predict_dataloader(self) -> DataLoader:

@@ -119,8 +119,9 @@ class QLoRAModule(LightningModule):
             the other bf16 weights (FSDP flattens parameters of one dtype); the bits are the same.
         compute_dtype: Dtype of the 4-bit matmuls and of the unquantized base weights. `auto`: bfloat16 on GPUs,
             float32 on CPUs (most CPUs have no fast bf16 matmul).
-        attn_implementation: transformers attention. `lit_varlen` (default) is SDPA for padded batches and
-            variable-length flash attention for packed ones; `sdpa`, `eager`, `flex_attention` also work.
+        attn_implementation: transformers attention. `lit_varlen` (default) is variable-length flash attention for
+            packed batches, and, outside training, for the real tokens of padded ones, grouped-head matmuls for
+            decoding steps, SDPA otherwise (`lit_mistral/attention.py`); `sdpa`, `eager`, `flex_attention` also work.
         gradient_checkpointing: Recompute activations in backward: much less memory, about a third more compute.
         checkpoint_layers: With gradient checkpointing, recompute only the first this-many decoder layers and keep
             the activations of the rest: spend spare memory on speed. None: all layers.
@@ -271,6 +272,7 @@ class QLoRAModule(LightningModule):
         self.compare_base, self.report_examples = compare_base, report_examples
         self.sample_every_n_val, self.num_samples = sample_every_n_val, num_samples
         self._val_metrics: dict[str, SplitMetrics] = {}  # column ("model", "base") -> its metrics of this run
+        self._val_run_examples, self._val_run_answered = [], []  # set by on_validation_start
         self._val_runs = 0  # validation runs of this fit, for sample_every_n_val
         self.inference, self.generation_cache = inference, generation_cache
         self.strict_loading = False  # checkpoints hold the adapter only; on_load_checkpoint checks it is complete
@@ -499,14 +501,15 @@ class QLoRAModule(LightningModule):
         if comparing and self.adapter_path is None and self.trainer.ckpt_path is None and not trained:
             raise LitMistralError("model.compare_base: there is no adapter to compare with the base model. Fix: pass "
                                   "--ckpt_path with the `adapter` folder (or a .ckpt file) of a fit run.")
-        examples = self._val_examples()
-        answered = examples[: self.eval_max_examples] if self._generating() else []
+        # read once per validation run: the examples, and those answered for generation metrics
+        examples = self._val_run_examples = self._val_examples()
+        answered = self._val_run_answered = examples[: self.eval_max_examples] if self._generating() else []
         self._val_metrics = {column: SplitMetrics([e.category for e in examples], [e.category for e in answered],
                                                   self.device)
                              for column in (("model", "base") if comparing else ("model",))}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        examples = self._val_examples()
+        examples = self._val_run_examples
         # our batches carry each example's position in val_examples, and so its category
         categories = [examples[i].category if i is not None else None
                       for i in batch.get("index", [])] if examples else None
@@ -516,8 +519,7 @@ class QLoRAModule(LightningModule):
             metrics.update_loss(sums, counts, categories)
 
     def on_validation_epoch_end(self) -> None:
-        examples = self._val_examples()
-        answered = examples[: self.eval_max_examples] if self._generating() else []
+        examples, answered = self._val_run_examples, self._val_run_answered
         results, records, counts = {}, {}, {}
         for column, metrics in self._val_metrics.items():
             if answered:
