@@ -656,16 +656,19 @@ class InstructionDataModule(LightningDataModule):
                 if done // plan.world_size < len(plan):
                     plan.skip = done // plan.world_size
         # its own generator: creating the iterator draws a worker seed, which must not move the global RNG that
-        # LoRA dropout uses (a resumed run creates its iterator at another point than the uninterrupted one)
+        # LoRA dropout uses (a resumed run creates its iterator at another point than the uninterrupted one; and
+        # it skips the validation that ran after the checkpoint it resumes from: so the other loaders too)
         return DataLoader(self.train_set, batch_sampler=plan, num_workers=self.num_workers,
-                          collate_fn=self._collate(self.mask_prompt),
-                          generator=torch.Generator().manual_seed(self.seed))
+                          collate_fn=self._collate(self.mask_prompt), generator=self._own_generator())
+
+    def _own_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
             return []
         return DataLoader(self.val_set, batch_sampler=self._plan(self.val_set, training=False),
-                          num_workers=self.num_workers, collate_fn=self._collate(True))
+                          num_workers=self.num_workers, collate_fn=self._collate(True), generator=self._own_generator())
 
     def predict_dataloader(self) -> DataLoader:
         # longest prompts first (little padding per batch; the memory peak comes at once), done rows left out;
@@ -674,4 +677,5 @@ class InstructionDataModule(LightningDataModule):
         todo = [i for i in range(len(lengths)) if i not in self.predict_done]
         batches = predict_batches(lengths, todo, self.predict_batch_size, self.predict_max_tokens, self.max_new_tokens)
         return DataLoader(self.predict_set, batch_sampler=PresetBatches(batches), num_workers=self.num_workers,
-                          collate_fn=partial(collate_prompts, pad_id=self.tokenizer.pad_token_id))
+                          collate_fn=partial(collate_prompts, pad_id=self.tokenizer.pad_token_id),
+                          generator=self._own_generator())

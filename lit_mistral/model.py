@@ -563,9 +563,10 @@ class QLoRAModule(LightningModule):
 
     def _report(self, results: dict, records: dict, counts: dict, n_examples: int) -> None:
         """Write evaluation.json and evaluation.md into the run folder and log the Markdown to TensorBoard."""
+        # trainer.log_dir is a collective call when several processes run: every rank asks, rank 0 writes
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if not self.trainer.is_global_zero:
             return
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         adapter = self.adapter_path or self.trainer.ckpt_path or (
             str(folder / "adapter") if self.global_step > 0 else None)  # right after fit: the adapter it saved
         info = {"model": self.name_or_path, "gguf_file": self.gguf_file, "adapter": str(adapter) if adapter else None,
@@ -659,10 +660,16 @@ class QLoRAModule(LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["lit_mistral"] = self._signature()
         checkpoint["skipped_batches"] = self.skipped_batches
-        # RNG streams (LoRA dropout, sampling): a resumed run draws what the uninterrupted one would have
-        checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        # RNG streams (LoRA dropout, sampling): a resumed run draws what the uninterrupted one would have. Every
+        # process's: they drift apart (each draws dropout masks for batches of its own shapes)
+        state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        states = [state]
+        if self._trainer is not None and self.trainer.world_size > 1:  # every process runs this hook
+            states = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(states, state)
+        checkpoint["rng"] = states
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("lit_mistral")
@@ -681,12 +688,14 @@ class QLoRAModule(LightningModule):
             raise_problems(diffs, "Fix: run with the config the checkpoint was trained with (its run folder holds "
                                   "config.yaml).")
         self.skipped_batches = checkpoint.get("skipped_batches", 0)
-        rng = checkpoint.get("rng")
-        if rng and self._trainer is not None and self.trainer.state.fn == "fit":
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+        states = checkpoint.get("rng")
+        if states and self._trainer is not None and self.trainer.state.fn == "fit":
+            # on another process count, the streams of the first processes go on (none is exactly as it would be)
+            state = states[self.trainer.global_rank % len(states)]
+            torch.set_rng_state(state["torch"])
+            random.setstate(state["python"])
+            if "cuda" in state and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def save_adapter(self, folder: str | os.PathLike) -> Path:
         """Write the adapter in peft's format (adapter_config.json + adapter_model.safetensors) with the tokenizer,
