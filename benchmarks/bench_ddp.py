@@ -2,13 +2,15 @@
 --config configs/qlora-ddp.yaml`): Mistral-7B QLoRA (random weights, the real architecture), the real Dolly records
 (0..199 tiled for training, 200..227 for validation).
 
-Three runs of the same config, each a fresh process:
+Runs of the same config, each a fresh process:
   gpu1        1 GPU                             -> single-GPU tokens/s
   gpu2        2 GPUs, Lightning DDP             -> 2-GPU tokens/s (summed over ranks), scaling = gpu2 / gpu1
   gpu1_acc2   1 GPU, accumulate_grad_batches=2  -> the 2-GPU run's global batch on one GPU: the same batches per
               optimizer step (the plan hands batch i to rank i % 2), so its validation losses must match gpu2's
+  fsdp1       1 GPU, --trainer.strategy fsdp_qlora   -> FSDP's own cost (nothing to shard with)
+  fsdp2       2 GPUs, --trainer.strategy fsdp_qlora  -> the base sharded: model GiB per GPU vs gpu2's, tokens/s
 Reads each run's TensorBoard events and prints one JSON line per run: median tokens/s over the steps after --warm,
-peak GiB, validation losses by optimizer step. Extra flags after `--` go to every run. Data, run folders and logs go to --work.
+peak GiB, the GiB the model takes before the first step (rank 0), validation losses by optimizer step. Extra flags after `--` go to every run. Data, run folders and logs go to --work.
 
     python benchmarks/bench_ddp.py --model $CKPT --data dolly-15k-head.jsonl --runs gpu1 gpu2 gpu1_acc2
 """
@@ -25,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"gpu1": ["--trainer.devices", "1"],
         "gpu2": ["--trainer.devices", "2"],
         "gpu1_acc2": ["--trainer.devices", "1", "--trainer.accumulate_grad_batches", "2"],
-        "fsdp2": ["--trainer.devices", "2", "--trainer.strategy", "fsdp", "--model.quant_storage", "bfloat16"]}
+        "fsdp1": ["--trainer.devices", "1", "--trainer.strategy", "fsdp_qlora"],
+        "fsdp2": ["--trainer.devices", "2", "--trainer.strategy", "fsdp_qlora"]}
 
 
 def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -79,9 +82,11 @@ def main() -> None:
         s = scalars(root / "lightning_logs" / "version_0")
         speeds = [v for step, v in s.get("train/tokens_per_s", []) if step > args.warm]
         mem = [v for _, v in s.get("train/peak_mem_gib", [])]
+        model_mem = [v for _, v in s.get("train/model_mem_gib", [])]
         print(json.dumps(dict(run=name, flags=" ".join(flags + args.extra), steps=args.steps,
                               tokens_per_s=round(statistics.median(speeds)) if speeds else None,
                               steps_measured=len(speeds), peak_gib_rank0=round(max(mem), 1) if mem else None,
+                              model_gib_rank0=round(model_mem[0], 2) if model_mem else None,
                               time_to_first_step_s=round(s["train/time_to_first_step_s"][0][1], 1),
                               val_loss={step: round(v, 4) for step, v in s.get("val/loss", [])},
                               wall_s=round(wall))), flush=True)

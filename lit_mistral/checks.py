@@ -70,4 +70,37 @@ def check_settings(subcommand: str, model, trainer) -> None:
     elif fit and kernels == "liger" and importlib.util.find_spec("liger_kernel") is None:
         problems.append("model.kernels=liger: Liger-Kernel is not installed. Fix: pip install liger-kernel, or set "
                         "--model.kernels null.")
+    problems += _sharding_problems(subcommand, model, trainer, precision)
     raise_problems(problems, "Fix: change these settings as each line says; nothing was loaded yet.")
+
+
+def _strategy_name(strategy) -> str:
+    """`ddp`, `fsdp`, ... or a class path, for a strategy given as a name or as class_path/init_args."""
+    if isinstance(strategy, str):
+        return strategy
+    return str(getattr(strategy, "class_path", None) or (strategy.get("class_path") if isinstance(strategy, dict)
+                                                          else type(strategy).__name__))
+
+
+def _sharding_problems(subcommand: str, model, trainer, precision: str) -> list[str]:
+    from lit_mistral.fsdp import NAME
+
+    strategy = _strategy_name(trainer.get("strategy"))
+    if strategy == "fsdp" or (strategy.endswith(("FSDPStrategy", "fsdp_cpu_offload")) and "QLoRA" not in strategy):
+        return [(f"trainer.strategy={strategy}: Lightning's FSDP cannot shard a QLoRA model (it flattens the 4-bit "
+                 "weights and the float32 adapters of a layer into one tensor, and casts the packed 4-bit storage). "
+                 f"Fix: --trainer.strategy {NAME} (configs/qlora-fsdp.yaml).")]
+    if strategy != NAME and not strategy.endswith("QLoRAFSDPStrategy"):
+        return []
+    problems = []
+    if subcommand in ("predict", "export"):
+        problems.append(f"trainer.strategy={NAME} with {subcommand}: FSDP is for training, where it shards the "
+                        "frozen base; generation would gather every layer for every new token. Fix: --trainer.strategy "
+                        "ddp (several GPUs, each with the whole 4-bit base) or auto (one GPU).")
+    if model.get("quantize") and model.get("quant_storage") == "uint8":
+        problems.append(f"model.quant_storage=uint8 with trainer.strategy={NAME}: FSDP flattens a layer's weights "
+                        "into one tensor of one dtype. Fix: --model.quant_storage auto (the compute dtype).")
+    if precision not in ("bf16-mixed", "32-true", "32"):
+        problems.append(f"trainer.precision={precision} with trainer.strategy={NAME}: supported are bf16-mixed (GPUs) "
+                        "and 32-true. Fix: --trainer.precision bf16-mixed.")
+    return problems

@@ -23,6 +23,7 @@ from lit_mistral.checkpoint import unreadable
 from lit_mistral.errors import LitMistralError, raise_problems
 from lit_mistral.evaluate import SplitMetrics
 from lit_mistral.files import writing_folder
+from lit_mistral.fsdp import clean_name, save_adapter_files
 from lit_mistral.loss import linear_cross_entropy
 from lit_mistral.sources import check_model_location, load_tokenizer, model_folder, random_init_folder
 
@@ -115,8 +116,9 @@ class QLoRAModule(LightningModule):
         fp32_norms: With a quantized base, keep its norms and embeddings - and so the residual stream - in float32, as
             peft's `prepare_model_for_kbit_training` does (the QLoRA recipe). False keeps them in the compute dtype:
             less memory and memory traffic, slightly coarser residual sums.
-        quant_storage: Dtype the packed 4-bit weights are stored in. `bfloat16` lets FSDP shard them together with
-            the other bf16 weights (FSDP flattens parameters of one dtype); the bits are the same.
+        quant_storage: Dtype the packed 4-bit weights are stored in (the bits are the same). `auto`: uint8, and
+            the compute dtype under `--trainer.strategy fsdp_qlora`, which shards them together with the other
+            weights (FSDP flattens the parameters of a decoder layer into one tensor of one dtype).
         compute_dtype: Dtype of the 4-bit matmuls and of the unquantized base weights. `auto`: bfloat16 on GPUs,
             float32 on CPUs (most CPUs have no fast bf16 matmul).
         attn_implementation: transformers attention. `lit_varlen` (default) is variable-length flash attention for
@@ -183,7 +185,7 @@ class QLoRAModule(LightningModule):
         quantize: Literal["nf4", "fp4"] | None = "nf4",
         double_quant: bool = False,
         fp32_norms: bool = True,
-        quant_storage: Literal["uint8", "bfloat16"] = "uint8",
+        quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto",
         compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
         attn_implementation: str = attention.NAME,
         gradient_checkpointing: bool = True,
@@ -305,7 +307,7 @@ class QLoRAModule(LightningModule):
         if self.quantize:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=self.quantize, bnb_4bit_use_double_quant=self.double_quant,
-                bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=DTYPES.get(self.quant_storage, torch.uint8))
+                bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=self.storage_dtype(dtype))
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         except OSError as err:
@@ -378,6 +380,19 @@ class QLoRAModule(LightningModule):
         if self._compute_dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return DTYPES[self._compute_dtype]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the trainer shards the model with FSDP (`--trainer.strategy fsdp_qlora`)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+
+    def storage_dtype(self, compute_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the packed 4-bit weights (see `quant_storage`)."""
+        if self.quant_storage == "auto":
+            return compute_dtype if self.sharded else torch.uint8
+        return DTYPES[self.quant_storage]
 
     def _check_targets(self, model) -> None:
         leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -551,8 +566,9 @@ class QLoRAModule(LightningModule):
         datamodule = self.trainer.datamodule
         rank, world = self.trainer.global_rank, self.trainer.world_size
         settings = dict(self.generation, do_sample=False, max_new_tokens=self.eval_max_new_tokens)
-        mine = evaluate.answer(self.model, self.tokenizer, datamodule.style, examples[rank::world],
-                               datamodule.batch_size, self.device, settings, self.context_window)
+        with self._whole_root():
+            mine = evaluate.answer(self.model, self.tokenizer, datamodule.style, examples[rank::world],
+                                   datamodule.batch_size, self.device, settings, self.context_window)
         for record in mine:
             record["index"] = record["index"] * world + rank  # position in `examples`
         if world > 1:
@@ -560,6 +576,16 @@ class QLoRAModule(LightningModule):
             torch.distributed.all_gather_object(gathered, mine)
             mine = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
         return mine
+
+    def _whole_root(self):
+        """Under FSDP the weights of the root unit (embeddings, final norm, head) are whole only inside its forward,
+        which Lightning runs around the step methods; generation from a hook runs outside it and gathers them. The
+        decoder layers gather their own in their forward."""
+        if not self.sharded:
+            return contextlib.nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(self.trainer.strategy.model, recurse=False, writeback=False)
 
     def _report(self, results: dict, records: dict, counts: dict, n_examples: int) -> None:
         """Write evaluation.json and evaluation.md into the run folder and log the Markdown to TensorBoard."""
@@ -592,6 +618,14 @@ class QLoRAModule(LightningModule):
                 logger.experiment.add_text(f"samples/{i}", text, global_step=self.global_step)
 
     # -- what gets logged each step ----------------------------------------------------------------------------------
+
+    def on_train_start(self) -> None:
+        if self.device.type == "cuda":  # what the model itself takes on this GPU (a 1/N share of the base under FSDP)
+            self.throughput["train/model_mem_gib"] = torch.cuda.memory_allocated(self.device) / 2**30
+            if self.trainer.is_global_zero:
+                for logger in self.loggers:
+                    logger.log_metrics({"train/model_mem_gib": self.throughput["train/model_mem_gib"]},
+                                       step=self.global_step)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._clock.setdefault("window_start", time.perf_counter())
@@ -649,7 +683,7 @@ class QLoRAModule(LightningModule):
     # -- checkpoints: the adapter, not the 4-bit base ----------------------------------------------------------------
 
     def _trainable_names(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
+        return {clean_name(name) for name, p in self.named_parameters() if p.requires_grad}
 
     def _signature(self) -> dict:
         return {"name_or_path": self.name_or_path, "gguf_file": self.gguf_file, "quantize": self.quantize,
@@ -705,7 +739,10 @@ class QLoRAModule(LightningModule):
             config = self.model.peft_config["default"]
             config.base_model_name_or_path = (self.name_or_path if self.random_init
                                               else model_folder(self.name_or_path, self.gguf_file))
-            self.model.save_pretrained(tmp, safe_serialization=True)
+            if self.sharded:
+                save_adapter_files(self.model, tmp)
+            else:
+                self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
         return folder
 

@@ -8,6 +8,7 @@ import torch
 
 from conftest import write_jsonl
 from lit_mistral.cli import main
+from lit_mistral.errors import LitMistralError
 from lit_mistral.model import QLoRAModule
 
 GOOD = {"instruction": "Name a fish.", "context": "", "response": "A trout."}
@@ -144,8 +145,17 @@ BAD_SETTINGS = [
      "or 16-mixed (float32 adapters), or a bitsandbytes optimizer (paged_adamw_32bit keeps its state in float32)."),
     ("liger-on-cpu", ["--model.kernels", "liger"], "model.kernels=liger: Liger's Triton kernels run on CUDA GPUs only. "
                                                    "Fix: set --model.kernels null on this machine."),
-    ("fsdp-on-cpu", ["--trainer.strategy", "fsdp", "--trainer.devices", "2"],
-     "trainer settings: The strategy `fsdp` requires a GPU accelerator"),
+    ("unknown-strategy", ["--trainer.strategy", "fsdp2", "--trainer.devices", "2"],
+     "trainer settings: You selected an invalid strategy name: `strategy='fsdp2'`"),
+    ("lightning-fsdp", ["--trainer.strategy", "fsdp", "--trainer.devices", "2"],
+     "trainer.strategy=fsdp: Lightning's FSDP cannot shard a QLoRA model (it flattens the 4-bit weights and the "
+     "float32 adapters of a layer into one tensor, and casts the packed 4-bit storage). Fix: --trainer.strategy "
+     "fsdp_qlora (configs/qlora-fsdp.yaml)."),
+    ("fsdp-with-uint8-storage", ["--trainer.strategy", "fsdp_qlora", "--model.quant_storage", "uint8"],
+     "model.quant_storage=uint8 with trainer.strategy=fsdp_qlora: FSDP flattens a layer's weights into one tensor of "
+     "one dtype. Fix: --model.quant_storage auto (the compute dtype)."),
+    ("fsdp-bf16-true", ["--trainer.strategy", "fsdp_qlora", "--trainer.precision", "bf16-true"],
+     "trainer.precision=bf16-true with trainer.strategy=fsdp_qlora: supported are bf16-mixed (GPUs) and 32-true."),
     ("overlapping-records", ["--data.train_records", "[0, 10]", "--data.val_records", "[5, 15]"],
      "data.train_records=[0, 10] and data.val_records=[5, 15] overlap"),
 ]
@@ -224,3 +234,15 @@ def test_predict_never_replaces_an_existing_output(tiny_model_dir, tmp_path, cap
     assert (f"predictions.path: '{out}' exists. Fix: pass --predictions.resume true to finish an interrupted run, "
             "--predictions.overwrite true to replace it, or choose another path.") in err
     assert out.read_text() == "earlier answers\n"
+
+
+@pytest.mark.parametrize("subcommand", ["predict", "export"])
+def test_fsdp_is_for_training_only(subcommand):
+    from jsonargparse import Namespace
+
+    from lit_mistral.checks import check_settings
+
+    with pytest.raises(LitMistralError, match=f"trainer.strategy=fsdp_qlora with {subcommand}: FSDP is for training"):
+        check_settings(subcommand, Namespace(quantize="nf4", optimizer="paged_adamw_32bit", kernels=None,
+                                             quant_storage="auto"),
+                       Namespace(precision="bf16-mixed", accelerator="cpu", strategy="fsdp_qlora"))

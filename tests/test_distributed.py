@@ -1,15 +1,34 @@
-"""Data-parallel training through Lightning's DDP: 2 processes on CPU (gloo), as CI can run it."""
+"""Multi-process training through Lightning's DDP and lit_mistral's FSDP: 2 processes on CPU (gloo), as CI can run
+it."""
 
+import json
+import re
 import subprocess
 import sys
 
+import pytest
 import torch
-
 from conftest import write_jsonl
 
 
-def fit(tiny_model_dir, data, root, *extra):
-    command = [sys.executable, "-m", "lit_mistral", "fit", "--model.name_or_path", str(tiny_model_dir),
+def tags(run) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return events.Tags()
+
+
+def scalars(run) -> set[str]:
+    return set(tags(run)["scalars"])
+
+
+def texts(run) -> set[str]:
+    return {t.removesuffix("/text_summary") for t in tags(run)["tensors"]}
+
+
+def fit(tiny_model_dir, data, root, *extra, subcommand="fit"):
+    command = [sys.executable, "-m", "lit_mistral", subcommand, "--model.name_or_path", str(tiny_model_dir),
                "--data.path", str(data), "--data.train_records", "[0, 40]", "--data.val_records", "[40, 48]",
                "--data.batch_size", "2", "--data.max_length", "256", "--trainer.accelerator", "cpu",
                "--trainer.precision", "32-true", "--trainer.default_root_dir", str(root),
@@ -35,3 +54,91 @@ def test_ddp_on_two_processes_then_resume_on_one(tiny_model_dir, tmp_path, demo_
     resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 10 and resumed["InstructionDataModule"] == {"world_size": 1}
     assert any(not torch.equal(resumed["state_dict"][k], checkpoint["state_dict"][k]) for k in checkpoint["state_dict"])
+
+
+def test_fsdp_on_two_processes_resumes_exactly_and_under_ddp(tiny_model_dir, tmp_path, demo_records):
+    """fsdp_qlora shards the 4-bit base (float32 storage on CPU) per decoder layer and trains what DDP trains; its
+    checkpoints hold the adapters under their plain names: an FSDP run continues from them exactly where it stopped,
+    a DDP run continues from them too; the adapter folder is peft's; validation, with generation and the base
+    alongside, works on the sharded model."""
+    data = write_jsonl(tmp_path / "demo.jsonl", demo_records)
+    fsdp = ["--trainer.strategy", "fsdp_qlora", "--trainer.devices", "2", "--model.fp32_norms", "true",
+            "--model.lr_scheduler", "constant", "--trainer.gradient_clip_val", "0.5"]
+    root = tmp_path / "runs"
+    result = fit(tiny_model_dir, data, root, *fsdp, "--trainer.max_steps", "4", "--model.sample_every_n_val", "1",
+                 "--model.num_samples", "2", "--model.eval_max_new_tokens", "4")
+    assert re.search(r"sharded the base over 2 processes .* holds [0-9.]+ MiB of its [0-9.]+ MiB \(50%\)",
+                     result.stdout + result.stderr)
+    run = root / "lightning_logs" / "version_0"
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4
+    names = set(checkpoint["state_dict"])
+    assert names and all("lora_" in n and "_fsdp_wrapped_module" not in n for n in names), sorted(names)[:3]
+    assert len(checkpoint["optimizer_states"][0]["state"]) == len(names)
+    assert "val/loss" in scalars(run) and "samples/1" in texts(run)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    # peft loads the adapter onto the base: the checkpoint's weights, whole
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "adapter")
+    state = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert len(state) == len(names)
+    assert all(torch.equal(p, checkpoint["state_dict"]["model." + n]) for n, p in state.items())
+
+    # validate on the sharded model: losses and generation metrics, with the base alongside
+    fit(tiny_model_dir, data, root, *fsdp, "--ckpt_path", run / "adapter", "--model.compare_base", "true",
+        "--model.eval_max_examples", "4", "--model.eval_max_new_tokens", "4", subcommand="validate")
+    report = json.loads((root / "lightning_logs" / "version_1" / "evaluation.json").read_text())
+    assert report["metrics"]["fine-tuned"]["loss"] != report["metrics"]["base"]["loss"]
+    assert len(report["examples"]) == 4
+
+    # resumed to step 6 = 6 steps in one go (a constant learning rate: the schedule does not depend on max_steps)
+    fit(tiny_model_dir, data, root, *fsdp, "--trainer.max_steps", "6", "--ckpt_path", "last")
+    straight = tmp_path / "straight"
+    fit(tiny_model_dir, data, straight, *fsdp, "--trainer.max_steps", "6")
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    uninterrupted = torch.load(straight / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
+                               weights_only=True)
+    assert resumed["global_step"] == uninterrupted["global_step"] == 6
+    for name in names:
+        assert torch.equal(resumed["state_dict"][name], uninterrupted["state_dict"][name]), name
+    assert any(not torch.equal(resumed["state_dict"][n], checkpoint["state_dict"][n]) for n in names)
+
+    # and FSDP trains what DDP trains: the same batches, the adapters' gradients averaged alike
+    ddp = tmp_path / "ddp"
+    fit(tiny_model_dir, data, ddp, *fsdp[2:], "--trainer.strategy", "ddp", "--trainer.max_steps", "6")
+    replicated = torch.load(ddp / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    for name in names:
+        torch.testing.assert_close(replicated["state_dict"][name], uninterrupted["state_dict"][name], rtol=0,
+                                   atol=1e-6)
+
+    # another strategy and process count continue the run
+    fit(tiny_model_dir, data, root, "--trainer.strategy", "ddp", "--trainer.devices", "1", "--trainer.max_steps", "8",
+        "--model.fp32_norms", "true", "--ckpt_path", "last")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
+def test_shard_plan_units_and_what_fsdp_leaves_alone(tiny_model_dir):
+    """Decoder layers become units; FSDP leaves alone the adapters and the float32 norms beside bfloat16-stored
+    4-bit weights (it flattens one dtype per unit); a model naming no decoder layer class is refused."""
+    from lit_mistral.errors import LitMistralError
+    from lit_mistral.fsdp import shard_plan
+    from lit_mistral.model import QLoRAModule
+
+    module = QLoRAModule(name_or_path=str(tiny_model_dir), quant_storage="bfloat16", compute_dtype="bfloat16")
+    module.build(torch.device("cpu"))
+    layers, ignored = shard_plan(module)
+    assert [type(m).__name__ for m in layers] == ["MistralDecoderLayer"] * 2
+    names = {id(p): n for n, p in module.named_parameters()}
+    left_out = [names[id(p)] for p in ignored]
+    adapters = [n for n in left_out if ".lora_" in n]
+    assert len(adapters) == 2 * 7 * 2 == sum(p.requires_grad for p in module.parameters())
+    # with fp32_norms, the embeddings, final norm and head are float32 together: the root unit keeps them
+    assert sorted(n.rsplit(".", 2)[-2] for n in left_out if ".lora_" not in n) == sorted(
+        ["input_layernorm", "post_attention_layernorm"] * 2)
+
+    for m in module.modules():  # transformers' models name their decoder layer class
+        if hasattr(m, "_no_split_modules"):
+            m._no_split_modules = []
+    with pytest.raises(LitMistralError, match="found no decoder layers to shard"):
+        shard_plan(module)
