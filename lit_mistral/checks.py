@@ -86,11 +86,12 @@ def _sharding_problems(subcommand: str, model, trainer, precision: str) -> list[
     from lit_mistral.fsdp import NAME
 
     strategy = _strategy_name(trainer.get("strategy"))
-    if strategy == "fsdp" or (strategy.endswith(("FSDPStrategy", "fsdp_cpu_offload")) and "QLoRA" not in strategy):
+    ours = strategy == NAME or strategy.endswith("QLoRAFSDPStrategy")
+    if not ours and (strategy in ("fsdp", "fsdp_cpu_offload") or strategy.endswith("FSDPStrategy")):
         return [(f"trainer.strategy={strategy}: Lightning's FSDP cannot shard a QLoRA model (it flattens the 4-bit "
                  "weights and the float32 adapters of a layer into one tensor, and casts the packed 4-bit storage). "
                  f"Fix: --trainer.strategy {NAME} (configs/qlora-fsdp.yaml).")]
-    if strategy != NAME and not strategy.endswith("QLoRAFSDPStrategy"):
+    if not ours:
         return []
     problems = []
     if subcommand in ("predict", "export"):

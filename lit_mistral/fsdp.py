@@ -38,6 +38,12 @@ def clean_name(name: str) -> str:
     return name.replace(WRAPPED, "")
 
 
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s trainable parameters (the adapters) by their names without FSDP, detached: whole on every rank under
+    any strategy here, so this is what checkpoints and adapter files hold."""
+    return {clean_name(n): p.detach() for n, p in module.named_parameters() if p.requires_grad}
+
+
 def shard_plan(root: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Parameter]]:
     """How to shard `root` (a QLoRAModule): its decoder layers, each an FSDP unit (the rest of the model is the root
     unit), and the parameters FSDP leaves alone: the trainable ones (replicated, their gradients averaged by the
@@ -75,8 +81,7 @@ def save_adapter_files(peft_model, folder: Path, adapter: str = "default") -> No
     adapter weights by module path, which FSDP units change, and without them would gather the sharded base."""
     from safetensors.torch import save_file
 
-    state = {clean_name(n).replace(f".{adapter}.", "."): p.detach().contiguous().cpu()
-             for n, p in peft_model.named_parameters() if p.requires_grad}
+    state = {n.replace(f".{adapter}.", "."): p.contiguous().cpu() for n, p in trainable_state(peft_model).items()}
     save_file(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     config = peft_model.peft_config[adapter]
     training, config.inference_mode = config.inference_mode, True  # as peft saves it
@@ -188,7 +193,7 @@ class QLoRAFSDPStrategy(FSDPStrategy):
     # checkpoints: the adapters (whole on every rank), like every other strategy's
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        return {clean_name(n): p.detach() for n, p in self.lightning_module.named_parameters() if p.requires_grad}
+        return trainable_state(self.lightning_module)
 
     def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
         params = {clean_name(n): p for n, p in self.lightning_module.named_parameters()}

@@ -23,7 +23,7 @@ from lit_mistral.checkpoint import unreadable
 from lit_mistral.errors import LitMistralError, raise_problems
 from lit_mistral.evaluate import SplitMetrics
 from lit_mistral.files import writing_folder
-from lit_mistral.fsdp import clean_name, save_adapter_files
+from lit_mistral.fsdp import save_adapter_files, trainable_state
 from lit_mistral.loss import linear_cross_entropy
 from lit_mistral.sources import check_model_location, load_tokenizer, model_folder, random_init_folder
 
@@ -621,11 +621,13 @@ class QLoRAModule(LightningModule):
 
     def on_train_start(self) -> None:
         if self.device.type == "cuda":  # what the model itself takes on this GPU (a 1/N share of the base under FSDP)
-            self.throughput["train/model_mem_gib"] = torch.cuda.memory_allocated(self.device) / 2**30
-            if self.trainer.is_global_zero:
-                for logger in self.loggers:
-                    logger.log_metrics({"train/model_mem_gib": self.throughput["train/model_mem_gib"]},
-                                       step=self.global_step)
+            self._log_once({"train/model_mem_gib": torch.cuda.memory_allocated(self.device) / 2**30})
+
+    def _log_once(self, metrics: dict[str, float]) -> None:
+        """Log `metrics` at this step from rank 0 (self.log would repeat the values at every later step)."""
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._clock.setdefault("window_start", time.perf_counter())
@@ -649,10 +651,8 @@ class QLoRAModule(LightningModule):
         if self.device.type == "cuda":
             metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self._clock.update(window_start=now, tokens=0)
-        self.throughput = metrics  # also read by benchmarks
-        if self.trainer.is_global_zero:
-            for logger in self.loggers:  # self.log would repeat these values at every later step
-                logger.log_metrics(metrics, step=self.global_step)
+        self.throughput = metrics  # for callers of fit in Python
+        self._log_once(metrics)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -683,7 +683,7 @@ class QLoRAModule(LightningModule):
     # -- checkpoints: the adapter, not the 4-bit base ----------------------------------------------------------------
 
     def _trainable_names(self) -> set[str]:
-        return {clean_name(name) for name, p in self.named_parameters() if p.requires_grad}
+        return set(trainable_state(self))
 
     def _signature(self) -> dict:
         return {"name_or_path": self.name_or_path, "gguf_file": self.gguf_file, "quantize": self.quantize,
