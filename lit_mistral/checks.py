@@ -92,6 +92,10 @@ def _sharding_problems(subcommand: str, model, trainer, precision: str) -> list[
                  "weights and the float32 adapters of a layer into one tensor, and casts the packed 4-bit storage). "
                  f"Fix: --trainer.strategy {NAME} (configs/qlora-fsdp.yaml).")]
     if not ours:
+        if model.get("load_on") == "cpu" and target_device(trainer.get("accelerator")) == "cuda":
+            return [(f"model.load_on=cpu with trainer.strategy={strategy}: only {NAME} moves a base loaded on the CPU "
+                     "to the GPU a layer at a time; here the whole base would move to each GPU, so loading on the "
+                     f"CPU only makes it slower. Fix: --model.load_on device, or --trainer.strategy {NAME}.")]
         return []
     problems = []
     if subcommand in ("predict", "export"):

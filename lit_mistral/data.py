@@ -207,6 +207,11 @@ def encode_prompts(examples: Sequence[Example], style: PromptStyle, tokenizer) -
     return tokenizer(prompts, add_special_tokens=style.add_special_tokens)["input_ids"]
 
 
+class Filler(int):
+    """A batch-plan index whose example is run but counts for nothing (all its tokens prompt, no labels, no index):
+    what keeps every rank's validation batch count equal."""
+
+
 class TokenizedDataset(Dataset):
     """Tokenized examples: `input_ids` (prompt + response + EOS), `n_prompt` (how many carry no loss) and `index`:
     the example's position in the list it was made from (an item's optional third field), else its own."""
@@ -219,6 +224,8 @@ class TokenizedDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         ids, n_prompt, *index = self.items[i]
+        if isinstance(i, Filler):
+            return {"input_ids": ids, "n_prompt": len(ids), "index": None}
         return {"input_ids": ids, "n_prompt": n_prompt, "index": index[0] if index else i}
 
     @property
@@ -316,8 +323,9 @@ class BatchPlan(Sampler[list[int]]):
 
     With several ranks, training (`equal_steps`) deals out whole batches and drops those that do not divide evenly,
     since every rank must take the same number of optimizer steps; validation deals out the examples instead and
-    keeps them all (ranks may differ by one batch), so that its metrics cover every example whatever the number of
-    GPUs, and every rank has some as long as there are as many examples as ranks.
+    keeps them all, so that its metrics cover every example whatever the number of GPUs; ranks with fewer batches
+    then run filler batches (one short example that counts for nothing, `Filler`) up to the most any rank has,
+    since under FSDP every forward pass is a collective that all ranks must join.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, max_tokens: int | None = None, packed: bool = False,
@@ -348,9 +356,17 @@ class BatchPlan(Sampler[list[int]]):
         return order
 
     def _batches(self) -> list[list[int]]:
+        batches = self._rank_batches(self.rank)
+        if self.equal_steps or self.world_size == 1 or not self.lengths:
+            return batches
+        most = max(len(self._rank_batches(rank)) for rank in range(self.world_size))
+        shortest = min(range(len(self.lengths)), key=self.lengths.__getitem__)
+        return batches + [[Filler(shortest)] for _ in range(most - len(batches))]
+
+    def _rank_batches(self, rank: int) -> list[list[int]]:
         order = self._order()
         if not self.equal_steps:
-            order = order[self.rank :: self.world_size]
+            order = order[rank :: self.world_size]
         if self.max_tokens is None:
             batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         else:
@@ -372,7 +388,7 @@ class BatchPlan(Sampler[list[int]]):
             return batches
         # every rank must take the same number of steps: drop the tail that does not divide evenly
         per_rank = len(batches) // self.world_size if self.world_size > 1 else len(batches)
-        return batches[self.rank : per_rank * self.world_size : self.world_size]
+        return batches[rank : per_rank * self.world_size : self.world_size]
 
     def __len__(self) -> int:
         return len(self._batches())

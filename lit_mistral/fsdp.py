@@ -14,6 +14,8 @@ the packed 4-bit storage as if it were numbers; and its checkpoints gather the w
   the speed in FSDP's per-unit hooks (BENCHMARKS.md). Frozen weights of another dtype than the rest of their unit
   (float32 norms) are left out too, replicated.
 - No FSDP dtype casting: the precision plugin's autocast does the mixed precision, as under DDP.
+- A base loaded on the CPU (`--model.load_on cpu`) reaches the GPU one unit at a time, each sharded as it arrives
+  (FSDP's `device_id`): no GPU holds the whole base, even while loading.
 - Checkpoints hold the adapters, the optimizer and scheduler state, under the same names as without FSDP: a run
   resumes on another strategy or GPU count.
 """
@@ -146,6 +148,10 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         layers, ignored = shard_plan(model)
         self._adapters = [p for p in model.parameters() if p.requires_grad]
         base, adapters = _bytes(model, trainable=False), _bytes(model, trainable=True)
+        device = self.root_device
+        with torch.no_grad():  # a base loaded on the CPU (`model.load_on`): FSDP moves each unit to the GPU as it
+            for p in ignored:  # shards it, one at a time; what it leaves alone goes here
+                p.data = p.to(device)
         if torch.distributed.is_initialized():
             # every rank starts from rank 0's adapters (fresh ones are random) rather than relying on equal seeds; the
             # base is the same everywhere (read from the same files, or random_init's fixed seed). FSDP's own
@@ -156,7 +162,6 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         unit_ids = {id(layer) for layer in layers}
         kwargs = {**self.kwargs, "auto_wrap_policy": CustomPolicy(lambda module: id(module) in unit_ids),
                   "ignored_states": ignored}
-        device = self.root_device
         try:
             model = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload, mixed_precision=None,
                                              sharding_strategy=self.sharding_strategy,
@@ -165,9 +170,12 @@ class QLoRAFSDPStrategy(FSDPStrategy):
             raise LitMistralError(f"{NAME}: FSDP could not shard this model ({err}). Fix: use --trainer.strategy "
                                   "ddp, or report the model and settings.") from None
         held = _bytes(model, trainable=False)  # this rank's shards of the base, and what is left out
+        peak = (f" Peak GPU memory so far: {torch.cuda.max_memory_allocated(device) / 2**30:,.2f} GiB."
+                if device.type == "cuda" else "")
         rank_zero_info(f"{NAME}: sharded the base over {self.world_size} processes in {len(layers) + 1} FSDP units: "
                        f"this process holds {held / 2**20:,.1f} MiB of its {base / 2**20:,.1f} MiB "
-                       f"({held / max(base, 1):.0%}); the adapters ({adapters / 2**20:,.1f} MiB) are on every process.")
+                       f"({held / max(base, 1):.0%}); the adapters ({adapters / 2**20:,.1f} MiB) are on every process."
+                       + peak)
         _move_torchmetrics_to_device(model, device)
         _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
         return model

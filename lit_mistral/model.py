@@ -119,6 +119,11 @@ class QLoRAModule(LightningModule):
         quant_storage: Dtype the packed 4-bit weights are stored in (the bits are the same). `auto`: uint8, and
             the compute dtype under `--trainer.strategy fsdp_qlora`, which shards them together with the other
             weights (FSDP flattens the parameters of a decoder layer into one tensor of one dtype).
+        load_on: Where the base is loaded (and quantized): `device`, the GPU of each process (fast); or `cpu`, for
+            `--trainer.strategy fsdp_qlora`, which then moves it to the GPU one decoder layer at a time, sharding
+            each as it arrives: no GPU ever holds the whole base, so a base larger than one GPU trains on several.
+            Quantizing on the CPU is slower (about 20M weights/s per core), and while loading each process holds the
+            4-bit base in CPU memory.
         compute_dtype: Dtype of the 4-bit matmuls and of the unquantized base weights. `auto`: bfloat16 on GPUs,
             float32 on CPUs (most CPUs have no fast bf16 matmul).
         attn_implementation: transformers attention. `lit_varlen` (default) is variable-length flash attention for
@@ -186,6 +191,7 @@ class QLoRAModule(LightningModule):
         double_quant: bool = False,
         fp32_norms: bool = True,
         quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto",
+        load_on: Literal["device", "cpu"] = "device",
         compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
         attn_implementation: str = attention.NAME,
         gradient_checkpointing: bool = True,
@@ -257,7 +263,7 @@ class QLoRAModule(LightningModule):
         self.name_or_path, self.gguf_file, self.random_init = name_or_path, gguf_file, random_init
         self.trust_remote_code = trust_remote_code
         self.quantize, self.double_quant, self._compute_dtype = quantize, double_quant, compute_dtype
-        self.fp32_norms, self.quant_storage = fp32_norms, quant_storage
+        self.fp32_norms, self.quant_storage, self.load_on = fp32_norms, quant_storage, load_on
         self.attn_implementation, self.gradient_checkpointing = attn_implementation, gradient_checkpointing
         self.checkpoint_layers, self.kernels = checkpoint_layers, kernels
         self.lora = dict(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -291,7 +297,8 @@ class QLoRAModule(LightningModule):
             self.build(self.trainer.strategy.root_device if self._trainer is not None else self.device)
 
     def build(self, device: torch.device) -> None:
-        """Load the base (quantizing it on `device`), then wrap it with LoRA adapters."""
+        """Load the base for `device` (quantizing it there, or on the CPU: `load_on`), then wrap it with LoRA
+        adapters."""
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -300,6 +307,8 @@ class QLoRAModule(LightningModule):
         self.tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(
             self.name_or_path, self.gguf_file, self.trust_remote_code)
         dtype = self.compute_dtype(device)
+        if self.load_on == "cpu":  # the strategy moves it (fsdp_qlora: one layer at a time; checks.py)
+            device = torch.device("cpu")
         folder = random_init_folder(self.name_or_path, dtype, device) if self.random_init else (
             model_folder(self.name_or_path, self.gguf_file))
         kwargs = dict(dtype=dtype, device_map={"": device}, trust_remote_code=self.trust_remote_code,
@@ -566,9 +575,20 @@ class QLoRAModule(LightningModule):
         datamodule = self.trainer.datamodule
         rank, world = self.trainer.global_rank, self.trainer.world_size
         settings = dict(self.generation, do_sample=False, max_new_tokens=self.eval_max_new_tokens)
+        mine = examples[rank::world]
+        lockstep = self.sharded and world > 1
+        if lockstep:
+            # every decoding step is a collective under FSDP: the same number of batches on every rank (a rank short
+            # of one example answers its first again, dropped below), and generate's synced_gpus, which keeps
+            # stepping a rank whose answers have ended until all have
+            settings["synced_gpus"] = True
+            n = len(mine)
+            mine = mine + examples[:1] * (-(-len(examples) // world) - n)
         with self._whole_root():
-            mine = evaluate.answer(self.model, self.tokenizer, datamodule.style, examples[rank::world],
-                                   datamodule.batch_size, self.device, settings, self.context_window)
+            mine = evaluate.answer(self.model, self.tokenizer, datamodule.style, mine, datamodule.batch_size,
+                                   self.device, settings, self.context_window)
+        if lockstep:
+            mine = mine[:n]
         for record in mine:
             record["index"] = record["index"] * world + rank  # position in `examples`
         if world > 1:
@@ -619,9 +639,15 @@ class QLoRAModule(LightningModule):
 
     # -- what gets logged each step ----------------------------------------------------------------------------------
 
+    def on_fit_start(self) -> None:
+        if self.device.type == "cuda":  # the model is loaded and set up (sharded, under FSDP); nothing has run yet
+            self._clock["load_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+
     def on_train_start(self) -> None:
-        if self.device.type == "cuda":  # what the model itself takes on this GPU (a 1/N share of the base under FSDP)
-            self._log_once({"train/model_mem_gib": torch.cuda.memory_allocated(self.device) / 2**30})
+        if self.device.type == "cuda":  # what the model takes on this GPU (a 1/N share of the base under FSDP), and
+            # the most it took while loading (the whole 4-bit base, unless `load_on` cpu under FSDP)
+            self._log_once({"train/model_mem_gib": torch.cuda.memory_allocated(self.device) / 2**30,
+                            "train/load_peak_mem_gib": self._clock["load_peak_gib"]})
 
     def _log_once(self, metrics: dict[str, float]) -> None:
         """Log `metrics` at this step from rank 0 (self.log would repeat the values at every later step)."""

@@ -25,24 +25,28 @@ def _record(index, example, prompt_tokens: int, response: str | None, response_t
 
 @torch.no_grad()
 def generate(model, tokenizer, batch: dict, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
-             top_k: int, context: int | None = None, cache: str = "dynamic") -> list[dict]:
+             top_k: int, context: int | None = None, cache: str = "dynamic", synced_gpus: bool = False) -> list[dict]:
     """Generate answers for one left-padded batch of prompts; one record per prompt, in batch order.
 
     A prompt that leaves no room for `max_new_tokens` in the model's `context` window gets a record saying so
-    (finish "skipped") instead of an answer."""
+    (finish "skipped") instead of an answer. `synced_gpus` (a model sharded over processes, each calling this with
+    its own batch): every process runs the same number of decoding steps, a batch of skipped prompts included."""
     lengths = batch["attention_mask"].sum(1).tolist()
     fits = [context is None or n + max_new_tokens <= context for n in lengths]
     answers: dict[int, tuple[str, int, str]] = {}
     rows = [i for i, ok in enumerate(fits) if ok]
-    if rows:
-        width = max(lengths[i] for i in rows)  # drop the left padding only the skipped prompts needed
-        input_ids, attention_mask = (batch[k][rows, -width:] for k in ("input_ids", "attention_mask"))
+    if rows or synced_gpus:
+        width = max(lengths[i] for i in rows) if rows else 1  # drop the left padding only skipped prompts needed
+        input_ids, attention_mask = (batch[k][rows or [0], -width:] for k in ("input_ids", "attention_mask"))
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
         if cache == "static":
             sampling["cache_implementation"] = "static"
+        if synced_gpus:
+            sampling["synced_gpus"] = True
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                              max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, **sampling)
+        out = out if rows else out[:0]  # all skipped: the steps were for the other processes
         for row, ids in zip(rows, out[:, width:].tolist()):  # new tokens start at the same column for every row
             finish = "length"
             if tokenizer.eos_token_id in ids:

@@ -246,3 +246,21 @@ def test_fsdp_is_for_training_only(subcommand):
         check_settings(subcommand, Namespace(quantize="nf4", optimizer="paged_adamw_32bit", kernels=None,
                                              quant_storage="auto"),
                        Namespace(precision="bf16-mixed", accelerator="cpu", strategy="fsdp_qlora"))
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ddp"])
+def test_loading_on_the_cpu_is_for_fsdp_qlora(strategy, monkeypatch):
+    """Elsewhere the whole base would move to each GPU: no memory saved, only a slower load."""
+    from jsonargparse import Namespace
+
+    from lit_mistral.checks import check_settings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("lit_mistral.checks.bitsandbytes_has_cuda", lambda: True)
+    model = Namespace(quantize="nf4", optimizer="paged_adamw_32bit", kernels=None, quant_storage="auto",
+                      load_on="cpu")
+    with pytest.raises(LitMistralError, match=f"model.load_on=cpu with trainer.strategy={strategy}: only fsdp_qlora "
+                                              "moves a base loaded on the CPU to the GPU a layer at a time"):
+        check_settings("fit", model, Namespace(precision="bf16-mixed", accelerator="gpu", strategy=strategy))
+    check_settings("fit", model, Namespace(precision="bf16-mixed", accelerator="gpu", strategy="fsdp_qlora"))
+    check_settings("fit", model, Namespace(precision="32-true", accelerator="cpu", strategy="ddp"))  # already there

@@ -265,12 +265,30 @@ def test_predict_batches_bound_rows_and_cache_tokens():
 
 def test_validation_plan_covers_every_example_on_any_number_of_ranks():
     """Training drops the batches that would give ranks unequal step counts; validation deals out the examples and
-    keeps them all (one packed batch's worth of examples on 2 ranks: both get some)."""
+    keeps them all (one packed batch's worth of examples on 2 ranks: both get some), and evens out the batch counts
+    with filler batches that count for nothing (under FSDP a rank that stops early leaves the others hanging)."""
+    from lit_mistral.data import Filler, TokenizedDataset
+
     lengths = [50 + 7 * i for i in range(9)]
-    for world in (1, 2, 3):
-        ranks = [list(BatchPlan(lengths, 4, 10_000, True, shuffle=False, rank=r, world_size=world,
-                                equal_steps=False)) for r in range(world)]
-        seen = sorted(i for batches in ranks for batch in batches for i in batch)
-        assert seen == list(range(9)) and all(ranks)
+    for world in (1, 2, 3, 12):
+        for batch_size, max_tokens in ((4, 10_000), (2, None), (4, 130)):
+            ranks = [list(BatchPlan(lengths, batch_size, max_tokens, True, shuffle=False, rank=r, world_size=world,
+                                    equal_steps=False)) for r in range(world)]
+            real = [i for batches in ranks for batch in batches for i in batch if not isinstance(i, Filler)]
+            assert sorted(real) == list(range(9)) and all(ranks)
+            assert len({len(batches) for batches in ranks}) == 1, (world, batch_size, [len(b) for b in ranks])
+            fillers = [batch for batches in ranks for batch in batches if isinstance(batch[0], Filler)]
+            assert all(batch == [0] for batch in fillers)  # the shortest example, alone
+            if (world, batch_size) == (2, 2):  # 5 examples (3 batches) and 4 (2 batches)
+                assert len(fillers) == 1 and isinstance(ranks[1][-1][0], Filler)
+            if world == 12 and max_tokens == 10_000:  # 9 ranks with one batch, 3 with nothing else
+                assert len(fillers) == 3
+            if world == 1:
+                assert not fillers
+    # a filler is run (the same shapes as any batch) with no labels and no example index
+    dataset = TokenizedDataset([([1, 5, 6, 2], 2), ([1, 7, 2], 1)])
+    filler = collate_packed([dataset[Filler(1)]])
+    assert filler["input_ids"].tolist() == [[1, 7, 2]] and (filler["labels"] == -100).all()
+    assert filler["index"] == [None] and collate_packed([dataset[1]])["labels"].tolist() == [[-100, 7, 2]]
     # a single batch on 2 ranks in training: neither rank can take it alone
     assert [list(BatchPlan(lengths, 9, None, False, shuffle=True, rank=r, world_size=2)) for r in range(2)] == [[], []]

@@ -65,8 +65,9 @@ def test_fsdp_on_two_processes_resumes_exactly_and_under_ddp(tiny_model_dir, tmp
     fsdp = ["--trainer.strategy", "fsdp_qlora", "--trainer.devices", "2", "--model.fp32_norms", "true",
             "--model.lr_scheduler", "constant", "--trainer.gradient_clip_val", "0.5"]
     root = tmp_path / "runs"
-    result = fit(tiny_model_dir, data, root, *fsdp, "--trainer.max_steps", "4", "--model.sample_every_n_val", "1",
-                 "--model.num_samples", "2", "--model.eval_max_new_tokens", "4")
+    uneven = ["--data.val_records", "[40, 49]"]  # 5 and 4 examples: 3 and 2 batches, evened out by a filler
+    result = fit(tiny_model_dir, data, root, *fsdp, *uneven, "--trainer.max_steps", "4", "--model.sample_every_n_val",
+                 "1", "--model.num_samples", "3", "--model.eval_max_new_tokens", "4")
     assert re.search(r"sharded the base over 2 processes .* holds [0-9.]+ MiB of its [0-9.]+ MiB \(50%\)",
                      result.stdout + result.stderr)
     run = root / "lightning_logs" / "version_0"
@@ -85,17 +86,22 @@ def test_fsdp_on_two_processes_resumes_exactly_and_under_ddp(tiny_model_dir, tmp
     assert len(state) == len(names)
     assert all(torch.equal(p, checkpoint["state_dict"]["model." + n]) for n, p in state.items())
 
-    # validate on the sharded model: losses and generation metrics, with the base alongside
-    fit(tiny_model_dir, data, root, *fsdp, "--ckpt_path", run / "adapter", "--model.compare_base", "true",
-        "--model.eval_max_examples", "4", "--model.eval_max_new_tokens", "4", subcommand="validate")
+    # validate on the sharded model: losses and generation metrics (3 and 2 answers), with the base alongside; the
+    # losses are those of one process
+    fit(tiny_model_dir, data, root, *fsdp, *uneven, "--ckpt_path", run / "adapter", "--model.compare_base", "true",
+        "--model.eval_max_examples", "5", "--model.eval_max_new_tokens", "4", subcommand="validate")
     report = json.loads((root / "lightning_logs" / "version_1" / "evaluation.json").read_text())
     assert report["metrics"]["fine-tuned"]["loss"] != report["metrics"]["base"]["loss"]
-    assert len(report["examples"]) == 4
+    assert len(report["examples"]) == 5
+    fit(tiny_model_dir, data, root, *uneven, "--model.fp32_norms", "true", "--ckpt_path", run / "adapter",
+        "--model.eval_max_examples", "0", subcommand="validate")
+    alone = json.loads((root / "lightning_logs" / "version_2" / "evaluation.json").read_text())["metrics"]["fine-tuned"]
+    assert alone["loss"] == pytest.approx(report["metrics"]["fine-tuned"]["loss"], abs=1e-6)
 
     # resumed to step 6 = 6 steps in one go (a constant learning rate: the schedule does not depend on max_steps)
     fit(tiny_model_dir, data, root, *fsdp, "--trainer.max_steps", "6", "--ckpt_path", "last")
-    straight = tmp_path / "straight"
-    fit(tiny_model_dir, data, straight, *fsdp, "--trainer.max_steps", "6")
+    straight = tmp_path / "straight"  # loaded on the CPU: here no different from the device, the option runs through
+    fit(tiny_model_dir, data, straight, *fsdp, "--trainer.max_steps", "6", "--model.load_on", "cpu")
     resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     uninterrupted = torch.load(straight / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
                                weights_only=True)
