@@ -18,6 +18,15 @@ if [ "${PART:-shared}" = shared ]; then
   $B --steps 4 --val_every 2 --warm 1 --timeout 200 --runs shared_fsdp_cpu shared_fsdp shared_ddp -- \
     --data.max_tokens 2048 --model.gradient_checkpointing true | tee -a "$OUT/shared.jsonl"
 else
+  python3 - <<'PY' | tee -a "$OUT/load.jsonl"
+import json, torch
+from bitsandbytes.functional import quantize_4bit
+torch.manual_seed(0)  # one Mistral MLP weight's shape: is NF4 quantized on the CPU bit for bit the GPU's?
+w = torch.randn(14336, 4096, dtype=torch.bfloat16) * 0.02
+q = {d: quantize_4bit(w.to(d), quant_type="nf4", quant_storage=torch.bfloat16) for d in ("cpu", "cuda")}
+print(json.dumps(dict(check="nf4 cpu vs cuda", packed_equal=torch.equal(q["cpu"][0].view(torch.uint8), q["cuda"][0].cpu().view(torch.uint8)),
+                      absmax_max_diff=float((q["cpu"][1].absmax - q["cuda"][1].absmax.cpu()).abs().max()))))
+PY
   $B --steps 10 --val_every 5 --warm 2 --timeout 200 --runs fsdp1 fsdp1_cpu | tee -a "$OUT/load.jsonl"
 fi
 for f in /tmp/bench-ddp/*.log; do grep -h "fsdp_qlora: sharded\|^Loaded\|Error\|error" "$f" | head -8 | sed "s|^|$(basename $f): |"; done | tee "$OUT/logs.txt"
