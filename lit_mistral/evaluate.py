@@ -2,10 +2,12 @@
 examples scored against their references (ROUGE-L; exact match and contains-answer in the closed-form categories),
 and the report that puts the base model and the fine-tuned one side by side."""
 
+import contextlib
 import json
 import math
 import os
 import unicodedata
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,6 +54,15 @@ def rouge_l(prediction: str, reference: str) -> float:
 def groups_of(categories: Sequence[str | None]) -> list[str]:
     """`all`, then the categories present, sorted."""
     return [ALL] + sorted({c for c in categories if c})
+
+
+@contextlib.contextmanager
+def _quiet_when_empty():
+    """Silence torchmetrics' warning on computing a metric never updated: a process that saw no example of a
+    category has an empty share of it (the synced result is right)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The ``compute`` method of metric")
+        yield
 
 
 class SplitMetrics:
@@ -111,8 +122,9 @@ class SplitMetrics:
         """Flat results: `loss`, `ppl`, `rougeL`, `exact_match`, `contains` overall, and `<category>/<metric>`;
         groups without data are left out."""
         out = {}
-        for group, mean in self.loss.items():
-            loss = float(mean.compute())
+        with _quiet_when_empty():
+            losses = {group: float(mean.compute()) for group, mean in self.loss.items()}
+        for group, loss in losses.items():
             if not math.isnan(loss):
                 # perplexity = exp(mean token loss): torchmetrics' Perplexity computes the same from full (B, T, V)
                 # logits, which the chunked loss never materializes
@@ -126,8 +138,9 @@ class SplitMetrics:
     def counts(self) -> dict[str, dict[str, int]]:
         """Group -> {"loss": examples in the loss, "generation": examples answered}."""
         out = {}
-        for group, total in self.examples.items():
-            n = int(total.compute())
+        with _quiet_when_empty():
+            totals = {group: int(total.compute()) for group, total in self.examples.items()}
+        for group, n in totals.items():
             if n:
                 out.setdefault(group, {})["loss"] = n
         for group, mean in self.generation["rougeL"].items():

@@ -322,6 +322,13 @@ class QLoRAModule(LightningModule):
         except OSError as err:
             raise LitMistralError(f"model.name_or_path: could not load {self.name_or_path!r} ({err}). Fix: give a "
                                   "local folder with weights, or a hub id while online.") from None
+        except torch.OutOfMemoryError as err:
+            fix = ("--model.load_on cpu: fsdp_qlora then brings the base to the GPUs one layer at a time, sharded"
+                   if self.sharded else "--trainer.strategy fsdp_qlora --model.load_on cpu on several GPUs "
+                   "(configs/qlora-fsdp.yaml): each then holds 1/N of the base, and never the whole of it")
+            first = (str(err).strip().splitlines() or ["torch.OutOfMemoryError"])[0][:200]
+            raise LitMistralError(f"model.name_or_path: {self.name_or_path!r} does not fit on {device} while loading "
+                                  f"({first}). Fix: {fix}; or a GPU with more memory.") from None
         finally:
             if self.random_init:
                 shutil.rmtree(folder, ignore_errors=True)

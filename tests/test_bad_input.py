@@ -264,3 +264,21 @@ def test_loading_on_the_cpu_is_for_fsdp_qlora(strategy, monkeypatch):
         check_settings("fit", model, Namespace(precision="bf16-mixed", accelerator="gpu", strategy=strategy))
     check_settings("fit", model, Namespace(precision="bf16-mixed", accelerator="gpu", strategy="fsdp_qlora"))
     check_settings("fit", model, Namespace(precision="32-true", accelerator="cpu", strategy="ddp"))  # already there
+
+
+def test_a_base_too_large_for_the_gpu_names_the_way_to_shard_it(tiny_model_dir, monkeypatch):
+    """Out of memory while loading is not a batch-size problem: the error says how to spread the base over GPUs."""
+    import transformers
+
+    def too_large(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 448.00 MiB.")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", too_large)
+    module = QLoRAModule(name_or_path=str(tiny_model_dir))
+    with pytest.raises(LitMistralError) as err:
+        module.build(torch.device("cpu"))
+    assert str(err.value) == (
+        f"model.name_or_path: {str(tiny_model_dir)!r} does not fit on cpu while loading (CUDA out of memory. Tried to "
+        "allocate 448.00 MiB.). Fix: --trainer.strategy fsdp_qlora --model.load_on cpu on several GPUs "
+        "(configs/qlora-fsdp.yaml): each then holds 1/N of the base, and never the whole of it; or a GPU with more "
+        "memory.")
