@@ -148,3 +148,35 @@ def test_shard_plan_units_and_what_fsdp_leaves_alone(tiny_model_dir):
             m._no_split_modules = []
     with pytest.raises(LitMistralError, match="found no decoder layers to shard"):
         shard_plan(module)
+
+
+def test_two_nodes_started_by_torchrun(tiny_model_dir, tmp_path, demo_records):
+    """The several-machines launch of the README: the same command on each node under torchrun with
+    --trainer.num_nodes 2 (here both "nodes" are this machine, one process each)."""
+    import os
+    import socket
+
+    data = write_jsonl(tmp_path / "demo.jsonl", demo_records)
+    root = tmp_path / "runs"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "lit_mistral", "fit", "--model.name_or_path", str(tiny_model_dir),
+               "--data.path", str(data), "--data.train_records", "[0, 40]", "--data.val_records", "[40, 49]",
+               "--data.batch_size", "2", "--data.max_length", "256", "--trainer.accelerator", "cpu",
+               "--trainer.precision", "32-true", "--trainer.default_root_dir", str(root),
+               "--trainer.enable_progress_bar", "false", "--trainer.num_nodes", "2", "--trainer.devices", "1",
+               "--trainer.strategy", "ddp", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+                               "1", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port",
+                               str(port), *command[1:]],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+             for rank in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
+    run = root / "lightning_logs" / "version_0"
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3 and checkpoint["InstructionDataModule"] == {"world_size": 2}
+    assert "val/loss" in scalars(run) and (run / "adapter" / "adapter_model.safetensors").is_file()
