@@ -87,11 +87,11 @@ def _sharding_problems(subcommand: str, model, trainer, precision: str) -> list[
 
     strategy = _strategy_name(trainer.get("strategy"))
     ours = strategy == NAME or strategy.endswith("QLoRAFSDPStrategy")
-    if not ours and (strategy in ("fsdp", "fsdp_cpu_offload") or strategy.endswith("FSDPStrategy")):
-        return [(f"trainer.strategy={strategy}: Lightning's FSDP cannot shard a QLoRA model (it flattens the 4-bit "
-                 "weights and the float32 adapters of a layer into one tensor, and casts the packed 4-bit storage). "
-                 f"Fix: --trainer.strategy {NAME} (configs/qlora-fsdp.yaml).")]
     if not ours:
+        if strategy in ("fsdp", "fsdp_cpu_offload") or strategy.endswith("FSDPStrategy"):
+            return [(f"trainer.strategy={strategy}: Lightning's FSDP cannot shard a QLoRA model (it flattens the 4-bit "
+                     "weights and the float32 adapters of a layer into one tensor, and casts the packed 4-bit "
+                     f"storage). Fix: --trainer.strategy {NAME} (configs/qlora-fsdp.yaml).")]
         if model.get("load_on") == "cpu" and target_device(trainer.get("accelerator")) == "cuda":
             return [(f"model.load_on=cpu with trainer.strategy={strategy}: only {NAME} moves a base loaded on the CPU "
                      "to the GPU a layer at a time; here the whole base would move to each GPU, so loading on the "

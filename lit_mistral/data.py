@@ -356,10 +356,10 @@ class BatchPlan(Sampler[list[int]]):
         return order
 
     def _batches(self) -> list[list[int]]:
-        batches = self._rank_batches(self.rank)
         if self.equal_steps or self.world_size == 1 or not self.lengths:
-            return batches
-        most = max(len(self._rank_batches(rank)) for rank in range(self.world_size))
+            return self._rank_batches(self.rank)
+        plans = [self._rank_batches(rank) for rank in range(self.world_size)]
+        batches, most = plans[self.rank], max(len(plan) for plan in plans)
         shortest = min(range(len(self.lengths)), key=self.lengths.__getitem__)
         return batches + [[Filler(shortest)] for _ in range(most - len(batches))]
 

@@ -36,7 +36,9 @@ def generate(model, tokenizer, batch: dict, max_new_tokens: int, do_sample: bool
     answers: dict[int, tuple[str, int, str]] = {}
     rows = [i for i, ok in enumerate(fits) if ok]
     if rows or synced_gpus:
-        width = max(lengths[i] for i in rows) if rows else 1  # drop the left padding only skipped prompts needed
+        # drop the left padding only skipped prompts needed; all skipped (synced_gpus): the last token of the first
+        # prompt steps for the other processes, and its output is not read (no rows)
+        width = max(lengths[i] for i in rows) if rows else 1
         input_ids, attention_mask = (batch[k][rows or [0], -width:] for k in ("input_ids", "attention_mask"))
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
         if cache == "static":
@@ -46,7 +48,6 @@ def generate(model, tokenizer, batch: dict, max_new_tokens: int, do_sample: bool
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                              max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, **sampling)
-        out = out if rows else out[:0]  # all skipped: the steps were for the other processes
         for row, ids in zip(rows, out[:, width:].tolist()):  # new tokens start at the same column for every row
             finish = "length"
             if tokenizer.eos_token_id in ids:
