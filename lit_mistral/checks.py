@@ -1,6 +1,6 @@
 """Settings that are each valid but fail together or on this machine (precision x optimizer x quantization, a GPU
 that is not there, a bitsandbytes without CUDA), checked on the parsed config before anything is built. The checks
-of one group alone live in that group's `__init__` (`QLoRAModule`, `InstructionDataModule`)."""
+of one group alone live with that group (`config.py`'s `problems()`, `InstructionDataModule`, `Evaluation`)."""
 
 import importlib.util
 
@@ -35,7 +35,8 @@ def check_settings(subcommand: str, model, trainer) -> None:
     namespaces) for `subcommand`, each with its fix."""
     problems = []
     precision = str(trainer.get("precision"))
-    quantize, optimizer, kernels = model.get("quantize"), model.get("optimizer"), model.get("kernels")
+    quantize, optimizer = model.get("quantization.method"), model.get("optimization.optimizer")
+    kernels = model.get("compute.kernels")
     accelerator = trainer.get("accelerator")
     device = target_device(accelerator)
     fit = subcommand == "fit"
@@ -46,30 +47,30 @@ def check_settings(subcommand: str, model, trainer) -> None:
         problems.append(f"trainer.accelerator={accelerator}: no CUDA GPU is usable ({why}). Fix: install a CUDA "
                         "build of torch, or run on the CPU with --trainer.accelerator cpu --trainer.precision 32-true.")
     elif device == "cuda":
-        needs = [f"model.quantize={quantize}"] if quantize else []
-        needs += [f"model.optimizer={optimizer}"] if fit and optimizer != "adamw" else []
+        needs = [f"model.quantization.method={quantize}"] if quantize else []
+        needs += [f"model.optimization.optimizer={optimizer}"] if fit and optimizer != "adamw" else []
         if needs and not bitsandbytes_has_cuda():
             problems.append(f"{' and '.join(needs)} on a GPU need bitsandbytes' CUDA library, but it loaded its CPU "
                             f"one (`python -m bitsandbytes` says why). Fix: install a bitsandbytes build for CUDA "
-                            f"{torch.version.cuda} (pip install -U bitsandbytes), or set --model.quantize null "
-                            "--model.optimizer adamw.")
+                            f"{torch.version.cuda} (pip install -U bitsandbytes), or set --model.quantization.method "
+                            "null --model.optimization.optimizer adamw.")
     if fit and precision == "16-true" and optimizer == "adamw":
-        problems.append("trainer.precision=16-true with model.optimizer=adamw: torch's AdamW on float16 LoRA weights "
+        problems.append("trainer.precision=16-true with model.optimization.optimizer=adamw: torch's AdamW on float16 LoRA weights "
                         "adds eps=1e-8, which is 0 in float16, so 0/0 turns the adapters NaN at the second step. Fix: "
                         "--trainer.precision bf16-mixed or 16-mixed (float32 adapters), or a bitsandbytes optimizer "
                         "(paged_adamw_32bit keeps its state in float32).")
     if fit and quantize and precision in FP16_PRECISIONS:
-        problems.append(f"trainer.precision={precision} with model.quantize={quantize}: float16 matmuls on a 4-bit "
-                        "base overflow in LoRA training (NaN losses, often thousands of steps in; the reason "
-                        "model.compute_dtype=float16 is refused too). Fix: --trainer.precision bf16-mixed on GPUs with "
-                        "bfloat16 (Ampere or newer), 32-true with --model.compute_dtype float32 on older ones, or "
-                        "--model.quantize null.")
-    if fit and kernels == "liger" and device != "cuda":  # kernels are applied for fit only (see QLoRAModule)
-        problems.append("model.kernels=liger: Liger's Triton kernels run on CUDA GPUs only. Fix: set "
-                        "--model.kernels null on this machine.")
+        problems.append(f"trainer.precision={precision} with model.quantization.method={quantize}: float16 matmuls "
+                        "on a 4-bit base overflow in LoRA training (NaN losses, often thousands of steps in; the reason "
+                        "model.compute.dtype=float16 is refused too). Fix: --trainer.precision bf16-mixed on GPUs with "
+                        "bfloat16 (Ampere or newer), 32-true with --model.compute.dtype float32 on older ones, or "
+                        "--model.quantization.method null.")
+    if fit and kernels == "liger" and device != "cuda":  # kernels are applied for fit only (see config.Compute)
+        problems.append("model.compute.kernels=liger: Liger's Triton kernels run on CUDA GPUs only. Fix: set "
+                        "--model.compute.kernels null on this machine.")
     elif fit and kernels == "liger" and importlib.util.find_spec("liger_kernel") is None:
-        problems.append("model.kernels=liger: Liger-Kernel is not installed. Fix: pip install liger-kernel, or set "
-                        "--model.kernels null.")
+        problems.append("model.compute.kernels=liger: Liger-Kernel is not installed. Fix: pip install liger-kernel, "
+                        "or set --model.compute.kernels null.")
     problems += _sharding_problems(subcommand, model, trainer, precision)
     raise_problems(problems, "Fix: change these settings as each line says; nothing was loaded yet.")
 
@@ -83,7 +84,7 @@ def _strategy_name(strategy) -> str:
 
 
 def _sharding_problems(subcommand: str, model, trainer, precision: str) -> list[str]:
-    from lit_mistral.fsdp import NAME
+    from lit_mistral.modeling.fsdp import NAME
 
     strategy = _strategy_name(trainer.get("strategy"))
     ours = strategy == NAME or strategy.endswith("QLoRAFSDPStrategy")
@@ -102,9 +103,10 @@ def _sharding_problems(subcommand: str, model, trainer, precision: str) -> list[
         problems.append(f"trainer.strategy={NAME} with {subcommand}: FSDP is for training, where it shards the "
                         "frozen base; generation would gather every layer for every new token. Fix: --trainer.strategy "
                         "ddp (several GPUs, each with the whole 4-bit base) or auto (one GPU).")
-    if model.get("quantize") and model.get("quant_storage") == "uint8":
-        problems.append(f"model.quant_storage=uint8 with trainer.strategy={NAME}: FSDP flattens a layer's weights "
-                        "into one tensor of one dtype. Fix: --model.quant_storage auto (the compute dtype).")
+    if model.get("quantization.method") and model.get("quantization.storage") == "uint8":
+        problems.append(f"model.quantization.storage=uint8 with trainer.strategy={NAME}: FSDP flattens a layer's "
+                        "weights into one tensor of one dtype. Fix: --model.quantization.storage auto (the compute "
+                        "dtype).")
     if precision not in ("bf16-mixed", "32-true", "32"):
         problems.append(f"trainer.precision={precision} with trainer.strategy={NAME}: supported are bf16-mixed (GPUs) "
                         "and 32-true. Fix: --trainer.precision bf16-mixed.")

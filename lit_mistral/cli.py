@@ -1,6 +1,6 @@
-"""`python -m lit_mistral fit|validate|predict --config ...`: LightningCLI over `QLoRAModule` and
-`InstructionDataModule`, with shared settings linked, the run folder as the home of everything a run writes, and
-bad input reported as one clear error (exit status 2) instead of a traceback."""
+"""`python -m lit_mistral fit|validate|predict|export --config ...`: LightningCLI over `QLoRAModule` and
+`InstructionDataModule`, with shared settings linked, the callbacks every run has, the run folder as the home of
+everything a run writes, and bad input reported as one clear error (exit status 2) instead of a traceback."""
 
 import os
 import sys
@@ -14,12 +14,15 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lit_mistral.checkpoint import SaveOnSigterm
+from lit_mistral.callbacks import JsonlPredictionWriter, PredictionProgressBar, SaveAdapter, Telemetry
+from lit_mistral.checkpointing import RandomState, SaveOnSigterm, find_last_checkpoint
 from lit_mistral.checks import check_settings
-from lit_mistral.data import InstructionDataModule
+from lit_mistral.config import DTYPES, RENAMED
+from lit_mistral.data.datamodule import InstructionDataModule
 from lit_mistral.errors import LitMistralError, failure_message
-from lit_mistral.model import DTYPES, QLoRAModule
-from lit_mistral.predict import JsonlPredictionWriter, PredictionProgressBar
+from lit_mistral.evaluation.callback import Evaluation
+from lit_mistral.module import QLoRAModule
+from lit_mistral.registry import register
 
 TRAINER_DEFAULTS = {
     "precision": "bf16-mixed",
@@ -27,14 +30,8 @@ TRAINER_DEFAULTS = {
     "use_distributed_sampler": False,  # InstructionDataModule splits batches across ranks itself
     "num_sanity_val_steps": 0,
     # checkpoints written whole or not at all, and loaded without unpickling arbitrary objects
-    "plugins": [{"class_path": "lit_mistral.checkpoint.AtomicCheckpointIO"}],
+    "plugins": [{"class_path": "lit_mistral.checkpointing.AtomicCheckpointIO"}],
 }
-
-
-def find_last_checkpoint(root: str) -> Path | None:
-    """The newest `last.ckpt` under `root/lightning_logs/version_*/checkpoints/`."""
-    found = sorted(Path(root).glob("lightning_logs/version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
 
 
 class LitTrainer(Trainer):
@@ -60,16 +57,50 @@ class LitTrainer(Trainer):
         return written
 
 
+def renamed_options(args: list[str]) -> list[str]:
+    """The options of `args` (command line and --config files) that were renamed, each with its new name."""
+    import yaml
+
+    found = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            key = arg[2:].split("=", 1)[0].removesuffix("+")
+            if key in RENAMED:
+                found.append(f"--{key} is now --{RENAMED[key]}")
+        if arg == "--config" and i + 1 < len(args) or arg.startswith("--config="):
+            path = Path(args[i + 1] if arg == "--config" else arg.split("=", 1)[1])
+            try:
+                config = yaml.safe_load(path.read_text()) if path.is_file() else None
+            except (yaml.YAMLError, UnicodeDecodeError):
+                continue  # jsonargparse reports it
+            for section, values in (config or {}).items() if isinstance(config, dict) else ():
+                for key in values if isinstance(values, dict) else ():
+                    if f"{section}.{key}" in RENAMED:
+                        found.append(f"{path}: {section}.{key} is now {RENAMED[f'{section}.{key}']}")
+    return found
+
+
 class LitMistralCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
-    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
-        if config.get("enable_progress_bar") is not False:
-            callbacks = [*callbacks, PredictionProgressBar()]
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        renamed = renamed_options(list(sys.argv[1:] if args is None else args))
+        if renamed:
+            raise LitMistralError("options renamed when the settings were grouped (2026-12-01):\n"
+                                  + "".join(f"  {r}\n" for r in renamed)
+                                  + "Fix: use the new names (`--help` lists every option by group).")
+        super().parse_arguments(parser, args)
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = self.config_init[str(self.subcommand)]["trainer"]
+        if trainer.get("enable_progress_bar") is not False:  # Lightning's bar, with rows/s and tokens/s in predict
+            callbacks = trainer.get("callbacks") or []
+            kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]),
+                                   PredictionProgressBar()]
         try:
-            return super()._instantiate_trainer(config, callbacks)
+            return super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as err:  # accelerator, strategy, devices, precision
             raise LitMistralError(f"trainer settings: {err} Fix: change the --trainer.* setting it names (nothing "
                                   "was loaded yet).") from None
@@ -80,64 +111,55 @@ class LitMistralCLI(LightningCLI):
         parser.link_arguments("model.gguf_file", "data.gguf_file")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.link_arguments("data.max_length", "model.max_length")
-        parser.link_arguments("model.max_new_tokens", "data.max_new_tokens")
+        parser.link_arguments("model.generation.max_new_tokens", "data.max_new_tokens")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step:06d}",
                              "checkpoint.auto_insert_metric_name": False, "checkpoint.save_top_k": 1})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(Evaluation, "evaluation")
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
 
     def before_instantiate_classes(self) -> None:
-        # incompatible settings fail here, before the tokenizer, the data or the model load
-        check_settings(str(self.subcommand), self._get(self.config, "model"), self._get(self.config, "trainer"))
-
-    def before_fit(self) -> None:
-        ckpt = self.config_init["fit"].get("ckpt_path")
-        if ckpt is not None and Path(ckpt).is_dir():
+        """Everything that can be checked on the parsed config, before the tokenizer, the data or the model load."""
+        subcommand = str(self.subcommand)
+        config = self.config[subcommand]
+        check_settings(subcommand, config.model, config.trainer)
+        ckpt = config.get("ckpt_path")
+        if ckpt is not None and ckpt != "last" and not Path(ckpt).exists():
+            raise LitMistralError(f"{subcommand} --ckpt_path: {ckpt!r} does not exist. Fix: check the path"
+                                  + (", or use 'last'." if subcommand == "fit" else "."))
+        if ckpt is not None and Path(ckpt).is_dir() and subcommand == "fit":
             raise LitMistralError(f"fit --ckpt_path: {ckpt!r} is a folder. Fix: to resume, pass a .ckpt file or "
                                   "'last'; to start from a saved adapter, pass --model.adapter_path instead.")
-        if ckpt == "last":
-            root = self.trainer.default_root_dir
-            last = find_last_checkpoint(root)
-            if last is None:
-                raise LitMistralError(f"fit --ckpt_path last: no last.ckpt under {root}/lightning_logs/. Fix: start "
-                                      "without --ckpt_path, or set --trainer.default_root_dir to the earlier run's.")
-            # resume in the same run folder, so the curves and checkpoints of the run stay together
-            version = last.parent.parent.name.removeprefix("version_")
-            self.trainer.loggers = [TensorBoardLogger(save_dir=root, version=int(version))]
-            self.config_init["fit"]["ckpt_path"] = str(last)
-        elif ckpt is not None and not Path(ckpt).is_file():
-            raise LitMistralError(f"fit --ckpt_path: {ckpt!r} does not exist. Fix: check the path, or use 'last'.")
+        if ckpt is not None and Path(ckpt).is_dir() and subcommand in ("validate", "predict"):
+            # a peft adapter folder: loaded onto the base as the model's adapter, not as a Lightning checkpoint
+            config.model.adapter_path, config.ckpt_path = ckpt, None
+        if (subcommand == "validate" and config.evaluation.compare_base and ckpt is None
+                and config.model.adapter_path is None):
+            raise LitMistralError("validate --evaluation.compare_base true: there is no adapter to compare with the "
+                                  "base model. Fix: pass --ckpt_path with the `adapter` folder (or a .ckpt file) of a "
+                                  "fit run.")
 
-    def _evaluate_with(self, subcommand: str) -> None:
-        ckpt = self.config_init[subcommand].get("ckpt_path")
-        if ckpt is None:
+    def before_fit(self) -> None:
+        if self.config_init["fit"].get("ckpt_path") != "last":
             return
-        if Path(ckpt).is_dir():  # a peft adapter folder: load it on the base instead of a Lightning checkpoint
-            if not (Path(ckpt) / "adapter_config.json").is_file():
-                raise LitMistralError(f"{subcommand} --ckpt_path: {ckpt!r} is a folder without adapter_config.json. "
-                                      "Fix: pass a .ckpt file or the `adapter` folder of a fit run.")
-            self.model.adapter_path = ckpt
-            self.config_init[subcommand]["ckpt_path"] = None
-        elif ckpt != "last" and not Path(ckpt).is_file():
-            raise LitMistralError(f"{subcommand} --ckpt_path: {ckpt!r} does not exist. Fix: check the path.")
+        root = self.trainer.default_root_dir
+        last = find_last_checkpoint(root)
+        if last is None:
+            raise LitMistralError(f"fit --ckpt_path last: no last.ckpt under {root}/lightning_logs/. Fix: start "
+                                  "without --ckpt_path, or set --trainer.default_root_dir to the earlier run's.")
+        # resume in the same run folder, so the curves and checkpoints of the run stay together
+        version = last.parent.parent.name.removeprefix("version_")
+        self.trainer.loggers = [TensorBoardLogger(save_dir=root, version=int(version))]
+        self.config_init["fit"]["ckpt_path"] = str(last)
 
     def after_fit(self) -> None:
         # the comparison on the trained model, in the same run: the report lands next to the adapter, and its numbers
         # in the same TensorBoard run as the curves, at the last step
-        if self.model.compare_base and not self.trainer.interrupted and self.datamodule.val_set is not None:
+        if (self.config_init["fit"]["evaluation"].compare_base and not self.trainer.interrupted
+                and self.datamodule.val_set is not None):
             self.trainer.validate(self.model, datamodule=self.datamodule)
-
-    def before_validate(self) -> None:
-        self._evaluate_with("validate")
-        if self.model.compare_base and self.model.adapter_path is None and self.config_init["validate"].get(
-                "ckpt_path") is None:  # checked again by the model; here it stops before the run folder is made
-            raise LitMistralError("validate --model.compare_base true: there is no adapter to compare with the base "
-                                  "model. Fix: pass --ckpt_path with the `adapter` folder (or a .ckpt file) of a fit run.")
-
-    def before_predict(self) -> None:
-        self._evaluate_with("predict")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -145,13 +167,15 @@ def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # predict batches by prompt length on purpose; the writer restores input order (Lightning can't know that)
     warnings.filterwarnings("ignore", message="You are using a custom batch sampler .* for prediction")
+    register()
     try:
         LitMistralCLI(
             QLoRAModule,
             InstructionDataModule,
             trainer_class=LitTrainer,
             auto_configure_optimizers=False,  # QLoRAModule configures its own (bitsandbytes) optimizer
-            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [SaveOnSigterm()]},
+            trainer_defaults={**TRAINER_DEFAULTS,
+                              "callbacks": [SaveOnSigterm(), RandomState(), Telemetry(), SaveAdapter()]},
             seed_everything_default=42,
             save_config_kwargs={"overwrite": True},
             args=args,

@@ -1,6 +1,10 @@
 """The one exception type users see: what is wrong, where (file, line or key), and how to fix it."""
 
+import os
+import re
 from collections.abc import Sequence
+
+SIGTERM_EXIT_STATUS = 128 + 15  # what a shell reports for a process ended by SIGTERM: schedulers see "not finished"
 
 
 class LitMistralError(Exception):
@@ -23,8 +27,6 @@ def failure_message(err: BaseException) -> tuple[str, int] | None:
     import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from lit_mistral.checkpoint import SIGTERM_EXIT_STATUS
-
     if isinstance(err, SIGTERMException):
         return ("stopped by SIGTERM. A fit run saved last.ckpt on the way out (see the line above): run the same "
                 "command with --ckpt_path last to continue.", SIGTERM_EXIT_STATUS)
@@ -32,7 +34,20 @@ def failure_message(err: BaseException) -> tuple[str, int] | None:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "torch.OutOfMemoryError"
         return (f"error: out of GPU memory ({first[:200]}). Fix: lower --data.batch_size (or --data.max_tokens "
                 "with packing) and raise --trainer.accumulate_grad_batches to keep the examples per step; lower "
-                "--data.max_length; set --model.gradient_checkpointing true (with --model.checkpoint_layers higher, "
-                "or null for all layers); configs/qlora-24gb.yaml fits a 24 GB GPU. Checkpoints written so far are "
+                "--data.max_length; set --model.compute.gradient_checkpointing true (with --model.compute.checkpoint_layers "
+                "higher, or null for all layers); configs/qlora-24gb.yaml fits a 24 GB GPU. Checkpoints written so far are "
                 "intact: add --ckpt_path last to continue.", 1)
     return None
+
+
+def unreadable(path: str | os.PathLike, err: Exception) -> LitMistralError:
+    """The error for a weights file that `torch.load(weights_only=True)` refused or could not read."""
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    if found:
+        return LitMistralError(
+            f"{path}: holds pickled Python objects ({found.group(1)}), not just tensors; lit_mistral does not load "
+            "them, because unpickling can run any code. Fix: use a checkpoint written by a lit_mistral fit run, or "
+            "an adapter folder (safetensors).")
+    reason = f"{type(err).__name__}: {str(err).split('. ')[0][:200]}"
+    return LitMistralError(f"{path}: not a complete checkpoint ({reason}). Fix: pass another one; a run's "
+                           "checkpoints/ folder keeps the last complete ones.")

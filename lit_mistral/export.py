@@ -1,77 +1,27 @@
-"""Folding a LoRA adapter into its base: a plain Hugging Face model that computes what the (4-bit) base + adapter
-computes, for fast generation (`predict`) and for serving (`export`).
-
-Written by hand because neither library does this for a 4-bit base: peft's `merge_and_unload` re-quantizes the
-merged weight back to 4 bits (and so does not give the model that was trained), and transformers' `dequantize`
-does not see through peft's wrappers. Here each adapted layer becomes an `nn.Linear` holding
-dequantize(W_4bit) + scale * B @ A, summed in float32."""
+"""`export`: the trained adapter folded into the dequantized base, written as a standard Hugging Face model folder
+(safetensors, config, generation config, tokenizer) that transformers, vLLM or TGI load without lit_mistral."""
 
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from lit_mistral.checkpointing import restore_adapter
 from lit_mistral.errors import LitMistralError
-from lit_mistral.files import writing_folder
+from lit_mistral.io import writing_folder
+from lit_mistral.modeling.adapters import check_adapter_folder, save_adapter
+from lit_mistral.modeling.build import build_model
+from lit_mistral.modeling.merge import merge_adapter
 from lit_mistral.sources import drop_quantization_config
 
 
-def _dequantized_weight(layer: torch.nn.Module) -> torch.Tensor:
-    weight = layer.weight
-    if type(weight).__name__ == "Params4bit":
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
-    return weight.data.float()
-
-
-def _replace(model: torch.nn.Module, name: str, weight: torch.Tensor, bias: torch.Tensor | None,
-             dtype: torch.dtype) -> None:
-    """Put an `nn.Linear` holding `weight` (out, in) and `bias` where the module `name` was."""
-    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=dtype, device=weight.device)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, linear)
-
-
-def merge_adapter(peft_model, dtype: torch.dtype) -> torch.nn.Module:
-    """Replace every LoRA-adapted layer of `peft_model` by a plain `nn.Linear` with the merged weight, dequantize
-    the rest, and return the underlying transformers model (no peft, no bitsandbytes left in it)."""
-    from peft.tuners.lora import LoraLayer
-
-    model = peft_model.get_base_model()
-    replaced = []
-    for name, module in list(model.named_modules()):
-        if any(name.startswith(prefix + ".") for prefix in replaced):
-            continue  # inside a layer merged already (its base_layer, lora_A, ...)
-        if isinstance(module, LoraLayer):
-            replaced.append(name)
-            base = module.get_base_layer()
-            weight = _dequantized_weight(base)  # (out, in)
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    weight += module.get_delta_weight(adapter).float()  # scale * B @ A, (out, in)
-            _replace(model, name, weight, base.bias, dtype)
-        elif type(module).__name__ == "Linear4bit":  # 4-bit layers without an adapter
-            _replace(model, name, _dequantized_weight(module), module.bias, dtype)
-    # the model is an ordinary one now: drop what marks it quantized (transformers refuses to cast those, and
-    # save_pretrained would describe a quantized model)
-    model.hf_quantizer = None
-    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "quantization_method"):
-        model.__dict__.pop(attr, None)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.to(dtype)
-    model.config.dtype = dtype
-    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    if getattr(model.config, "tie_word_embeddings", False) and head is not None and head.weight is not embeddings.weight:
-        model.config.tie_word_embeddings = False  # an adapted lm_head is no longer the embedding matrix
-    return model
+def check_output_dir(target: Path, overwrite: bool) -> None:
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise LitMistralError(f"export --output_dir: {str(target)!r} exists and is not empty. Fix: choose another "
+                              "folder, or pass --overwrite true to replace it.")
 
 
 def export_model(model, tokenizer, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -79,9 +29,7 @@ def export_model(model, tokenizer, output_dir: str | os.PathLike, overwrite: boo
     + config + generation config + tokenizer) that `AutoModelForCausalLM.from_pretrained` loads without
     lit_mistral. Written under a temporary name next to the target, then renamed."""
     target = Path(output_dir)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise LitMistralError(f"export --output_dir: {str(target)!r} exists and is not empty. Fix: choose another "
-                              "folder, or pass --overwrite true to replace it.")
+    check_output_dir(target, overwrite)
     if not target.parent.is_dir():
         raise LitMistralError(f"export --output_dir: the folder {str(target.parent)!r} does not exist. "
                               "Fix: create it first.")
@@ -102,26 +50,20 @@ def export(module, ckpt_path: str, output_dir: str | os.PathLike, dtype: torch.d
         raise LitMistralError("export needs --ckpt_path: the `adapter` folder of a fit run, or one of its .ckpt files.")
     path = Path(ckpt_path)
     target = Path(output_dir)
-    if target.exists() and any(target.iterdir()) and not overwrite:  # before the expensive load
-        raise LitMistralError(f"export --output_dir: {str(target)!r} exists and is not empty. Fix: choose another "
-                              "folder, or pass --overwrite true to replace it.")
+    check_output_dir(target, overwrite)  # before the expensive load
+    spec = module.spec
     if path.is_dir():
-        if not (path / "adapter_config.json").is_file():
-            raise LitMistralError(f"export --ckpt_path: {ckpt_path!r} is a folder without adapter_config.json. "
-                                  "Fix: pass the `adapter` folder of a fit run or a .ckpt file.")
-        module.adapter_path = str(path)
-        module.build(device)
-    elif path.is_file():
-        module.build(device)
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-        module.on_load_checkpoint(checkpoint)
-        module.load_state_dict(checkpoint["state_dict"], strict=False)
-    else:
+        spec = replace(spec, adapter_path=str(check_adapter_folder(path, "export --ckpt_path")))
+    elif not path.is_file():
         raise LitMistralError(f"export --ckpt_path: {ckpt_path!r} does not exist. Fix: check the path.")
+    module.model, module.tokenizer = build_model(spec, device, training=False)
+    if path.is_file():
+        restore_adapter(module, path)
     adapter_copy = None
     if with_adapter:  # before merging: merging rewrites the adapted layers in place
-        adapter_copy = module.save_adapter(Path(tempfile.mkdtemp(dir=target.parent if target.parent.is_dir() else None))
-                                           / "adapter")
+        adapter_copy = save_adapter(module.model, module.tokenizer,
+                                    Path(tempfile.mkdtemp(dir=target.parent if target.parent.is_dir() else None))
+                                    / "adapter", module.spec.base_source())
     merged = merge_adapter(module.model, dtype)
     written = export_model(merged, module.tokenizer, target, overwrite=overwrite)
     if adapter_copy is not None:

@@ -2,6 +2,7 @@
 package (`pkg://name/sub/dir`), a GGUF file (dequantized once into a cached safetensors folder), or a random
 initialization from a model config (dry runs and benchmarks, where no weights exist)."""
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lit_mistral.errors import LitMistralError
-from lit_mistral.files import writing_folder
+from lit_mistral.io import writing_folder
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,10 @@ def drop_quantization_config(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
-    """The model's tokenizer, with a pad token (EOS when it has none; labels and masks never rely on pad ids)."""
+    """The model's tokenizer, with a pad token (EOS when it has none; labels and masks never rely on pad ids).
+    Loaded once per process: the DataModule and the model share it."""
     from transformers import AutoTokenizer
 
     folder = model_folder(name_or_path, gguf_file)

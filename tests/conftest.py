@@ -1,6 +1,7 @@
-"""Shared fixtures: a tiny random Mistral with a small deterministic tokenizer (always available, so numbers pinned
-in tests do not depend on what is installed), the real Mistral-7B tokenizer and Dolly records when the shared data
-folder is there, and small instruction files."""
+"""Shared fixtures and helpers: a tiny random Mistral with a small deterministic tokenizer (always available, so
+numbers pinned in tests do not depend on what is installed), the real Mistral-7B tokenizer and Dolly records when
+the shared data folder is there, small instruction files, the one helper that builds CLI arguments, and modules
+with grouped settings given as dicts."""
 
 import importlib.util
 import json
@@ -95,3 +96,100 @@ def write_jsonl(path: Path, records: list) -> Path:
 @pytest.fixture
 def demo_records() -> list[dict]:
     return [json.loads(line) for line in DEMO_DATA.read_text().splitlines()]
+
+
+# -- the command line ----------------------------------------------------------------------------------------------
+
+
+def cli_args(subcommand: str, model_dir, root, *extra, data=None) -> list[str]:
+    """The arguments of a CPU run of `subcommand` on `model_dir` (the tiny model) writing under `root`, with
+    `--data.path data` if given, then `extra`; all as strings."""
+    args = [subcommand, "--model.name_or_path", model_dir, "--trainer.accelerator", "cpu", "--trainer.precision",
+            "32-true", "--trainer.default_root_dir", root, "--data.max_length", "256",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    if data is not None:
+        args += ["--data.path", data]
+    return [str(a) for a in (*args, *extra)]
+
+
+def run_cli(*args) -> None:
+    """`python -m lit_mistral *args`, in this process."""
+    from lit_mistral.cli import main
+
+    main([str(a) for a in args])
+
+
+def cli_fails(capsys, *args, status: int = 2) -> str:
+    """Run the CLI; assert it exits with `status` and no traceback; return what it printed on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == status, err
+    assert "Traceback" not in err
+    return err
+
+
+# -- modules -------------------------------------------------------------------------------------------------------
+
+
+def make_module(model_dir, **settings):
+    """A `QLoRAModule` on `model_dir`; settings of a group as a dict: `make_module(d, lora={"r": 4})`."""
+    from lit_mistral import config
+    from lit_mistral.module import QLoRAModule
+
+    groups = {"quantization": config.Quantization, "lora": config.LoRA, "compute": config.Compute,
+              "optimization": config.Optimization, "generation": config.Generation}
+    return QLoRAModule(name_or_path=str(model_dir),
+                       **{k: groups[k](**v) if k in groups else v for k, v in settings.items()})
+
+
+def adapted(model_dir, **settings):
+    """The tiny model, built, with LoRA weights that do something (B is zero at initialization); the same weights
+    on every call with the same settings."""
+    torch.manual_seed(0)
+    settings.setdefault("lora", {"target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj", "lm_head"]})
+    settings.setdefault("compute", {"dtype": "float32", "gradient_checkpointing": False})
+    module = make_module(model_dir, **settings).build(torch.device("cpu"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return module.eval()
+
+
+def trainer(root, **kw):
+    """A quiet CPU Trainer, as the CLI sets it up (less the CLI's callbacks unless given)."""
+    from lightning.pytorch import Trainer
+
+    kw.setdefault("enable_checkpointing", False)
+    return Trainer(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0,
+                   use_distributed_sampler=False, **kw)
+
+
+def tensorboard(run: Path) -> tuple[dict, dict]:
+    """(scalar tag -> [(step, value)], text tag -> [(step, text)]) of a run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    scalars = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
+    texts = {t.removesuffix("/text_summary"): [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(t)]
+             for t in events.Tags()["tensors"]}
+    return scalars, texts
+
+
+@pytest.fixture
+def demo_file(tmp_path, demo_records) -> Path:
+    return write_jsonl(tmp_path / "demo.jsonl", demo_records)
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A peft adapter folder for the tiny model, with weights that do something."""
+    from lit_mistral.modeling.adapters import save_adapter
+
+    module = adapted(tiny_model_dir)
+    folder = tmp_path_factory.mktemp("adapter") / "adapter"
+    return save_adapter(module.model, module.tokenizer, folder, str(tiny_model_dir))

@@ -1,182 +1,37 @@
-"""The command line as users run it: configs parse, fit -> checkpoint -> resume -> predict, and bad input."""
+"""The command line itself: every shipped config parses, options are grouped by concern in `--help`, an unknown
+option is one clear error."""
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import ROOT, write_jsonl
-from lit_mistral.cli import main
+from conftest import ROOT, run_cli
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-
-
-def cli(*args: str) -> None:
-    main([str(a) for a in args])
-
-
-def fails(capsys, *args: str) -> str:
-    """Run the CLI, expect exit status 2, return what it printed on stderr."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli(*args)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_every_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli("fit", "--config", config, "--print_config")
+        run_cli("fit", "--config", config, "--print_config")
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "model:" in printed and "data:" in printed and "trainer:" in printed
 
 
-def tiny_args(tiny_model_dir, data_file, root, *extra) -> list:
-    return ["--model.name_or_path", tiny_model_dir, "--data.path", data_file, "--trainer.accelerator", "cpu",
-            "--trainer.precision", "32-true", "--trainer.default_root_dir", root, "--data.max_length", "256",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra]
-
-
-def test_fit_checkpoint_resume_predict(tiny_model_dir, tmp_path, demo_records):
-    data = write_jsonl(tmp_path / "demo.jsonl", demo_records)
-    questions = tmp_path / "questions.txt"
-    questions.write_text("Name a fish.\nWhat is the capital of France?\n\nHow do plants make food?\n")
-    root = tmp_path / "runs"
-    args = tiny_args(tiny_model_dir, data, root, "--data.train_records", "[0, 40]", "--data.val_records", "[40, 48]",
-                     "--trainer.val_check_interval", "3", "--checkpoint.every_n_train_steps", "3")
-    cli("fit", *args, "--trainer.max_steps", "3")
-    run = root / "lightning_logs" / "version_0"
-    assert (run / "checkpoints" / "last.ckpt").is_file()
-    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "config.yaml").is_file()
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(next(run.glob("events.out.tfevents.*"))))
-    events.Reload()
-    assert {"train/loss", "val/loss", "val/ppl", "train/grad_norm", "train/tokens_per_s",
-            "train/time_to_first_step_s", "lr-PagedAdamW32bit"} <= set(events.Tags()["scalars"])
-    first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert first["global_step"] == 3
-
-    cli("fit", *args, "--trainer.max_steps", "6", "--ckpt_path", "last")  # resumes in the same run folder
-    assert not (root / "lightning_logs" / "version_1").exists()
-    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert resumed["global_step"] == 6
-    assert any(not torch.equal(resumed["state_dict"][k], first["state_dict"][k]) for k in first["state_dict"])
-
-    out = tmp_path / "answers.jsonl"
-    cli("predict", *args, "--data.predict_path", questions, "--ckpt_path", run / "adapter",
-        "--model.max_new_tokens", "5", "--predictions.path", out)
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["instruction"] for r in rows] == ["Name a fish.", "What is the capital of France?",
-                                                "How do plants make food?"]
-    assert [r["index"] for r in rows] == [0, 1, 2]
-    assert all(isinstance(r["response"], str) and 0 < r["response_tokens"] <= 5 for r in rows)
-
-    # a Lightning checkpoint works for predict too, and an existing output is never overwritten silently
+def test_help_groups_options_by_concern(capsys):
     with pytest.raises(SystemExit):
-        cli("predict", *args, "--data.predict_path", questions, "--ckpt_path", run / "checkpoints" / "last.ckpt",
-            "--model.max_new_tokens", "5", "--predictions.path", out)
-    assert out.read_text().count("\n") == 3
-    cli("predict", *args, "--data.predict_path", questions, "--ckpt_path", run / "checkpoints" / "last.ckpt",
-        "--model.max_new_tokens", "5", "--predictions.path", out, "--predictions.overwrite", "true")
-    assert out.read_text().count("\n") == 3
-
-
-def tensorboard(run: Path) -> tuple[dict, dict]:
-    """(scalar tag -> [(step, value)], text tag -> [(step, text)]) of a run's TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run), size_guidance={"tensors": 0, "scalars": 0})
-    events.Reload()
-    scalars = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
-    texts = {t.removesuffix("/text_summary"): [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(t)]
-             for t in events.Tags()["tensors"]}
-    return scalars, texts
-
-
-def test_fit_compares_with_the_base_and_validate_reproduces_it(tiny_model_dir, tmp_path, demo_records):
-    """`fit --model.compare_base true` ends with base vs fine-tuned on the validation split, in the run folder and
-    its TensorBoard run; `validate` with the adapter (and without it: the base) gives the same numbers."""
-    data = write_jsonl(tmp_path / "demo.jsonl", demo_records)
-    root = tmp_path / "runs"
-    args = tiny_args(tiny_model_dir, data, root, "--data.train_records", "[0, 40]", "--data.val_records", "[40, 52]",
-                     "--model.learning_rate", "0.01", "--model.eval_max_examples", "5",
-                     "--model.eval_max_new_tokens", "4")
-    cli("fit", *args, "--trainer.max_steps", "4", "--trainer.val_check_interval", "1",
-        "--model.sample_every_n_val", "2", "--model.num_samples", "2", "--model.compare_base", "true")
-    run = root / "lightning_logs" / "version_0"
-    report = json.loads((run / "evaluation.json").read_text())
-    base, tuned = report["metrics"]["base"], report["metrics"]["fine-tuned"]
-    assert report["adapter"] == str(run / "adapter") and report["global_step"] == 4
-    assert tuned["loss"] < base["loss"]
-    assert report["counts"]["all"] == {"loss": 12, "generation": 5} and report["val_examples"] == 12
-    assert {"rougeL", "exact_match", "contains", "closed_qa/loss", "closed_qa/rougeL"} <= set(tuned)
-    assert len(report["examples"]) == 5 and all(e["fine-tuned"]["response_tokens"] <= 4 for e in report["examples"])
-    markdown = (run / "evaluation.md").read_text()
-    assert "| category | n | metric | base | fine-tuned | change |" in markdown
-    scalars, texts = tensorboard(run)
-    # 4 validations (Lightning logs them at the count of steps before), then the comparison at the last step
-    assert [step for step, _ in scalars["val/loss"]] == [0, 1, 2, 3, 4]
-    assert scalars["val_base/loss"] == [(4, pytest.approx(base["loss"]))]
-    assert scalars["val/rougeL"] == [(4, pytest.approx(tuned["rougeL"]))]  # generation metrics: not during fit
-    assert [step for step, _ in texts["samples/0"]] == [2, 4] and "**Step 4**" in texts["samples/1"][1][1]
-    assert texts["evaluation"] == [(4, markdown)]
-
-    cli("validate", *args, "--ckpt_path", run / "adapter", "--model.compare_base", "true")
-    again = json.loads((root / "lightning_logs" / "version_1" / "evaluation.json").read_text())
-    assert again["metrics"]["fine-tuned"] == pytest.approx(tuned, rel=1e-4)
-    assert again["metrics"]["base"] == pytest.approx(base, rel=1e-4)
-    cli("validate", *args)  # fresh adapters change nothing: this is the base
-    alone = json.loads((root / "lightning_logs" / "version_2" / "evaluation.json").read_text())
-    assert alone["adapter"] is None and alone["metrics"]["model"] == pytest.approx(base, rel=1e-4)
-
-
-@pytest.mark.parametrize("extra,message", [
-    (["--model.compare_base", "true"], "there is no adapter to compare with the base model"),
-    (["--data.val_path", "refs.jsonl"], "refs.jsonl:2: field 'response' is missing"),
-    (["--data.val_records", "[100, 120]"], "data.val_records=[100, 120] selects nothing: "),
-    ([], "validate: there is no validation data"),
-    (["--model.eval_max_examples", "-1", "--model.eval_max_new_tokens", "0"],
-     "model.eval_max_new_tokens=0: expected >= 1\n  model.eval_max_examples=-1: expected >= 0"),
-])
-def test_validate_bad_input_one_clear_error(tiny_model_dir, tmp_path, demo_records, capsys, extra, message,
-                                            monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    write_jsonl(tmp_path / "refs.jsonl", [{"instruction": "Name a fish.", "response": "Tope"},
-                                          {"instruction": "Name a bird."}])
-    data = write_jsonl(tmp_path / "demo.jsonl", demo_records)
-    err = fails(capsys, "validate", *tiny_args(tiny_model_dir, data, tmp_path / "runs"), *extra)
-    assert message.replace("\\n", "\n") in err and "Traceback" not in err
-    assert not list((tmp_path / "runs").rglob("evaluation.*"))
-
-
-@pytest.mark.parametrize("extra,message", [
-    (["--data.prompt_style", "vicuna"], "unknown prompt style 'vicuna'"),
-    (["--data.path", "missing.jsonl"], "file 'missing.jsonl' does not exist"),
-    (["--data.path", "notes.xml"], "unsupported extension '.xml'"),
-    (["--model.lora_target_modules", "[qkv]"], "match no module"),
-    (["--ckpt_path", "nowhere.ckpt"], "'nowhere.ckpt' does not exist"),
-    (["--ckpt_path", "last"], "no last.ckpt under"),
-])
-def test_bad_input_one_clear_error(tiny_model_dir, tmp_path, demo_records, capsys, extra, message, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    if "notes.xml" in extra:
-        (tmp_path / "notes.xml").write_text("<a/>")
-    data = write_jsonl(tmp_path / "demo.jsonl", demo_records)
-    err = fails(capsys, "fit", *tiny_args(tiny_model_dir, data, tmp_path / "runs", "--trainer.max_steps", "1"),
-                *extra)
-    assert message in err and "Traceback" not in err
-    assert not list((tmp_path / "runs").rglob("*.ckpt"))  # nothing half-written
-
-
-def test_malformed_line_stops_before_the_model_loads(tiny_model_dir, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "response": "b"}, '{"instruction": '])
-    err = fails(capsys, "fit", *tiny_args(tiny_model_dir, data, tmp_path / "runs", "--trainer.max_steps", "1"))
-    assert "bad.jsonl:2: malformed JSON" in err and "Loaded" not in err
+        run_cli("fit", "--help")
+    out = capsys.readouterr().out
+    for section, option in [("Quantization of the frozen base", "--model.quantization.method"),
+                            ("The LoRA adapters", "--model.lora.r"),
+                            ("How forward and backward run", "--model.compute.gradient_checkpointing"),
+                            ("Optimizer, schedule, non-finite losses", "--model.optimization.learning_rate"),
+                            ("How `predict` generates", "--model.generation.max_new_tokens"),
+                            ("Evaluation on the validation split", "--evaluation.compare_base")]:
+        start = out.index(section)
+        assert option in out[start: start + 3000], (section, option)
 
 
 def test_unknown_option_exits_2_without_traceback(tmp_path):
@@ -184,36 +39,3 @@ def test_unknown_option_exits_2_without_traceback(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert "no_such_option" in result.stderr and "Traceback" not in result.stderr
-
-
-@pytest.mark.slow
-def test_demo_config_end_to_end(smollm2_gguf, tmp_path):
-    """The README's demo: the real SmolLM2-135M from the GGUF file, NF4, LoRA, on the shipped records; then predict
-    with the adapter it wrote (short runs here)."""
-    root = tmp_path / "demo"
-    common = ["--config", ROOT / "configs" / "demo.yaml", "--trainer.default_root_dir", root,
-              "--trainer.enable_progress_bar", "false"]
-    cli("fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-        "--data.val_records", "[56, 58]")
-    run = root / "lightning_logs" / "version_0"
-    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    assert adapter["r"] == 8 and adapter["peft_type"] == "LORA"
-    cli("predict", *common, "--ckpt_path", run / "adapter", "--model.max_new_tokens", "8")
-    rows = [json.loads(line) for line in (root / "lightning_logs" / "version_1" / "predictions.jsonl").open()]
-    assert len(rows) == 8 and all(r["response"] for r in rows)
-
-
-@pytest.mark.slow
-def test_short_fine_tune_of_the_real_model_lowers_validation_loss(smollm2_gguf, tmp_path):
-    """The real SmolLM2-135M-Instruct (NF4 + LoRA, the demo config): a few steps on the shipped records lower the
-    response loss on held-out records below the base model's, measured by the end-of-fit comparison."""
-    root = tmp_path / "proof"
-    cli("fit", "--config", ROOT / "configs" / "demo.yaml", "--trainer.default_root_dir", root,
-        "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "8", "--trainer.val_check_interval", "14",
-        "--data.max_length", "192", "--model.learning_rate", "0.002", "--model.compare_base", "true",
-        "--model.eval_max_examples", "2", "--model.eval_max_new_tokens", "8")
-    report = json.loads((root / "lightning_logs" / "version_0" / "evaluation.json").read_text())
-    base, tuned = report["metrics"]["base"], report["metrics"]["fine-tuned"]
-    assert report["global_step"] == 8 and report["counts"]["all"] == {"loss": 8, "generation": 2}
-    assert tuned["loss"] < base["loss"] - 0.1, (base["loss"], tuned["loss"])
-    assert all(e["fine-tuned"]["response"] and e["base"]["response"] for e in report["examples"])

@@ -7,23 +7,10 @@ import sys
 import pytest
 import torch
 
-from lit_mistral.cli import main
+from conftest import adapted, make_module, run_cli
 from lit_mistral.errors import LitMistralError
-from lit_mistral.export import merge_adapter
-from lit_mistral.model import QLoRAModule
-
-
-def adapted(tiny_model_dir, **kw) -> QLoRAModule:
-    """The tiny model with LoRA weights that do something (B is zero at initialization)."""
-    module = QLoRAModule(name_or_path=str(tiny_model_dir), compute_dtype="float32", gradient_checkpointing=False,
-                         lora_target_modules=["q_proj", "v_proj", "gate_proj", "down_proj", "lm_head"], **kw)
-    module.build(torch.device("cpu"))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in module.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return module.eval()
+from lit_mistral.export import export
+from lit_mistral.modeling.merge import merge_adapter
 
 
 IDS = torch.tensor([[1, 10, 20, 30, 40, 50, 60], [1, 7, 8, 9, 3, 3, 3]])
@@ -33,7 +20,7 @@ IDS = torch.tensor([[1, 10, 20, 30, 40, 50, 60], [1, 7, 8, 9, 3, 3, 3]])
 def test_merged_model_computes_what_base_plus_adapter_computes(tiny_model_dir, quantize, tolerance):
     """4-bit base: the merged weight is dequantize(W) + scale * B @ A, so logits agree to float32 rounding of the
     summation order (stated tolerance 1e-4 absolute); an unquantized base merges exactly up to 1e-5."""
-    module = adapted(tiny_model_dir, quantize=quantize)
+    module = adapted(tiny_model_dir, quantization={"method": quantize})
     with torch.no_grad():
         reference = module.model(input_ids=IDS).logits
         with module.model.disable_adapter():
@@ -50,16 +37,14 @@ def test_merged_model_computes_what_base_plus_adapter_computes(tiny_model_dir, q
     torch.testing.assert_close(logits, reference, atol=tolerance, rtol=0)
 
 
-def test_export_writes_a_plain_hugging_face_folder(tiny_model_dir, tmp_path):
-    module = adapted(tiny_model_dir)
-    module.save_adapter(tmp_path / "adapter")
+def test_export_writes_a_plain_hugging_face_folder(tiny_model_dir, adapter_dir, tmp_path):
     with torch.no_grad():
-        reference = module.model(input_ids=IDS).logits
+        reference = adapted(tiny_model_dir).model(input_ids=IDS).logits  # the weights adapter_dir holds
     out = tmp_path / "merged"
-    main(["export", "--model.name_or_path", str(tiny_model_dir), "--model.compute_dtype", "float32",
-          "--model.lora_target_modules", "[q_proj, v_proj, gate_proj, down_proj, lm_head]",
-          "--trainer.accelerator", "cpu", "--ckpt_path", str(tmp_path / "adapter"), "--output_dir", str(out),
-          "--dtype", "float32", "--adapter", "true"])
+    run_cli("export", "--model.name_or_path", tiny_model_dir, "--model.compute.dtype", "float32",
+            "--model.lora.target_modules", "[q_proj, v_proj, gate_proj, down_proj, lm_head]",
+            "--trainer.accelerator", "cpu", "--ckpt_path", adapter_dir, "--output_dir", out,
+            "--dtype", "float32", "--adapter", "true")
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
     assert (out / "adapter" / "adapter_config.json").is_file()
     config = json.loads((out / "config.json").read_text())
@@ -79,9 +64,7 @@ def test_export_refuses_to_overwrite_and_needs_a_checkpoint(tiny_model_dir, tmp_
     out = tmp_path / "merged"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    module = QLoRAModule(name_or_path=str(tiny_model_dir))
-    from lit_mistral.export import export
-
+    module = make_module(tiny_model_dir)
     with pytest.raises(LitMistralError, match="exists and is not empty.*--overwrite true"):
         export(module, str(tmp_path), out, torch.float32, torch.device("cpu"))
     with pytest.raises(LitMistralError, match="export needs --ckpt_path"):

@@ -6,21 +6,10 @@ generate after it (without the end-of-sequence token, which tokenization appends
 "</s>" in the data can never stand in for it).
 """
 
-from dataclasses import dataclass
 from typing import ClassVar
 
+from lit_mistral.data.records import Example
 from lit_mistral.errors import LitMistralError
-
-
-@dataclass  # not frozen: Lightning rebuilds dataclasses in batches when moving them to the device
-class Example:
-    """One instruction record. `response` is None for inputs to predict."""
-
-    instruction: str
-    context: str = ""
-    response: str | None = None
-    category: str | None = None
-    where: str = ""  # "file.jsonl:12" or "hub-id[7]": named in every error about this record
 
 
 class PromptStyle:

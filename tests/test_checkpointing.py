@@ -2,7 +2,6 @@
 never loaded by unpickling arbitrary objects."""
 
 import errno
-import json
 import os
 import resource
 import signal
@@ -10,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from lit_mistral.checkpoint import AtomicCheckpointIO
+from lit_mistral.checkpointing import AtomicCheckpointIO
 from lit_mistral.errors import LitMistralError
 
 
@@ -73,7 +72,7 @@ def test_disk_full_names_the_fix(tmp_path, monkeypatch):
             f.write(data[: len(data) // 3])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("lit_mistral.checkpoint._write_durably", full_disk)
+    monkeypatch.setattr("lit_mistral.checkpointing._write_durably", full_disk)
     with pytest.raises(LitMistralError, match=r"No space left on device\. The previous last\.ckpt is intact\. Fix: "
                                               r"free space there, or set --trainer\.default_root_dir to a disk with "
                                               r"room \(a checkpoint takes 1\.0 MiB\); then continue with --ckpt_path last"):
@@ -107,39 +106,3 @@ def test_truncated_checkpoint_is_named(tmp_path):
     with pytest.raises(LitMistralError, match=r"old.ckpt: not a complete checkpoint \(.*\)\. Fix: pass another "
                                               r"one; a run's checkpoints/ folder keeps the last complete ones"):
         AtomicCheckpointIO().load_checkpoint(path)
-
-
-def test_adapter_with_pickled_objects_is_refused(tiny_model_dir, tmp_path):
-    from peft import LoraConfig
-
-    from lit_mistral.model import QLoRAModule
-
-    folder = tmp_path / "adapter"
-    LoraConfig(task_type="CAUSAL_LM", r=8, target_modules=["q_proj"]).save_pretrained(folder)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = str(tiny_model_dir)
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    marker = tmp_path / "code-ran"
-    torch.save({"payload": Opener(marker)}, folder / "adapter_model.bin")  # peft's pickle format, no safetensors
-    module = QLoRAModule(name_or_path=str(tiny_model_dir), adapter_path=str(folder))
-    with pytest.raises(LitMistralError, match=r"adapter_model.bin: holds pickled Python objects \(io.open\)"):
-        module.configure_model()
-    assert not marker.exists()
-
-
-def test_output_folders_are_written_whole_and_a_cache_entry_built_meanwhile_wins(tmp_path):
-    from lit_mistral.files import writing_folder
-
-    target = tmp_path / "out"
-    with pytest.raises(RuntimeError), writing_folder(target) as tmp:
-        (tmp / "a.txt").write_text("half")
-        raise RuntimeError("killed midway")
-    assert not target.exists() and list(tmp_path.iterdir()) == []  # nothing half-written, no leftovers
-    with writing_folder(target) as tmp:
-        (tmp / "a.txt").write_text("first")
-    with writing_folder(target) as tmp:  # an output folder: the new one replaces the old
-        (tmp / "a.txt").write_text("second")
-    assert (target / "a.txt").read_text() == "second"
-    with writing_folder(target, keep_existing=True) as tmp:  # a cache entry: the one already there stays
-        (tmp / "a.txt").write_text("third")
-    assert (target / "a.txt").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["out"]

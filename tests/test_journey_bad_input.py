@@ -1,4 +1,4 @@
-"""Bad input through the command line: every bad record and every incompatible setting stops the run before the
+"""Journey: bad input through the command line: every bad record and every incompatible setting stops the run before the
 model loads, with one message naming the file and line (or the option) and the fix, and exit status 2."""
 
 import json
@@ -6,10 +6,8 @@ import json
 import pytest
 import torch
 
-from conftest import write_jsonl
-from lit_mistral.cli import main
-from lit_mistral.errors import LitMistralError
-from lit_mistral.model import QLoRAModule
+from conftest import cli_args, cli_fails, run_cli, write_jsonl
+from lit_mistral.module import QLoRAModule
 
 GOOD = {"instruction": "Name a fish.", "context": "", "response": "A trout."}
 
@@ -20,20 +18,8 @@ def model_must_not_load(monkeypatch):
     monkeypatch.setattr(QLoRAModule, "configure_model", lambda self: pytest.fail("the model was loaded"))
 
 
-def run_fails(capsys, *args) -> str:
-    """Run the CLI; assert exit status 2 and no traceback; return stderr. Use with `model_must_not_load`."""
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert "Traceback" not in err
-    return err
-
-
-def common(tiny_model_dir, tmp_path) -> list:
-    return ["--model.name_or_path", tiny_model_dir, "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
-            "--trainer.default_root_dir", tmp_path / "runs", "--data.max_length", "256", "--trainer.max_steps", "1",
-            "--trainer.enable_progress_bar", "false"]
+def args(subcommand, tiny_model_dir, tmp_path, *extra) -> list[str]:
+    return cli_args(subcommand, tiny_model_dir, tmp_path / "runs", "--trainer.max_steps", "1", *extra)
 
 
 def line(record) -> str:
@@ -87,7 +73,7 @@ def test_bad_training_data_stops_before_the_model_loads(tiny_model_dir, tmp_path
         path.write_text(content)
     else:
         write_jsonl(path, [line(r) for r in content])
-    err = run_fails(capsys, "fit", *common(tiny_model_dir, tmp_path), "--data.path", path)
+    err = cli_fails(capsys, *args("fit", tiny_model_dir, tmp_path, "--data.path", path))
     assert message.format(dir=tmp_path) in err
     if case not in ("no-records", "json-not-a-list", "json-malformed"):  # whole-file problems: nothing to skip
         assert "Fix: correct these records, or set --data.skip_invalid true to leave them out." in err
@@ -98,11 +84,11 @@ def test_bad_training_data_stops_before_the_model_loads(tiny_model_dir, tmp_path
 def test_bad_validation_and_predict_files_are_named(tiny_model_dir, tmp_path, capsys, demo_records):
     train = write_jsonl(tmp_path / "train.jsonl", demo_records[:8])
     val = write_jsonl(tmp_path / "val.jsonl", [GOOD, {"instruction": "x"}])
-    err = run_fails(capsys, "fit", *common(tiny_model_dir, tmp_path), "--data.path", train, "--data.val_path", val)
+    err = cli_fails(capsys, *args("fit", tiny_model_dir, tmp_path, "--data.path", train, "--data.val_path", val))
     assert f"{val}:2: field 'response' is missing" in err
     questions = write_jsonl(tmp_path / "questions.jsonl", [{"instruction": "Name a fish."}, {"context": "no question"}])
-    err = run_fails(capsys, "predict", *common(tiny_model_dir, tmp_path), "--data.path", train,
-                    "--data.predict_path", questions)
+    err = cli_fails(capsys, *args("predict", tiny_model_dir, tmp_path, "--data.path", train,
+                    "--data.predict_path", questions))
     assert f"{questions}:2: field 'instruction' is missing" in err
 
 
@@ -114,8 +100,8 @@ def test_skip_invalid_leaves_bad_records_out_and_counts_them(tiny_model_dir, tmp
     path = write_jsonl(tmp_path / "train.jsonl", records)
     with pytest.warns(UserWarning, match=r"data.path: skipped 3 invalid record\(s\) of 8 in .*train.jsonl "
                                          r"\(data.skip_invalid=true\): .*train.jsonl:2: malformed JSON"):
-        main([str(a) for a in ("fit", *common(tiny_model_dir, tmp_path), "--data.path", path,
-                               "--data.skip_invalid", "true", "--data.batch_size", "5")])
+        run_cli(*args("fit", tiny_model_dir, tmp_path, "--data.path", path, "--data.skip_invalid", "true",
+                      "--data.batch_size", "5"))
     last = torch.load(tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
                       weights_only=True)
     assert last["global_step"] == 1  # and the run went on without them
@@ -123,37 +109,43 @@ def test_skip_invalid_leaves_bad_records_out_and_counts_them(tiny_model_dir, tmp
 
 # (case, options or a YAML config, what the message must say): none of these gets past the parsed config
 BAD_SETTINGS = [
-    ("unknown-option", ["--model.lora_rank", "4"], "error: unrecognized arguments: --model.lora_rank 4"),
+    ("unknown-option", ["--model.lora.rank", "4"], "error: unrecognized arguments: --model.lora.rank 4"),
+    ("renamed-option", ["--model.lora_r", "4", "--model.compare_base", "true"],
+     "options renamed when the settings were grouped (2026-12-01):\n  --model.lora_r is now --model.lora.r\n  "
+     "--model.compare_base is now --evaluation.compare_base\nFix: use the new names"),
+    ("renamed-key-in-yaml", {"model": {"quantize": "nf4"}}, "model.quantize is now model.quantization.method"),
     ("unknown-key-in-yaml", {"model": {"lora_rank": 4}}, "Subcommand 'fit' does not accept option 'model.lora_rank'"),
-    ("wrong-type", ["--model.lora_r", "eight"], 'Parser key "model.lora_r":\n  Expected a <class \'int\'>. '
+    ("wrong-type", ["--model.lora.r", "eight"], 'Parser key "model.lora.r":\n  Expected a <class \'int\'>. '
                                                  "Got value: eight"),
     ("wrong-type-in-yaml", {"data": {"batch_size": "four"}}, 'Parser key "data.batch_size":\n  Expected a <class '
                                                               "'int'>. Got value: four"),
-    ("not-a-choice", ["--model.nonfinite", "ignore"], 'Parser key "model.nonfinite"'),
-    ("out-of-range", ["--model.lora_dropout", "1.5"], "model.lora_dropout=1.5: expected 0 <= dropout < 1"),
-    ("fp16-compute-with-4bit", ["--model.compute_dtype", "float16"],
-     "model.compute_dtype=float16 with 4-bit weights overflows in LoRA training; use bfloat16"),
+    ("not-a-choice", ["--model.optimization.nonfinite", "ignore"], 'Parser key "model.optimization.nonfinite"'),
+    ("out-of-range", ["--model.lora.dropout", "1.5"], "model.lora.dropout=1.5: expected 0 <= dropout < 1"),
+    ("fp16-compute-with-4bit", ["--model.compute.dtype", "float16"],
+     "model.compute.dtype=float16 with 4-bit weights overflows in LoRA training; use bfloat16"),
     ("fp16-precision-with-4bit", ["--trainer.precision", "16-mixed"],
-     "trainer.precision=16-mixed with model.quantize=nf4: float16 matmuls on a 4-bit base overflow in LoRA training "
-     "(NaN losses, often thousands of steps in; the reason model.compute_dtype=float16 is refused too). Fix: "
-     "--trainer.precision bf16-mixed on GPUs with bfloat16 (Ampere or newer), 32-true with --model.compute_dtype "
-     "float32 on older ones, or --model.quantize null."),
-    ("fp16-weights-with-adamw", ["--trainer.precision", "16-true", "--model.quantize", "null", "--model.optimizer",
-                                 "adamw"],
-     "trainer.precision=16-true with model.optimizer=adamw: torch's AdamW on float16 LoRA weights adds eps=1e-8, "
+     "trainer.precision=16-mixed with model.quantization.method=nf4: float16 matmuls on a 4-bit base overflow in "
+     "LoRA training (NaN losses, often thousands of steps in; the reason model.compute.dtype=float16 is refused too). "
+     "Fix: --trainer.precision bf16-mixed on GPUs with bfloat16 (Ampere or newer), 32-true with --model.compute.dtype "
+     "float32 on older ones, or --model.quantization.method null."),
+    ("fp16-weights-with-adamw", ["--trainer.precision", "16-true", "--model.quantization.method", "null",
+                                 "--model.optimization.optimizer", "adamw"],
+     "trainer.precision=16-true with model.optimization.optimizer=adamw: torch's AdamW on float16 LoRA weights adds "
+     "eps=1e-8, "
      "which is 0 in float16, so 0/0 turns the adapters NaN at the second step. Fix: --trainer.precision bf16-mixed "
      "or 16-mixed (float32 adapters), or a bitsandbytes optimizer (paged_adamw_32bit keeps its state in float32)."),
-    ("liger-on-cpu", ["--model.kernels", "liger"], "model.kernels=liger: Liger's Triton kernels run on CUDA GPUs only. "
-                                                   "Fix: set --model.kernels null on this machine."),
+    ("liger-on-cpu", ["--model.compute.kernels", "liger"],
+     "model.compute.kernels=liger: Liger's Triton kernels run on CUDA GPUs only. Fix: set --model.compute.kernels null "
+     "on this machine."),
     ("unknown-strategy", ["--trainer.strategy", "fsdp2", "--trainer.devices", "2"],
      "trainer settings: You selected an invalid strategy name: `strategy='fsdp2'`"),
     ("lightning-fsdp", ["--trainer.strategy", "fsdp", "--trainer.devices", "2"],
      "trainer.strategy=fsdp: Lightning's FSDP cannot shard a QLoRA model (it flattens the 4-bit weights and the "
      "float32 adapters of a layer into one tensor, and casts the packed 4-bit storage). Fix: --trainer.strategy "
      "fsdp_qlora (configs/qlora-fsdp.yaml)."),
-    ("fsdp-with-uint8-storage", ["--trainer.strategy", "fsdp_qlora", "--model.quant_storage", "uint8"],
-     "model.quant_storage=uint8 with trainer.strategy=fsdp_qlora: FSDP flattens a layer's weights into one tensor of "
-     "one dtype. Fix: --model.quant_storage auto (the compute dtype)."),
+    ("fsdp-with-uint8-storage", ["--trainer.strategy", "fsdp_qlora", "--model.quantization.storage", "uint8"],
+     "model.quantization.storage=uint8 with trainer.strategy=fsdp_qlora: FSDP flattens a layer's weights into one "
+     "tensor of one dtype. Fix: --model.quantization.storage auto (the compute dtype)."),
     ("fsdp-bf16-true", ["--trainer.strategy", "fsdp_qlora", "--trainer.precision", "bf16-true"],
      "trainer.precision=bf16-true with trainer.strategy=fsdp_qlora: supported are bf16-mixed (GPUs) and 32-true."),
     ("overlapping-records", ["--data.train_records", "[0, 10]", "--data.val_records", "[5, 15]"],
@@ -172,7 +164,7 @@ def test_bad_settings_stop_before_the_model_loads(tiny_model_dir, tmp_path, caps
         config = tmp_path / "config.yaml"
         config.write_text(yaml.safe_dump(settings))
         settings = ["--config", config]
-    err = run_fails(capsys, "fit", *common(tiny_model_dir, tmp_path), "--data.path", data, *settings)
+    err = cli_fails(capsys, *args("fit", tiny_model_dir, tmp_path, "--data.path", data, *settings))
     assert message in err
 
 
@@ -180,8 +172,8 @@ def test_bad_settings_stop_before_the_model_loads(tiny_model_dir, tmp_path, caps
 @pytest.mark.usefixtures("model_must_not_load")
 def test_gpu_asked_for_on_a_machine_without_one(tiny_model_dir, tmp_path, capsys, demo_records):
     data = write_jsonl(tmp_path / "train.jsonl", demo_records[:16])
-    err = run_fails(capsys, "fit", *common(tiny_model_dir, tmp_path), "--data.path", data, "--trainer.accelerator",
-                    "gpu", "--trainer.precision", "bf16-mixed")
+    err = cli_fails(capsys, *args("fit", tiny_model_dir, tmp_path, "--data.path", data, "--trainer.accelerator",
+                    "gpu", "--trainer.precision", "bf16-mixed"))
     assert "trainer.accelerator=gpu: no CUDA GPU is usable (" in err
     assert "Fix: install a CUDA build of torch, or run on the CPU with --trainer.accelerator cpu" in err
 
@@ -193,18 +185,11 @@ def test_quantization_on_a_gpu_needs_bitsandbytes_with_cuda(tiny_model_dir, tmp_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("lit_mistral.checks.bitsandbytes_has_cuda", lambda: False)
     data = write_jsonl(tmp_path / "train.jsonl", demo_records[:16])
-    err = run_fails(capsys, "fit", *common(tiny_model_dir, tmp_path), "--data.path", data, "--trainer.accelerator",
-                    "gpu", "--trainer.precision", "bf16-mixed")
-    assert ("model.quantize=nf4 and model.optimizer=paged_adamw_32bit on a GPU need bitsandbytes' CUDA library, but "
-            "it loaded its CPU one") in err
-    assert "--model.quantize null --model.optimizer adamw" in err
-    # without bitsandbytes in the way, the same machine is fine as far as the checks go
-    from jsonargparse import Namespace
-
-    from lit_mistral.checks import check_settings
-
-    check_settings("fit", Namespace(quantize=None, optimizer="adamw", kernels=None),
-                   Namespace(precision="bf16-mixed", accelerator="gpu"))
+    err = cli_fails(capsys, *args("fit", tiny_model_dir, tmp_path, "--data.path", data, "--trainer.accelerator",
+                    "gpu", "--trainer.precision", "bf16-mixed"))
+    assert ("model.quantization.method=nf4 and model.optimization.optimizer=paged_adamw_32bit on a GPU need "
+            "bitsandbytes' CUDA library, but it loaded its CPU one") in err
+    assert "--model.quantization.method null --model.optimization.optimizer adamw" in err
 
 
 def test_trust_remote_code_is_off_unless_turned_on(capsys):
@@ -212,11 +197,11 @@ def test_trust_remote_code_is_off_unless_turned_on(capsys):
 
     import yaml
 
-    from lit_mistral.data import InstructionDataModule
+    from lit_mistral.data.datamodule import InstructionDataModule
     from lit_mistral.sources import load_tokenizer
 
     with pytest.raises(SystemExit):
-        main(["fit", "--print_config"])
+        run_cli("fit", "--print_config")
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["trust_remote_code"] is False
     assert "trust_remote_code" not in config["data"]  # the tokenizer follows the model's setting (linked)
@@ -229,56 +214,8 @@ def test_predict_never_replaces_an_existing_output(tiny_model_dir, tmp_path, cap
     questions.write_text("Name a fish.\n")
     out = tmp_path / "answers.jsonl"
     out.write_text("earlier answers\n")
-    err = run_fails(capsys, "predict", *common(tiny_model_dir, tmp_path), "--data.predict_path", questions,
-                    "--predictions.path", out, "--model.max_new_tokens", "2")
+    err = cli_fails(capsys, *args("predict", tiny_model_dir, tmp_path, "--data.predict_path", questions,
+                    "--predictions.path", out, "--model.generation.max_new_tokens", "2"))
     assert (f"predictions.path: '{out}' exists. Fix: pass --predictions.resume true to finish an interrupted run, "
             "--predictions.overwrite true to replace it, or choose another path.") in err
     assert out.read_text() == "earlier answers\n"
-
-
-@pytest.mark.parametrize("subcommand", ["predict", "export"])
-def test_fsdp_is_for_training_only(subcommand):
-    from jsonargparse import Namespace
-
-    from lit_mistral.checks import check_settings
-
-    with pytest.raises(LitMistralError, match=f"trainer.strategy=fsdp_qlora with {subcommand}: FSDP is for training"):
-        check_settings(subcommand, Namespace(quantize="nf4", optimizer="paged_adamw_32bit", kernels=None,
-                                             quant_storage="auto"),
-                       Namespace(precision="bf16-mixed", accelerator="cpu", strategy="fsdp_qlora"))
-
-
-@pytest.mark.parametrize("strategy", ["auto", "ddp"])
-def test_loading_on_the_cpu_is_for_fsdp_qlora(strategy, monkeypatch):
-    """Elsewhere the whole base would move to each GPU: no memory saved, only a slower load."""
-    from jsonargparse import Namespace
-
-    from lit_mistral.checks import check_settings
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr("lit_mistral.checks.bitsandbytes_has_cuda", lambda: True)
-    model = Namespace(quantize="nf4", optimizer="paged_adamw_32bit", kernels=None, quant_storage="auto",
-                      load_on="cpu")
-    with pytest.raises(LitMistralError, match=f"model.load_on=cpu with trainer.strategy={strategy}: only fsdp_qlora "
-                                              "moves a base loaded on the CPU to the GPU a layer at a time"):
-        check_settings("fit", model, Namespace(precision="bf16-mixed", accelerator="gpu", strategy=strategy))
-    check_settings("fit", model, Namespace(precision="bf16-mixed", accelerator="gpu", strategy="fsdp_qlora"))
-    check_settings("fit", model, Namespace(precision="32-true", accelerator="cpu", strategy="ddp"))  # already there
-
-
-def test_a_base_too_large_for_the_gpu_names_the_way_to_shard_it(tiny_model_dir, monkeypatch):
-    """Out of memory while loading is not a batch-size problem: the error says how to spread the base over GPUs."""
-    import transformers
-
-    def too_large(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 448.00 MiB.")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", too_large)
-    module = QLoRAModule(name_or_path=str(tiny_model_dir))
-    with pytest.raises(LitMistralError) as err:
-        module.build(torch.device("cpu"))
-    assert str(err.value) == (
-        f"model.name_or_path: {str(tiny_model_dir)!r} does not fit on cpu while loading (CUDA out of memory. Tried to "
-        "allocate 448.00 MiB.). Fix: --trainer.strategy fsdp_qlora --model.load_on cpu on several GPUs "
-        "(configs/qlora-fsdp.yaml): each then holds 1/N of the base, and never the whole of it; or a GPU with more "
-        "memory.")

@@ -1,10 +1,11 @@
 """Checkpoints that survive crashes and pre-emption: written whole or not at all, loaded without unpickling
-arbitrary objects, and one more written when the scheduler sends SIGTERM."""
+arbitrary objects, one more written when the scheduler sends SIGTERM, the random streams a resumed run needs to draw
+what the uninterrupted one would have, and finding a run's newest checkpoint."""
 
 import errno
 import io
 import os
-import re
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,22 +18,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_mistral.errors import LitMistralError
-
-SIGTERM_EXIT_STATUS = 128 + 15  # what a shell reports for a process ended by SIGTERM: schedulers see "not finished"
-
-
-def unreadable(path: str | os.PathLike, err: Exception) -> LitMistralError:
-    """The error for a weights file that `torch.load(weights_only=True)` refused or could not read."""
-    found = re.search(r"GLOBAL (\S+)", str(err))
-    if found:
-        return LitMistralError(
-            f"{path}: holds pickled Python objects ({found.group(1)}), not just tensors; lit_mistral does not load "
-            "them, because unpickling can run any code. Fix: use a checkpoint written by a lit_mistral fit run, or "
-            "an adapter folder (safetensors).")
-    reason = f"{type(err).__name__}: {str(err).split('. ')[0][:200]}"
-    return LitMistralError(f"{path}: not a complete checkpoint ({reason}). Fix: pass another one; a run's "
-                           "checkpoints/ folder keeps the last complete ones.")
+from lit_mistral.distributed import gather_objects
+from lit_mistral.errors import LitMistralError, unreadable
+from lit_mistral.io import publish
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -59,10 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             _write_durably(fd, buffer.getbuffer())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint is an ordinary output
-            os.replace(tmp, path)
+            publish(tmp, path)
             _fsync_dir(path.parent)  # the rename itself survives a power cut
         except OSError as err:
             Path(tmp).unlink(missing_ok=True)
@@ -126,3 +111,41 @@ class SaveOnSigterm(Callback):
         trainer.save_checkpoint(path)
         rank_zero_info(f"Received SIGTERM: saved {path} at step {trainer.global_step}. Continue with the same "
                        "command and --ckpt_path last.")
+
+
+class RandomState(Callback):
+    """Saves every process's random streams (torch, CUDA, Python) in checkpoints and restores them when `fit` resumes,
+    so LoRA dropout draws the masks the uninterrupted run would have. Every process's: they drift apart (each draws
+    dropout masks for batches of its own shapes); on another process count the streams of the first processes go on
+    (none is then exactly as it would have been)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if pl_module.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(pl_module.device)
+        checkpoint["rng"] = gather_objects(state, trainer.world_size)  # every process runs this hook
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        states = checkpoint.get("rng")
+        if not states or trainer.state.fn != "fit":
+            return
+        state = states[trainer.global_rank % len(states)]
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        if "cuda" in state and pl_module.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], pl_module.device)
+
+
+def find_last_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest `last.ckpt` under `root/lightning_logs/version_*/checkpoints/`."""
+    found = sorted(Path(root).glob("lightning_logs/version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def restore_adapter(module, path: str | os.PathLike) -> None:
+    """Load the adapter weights of a lit_mistral checkpoint into `module` (built already), as Lightning's restore
+    does for the model part (`on_load_checkpoint`, then the state dict), for callers without a Trainer loop: export.
+    Loops, optimizer and callbacks are not restored."""
+    checkpoint = AtomicCheckpointIO().load_checkpoint(path, map_location=module.device)
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"], strict=False)

@@ -1,81 +1,46 @@
-"""The real QLoRA path on a tiny random Mistral: bitsandbytes NF4 on CPU, peft LoRA, Lightning's Trainer."""
+"""The LightningModule on the real QLoRA path with a tiny random Mistral: bitsandbytes NF4 on CPU, peft LoRA,
+Lightning's Trainer. Losses, optimizers and schedules, checkpoints that hold only the adapter, non-finite losses."""
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import Callback
 
-from conftest import write_jsonl
-from lit_mistral.data import InstructionDataModule, collate_packed, collate_padded
+from conftest import make_module, trainer
+from lit_mistral.callbacks import SaveAdapter
+from lit_mistral.checkpointing import RandomState
+from lit_mistral.config import Optimization
+from lit_mistral.data.batching import collate_packed, collate_padded
+from lit_mistral.data.datamodule import InstructionDataModule
 from lit_mistral.errors import LitMistralError
-from lit_mistral.model import QLoRAModule
+from lit_mistral.evaluation.callback import Evaluation
+from lit_mistral.modeling.attention import packed_kwargs
+from lit_mistral.module import optimizer_and_schedule
 
 
-def make(tiny_model_dir, **kw) -> QLoRAModule:
-    kw.setdefault("lora_dropout", 0.0)
-    return QLoRAModule(name_or_path=str(tiny_model_dir), **kw)
+def make(tiny_model_dir, **settings):
+    settings.setdefault("lora", {})
+    settings["lora"].setdefault("dropout", 0.0)
+    return make_module(tiny_model_dir, **settings)
 
 
 def data(tiny_model_dir, path, **kw) -> InstructionDataModule:
     return InstructionDataModule(path=str(path), tokenizer=str(tiny_model_dir), max_length=256, **kw)
 
 
-def trainer(tmp_path, **kw) -> Trainer:
-    kw.setdefault("enable_checkpointing", False)
-    return Trainer(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-                   use_distributed_sampler=False, **kw)
-
-
-@pytest.fixture
-def demo_file(tmp_path, demo_records):
-    return write_jsonl(tmp_path / "demo.jsonl", demo_records)
-
-
-def test_builds_nf4_base_with_lora_adapters(tiny_model_dir):
-    import bitsandbytes as bnb
-
-    module = make(tiny_model_dir)
-    module.configure_model()
-    layers = [m for m in module.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert len(layers) == 2 * 7  # every attention and MLP projection of both layers
-    assert all(m.weight.quant_type == "nf4" for m in layers)
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n for n in trainable)
-    assert module.model.training  # Lightning keeps submodule modes; checkpointing acts only in train mode
-
-
-def test_fp4_and_random_init(tiny_model_dir, tmp_path):
-    """`quantize: fp4` quantizes to FP4; `random_init` needs only the config and tokenizer, no weights."""
-    import shutil
-
-    config_only = tmp_path / "config-only"
-    shutil.copytree(tiny_model_dir, config_only, ignore=shutil.ignore_patterns("*.safetensors"))
-    module = make(config_only, quantize="fp4", random_init=True)
-    module.configure_model()
-    layer = module.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
-    assert layer.weight.quant_type == "fp4"
-    with pytest.raises(LitMistralError, match="could not load"):
-        make(config_only).configure_model()
-
-
 @pytest.mark.parametrize("optimizer", ["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw"])
 @pytest.mark.parametrize("scheduler", ["linear", "cosine", "constant"])
-def test_optimizers_and_warmup_schedules(tiny_model_dir, tmp_path, optimizer, scheduler):
-    module = make(tiny_model_dir, optimizer=optimizer, lr_scheduler=scheduler, warmup_ratio=0.25,
-                  learning_rate=1e-3)
-    module.configure_model()
-
-    class Stub:
-        estimated_stepping_batches = 8
-
-    module._trainer = Stub()
-    config = module.configure_optimizers()
+def test_optimizers_and_warmup_schedules(optimizer, scheduler):
+    params = [torch.nn.Parameter(torch.randn(64, 64))]
+    config = optimizer_and_schedule(params, Optimization(optimizer=optimizer, lr_scheduler=scheduler,
+                                                         warmup_ratio=0.25, learning_rate=1e-3), total_steps=8)
     optimizer_, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
     assert type(optimizer_).__name__ == {"paged_adamw_32bit": "PagedAdamW32bit", "paged_adamw_8bit": "PagedAdamW8bit",
                                          "adamw_8bit": "AdamW8bit", "adamw": "AdamW"}[optimizer]
     lrs = []
     for _ in range(8):
         lrs.append(optimizer_.param_groups[0]["lr"])
+        params[0].grad = torch.ones_like(params[0])
         optimizer_.step()
         schedule.step()
     assert lrs[:3] == pytest.approx([0.0, 5e-4, 1e-3])  # 2 warmup steps (ratio 0.25 of 8)
@@ -85,19 +50,9 @@ def test_optimizers_and_warmup_schedules(tiny_model_dir, tmp_path, optimizer, sc
         assert lrs[3] < 1e-3 and lrs[-1] < lrs[3]  # decays after warmup
 
 
-def test_unknown_target_module_names_the_choices(tiny_model_dir):
-    with pytest.raises(LitMistralError, match=r"\['qkv'\] match no module .* choose among .*'q_proj'"):
-        make(tiny_model_dir, lora_target_modules=["qkv"]).configure_model()
-
-
 def test_bad_model_settings_collected_in_one_error(tmp_path):
-    with pytest.raises(LitMistralError, match=r"3 problems found:(.|\n)*lora_r=0(.|\n)*lora_dropout=1.5(.|\n)*float16"):
-        QLoRAModule(name_or_path=str(tmp_path), lora_r=0, lora_dropout=1.5, compute_dtype="float16")
-
-
-def test_missing_local_model_folder():
-    with pytest.raises(LitMistralError, match="the folder './no-such-model' does not exist"):
-        QLoRAModule(name_or_path="./no-such-model")
+    with pytest.raises(LitMistralError, match=r"3 problems found:(.|\n)*lora.r=0(.|\n)*lora.dropout=1.5(.|\n)*float16"):
+        make_module(tmp_path, lora={"r": 0, "dropout": 1.5}, compute={"dtype": "float16"})
 
 
 def test_loss_matches_transformers_and_packing_changes_nothing(tiny_model_dir, demo_file):
@@ -105,8 +60,8 @@ def test_loss_matches_transformers_and_packing_changes_nothing(tiny_model_dir, d
     same loss and the same per-example hidden states: no attention crosses an example boundary."""
     dm = data(tiny_model_dir, demo_file)
     dm.setup("fit")
-    module = make(tiny_model_dir, quantize=None, gradient_checkpointing=False, loss_chunk_size=16)
-    module.configure_model()
+    module = make(tiny_model_dir, quantization={"method": None},
+                  compute={"gradient_checkpointing": False, "loss_chunk_size": 16}).build(torch.device("cpu"))
     module.model.eval()
     items = [dm.train_set[i] for i in range(5)]
     padded, packed = collate_padded(items, dm.tokenizer.pad_token_id), collate_packed(items)
@@ -115,11 +70,12 @@ def test_loss_matches_transformers_and_packing_changes_nothing(tiny_model_dir, d
         loss_packed, n_packed = module.loss_sum(packed)
         reference = module.model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
                                  labels=padded["labels"]).loss
-        hidden_packed = module.decoder(input_ids=packed["input_ids"],
-                                       **module._packed_kwargs(packed)).last_hidden_state[0]
+        decoder = module.model.get_base_model().get_decoder()
+        hidden_packed = decoder(input_ids=packed["input_ids"],
+                                **packed_kwargs(packed, module.model.config._attn_implementation)).last_hidden_state[0]
         bounds = packed["cu_seq_lens"].tolist()
         for i, item in enumerate(items):
-            alone = module.decoder(input_ids=torch.tensor([item["input_ids"]])).last_hidden_state[0]
+            alone = decoder(input_ids=torch.tensor([item["input_ids"]])).last_hidden_state[0]
             torch.testing.assert_close(hidden_packed[bounds[i]: bounds[i + 1]], alone, atol=1e-5, rtol=1e-5)
     assert n_padded == n_packed
     torch.testing.assert_close(loss_padded / n_padded, reference, atol=1e-5, rtol=1e-5)
@@ -128,8 +84,9 @@ def test_loss_matches_transformers_and_packing_changes_nothing(tiny_model_dir, d
 
 def test_tiny_model_trains_and_loss_falls(tiny_model_dir, demo_file, tmp_path):
     seed_everything(0)
-    module = make(tiny_model_dir, learning_rate=3e-2, optimizer="adamw", lr_scheduler="constant",
-                  lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"])
+    module = make(tiny_model_dir, optimization={"learning_rate": 3e-2, "optimizer": "adamw", "lr_scheduler": "constant"},
+                  lora={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                           "lm_head"]})
     dm = data(tiny_model_dir, demo_file, train_records=(0, 8), val_records=(0, 8), val_path=str(demo_file),
               batch_size=4)
     trainer(tmp_path, max_steps=30, limit_val_batches=0).fit(module, dm)
@@ -141,10 +98,9 @@ def test_tiny_model_trains_and_loss_falls(tiny_model_dir, demo_file, tmp_path):
 def test_first_losses_pinned(tiny_model_dir, demo_file, tmp_path):
     """Fixed seed, fixed data, real NF4 + paged AdamW path: the first losses are these numbers."""
     seed_everything(42)
-    module = make(tiny_model_dir, learning_rate=5e-3)
+    module = make(tiny_model_dir, optimization={"learning_rate": 5e-3})
     dm = data(tiny_model_dir, demo_file, train_records=(0, 16))
     losses = []
-    from lightning.pytorch.callbacks import Callback
 
     class LossLog(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -158,8 +114,6 @@ class LossLog:
     """Collects (global_step, loss) of every training step."""
 
     def __new__(cls, losses: list):
-        from lightning.pytorch.callbacks import Callback
-
         class _LossLog(Callback):
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 losses.append((trainer.global_step, float(outputs["loss"])))
@@ -175,8 +129,6 @@ class StopAt:
     """Stops training after `step` optimizer steps, as an interruption would (the schedule still spans max_steps)."""
 
     def __new__(cls, step: int):
-        from lightning.pytorch.callbacks import Callback
-
         class _StopAt(Callback):
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 if trainer.global_step >= step:
@@ -189,9 +141,11 @@ def run(tiny_model_dir, demo_file, tmp_path, max_steps, ckpt_path=None, every=No
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     seed_everything(7)
-    module = make(tiny_model_dir, lora_dropout=0.1, learning_rate=5e-3)  # dropout: the RNG must resume too
+    module = make(tiny_model_dir, lora={"dropout": 0.1},  # dropout: the RNG must resume too (RandomState)
+                  optimization={"learning_rate": 5e-3})
     dm = data(tiny_model_dir, demo_file, train_records=(0, 20), batch_size=4)  # 5 batches per epoch
-    callbacks = [LossLog(losses if losses is not None else [])] + ([StopAt(stop_at)] if stop_at else [])
+    callbacks = [LossLog(losses if losses is not None else []), RandomState(), SaveAdapter()]
+    callbacks += [StopAt(stop_at)] if stop_at else []
     if every:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_last=True,
                                          save_top_k=-1, filename="step{step}", auto_insert_metric_name=False))
@@ -219,9 +173,9 @@ def test_checkpoint_holds_only_the_adapter_and_resume_continues_the_same_run(tin
 
 def test_checkpoint_from_other_settings_is_refused(tiny_model_dir, demo_file, tmp_path):
     run(tiny_model_dir, demo_file, tmp_path, max_steps=1, every=1)
-    module = make(tiny_model_dir, lora_r=4)
+    module = make(tiny_model_dir, lora={"r": 4})
     dm = data(tiny_model_dir, demo_file, train_records=(0, 20), val_records=(20, 24))
-    with pytest.raises(LitMistralError, match=r"model.lora_r: checkpoint has 8, this run has 4"):
+    with pytest.raises(LitMistralError, match=r"model.lora.r: checkpoint has 8, this run has 4"):
         trainer(tmp_path).validate(module, dm, ckpt_path=tmp_path / "ckpt" / "last.ckpt", verbose=False)
 
 
@@ -252,8 +206,8 @@ def test_example_losses_split_the_loss_by_example(tiny_model_dir, demo_file):
     from a padded batch and from a packed row, and add up to the batch loss."""
     dm = data(tiny_model_dir, demo_file)
     dm.setup("fit")
-    module = make(tiny_model_dir, quantize=None, gradient_checkpointing=False)
-    module.configure_model()
+    module = make(tiny_model_dir, quantization={"method": None}, compute={"gradient_checkpointing": False})
+    module.build(torch.device("cpu"))
     module.model.eval()
     items = [dm.train_set[i] for i in range(4)]
     with torch.no_grad():
@@ -272,9 +226,9 @@ def test_example_losses_split_the_loss_by_example(tiny_model_dir, demo_file):
 def test_val_ppl_is_torchmetrics_perplexity_of_the_responses(tiny_model_dir, demo_file, tmp_path):
     from torchmetrics.text import Perplexity
 
-    module = make(tiny_model_dir, eval_max_examples=0)
+    module = make(tiny_model_dir)
     dm = data(tiny_model_dir, demo_file, val_records=(40, 52), batch_size=5)
-    val = trainer(tmp_path).validate(module, dm, verbose=False)[0]
+    val = trainer(tmp_path, callbacks=[Evaluation(max_examples=0)]).validate(module, dm, verbose=False)[0]
     reference = Perplexity(ignore_index=-100)
     with torch.no_grad():
         for batch in dm.val_dataloader():  # the full (B, T, V) logits, that the chunked loss never builds
@@ -284,32 +238,6 @@ def test_val_ppl_is_torchmetrics_perplexity_of_the_responses(tiny_model_dir, dem
     # the per-category losses are there too, and average (token-weighted) to the overall one
     categories = {e.category for e in dm.val_examples}
     assert {f"val/{c}/loss" for c in categories} <= set(val)
-
-
-@pytest.mark.parametrize("mismatch,message", [
-    ("targets", r"target_modules \['wqkv'\] .*are not in the base model, whose linear layers are \[.*'q_proj'"),
-    ("shapes", r"adapter weight\(s\) have other shapes than the base model's layers .*e\.g\. "
-               r"model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight: adapter \[8, 32\], base layer needs \[8, 64\]"),
-    ("deeper", r"has weights for 2 module\(s\) the base model does not have, e\.g\. "
-               r"\['model\.layers\.2\.self_attn\.q_proj', 'model\.layers\.2\.self_attn\.v_proj'\]"),
-])
-def test_adapter_that_does_not_fit_names_what_differs(tiny_model_dir, tmp_path, mismatch, message):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, MistralForCausalLM
-
-    config = AutoConfig.from_pretrained(tiny_model_dir)
-    if mismatch == "shapes":
-        config.hidden_size, config.intermediate_size = 32, 64
-    if mismatch == "deeper":
-        config.num_hidden_layers = 3
-    other = get_peft_model(MistralForCausalLM(config), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
-    other.save_pretrained(tmp_path / "adapter")
-    if mismatch == "targets":
-        path = tmp_path / "adapter" / "adapter_config.json"
-        path.write_text(path.read_text().replace('"q_proj"', '"wqkv"'))
-    module = make(tiny_model_dir, adapter_path=str(tmp_path / "adapter"))
-    with pytest.raises(LitMistralError, match=r"model.adapter_path: the adapter in .* does not fit (.|\n)*" + message):
-        module.configure_model()
 
 
 def poison_loss(module, at_batch: int, value: float) -> None:
@@ -326,13 +254,13 @@ def poison_loss(module, at_batch: int, value: float) -> None:
 def test_nonfinite_loss_stops_naming_step_and_batch(tiny_model_dir, demo_file, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    module = make(tiny_model_dir, learning_rate=5e-3)
+    module = make(tiny_model_dir, optimization={"learning_rate": 5e-3})
     poison_loss(module, at_batch=2, value=float("nan"))
     dm = data(tiny_model_dir, demo_file, train_records=(0, 20), batch_size=4)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
     with pytest.raises(LitMistralError, match=r"the training loss is nan at step 2 \(epoch 0, batch 2 of the "
                                               r"epoch\)\. Checkpoints written so far hold finite weights\. Fix: lower "
-                                              r"--model\.learning_rate .* --model\.nonfinite skip"):
+                                              r"--model\.optimization\.learning_rate .* --model\.optimization\.nonfinite skip"):
         trainer(tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[ckpt]).fit(module, dm)
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 2
@@ -340,9 +268,7 @@ def test_nonfinite_loss_stops_naming_step_and_batch(tiny_model_dir, demo_file, t
 
 
 def test_nonfinite_loss_skipped_when_asked(tiny_model_dir, demo_file, tmp_path):
-    from lightning.pytorch.callbacks import Callback
-
-    module = make(tiny_model_dir, learning_rate=5e-3, nonfinite="skip")
+    module = make(tiny_model_dir, optimization={"learning_rate": 5e-3, "nonfinite": "skip"})
     poison_loss(module, at_batch=2, value=float("inf"))
     changed = {}
 
@@ -356,7 +282,7 @@ def test_nonfinite_loss_skipped_when_asked(tiny_model_dir, demo_file, tmp_path):
 
     dm = data(tiny_model_dir, demo_file, train_records=(0, 20), batch_size=4)
     with pytest.warns(UserWarning, match=r"the training loss is inf at step 2 \(epoch 0, batch 2 of the epoch\): "
-                                         r"batch skipped \(model.nonfinite=skip; 1 so far\)"):
+                                         r"batch skipped \(model.optimization.nonfinite=skip; 1 so far\)"):
         trainer(tmp_path, max_steps=5, callbacks=[WeightsMoved()]).fit(module, dm)
     assert changed == {0: True, 1: True, 2: False, 3: True, 4: True}  # no update from the bad batch, then training goes on
     assert module.skipped_batches == 1
@@ -370,9 +296,8 @@ def test_packed_fast_path_learns_like_the_padded_path_on_the_real_model(smollm2_
     quantized: what is compared is the batch layout); each run starts from the same adapter weights."""
     name, gguf = smollm2_gguf
     seed_everything(3)
-    module = QLoRAModule(name_or_path=name, gguf_file=gguf, quantize=None, lora_dropout=0.0, learning_rate=1e-3,
-                         gradient_checkpointing=False)
-    module.configure_model()
+    module = make(name, gguf_file=gguf, quantization={"method": None}, optimization={"learning_rate": 1e-3},
+                  compute={"gradient_checkpointing": False}).build(torch.device("cpu"))
     start = adapter_state(module)
     results = {}
     for packing in (False, True):
@@ -383,7 +308,6 @@ def test_packed_fast_path_learns_like_the_padded_path_on_the_real_model(smollm2_
         dm = InstructionDataModule(path="pkg://lit_mistral/assets/demo.jsonl", tokenizer=name, gguf_file=gguf,
                                    prompt_style="chat_template", max_length=256, batch_size=2, packing=packing,
                                    train_records=(0, 6), val_records=(56, 60))
-        module.on_train_end = lambda: None  # no adapter export needed here
         trainer(tmp_path / str(packing), max_steps=3, limit_val_batches=0).fit(module, dm)
         results[packing] = trainer(tmp_path / str(packing)).validate(module, dm, verbose=False)[0]["val/loss"]
     assert results[True] == pytest.approx(results[False], abs=1e-4)

@@ -13,15 +13,14 @@ head once per query head it serves (transformers' `repeat_kv`) and takes PyTorch
   key/value heads, reading the KV cache once.
 Everything else (padded training batches, other cache layouts) goes to transformers' own SDPA function, unchanged.
 
-Registered with transformers as the attention implementation `lit_varlen` (with SDPA's mask builder)."""
+Registered with transformers as the attention implementation `lit_varlen` (with SDPA's mask builder) by
+`lit_mistral.registry`."""
 
 import inspect
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "lit_varlen"
 
@@ -45,7 +44,7 @@ def _flash_varlen(q, k, v, cu_seq_lens, max_length, scale, window):
     return varlen_attn(q, k, v, cu, cu, max_length, max_length, scale=scale, **extra)
 
 
-def _sdpa_per_example(q, k, v, cu_seq_lens, scale, window):
+def sdpa_per_example(q, k, v, cu_seq_lens, scale, window):
     # (T, H, D) -> one causal SDPA per example; GQA by repeating K/V heads (what SDPA's enable_gqa does).
     groups = q.shape[1] // k.shape[1]
     bounds = cu_seq_lens.tolist()
@@ -65,7 +64,7 @@ def _sdpa_per_example(q, k, v, cu_seq_lens, scale, window):
     return torch.cat(out)
 
 
-def _packed_attention(q, k, v, cu_seq_lens, max_length, scale, window):
+def packed_attention(q, k, v, cu_seq_lens, max_length, scale, window):
     """Causal attention within each example of packed (T, H, D) tensors: flash varlen on CUDA, SDPA per example
     elsewhere."""
     if q.is_cuda:
@@ -73,7 +72,7 @@ def _packed_attention(q, k, v, cu_seq_lens, max_length, scale, window):
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
         dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else dtype
         return _flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seq_lens, max_length, scale, window)
-    return _sdpa_per_example(q, k, v, cu_seq_lens, scale, window)
+    return sdpa_per_example(q, k, v, cu_seq_lens, scale, window)
 
 
 def decode_attention(query, key, value, attention_mask, scale):
@@ -111,7 +110,7 @@ def padded_attention(query, key, value, attention_mask, scale, sliding_window):
     q, k, v = (t.transpose(1, 2)[real] for t in (query, key, value))  # (N, heads, D), row after row
     longest = int(lengths.max())
     window = _sliding(sliding_window, longest)
-    packed = _packed_attention(q, k, v, cu_seq_lens, longest, scale, window)
+    packed = packed_attention(q, k, v, cu_seq_lens, longest, scale, window)
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3], dtype=packed.dtype)
     out[real] = packed
     return out
@@ -133,8 +132,20 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise ValueError("packed attention expects one row (batch size 1) holding all examples")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
     window = _sliding(sliding_window, max_length_q)
-    return _packed_attention(q, k, v, cu_seq_lens_q, max_length_q, scale, window)[None], None
+    return packed_attention(q, k, v, cu_seq_lens_q, max_length_q, scale, window)[None], None
 
 
-AttentionInterface.register(NAME, varlen_attention)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+
+def packed_kwargs(batch: dict, implementation: str) -> dict:
+    """The forward arguments that lay out `batch`: its padding mask, or, for a packed row, the example boundaries
+    (`position_ids`, and for this module's implementation `cu_seq_lens`)."""
+    if "cu_seq_lens" not in batch:
+        return {"attention_mask": batch["attention_mask"]}
+    kwargs = {"position_ids": batch["position_ids"]}
+    if implementation == NAME:
+        cu, longest = batch["cu_seq_lens"], batch["max_length"]
+        # an all-ones 2D mask stops transformers from building a dense block-diagonal mask we would not use
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest,
+                      attention_mask=torch.ones_like(batch["input_ids"]))
+    # other implementations isolate examples through transformers' own mask from position_ids
+    return kwargs

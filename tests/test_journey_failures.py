@@ -1,4 +1,4 @@
-"""What happens when a run fails midway, through the real command line: killed (SIGKILL), terminated (SIGTERM),
+"""Journey: what happens when a run fails midway, through the real command line: killed (SIGKILL), terminated (SIGTERM),
 out of disk, out of memory; and that the same config and seed repeat a run exactly, the premise of comparing a
 resumed run with an uninterrupted one."""
 
@@ -14,21 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEMO_DATA, ROOT
-from lit_mistral.cli import main
-from lit_mistral.model import QLoRAModule
+from conftest import DEMO_DATA, ROOT, cli_args, run_cli
+from lit_mistral.module import QLoRAModule
 
 STEPS, PAUSE_AT = 8, 3  # 5 batches per epoch: the interruption is mid-epoch and the run crosses an epoch boundary
 
 
 def fit_args(tiny_model_dir, root, *extra) -> list[str]:
     # LoRA dropout stays on (default 0.05): the RNG state must resume too
-    args = ["fit", "--model.name_or_path", tiny_model_dir, "--data.path", DEMO_DATA, "--data.train_records", "[0, 20]",
-            "--data.batch_size", "4", "--data.max_length", "256", "--model.learning_rate", "5e-3",
-            "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.default_root_dir", root,
-            "--trainer.max_steps", str(STEPS), "--checkpoint.every_n_train_steps", "3",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra]
-    return [str(a) for a in args]
+    return cli_args("fit", tiny_model_dir, root, "--data.train_records", "[0, 20]", "--data.batch_size", "4",
+                    "--model.optimization.learning_rate", "5e-3", "--trainer.max_steps", STEPS,
+                    "--checkpoint.every_n_train_steps", "3", *extra, data=DEMO_DATA)
 
 
 def logged(run: Path, tag: str = "train/loss") -> dict[int, float]:
@@ -68,7 +64,7 @@ def assert_same(run: dict, reference: dict) -> None:
 def reference(tiny_model_dir, tmp_path_factory) -> dict:
     """The uninterrupted run."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    main(fit_args(tiny_model_dir, root))
+    run_cli(*fit_args(tiny_model_dir, root))
     return outcome(root / "lightning_logs" / "version_0")
 
 
@@ -93,7 +89,7 @@ def start_paused(tiny_model_dir, root: Path) -> tuple[subprocess.Popen, Path]:
 
 @pytest.mark.slow
 def test_same_config_and_seed_give_the_same_run(reference, tiny_model_dir, tmp_path):
-    main(fit_args(tiny_model_dir, tmp_path))
+    run_cli(*fit_args(tiny_model_dir, tmp_path))
     assert_same(outcome(tmp_path / "lightning_logs" / "version_0"), reference)
 
 
@@ -106,7 +102,7 @@ def test_sigkill_mid_epoch_then_resume_is_the_uninterrupted_run(reference, tiny_
     # everything logged before the kill reached the disk
     assert logged(run) == {step: loss for step, loss in reference["losses"].items() if step < PAUSE_AT}
 
-    main(fit_args(tiny_model_dir, tmp_path, "--ckpt_path", "last"))
+    run_cli(*fit_args(tiny_model_dir, tmp_path, "--ckpt_path", "last"))
     assert not (tmp_path / "lightning_logs" / "version_1").exists()  # continued in the same run folder
     assert_same(outcome(run), reference)
 
@@ -124,14 +120,14 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_the_uninterrupted_run(referenc
     # the step in flight finished, then the checkpoint was written: one step past the periodic one (every 3)
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == PAUSE_AT + 1
 
-    main(fit_args(tiny_model_dir, tmp_path, "--ckpt_path", "last"))
+    run_cli(*fit_args(tiny_model_dir, tmp_path, "--ckpt_path", "last"))
     assert_same(outcome(run), reference)
 
 
 def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from lit_mistral import checkpoint
+    from lit_mistral import checkpointing
 
-    write, writes = checkpoint._write_durably, []
+    write, writes = checkpointing._write_durably, []
 
     def disk_full_from_the_third_write(fd, data):
         writes.append(len(data))
@@ -142,9 +138,9 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tiny_model_dir,
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     args = fit_args(tiny_model_dir, tmp_path, "--checkpoint.every_n_train_steps", "2", "--trainer.max_steps", "4")
-    monkeypatch.setattr(checkpoint, "_write_durably", disk_full_from_the_third_write)
+    monkeypatch.setattr(checkpointing, "_write_durably", disk_full_from_the_third_write)
     with pytest.raises(SystemExit) as exit_info:
-        main(args)  # step 2 writes step000002.ckpt and last.ckpt; step 4's first write finds the disk full
+        run_cli(*args)  # step 2 writes step000002.ckpt and last.ckpt; step 4's first write finds the disk full
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert "step000004.ckpt: No space left on device. Fix: free space there" in err
@@ -152,8 +148,8 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tiny_model_dir,
     assert sorted(p.name for p in run.iterdir()) == ["last.ckpt", "step000002.ckpt"]  # no half-written file
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 2
 
-    monkeypatch.setattr(checkpoint, "_write_durably", write)  # space freed: continue
-    main([*args, "--ckpt_path", "last"])
+    monkeypatch.setattr(checkpointing, "_write_durably", write)  # space freed: continue
+    run_cli(*args, "--ckpt_path", "last")
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
@@ -164,11 +160,11 @@ def test_out_of_memory_gives_the_settings_that_lower_it(tiny_model_dir, tmp_path
 
     monkeypatch.setattr(QLoRAModule, "configure_model", out_of_memory)
     with pytest.raises(SystemExit) as exit_info:
-        main(fit_args(tiny_model_dir, tmp_path))
+        run_cli(*fit_args(tiny_model_dir, tmp_path))
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "Traceback" not in err
     assert ("lit_mistral: error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
             "capacity of 23.55 GiB of which 1.02 GiB is free.). Fix: lower --data.batch_size") in err
-    for advice in ("--trainer.accumulate_grad_batches", "--data.max_length", "--model.gradient_checkpointing true",
+    for advice in ("--trainer.accumulate_grad_batches", "--data.max_length", "--model.compute.gradient_checkpointing true",
                    "configs/qlora-24gb.yaml", "--ckpt_path last"):
         assert advice in err

@@ -6,7 +6,7 @@ the packed 4-bit storage as if it were numbers; and its checkpoints gather the w
 4-bit weights' quantization state does not survive. Here:
 
 - Each decoder layer is one FSDP unit holding its frozen base weights (the 4-bit ones stored in the compute dtype,
-  `model.quant_storage`, so that they flatten with the rest), sharded across the GPUs: each GPU keeps 1/N of them.
+  `model.quantization.storage`, so that they flatten with the rest), sharded across the GPUs: each GPU keeps 1/N of them.
   What is left (embeddings, final norm, head) is the root unit, sharded too.
 - The adapters are left out of FSDP (`ignored_states`): every GPU holds all of them (80 MiB for Mistral-7B at r=8) and
   `QLoRAFSDPStrategy.post_backward` averages their gradients in one all-reduce, as DDP would. Written by hand
@@ -21,29 +21,18 @@ the packed 4-bit storage as if it were numbers; and its checkpoints gather the w
 """
 
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision, Precision
-from lightning.pytorch.strategies import FSDPStrategy, Strategy, StrategyRegistry
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_mistral.errors import LitMistralError
+from lit_mistral.lightning_internals import finish_fsdp_setup
+from lit_mistral.modeling.adapters import clean_name, trainable_state
 
 NAME = "fsdp_qlora"
-WRAPPED = "_fsdp_wrapped_module."
-
-
-def clean_name(name: str) -> str:
-    """A parameter's name as it is without FSDP (FSDP units insert `_fsdp_wrapped_module.` into the path)."""
-    return name.replace(WRAPPED, "")
-
-
-def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """`module`'s trainable parameters (the adapters) by their names without FSDP, detached: whole on every rank under
-    any strategy here, so this is what checkpoints and adapter files hold."""
-    return {clean_name(n): p.detach() for n, p in module.named_parameters() if p.requires_grad}
 
 
 def shard_plan(root: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Parameter]]:
@@ -75,22 +64,6 @@ def shard_plan(root: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch
 
 def _bytes(model: torch.nn.Module, trainable: bool) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad == trainable)
-
-
-def save_adapter_files(peft_model, folder: Path, adapter: str = "default") -> None:
-    """Write `peft_model`'s adapter to `folder` in peft's format (adapter_model.safetensors, adapter_config.json),
-    from the replicated adapter weights of an FSDP-wrapped model. By hand because peft's `save_pretrained` finds the
-    adapter weights by module path, which FSDP units change, and without them would gather the sharded base."""
-    from safetensors.torch import save_file
-
-    state = {n.replace(f".{adapter}.", "."): p.contiguous().cpu() for n, p in trainable_state(peft_model).items()}
-    save_file(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = peft_model.peft_config[adapter]
-    training, config.inference_mode = config.inference_mode, True  # as peft saves it
-    try:
-        config.save_pretrained(folder)
-    finally:
-        config.inference_mode = training
 
 
 class AdapterPrecision(FSDPPrecision):
@@ -136,10 +109,6 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         """Wrap the LightningModule: its decoder layers as units, the rest as the root unit, trainable and odd-dtype
         parameters left out (`shard_plan`). Lightning's version, with the plan, and with the CPU given to FSDP as a
         device (gloo: how CI runs this code) instead of no device, which FSDP refuses."""
-        from lightning.fabric.strategies.fsdp import (
-            _move_torchmetrics_to_device,
-            _setup_activation_checkpointing,
-        )
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import CustomPolicy
 
@@ -176,8 +145,7 @@ class QLoRAFSDPStrategy(FSDPStrategy):
                        f"this process holds {held / 2**20:,.1f} MiB of its {base / 2**20:,.1f} MiB "
                        f"({held / max(base, 1):.0%}); the adapters ({adapters / 2**20:,.1f} MiB) are on every process."
                        + peak)
-        _move_torchmetrics_to_device(model, device)
-        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
+        finish_fsdp_setup(self, model, device)
         return model
 
     def post_backward(self, closure_loss: torch.Tensor) -> None:
@@ -224,7 +192,3 @@ class QLoRAFSDPStrategy(FSDPStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         return Strategy.load_checkpoint(self, checkpoint_path, weights_only)
-
-
-if NAME not in StrategyRegistry:
-    StrategyRegistry.register(NAME, QLoRAFSDPStrategy, description="FSDP for 4-bit QLoRA models (lit_mistral)")

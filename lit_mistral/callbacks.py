@@ -1,0 +1,225 @@
+"""Callbacks around the training code, which knows nothing of them: telemetry (tokens/s per optimizer step, time to
+first step, memory), the adapter written at the end of fit, and, for predict, a JSONL writer that streams rows as
+batches finish and can resume an interrupted run, and a progress bar with rows/s and generated tokens/s."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_mistral.errors import LitMistralError
+from lit_mistral.io import write_text
+from lit_mistral.modeling.adapters import save_adapter
+
+
+class Telemetry(Callback):
+    """What a run costs, logged from process 0 (tokens summed over processes):
+
+    - `train/tokens_per_s`: non-pad tokens per second over the optimizer steps since the last log, every
+      `log_every_n_steps` optimizer steps (so once per step under `accumulate_grad_batches`, not per batch);
+    - `train/time_to_first_step_s`: from the start of fit (data set up, model not loaded yet) to the end of the first
+      optimizer step: what a user waits before training really starts;
+    - on a GPU, `train/peak_mem_gib` (the most allocated so far), `train/model_mem_gib` (what the model takes before
+      the first step: a 1/N share of the base under FSDP) and `train/load_peak_mem_gib` (the most it took while
+      loading: the whole 4-bit base, unless `load_on` cpu under FSDP).
+
+    Lightning's `ThroughputMonitor` counts samples per process and multiplies by the process count, which is wrong
+    when processes get batches of different token counts (token budgets); here each process's tokens are summed.
+    `last` keeps the latest figures for callers of fit in Python."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self._started, self._load_peak, self._window = time.perf_counter(), None, None
+            self._step, self._tokens, self._first_done = None, 0, False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if pl_module.device.type == "cuda":  # the model is loaded and set up (sharded, under FSDP); nothing ran yet
+            self._load_peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._step = trainer.global_step
+        if self._load_peak is not None:
+            self._log(trainer, {"train/model_mem_gib": torch.cuda.memory_allocated(pl_module.device) / 2**30,
+                                "train/load_peak_mem_gib": self._load_peak})
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._window is None:
+            self._window = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._tokens += batch["num_tokens"]
+        if trainer.global_step == self._step:  # accumulating: no optimizer step yet
+            return
+        self._step = trainer.global_step
+        if self._first_done and trainer.global_step % trainer.log_every_n_steps:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        metrics = {}
+        if not self._first_done:
+            metrics["train/time_to_first_step_s"] = now - self._started
+            self._first_done = True
+        else:  # every process reaches this line at the same step
+            tokens = trainer.strategy.reduce(torch.tensor(float(self._tokens), device=pl_module.device),
+                                             reduce_op="sum")
+            metrics["train/tokens_per_s"] = float(tokens) / (now - self._window)
+        if pl_module.device.type == "cuda":
+            metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        self._window, self._tokens = now, 0
+        self._log(trainer, metrics)
+
+    def _log(self, trainer, metrics: dict[str, float]) -> None:
+        """Log `metrics` at this step from process 0 (LightningModule.log would repeat them at every later step)."""
+        self.last.update(metrics)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class SaveAdapter(Callback):
+    """At the end of fit, writes the adapter in peft's format to `adapter/` in the run folder, from process 0."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # trainer.log_dir is a collective call under DDP: every process asks, process 0 writes
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "adapter"
+        if trainer.is_global_zero:
+            save_adapter(pl_module.model, pl_module.tokenizer, folder, pl_module.spec.base_source(),
+                         sharded=pl_module.sharded)
+            rank_zero_info(f"Saved the peft adapter to {folder}")
+
+
+def read_done(path: Path, instructions: list[str]) -> dict[int, str]:
+    """Rows of an earlier, interrupted run of the same inputs: {index: JSON line}. A line cut short by the
+    interruption is dropped; a row that does not match the inputs stops the run."""
+    done = {}
+    # split on "\n" only: str.splitlines also splits on U+2028 and friends, which JSON strings may hold raw
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+            index = row["index"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # the last line of a killed run may be half-written
+        if not (isinstance(index, int) and 0 <= index < len(instructions)) or row.get("instruction") != instructions[index]:
+            raise LitMistralError(f"{path}:{number}: this row does not belong to the current inputs (index "
+                                  f"{index!r}). Fix: resume with the same --data.predict_path, or write elsewhere.")
+        done[index] = line
+    return done
+
+
+class GenerationRate:
+    """Rows and generated tokens since `start()`, and their rates: what the writer reports and the bar shows."""
+
+    def start(self) -> None:
+        self.rows, self.tokens, self._started = 0, 0, time.perf_counter()
+
+    def add(self, records: list[dict]) -> None:
+        self.rows += len(records)
+        self.tokens += sum(r["response_tokens"] for r in records)
+
+    def per_second(self) -> tuple[float, float]:
+        seconds = max(time.perf_counter() - self._started, 1e-9)
+        return self.rows / seconds, self.tokens / seconds
+
+    def __str__(self) -> str:
+        rows, tokens = self.per_second()
+        return f"{rows:.2f} rows/s, {tokens:.1f} new tokens/s"
+
+
+class JsonlPredictionWriter(BasePredictionWriter):
+    """Writes predictions to a JSONL file: each row as soon as its batch finishes (nothing finished is lost if the
+    run is interrupted), then, at the end, all rows in input order.
+
+    Args:
+        path: Output file. Default: `predictions.jsonl` in the run's folder (`trainer.log_dir`).
+        overwrite: Replace an existing output file.
+        resume: Keep the rows of an existing output file (an interrupted run on the same inputs) and generate only
+            the missing ones.
+    """
+
+    def __init__(self, path: str | None = None, overwrite: bool = False, resume: bool = False) -> None:
+        super().__init__(write_interval="batch")
+        if overwrite and resume:
+            raise LitMistralError("predictions.overwrite and predictions.resume exclude each other. Fix: choose one.")
+        self.path, self.overwrite, self.resume = path, overwrite, resume
+        self._file = None
+        self.target: Path | None = None
+        self.rate = GenerationRate()
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Before any generation: check the output can be written, and find the rows already done."""
+        if stage != "predict":
+            return
+        self.target = Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
+        folder = self.target.parent
+        if self.path and not folder.is_dir():
+            raise LitMistralError(f"predictions.path: the folder {str(folder)!r} does not exist. "
+                                  "Fix: create it or choose another path.")
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise LitMistralError(f"predictions.path: the folder {str(folder)!r} is not writable. "
+                                  "Fix: choose another path.")
+        done = {}
+        if self.target.exists():
+            if not (self.overwrite or self.resume):
+                raise LitMistralError(f"predictions.path: {str(self.target)!r} exists. Fix: pass "
+                                      "--predictions.resume true to finish an interrupted run, "
+                                      "--predictions.overwrite true to replace it, or choose another path.")
+            if self.resume:
+                done = read_done(self.target, trainer.datamodule.predict_instructions())
+                trainer.datamodule.predict_done = set(done)
+                rank_zero_info(f"Resuming {self.target}: {len(done)} of {len(trainer.datamodule.predict_instructions())}"
+                               " rows are done.")
+        self._done_lines = done
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        # start from the complete rows only (drops a half-written last line), then append as batches finish
+        write_text(self.target, "".join(line + "\n" for line in self._done_lines.values()))
+        self._file = open(self.target, "a", encoding="utf-8")
+        self.rate.start()
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        if self._file is None:
+            return
+        for record in prediction:
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.rate.add(prediction)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        lines = [line for line in self.target.read_text(encoding="utf-8").split("\n") if line]
+        lines.sort(key=lambda line: json.loads(line)["index"])  # input order, whatever order batches finished in
+        write_text(self.target, "".join(line + "\n" for line in lines))
+        rank_zero_info(f"Wrote {len(lines)} predictions to {self.target} ({self.rate.rows} generated now: "
+                       f"{self.rate}).")
+
+
+class PredictionProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, with rows/s and generated tokens/s while predicting."""
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        super().on_predict_start(trainer, pl_module)
+        self.rate = GenerationRate()
+        self.rate.start()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self.rate.add(outputs)
+        rows, tokens = self.rate.per_second()
+        self.predict_progress_bar.set_postfix(rows_per_s=f"{rows:.2f}", tokens_per_s=f"{tokens:.1f}")

@@ -1,0 +1,232 @@
+"""The model's settings, grouped by concern. Each group is a small typed dataclass that jsonargparse nests under
+`--model.<group>.<field>` (and `--help` shows as a section of its own); each says what is wrong with its values in
+`problems()`, collected and raised together before anything loads."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+
+
+@dataclass
+class Quantization:
+    """Quantization of the frozen base (bitsandbytes).
+
+    Args:
+        method: 4-bit format of the frozen base weights: nf4, fp4, or null (no quantization: LoRA on a base in the
+            compute dtype).
+        double_quant: Also quantize the quantization constants (about 0.4 bits per weight less).
+        storage: Dtype the packed 4-bit weights are stored in (the bits are the same). `auto`: uint8, and the compute
+            dtype under `--trainer.strategy fsdp_qlora`, which shards them together with the other weights (FSDP
+            flattens the parameters of a decoder layer into one tensor of one dtype).
+        fp32_norms: With a quantized base, keep its norms and embeddings - and so the residual stream - in float32,
+            as peft's `prepare_model_for_kbit_training` does (the QLoRA recipe). False keeps them in the compute
+            dtype: less memory and memory traffic, slightly coarser residual sums.
+    """
+
+    method: Literal["nf4", "fp4"] | None = "nf4"
+    double_quant: bool = False
+    storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
+    fp32_norms: bool = True
+
+
+@dataclass
+class LoRA:
+    """LoRA adapters (peft) on the frozen base: the only weights that train.
+
+    Args:
+        r: Rank.
+        alpha: Scaling numerator (scale = alpha / r).
+        dropout: Dropout on the adapters' input.
+        target_modules: Module names that get adapters. Default: all attention and MLP projections; add `lm_head` to
+            adapt the output layer too, as the seed recipe did.
+        bias: Which biases train: none, all, lora_only.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.r < 1:
+            problems.append(f"model.lora.r={self.r}: expected >= 1")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"model.lora.dropout={self.dropout}: expected 0 <= dropout < 1")
+        return problems
+
+    def peft_kwargs(self) -> dict:
+        """These settings as `peft.LoraConfig` arguments."""
+        return dict(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                    target_modules=list(self.target_modules), bias=self.bias)
+
+
+@dataclass
+class Compute:
+    """How the forward and backward passes run: dtype, attention, activation memory, fused kernels.
+
+    Args:
+        dtype: Dtype of the 4-bit matmuls and of the unquantized base weights. `auto`: bfloat16 on GPUs, float32 on
+            CPUs (most CPUs have no fast bf16 matmul).
+        attn_implementation: transformers attention. `lit_varlen` (default) is variable-length flash attention for
+            packed batches and, outside training, for the real tokens of padded ones, grouped-head matmuls for
+            decoding steps, SDPA otherwise (`lit_mistral/modeling/attention.py`); `sdpa`, `eager`, `flex_attention`
+            also work.
+        gradient_checkpointing: Recompute activations in backward: much less memory, about a third more compute.
+        checkpoint_layers: With gradient checkpointing, recompute only the first this-many decoder layers and keep
+            the activations of the rest: spend spare memory on speed. None: all layers.
+        kernels: `liger`: Liger-Kernel's fused Triton kernels for RMSNorm, SwiGLU and RoPE (GPU only; pip install
+            liger-kernel), for `fit`. None: transformers' own modules. `predict` and `validate` keep transformers'
+            modules either way: in generation, where a step is a single token per row, the kernels made it slower
+            (1,837 vs 2,861 new tokens/s on one H200, BENCHMARKS.md).
+        loss_chunk_size: Positions per chunk of the output-layer cross-entropy (bounds logits memory).
+    """
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: str = "lit_varlen"
+    gradient_checkpointing: bool = True
+    checkpoint_layers: int | None = None
+    kernels: Literal["liger"] | None = None
+    loss_chunk_size: int = 4096
+
+    def problems(self, quantized: bool) -> list[str]:
+        problems = []
+        if quantized and self.dtype == "float16":
+            problems.append("model.compute.dtype=float16 with 4-bit weights overflows in LoRA training; use bfloat16 "
+                            "(or float32 on CPUs without bf16)")
+        if self.checkpoint_layers is not None and (self.checkpoint_layers < 0 or not self.gradient_checkpointing):
+            problems.append(f"model.compute.checkpoint_layers={self.checkpoint_layers}: needs "
+                            "model.compute.gradient_checkpointing=true and a count >= 0")
+        if self.loss_chunk_size < 1:
+            problems.append(f"model.compute.loss_chunk_size={self.loss_chunk_size}: expected >= 1")
+        return problems
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class Optimization:
+    """Optimizer, learning-rate schedule, and what a non-finite loss does.
+
+    Args:
+        optimizer: paged_adamw_32bit, paged_adamw_8bit, adamw_8bit (bitsandbytes) or adamw (torch).
+        learning_rate: Peak learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        lr_scheduler: After warmup: linear decay to 0, cosine decay to 0, or constant.
+        warmup_steps: Linear warmup steps (takes precedence over `warmup_ratio`).
+        warmup_ratio: Warmup as a fraction of all optimizer steps.
+        nonfinite: What a NaN or infinite training loss does: `stop` the run with an error naming the step and
+            batch, or `skip` that batch (no optimizer update; counted in `train/skipped_batches`).
+    """
+
+    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw"] = "paged_adamw_32bit"
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    nonfinite: Literal["stop", "skip"] = "stop"
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.learning_rate <= 0:
+            problems.append(f"model.optimization.learning_rate={self.learning_rate}: expected > 0")
+        if self.warmup_steps < 0 or not 0 <= self.warmup_ratio < 1:
+            problems.append(f"model.optimization.warmup_steps={self.warmup_steps}, model.optimization.warmup_ratio="
+                            f"{self.warmup_ratio}: expected warmup_steps >= 0 and 0 <= warmup_ratio < 1")
+        return problems
+
+
+@dataclass
+class Generation:
+    """How `predict` generates answers.
+
+    Args:
+        max_new_tokens: Most new tokens per answer.
+        do_sample: Sample (True) or greedy (False).
+        temperature: Sampling temperature.
+        top_p: Nucleus sampling mass.
+        top_k: Sample among the k most likely tokens.
+        seed: Seed of sampling.
+        weights: Generation runs on `merged` weights (the adapter folded into a dequantized copy of the base: plain
+            matmuls, no LoRA overhead, as much memory as the unquantized model) or on the 4-bit base with the
+            `adapter` applied. `auto`: merged on CPUs, and on GPUs when the unquantized model fits in a third of the
+            free memory.
+        cache: KV cache: `dynamic` (grows as needed), or `static` (preallocated; on a GPU, transformers then compiles
+            the decoding step with torch.compile: slow first batch, faster after).
+    """
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 50
+    seed: int = 0
+    weights: Literal["auto", "merged", "adapter"] = "auto"
+    cache: Literal["dynamic", "static"] = "dynamic"
+
+    def problems(self) -> list[str]:
+        return [f"model.generation.max_new_tokens={self.max_new_tokens}: expected >= 1"] if self.max_new_tokens < 1 else []
+
+    def sampling(self, greedy: bool = False, max_new_tokens: int | None = None) -> dict:
+        """Arguments of `generation.generate`: these settings, or greedy decoding, bounded by `max_new_tokens`."""
+        return dict(max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=self.do_sample and not greedy,
+                    temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+
+# Options before the settings were grouped (2026-12-01): the new name of each, for the one error that an old config
+# or command line gets (no aliases: two names for one setting would let a config set both).
+RENAMED = {
+    "model.quantize": "model.quantization.method",
+    "model.double_quant": "model.quantization.double_quant",
+    "model.quant_storage": "model.quantization.storage",
+    "model.fp32_norms": "model.quantization.fp32_norms",
+    "model.compute_dtype": "model.compute.dtype",
+    "model.attn_implementation": "model.compute.attn_implementation",
+    "model.gradient_checkpointing": "model.compute.gradient_checkpointing",
+    "model.checkpoint_layers": "model.compute.checkpoint_layers",
+    "model.kernels": "model.compute.kernels",
+    "model.loss_chunk_size": "model.compute.loss_chunk_size",
+    "model.lora_r": "model.lora.r",
+    "model.lora_alpha": "model.lora.alpha",
+    "model.lora_dropout": "model.lora.dropout",
+    "model.lora_target_modules": "model.lora.target_modules",
+    "model.lora_bias": "model.lora.bias",
+    "model.optimizer": "model.optimization.optimizer",
+    "model.learning_rate": "model.optimization.learning_rate",
+    "model.weight_decay": "model.optimization.weight_decay",
+    "model.betas": "model.optimization.betas",
+    "model.lr_scheduler": "model.optimization.lr_scheduler",
+    "model.warmup_steps": "model.optimization.warmup_steps",
+    "model.warmup_ratio": "model.optimization.warmup_ratio",
+    "model.nonfinite": "model.optimization.nonfinite",
+    "model.max_new_tokens": "model.generation.max_new_tokens",
+    "model.do_sample": "model.generation.do_sample",
+    "model.temperature": "model.generation.temperature",
+    "model.top_p": "model.generation.top_p",
+    "model.top_k": "model.generation.top_k",
+    "model.generation_seed": "model.generation.seed",
+    "model.inference": "model.generation.weights",
+    "model.generation_cache": "model.generation.cache",
+    "model.eval_max_examples": "evaluation.max_examples",
+    "model.eval_max_new_tokens": "evaluation.max_new_tokens",
+    "model.eval_in_fit": "evaluation.in_fit",
+    "model.compare_base": "evaluation.compare_base",
+    "model.report_examples": "evaluation.report_examples",
+    "model.sample_every_n_val": "evaluation.sample_every_n_val",
+    "model.num_samples": "evaluation.num_samples",
+    "data.instruction_field": "data.fields.instruction",
+    "data.context_field": "data.fields.context",
+    "data.response_field": "data.fields.response",
+    "data.category_field": "data.fields.category",
+}

@@ -1,0 +1,133 @@
+"""Batching for training and validation: dynamic padding, padding-free packing with per-example attention, and the
+batch plan (fixed size or token budget, length grouping, shuffled per epoch, split across processes, resumable
+mid-epoch)."""
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+from lit_mistral.data.tokenize import IGNORE_INDEX, Filler
+from lit_mistral.distributed import in_step
+
+
+def collate_padded(items: list[dict], pad_id: int, mask_prompt: bool = True) -> dict:
+    """Right-pad to the longest example. Labels are -100 on padding (and on the prompt when `mask_prompt`)."""
+    longest = max(len(it["input_ids"]) for it in items)
+    input_ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
+    labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+    for row, it in enumerate(items):
+        ids = torch.tensor(it["input_ids"], dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        start = it["n_prompt"] if mask_prompt else 1
+        labels[row, start : len(ids)] = ids[start:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "num_tokens": int(attention_mask.sum()), "index": [it.get("index") for it in items]}
+
+
+def collate_packed(items: list[dict], mask_prompt: bool = True) -> dict:
+    """All examples of the batch in one row (1, N), no padding. `position_ids` restart at 0 for each example and
+    `cu_seq_lens` holds the example boundaries, so attention never crosses them; the first token of each example
+    carries no label, so no target crosses them either."""
+    ids = torch.tensor([t for it in items for t in it["input_ids"]], dtype=torch.long)
+    lengths = torch.tensor([len(it["input_ids"]) for it in items], dtype=torch.int32)
+    labels = ids.clone()
+    offset = 0
+    for it in items:
+        n = len(it["input_ids"])
+        labels[offset : offset + (it["n_prompt"] if mask_prompt else 1)] = IGNORE_INDEX
+        offset += n
+    cu_seq_lens = torch.zeros(len(items) + 1, dtype=torch.int32)
+    cu_seq_lens[1:] = torch.cumsum(lengths, 0)
+    position_ids = torch.cat([torch.arange(int(n)) for n in lengths])
+    return {"input_ids": ids[None], "position_ids": position_ids[None], "labels": labels[None],
+            "cu_seq_lens": cu_seq_lens, "max_length": int(lengths.max()), "num_tokens": int(lengths.sum()),
+            "index": [it.get("index") for it in items]}
+
+
+class BatchPlan(Sampler[list[int]]):
+    """Which examples form each batch, epoch by epoch: deterministic from (seed, epoch), split across ranks, and
+    able to skip the batches already trained on when a run resumes mid-epoch.
+
+    - fixed size: `batch_size` examples per batch;
+    - token budget (`max_tokens`): as many examples as fit in `max_tokens` tokens, counted as the batch will be
+      laid out (packed: the sum of lengths; padded: examples x longest);
+    - `length_grouped`: examples of similar length share batches (less padding), batch order still shuffled.
+
+    With several ranks, training (`equal_steps`) deals out whole batches and drops those that do not divide evenly,
+    since every rank must take the same number of optimizer steps; validation deals out the examples instead and
+    keeps them all, so that its metrics cover every example whatever the number of GPUs; ranks with fewer batches
+    then run filler batches (one short example that counts for nothing, `Filler`) up to the most any rank has,
+    since under FSDP every forward pass is a collective that all ranks must join.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, max_tokens: int | None = None, packed: bool = False,
+                 shuffle: bool = True, length_grouped: bool = False, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, equal_steps: bool = True) -> None:
+        self.lengths = list(lengths)
+        self.batch_size, self.max_tokens, self.packed = batch_size, max_tokens, packed
+        self.shuffle, self.length_grouped, self.seed = shuffle, length_grouped, seed
+        self.rank, self.world_size, self.equal_steps = rank, world_size, equal_steps
+        self.epoch = 0
+        self.skip = 0  # batches of the current epoch already done (set when resuming); used once
+        self.sampler = self  # Lightning calls `batch_sampler.sampler.set_epoch(epoch)` at each epoch start
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        n = len(self.lengths)
+        if not self.shuffle:
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        if self.length_grouped:
+            # sort within windows of 64 batches: similar lengths meet, yet each epoch mixes differently
+            window = self.batch_size * 64
+            order = [i for s in range(0, n, window)
+                     for i in sorted(order[s : s + window], key=lambda i: -self.lengths[i])]
+        return order
+
+    def _batches(self) -> list[list[int]]:
+        if self.equal_steps or self.world_size == 1 or not self.lengths:
+            return self._rank_batches(self.rank)
+        plans = [self._rank_batches(rank) for rank in range(self.world_size)]
+        shortest = min(range(len(self.lengths)), key=self.lengths.__getitem__)
+        return in_step(plans, self.rank, [Filler(shortest)])
+
+    def _rank_batches(self, rank: int) -> list[list[int]]:
+        order = self._order()
+        if not self.equal_steps:
+            order = order[rank :: self.world_size]
+        if self.max_tokens is None:
+            batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        else:
+            batches, current, longest = [], [], 0
+            for i in order:
+                n = self.lengths[i]
+                cost = (sum(self.lengths[j] for j in current) + n) if self.packed else (len(current) + 1) * max(longest, n)
+                if current and cost > self.max_tokens:
+                    batches.append(current)
+                    current, longest = [], 0
+                current.append(i)
+                longest = max(longest, n)
+            if current:
+                batches.append(current)
+        if self.shuffle and (self.length_grouped or self.max_tokens is not None):
+            g = torch.Generator().manual_seed(self.seed + self.epoch + 1_000_003)
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        if not self.equal_steps:
+            return batches
+        # every rank must take the same number of steps: drop the tail that does not divide evenly
+        per_rank = len(batches) // self.world_size if self.world_size > 1 else len(batches)
+        return batches[rank : per_rank * self.world_size : self.world_size]
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._batches()
+        skip, self.skip = self.skip, 0
+        yield from batches[skip:]

@@ -1,0 +1,183 @@
+"""Reading and checking instruction records: local .jsonl/.json/.parquet/.csv files or a Hugging Face hub dataset,
+each record checked (fields present, strings, non-empty, valid UTF-8) before anything else runs, every problem named
+by file and line."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lit_mistral.errors import LitMistralError, raise_problems
+from lit_mistral.sources import PKG_SCHEME, resolve_location
+
+TRAIN_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+PREDICT_EXTENSIONS = (".txt", ".jsonl")
+
+
+@dataclass  # not frozen: Lightning rebuilds dataclasses in batches when moving them to the device
+class Example:
+    """One instruction record. `response` is None for inputs to predict."""
+
+    instruction: str
+    context: str = ""
+    response: str | None = None
+    category: str | None = None
+    where: str = ""  # "file.jsonl:12" or "hub-id[7]": named in every error about this record
+
+
+@dataclass
+class Fields:
+    """Which keys of a record hold its parts.
+
+    Args:
+        instruction: Record key of the instruction.
+        context: Record key of the optional context (null: the data has none).
+        response: Record key of the response.
+        category: Record key of the optional category (null: none), used for per-category metrics.
+    """
+
+    instruction: str = "instruction"
+    context: str | None = "context"
+    response: str = "response"
+    category: str | None = "category"
+
+
+def _record_to_example(row, where: str, fields: Fields, need_response: bool) -> tuple[Example | None, list[str]]:
+    """Check one raw record; return the `Example` or the list of what is wrong with it."""
+    if not isinstance(row, dict):
+        return None, [f"{where}: expected a JSON object with an {fields.instruction!r} field, got {type(row).__name__}"]
+    problems = []
+
+    def text(key: str | None, required: bool, non_empty: bool) -> str | None:
+        if key is None:
+            return None
+        if key not in row or row[key] is None:
+            if required:
+                problems.append(f"{where}: field {key!r} is missing")
+            return None
+        value = row[key]
+        if not isinstance(value, str):
+            problems.append(f"{where}: field {key!r} must be a string, got {type(value).__name__} ({str(value)[:40]!r})")
+            return None
+        if non_empty and not value.strip():
+            problems.append(f"{where}: field {key!r} is empty")
+            return None
+        return value
+
+    instruction = text(fields.instruction, required=True, non_empty=True)
+    context = text(fields.context, required=False, non_empty=False)
+    response = text(fields.response, required=need_response, non_empty=need_response)
+    category = text(fields.category, required=False, non_empty=False)
+    if problems:
+        return None, problems
+    return Example(instruction, (context or "").strip(), response, category, where), []
+
+
+def _raw_rows(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
+    """(where, row) pairs of a local file, and the lines that could not be parsed at all."""
+    suffix = path.suffix.lower()
+    rows, problems, blank = [], [], []
+    if suffix in (".jsonl", ".txt"):
+        for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                problems.append(f"{where}: not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})")
+                continue
+            if not line.strip():
+                blank.append(number)
+                continue
+            if suffix == ".txt":
+                rows.append((where, {"instruction": line.strip()}))
+                continue
+            try:
+                rows.append((where, json.loads(line)))
+            except json.JSONDecodeError as err:
+                problems.append(f"{where}: malformed JSON ({err.msg} at column {err.colno})")
+        if blank and rows:
+            shown = ", ".join(map(str, blank[:10])) + (" ..." if len(blank) > 10 else "")
+            rank_zero_info(f"{path}: skipped {len(blank)} blank line(s) ({shown}); they are not inputs.")
+    elif suffix == ".json":
+        try:
+            document = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise LitMistralError(f"{path}: not valid UTF-8 (byte offset {err.start}). Fix: save the file as UTF-8.") from None
+        except json.JSONDecodeError as err:
+            raise LitMistralError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno}). "
+                                  "Fix: the file must hold one JSON list of records.") from None
+        if not isinstance(document, list):
+            raise LitMistralError(f"{path}: expected a JSON list of records, got a {type(document).__name__}. "
+                                  "Fix: write [ {...}, {...} ] or use .jsonl with one record per line.")
+        rows = [(f"{path}[{i}]", row) for i, row in enumerate(document)]
+    else:  # .parquet, .csv: columnar formats that `datasets` reads
+        import datasets
+
+        try:
+            table = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+        except Exception as err:  # pyarrow raises many kinds; all mean the same to the user
+            raise LitMistralError(f"{path}: could not read it as {suffix[1:]} ({err}).") from None
+        rows = [(f"{path} row {i + 1}", row) for i, row in enumerate(table)]
+    return rows, problems
+
+
+def hub_rows(name: str) -> list[tuple[str, object]]:
+    import datasets
+
+    try:
+        table = datasets.load_dataset(name, split="train")
+    except Exception as err:  # offline, unknown id, gated: datasets raises many kinds
+        raise LitMistralError(
+            f"data.path: {name!r} is not a local file and could not be loaded from the Hugging Face hub ({err}). "
+            f"Fix: give a local {'/'.join(TRAIN_EXTENSIONS)} file, or a hub dataset id while online."
+        ) from None
+    return [(f"{name}[{i}]", row) for i, row in enumerate(table)]
+
+
+def is_hub_id(source: str) -> bool:
+    if source.startswith(PKG_SCHEME):
+        return False
+    path = Path(source).expanduser()
+    return not (path.exists() or path.suffix or source.startswith((".", "/", "~")))
+
+
+def read_examples(source: str, fields: Fields, key: str, need_response: bool = True,
+                  skip_invalid: bool = False) -> list[Example]:
+    """Read and check every record of `source` (a local file or a hub dataset id).
+
+    All problems are collected and raised as one error naming file and line, unless `skip_invalid`, in which case
+    bad records are left out and counted in the log."""
+    extensions = TRAIN_EXTENSIONS if need_response else PREDICT_EXTENSIONS
+    source = resolve_location(source, key)
+    path = Path(source).expanduser()
+    # a hub dataset id looks like "owner/name"; anything with an extension or a path prefix is a file
+    if not is_hub_id(source) or not need_response:
+        if not path.is_file():
+            raise LitMistralError(f"{key}: file {str(path)!r} does not exist. Fix: check the path.")
+        if path.suffix.lower() not in extensions:
+            raise LitMistralError(
+                f"{key}: {str(path)!r} has an unsupported extension {path.suffix!r}. "
+                f"Fix: use one of {', '.join(extensions)}."
+            )
+        rows, problems = _raw_rows(path)
+    else:
+        rows, problems = hub_rows(source), []
+    examples, n_bad = [], len(problems)  # so far: lines that did not parse, one problem each
+    for where, row in rows:
+        example, bad = _record_to_example(row, where, fields, need_response)
+        problems += bad
+        if example is not None:
+            examples.append(example)
+        else:
+            n_bad += 1
+    if problems and not skip_invalid:
+        raise_problems(problems, "Fix: correct these records, or set --data.skip_invalid true to leave them out.")
+    if problems:
+        shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
+        rank_zero_warn(f"{key}: skipped {n_bad} invalid record(s) of {n_bad + len(examples)} in {source} "
+                       f"(data.skip_invalid=true): {shown}")
+    if not examples:
+        raise LitMistralError(f"{key}: {source!r} holds no usable records. Fix: point it at a non-empty dataset.")
+    return examples
+

@@ -1,0 +1,89 @@
+"""Tokenization with loss masking: each example becomes its prompt ids (no loss) followed by its response ids and EOS
+(the loss), exactly as predict will feed the prompt and expect the answer; examples longer than `max_length` are
+dropped or cut, and counted."""
+
+from collections.abc import Sequence
+
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import Dataset
+
+from lit_mistral.data.prompts import PromptStyle
+from lit_mistral.data.records import Example
+from lit_mistral.errors import LitMistralError
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding, example boundaries)
+
+
+def encode_examples(examples: Sequence[Example], style: PromptStyle, tokenizer) -> list[tuple[list[int], int]]:
+    """Token ids of each example (prompt, response, EOS) and the number of prompt tokens.
+
+    The prompt ids are exactly what predict feeds the model, and the rest are exactly what it must generate
+    after them: the full text is tokenized once (so the response is tokenized in context), and when the tokenizer
+    merges across the prompt/response boundary, the response is tokenized on its own after the prompt ids."""
+    texts = [style.apply(e) for e in examples]
+    special = style.add_special_tokens
+    prompts = tokenizer([p for p, _ in texts], add_special_tokens=special)["input_ids"]
+    fulls = tokenizer([p + r for p, r in texts], add_special_tokens=special)["input_ids"]
+    out = []
+    for (prompt, response), p_ids, ids, example in zip(texts, prompts, fulls, examples):
+        if ids[: len(p_ids)] != p_ids:
+            ids = p_ids + tokenizer(response, add_special_tokens=False)["input_ids"]
+        if len(ids) == len(p_ids) and response.strip():
+            raise LitMistralError(f"{example.where}: the response tokenizes to nothing. Fix: check the record.")
+        out.append((ids + [tokenizer.eos_token_id], len(p_ids)))
+    return out
+
+
+def encode_prompts(examples: Sequence[Example], style: PromptStyle, tokenizer) -> list[list[int]]:
+    """Prompt token ids for generation: the same ids `encode_examples` puts before each response."""
+    prompts = [style.apply(e)[0] for e in examples]
+    return tokenizer(prompts, add_special_tokens=style.add_special_tokens)["input_ids"]
+
+class Filler(int):
+    """A batch-plan index whose example is run but counts for nothing (all its tokens prompt, no labels, no index):
+    what keeps every process's validation batch count equal."""
+
+
+class TokenizedDataset(Dataset):
+    """Tokenized examples: `input_ids` (prompt + response + EOS), `n_prompt` (how many carry no loss) and `index`:
+    the example's position in the list it was made from (an item's optional third field), else its own."""
+
+    def __init__(self, items: list[tuple]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        ids, n_prompt, *index = self.items[i]
+        if isinstance(i, Filler):  # run to keep processes in step; counts for nothing
+            return {"input_ids": ids, "n_prompt": len(ids), "index": None}
+        return {"input_ids": ids, "n_prompt": n_prompt, "index": index[0] if index else i}
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(item[0]) for item in self.items]
+
+
+def fit_to_length(items: list[tuple], max_length: int, overlong: str, key: str) -> list[tuple]:
+    """Apply `max_length` to (ids, n_prompt, ...) items: drop long examples, or cut them (losing their EOS), and say
+    how many. Fields after n_prompt are kept as they are."""
+    kept, dropped, cut = [], 0, 0
+    for ids, n_prompt, *rest in items:
+        if len(ids) <= max_length:
+            kept.append((ids, n_prompt, *rest))
+        elif overlong == "truncate" and n_prompt < max_length:
+            kept.append((ids[:max_length], n_prompt, *rest))
+            cut += 1
+        else:
+            dropped += 1
+    if dropped:
+        rank_zero_warn(f"{key}: dropped {dropped} of {len(items)} examples longer than data.max_length={max_length} "
+                       f"tokens (data.overlong={overlong}).")
+    if cut:
+        rank_zero_warn(f"{key}: truncated {cut} of {len(items)} examples to data.max_length={max_length} tokens; "
+                       "they lose their EOS, so the model does not learn to stop on them (data.overlong=truncate).")
+    if not kept:
+        raise LitMistralError(f"{key}: every example is longer than data.max_length={max_length} tokens. "
+                              "Fix: raise --data.max_length.")
+    return kept

@@ -1,0 +1,74 @@
+"""Answering prompts with a model as it stands: the weights to generate with (the adapter folded in, or kept apart),
+and answers to a list of prompts split across processes, kept in step and gathered."""
+
+import contextlib
+import time
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_mistral.distributed import gather_objects, in_step
+from lit_mistral.generation.batches import collate_prompts, generate, predict_batches
+
+
+def context_window(model) -> int | None:
+    """Longest prompt + answer the model takes, in tokens (None: not stated by its config)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def merge_fits(model, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a dequantized copy of `model` in `dtype` fits: always on CPUs; on GPUs when it takes at most a third
+    of the free memory (the 4-bit copy is freed layer by layer while merging)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    unquantized = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    return 3 * unquantized < free + unquantized // 4
+
+
+def for_inference(model, weights: str, device: torch.device, dtype: torch.dtype):
+    """The model to generate with: `model` itself (`weights` adapter), or, for `merged` (and `auto` where it fits),
+    a plain transformers model with the adapter folded into a dequantized copy of the base."""
+    from peft import PeftModel
+
+    from lit_mistral.modeling.merge import merge_adapter
+
+    if not isinstance(model, PeftModel) or weights == "adapter" or (
+            weights == "auto" and not merge_fits(model, device, dtype)):
+        return model
+    started = time.perf_counter()
+    merged = merge_adapter(model, dtype)
+    rank_zero_info(f"Merged the adapter into a dequantized copy of the base for generation "
+                   f"({time.perf_counter() - started:.1f}s; --model.generation.weights adapter keeps them apart).")
+    return merged
+
+
+@torch.no_grad()
+def answer(model, tokenizer, items: list[dict], max_rows: int, sampling: dict, context: int | None,
+           device: torch.device, synced_gpus: bool = False) -> list[dict]:
+    """Answer prompt `items` (`input_ids`, `index`, `example`) in batches of at most `max_rows`, planned as predict
+    plans them (by length, so each batch is padded to a prompt close to its own); records in the order of `items`."""
+    records = {}
+    for rows in predict_batches([len(it["input_ids"]) for it in items], range(len(items)), max_rows):
+        batch = collate_prompts([dict(items[i], index=i) for i in rows], tokenizer.pad_token_id)
+        batch.update(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        for record in generate(model, tokenizer, batch, context=context, synced_gpus=synced_gpus, **sampling):
+            records[record["index"]] = record
+    return [dict(records[i], index=it["index"]) for i, it in enumerate(items)]
+
+
+def answer_across(model, tokenizer, items: list[dict], max_rows: int, sampling: dict, device: torch.device,
+                  rank: int = 0, world_size: int = 1, sharded: bool = False, gathering=contextlib.nullcontext):
+    """`answer`, with the items split across `world_size` processes and the answers gathered, so that every process
+    returns all of them, in order. `sharded` (FSDP): every decoding step is a collective, so every process answers
+    the same number of prompts (a short share is padded with the first item, its answer dropped) and generation
+    keeps stepping a process whose answers have ended until all have (`synced_gpus`); `gathering` is the context in
+    which the sharded weights outside the decoder layers are whole."""
+    shares = [list(range(len(items)))[r::world_size] for r in range(world_size)]
+    mine = in_step(shares, rank, 0) if sharded and world_size > 1 else shares[rank]
+    with gathering():
+        records = answer(model, tokenizer, [items[i] for i in mine], max_rows, sampling, context_window(model),
+                         device, synced_gpus=sharded and world_size > 1)
+    records = list(zip(shares[rank], records))  # padding left out
+    merged = sorted((pair for part in gather_objects(records, world_size) for pair in part), key=lambda p: p[0])
+    return [record for _, record in merged]

@@ -1,0 +1,145 @@
+"""Building the model: the base from its source (hub, folder, GGUF, random init), quantized by bitsandbytes, with
+fused kernels and activation checkpointing where asked, wrapped with fresh or saved LoRA adapters (peft). A plain
+function with no Trainer in it: `fit`, `validate`, `predict`, `export` and the tests build the model alike."""
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_mistral.config import DTYPES, Compute, LoRA, Quantization
+from lit_mistral.errors import LitMistralError
+from lit_mistral.modeling.adapters import check_targets, load_adapter
+from lit_mistral.registry import register
+from lit_mistral.sources import load_tokenizer, model_folder, random_init_folder
+
+
+@dataclass
+class ModelSpec:
+    """Everything that decides the model that is built (the module's settings, less training and generation)."""
+
+    name_or_path: str
+    gguf_file: str | None = None
+    random_init: bool = False
+    trust_remote_code: bool = False
+    load_on: Literal["device", "cpu"] = "device"
+    adapter_path: str | None = None
+    quantization: Quantization = field(default_factory=Quantization)
+    lora: LoRA = field(default_factory=LoRA)
+    compute: Compute = field(default_factory=Compute)
+
+    def storage_dtype(self, compute_dtype: torch.dtype, sharded: bool) -> torch.dtype:
+        """The dtype of the packed 4-bit weights (see `Quantization.storage`)."""
+        if self.quantization.storage == "auto":
+            return compute_dtype if sharded else torch.uint8
+        return DTYPES[self.quantization.storage]
+
+    def base_source(self) -> str:
+        """What the adapter config names as its base: the folder the weights came from (or the id of a random
+        initialization, which has no weights to load)."""
+        return self.name_or_path if self.random_init else model_folder(self.name_or_path, self.gguf_file)
+
+
+def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sharded: bool = False):
+    """`(model, tokenizer)`: the base of `spec` loaded for `device` (quantized there, or on the CPU: `load_on`) and
+    wrapped with LoRA adapters (a peft model, in train mode). `training`: apply the training-only kernels
+    (`compute.kernels`); `sharded`: the model will be sharded by `fsdp_qlora` (the 4-bit storage dtype)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    register()
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(spec.name_or_path, spec.gguf_file, spec.trust_remote_code)
+    dtype = spec.compute.torch_dtype(device)
+    if spec.load_on == "cpu":  # the strategy moves it (fsdp_qlora: one layer at a time; checks.py)
+        device = torch.device("cpu")
+    folder = random_init_folder(spec.name_or_path, dtype, device) if spec.random_init else (
+        model_folder(spec.name_or_path, spec.gguf_file))
+    kwargs = dict(dtype=dtype, device_map={"": device}, trust_remote_code=spec.trust_remote_code,
+                  attn_implementation=spec.compute.attn_implementation)
+    q = spec.quantization
+    if q.method:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=q.method, bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=spec.storage_dtype(dtype, sharded))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except OSError as err:
+        raise LitMistralError(f"model.name_or_path: could not load {spec.name_or_path!r} ({err}). Fix: give a "
+                              "local folder with weights, or a hub id while online.") from None
+    except torch.OutOfMemoryError as err:
+        fix = ("--model.load_on cpu: fsdp_qlora then brings the base to the GPUs one layer at a time, sharded"
+               if sharded else "--trainer.strategy fsdp_qlora --model.load_on cpu on several GPUs "
+               "(configs/qlora-fsdp.yaml): each then holds 1/N of the base, and never the whole of it")
+        first = (str(err).strip().splitlines() or ["torch.OutOfMemoryError"])[0][:200]
+        raise LitMistralError(f"model.name_or_path: {spec.name_or_path!r} does not fit on {device} while loading "
+                              f"({first}). Fix: {fix}; or a GPU with more memory.") from None
+    finally:
+        if spec.random_init:
+            shutil.rmtree(folder, ignore_errors=True)
+    model.config.use_cache = False  # training: a KV cache is dead weight (generation turns it back on)
+    if q.method and q.fp32_norms:
+        # casts norms/embeddings to fp32 (and freezes the base); checkpointing is enabled below
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if spec.compute.kernels and training:
+        apply_kernels(model)
+    if spec.compute.gradient_checkpointing:
+        set_checkpointing(model, spec.compute.checkpoint_layers)
+    if spec.adapter_path is not None:
+        model = load_adapter(model, spec.adapter_path, spec.name_or_path)
+    else:
+        check_targets(model, spec.lora.target_modules, spec.name_or_path)
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **spec.lora.peft_kwargs()))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rank_zero_info(f"Loaded {spec.name_or_path} ({q.method or 'unquantized'}) in {time.perf_counter() - started:.1f}s; "
+                   f"{trainable:,} trainable parameters.")
+    # from_pretrained hands back eval mode; Lightning keeps submodule modes, and checkpointing and LoRA dropout act
+    # only in train mode (Lightning switches to eval for validation and predict, and back)
+    return model.train(), tokenizer
+
+
+def apply_kernels(model) -> None:
+    """Swap in Liger's fused kernels (in place; works before or after the LoRA wrapping)."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise LitMistralError("model.compute.kernels=liger needs Liger-Kernel. Fix: pip install liger-kernel (GPU "
+                              "only), or set --model.compute.kernels null.") from None
+    # the chunked loss replaces the model's head + loss, so Liger's cross-entropy patches stay off
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
+def set_checkpointing(model, layers: int | None) -> None:
+    """Recompute the activations of the first `layers` decoder layers in backward (all when None)."""
+    # transformers >= 5.20 renamed the switch (and warns on the old name); 5.17 has only the old one
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if layers is not None:
+        # per-layer flag of transformers' GradientCheckpointingLayer: the rest keep their activations
+        blocks = [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and
+                  type(m).__name__.endswith(("DecoderLayer", "Block"))]
+        for i, block in enumerate(blocks):
+            block.gradient_checkpointing = i < layers
+
+
+def decoder(model) -> torch.nn.Module:
+    """The transformer body of a peft model (embeddings, layers, final norm): hidden states, no logits."""
+    return model.get_base_model().get_decoder()
+
+
+def lm_head(model) -> torch.nn.Module:
+    return model.get_base_model().get_output_embeddings()
+
+
+def plain_head(model) -> bool:
+    """Whether the output layer is a plain linear map, which the chunked loss can take; soft-capped or scaled
+    logits need the model's own head + loss."""
+    config = model.get_base_model().config
+    return not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))

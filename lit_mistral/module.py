@@ -1,0 +1,256 @@
+"""`QLoRAModule`: the LightningModule. It trains and validates a causal LM with LoRA adapters on a (4-bit) frozen
+base: the steps, the loss, the optimizer and schedule, and checkpoints that hold only what training changes.
+Building the model is `modeling.build.build_model`; evaluation, telemetry and writers are callbacks."""
+
+import math
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics import MeanMetric
+
+from lit_mistral.config import Compute, Generation, LoRA, Optimization, Quantization
+from lit_mistral.errors import LitMistralError, raise_problems
+from lit_mistral.generation.answering import context_window, for_inference
+from lit_mistral.generation.batches import generate
+from lit_mistral.modeling import build
+from lit_mistral.modeling.adapters import check_adapter_folder, trainable_state
+from lit_mistral.modeling.attention import packed_kwargs
+from lit_mistral.modeling.loss import linear_cross_entropy
+from lit_mistral.sources import check_model_location
+
+
+class QLoRAModule(LightningModule):
+    """A causal LM with LoRA adapters on a (4-bit) frozen base.
+
+    Args:
+        name_or_path: Base model: a Hugging Face hub id, a local folder, or `pkg://package/dir` (a folder inside an
+            installed Python package).
+        gguf_file: A .gguf file inside `name_or_path` (or an absolute path): dequantized on load, converted once
+            into a cached safetensors folder.
+        random_init: Initialize the weights randomly from the model's config instead of loading them (dry runs,
+            benchmarks). Only the config and tokenizer of `name_or_path` are needed.
+        trust_remote_code: Let transformers run code shipped with the model. Off unless you trust the source.
+        load_on: Where the base is loaded (and quantized): `device`, the GPU of each process (fast); or `cpu`, for
+            `--trainer.strategy fsdp_qlora`, which then moves it to the GPU one decoder layer at a time, sharding
+            each as it arrives: no GPU ever holds the whole base, so a base larger than one GPU trains on several.
+            Quantizing on the CPU is slower (about 20M weights/s per core), and while loading each process holds the
+            4-bit base in CPU memory.
+        adapter_path: Start from this peft adapter folder instead of fresh adapters.
+        max_length: Longest sequence in tokens; linked to `data.max_length` by the CLI.
+        quantization: Quantization of the frozen base.
+        lora: The LoRA adapters.
+        compute: How forward and backward run (dtype, attention, activation checkpointing, kernels).
+        optimization: Optimizer, schedule, non-finite losses.
+        generation: How `predict` generates.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str = "mistralai/Mistral-7B-v0.1",
+        gguf_file: str | None = None,
+        random_init: bool = False,
+        trust_remote_code: bool = False,
+        load_on: Literal["device", "cpu"] = "device",
+        adapter_path: str | None = None,
+        max_length: int = 2048,
+        quantization: Quantization = Quantization(),
+        lora: LoRA = LoRA(),
+        compute: Compute = Compute(),
+        optimization: Optimization = Optimization(),
+        generation: Generation = Generation(),
+    ) -> None:
+        super().__init__()
+        raise_problems([*lora.problems(), *compute.problems(quantization.method is not None),
+                        *optimization.problems(), *generation.problems()], "Fix: correct these model settings.")
+        if adapter_path is not None:
+            check_adapter_folder(adapter_path, "model.adapter_path")
+        if not random_init:
+            check_model_location(name_or_path, gguf_file)
+        self.spec = build.ModelSpec(name_or_path, gguf_file, random_init, trust_remote_code, load_on, adapter_path,
+                                    quantization, lora, compute)
+        self.max_length, self.optimization, self.generation = max_length, optimization, generation
+        self.strict_loading = False  # checkpoints hold the adapter only; on_load_checkpoint checks it is complete
+        self.skipped_batches = 0
+        self.val_loss = MeanMetric()  # token-weighted mean over the validation split, synced across processes
+        self.model = self.tokenizer = None
+
+    # -- the model ---------------------------------------------------------------------------------------------------
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the trainer shards the model with FSDP (`--trainer.strategy fsdp_qlora`)."""
+        return isinstance(self.trainer.strategy, FSDPStrategy)
+
+    def configure_model(self) -> None:
+        """Called by Lightning after data setup (so bad data fails before the expensive load)."""
+        if self.model is None:
+            self.build(self.trainer.strategy.root_device, training=self.trainer.state.fn == "fit",
+                       sharded=self.sharded)
+
+    def build(self, device: torch.device, training: bool = True, sharded: bool = False) -> "QLoRAModule":
+        """Build the model for `device` (`modeling.build.build_model`), outside a Trainer too (scripts, tests)."""
+        self.model, self.tokenizer = build.build_model(self.spec, device, training=training, sharded=sharded)
+        return self
+
+    # -- loss --------------------------------------------------------------------------------------------------------
+
+    def _token_losses(self, batch: dict, reduction: Literal["sum", "none"]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token cross-entropies over labelled positions (summed, or (N,) row-major), and the (B, T-1) mask of them."""
+        labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+        selected = labels != -100
+        layout = packed_kwargs(batch, self.model.config._attn_implementation)
+        if not build.plain_head(self.model):
+            logits = self.model(input_ids=batch["input_ids"], use_cache=False, **layout).logits
+            logits = logits[:, :-1][selected].float()
+            return torch.nn.functional.cross_entropy(logits, labels[selected], reduction=reduction), selected
+        hidden = build.decoder(self.model)(input_ids=batch["input_ids"], use_cache=False,
+                                           **layout).last_hidden_state  # (B, T, H)
+        loss = linear_cross_entropy(hidden[:, :-1][selected], build.lm_head(self.model), labels[selected],
+                                    self.spec.compute.loss_chunk_size, reduction)
+        return loss, selected
+
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of token cross-entropies over labelled positions, and their count."""
+        loss, selected = self._token_losses(batch, "sum")
+        return loss, selected.sum()
+
+    def example_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example of the batch: the sum of its token cross-entropies and its count of labelled tokens, (E,)
+        each (E = rows of a padded batch, examples of a packed row)."""
+        losses, selected = self._token_losses(batch, "none")  # (N,) in the row-major order of `selected`
+        if "cu_seq_lens" in batch:
+            # one packed row: position t is labelled with token t+1, which belongs to the example whose span holds it
+            bounds = batch["cu_seq_lens"].to(selected.device, torch.long)
+            targets = torch.arange(1, selected.shape[1] + 1, device=selected.device)
+            owner = torch.bucketize(targets, bounds[1:], right=True)[None]  # (1, T-1)
+            n = len(bounds) - 1
+        else:
+            owner = torch.arange(selected.shape[0], device=selected.device)[:, None]  # (B, 1): the row
+            n = selected.shape[0]
+        owner = owner.expand_as(selected)[selected]
+        sums = torch.zeros(n, dtype=torch.float32, device=losses.device).index_add_(0, owner, losses.float())
+        return sums, torch.bincount(owner, minlength=n)
+
+    # -- steps -------------------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        loss_sum, count = self.loss_sum(batch)
+        loss = loss_sum / count.clamp(min=1)
+        if self._nonfinite(loss, batch_idx):
+            return None  # Lightning skips backward and the optimizer update for this batch
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(count))
+        return loss
+
+    def _nonfinite(self, loss: torch.Tensor, batch_idx: int) -> bool:
+        """Stop on a NaN/inf loss (or report it to be skipped) instead of training on garbage gradients."""
+        # all processes decide together, so that they all skip or all stop
+        if not self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
+            return False
+        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx} of the epoch)"
+        if self.optimization.nonfinite == "stop":
+            raise LitMistralError(
+                f"the training loss is {loss.item()} at {where}. Checkpoints written so far hold finite weights. "
+                "Fix: lower --model.optimization.learning_rate or add --model.optimization.warmup_steps; train in "
+                "bf16-mixed or 32-true rather than float16; then continue with --ckpt_path last. Or set "
+                "--model.optimization.nonfinite skip to skip such batches.")
+        self.skipped_batches += 1
+        rank_zero_warn(f"the training loss is {loss.item()} at {where}: batch skipped (model.optimization.nonfinite="
+                       f"skip; {self.skipped_batches} so far).")
+        self.log("train/skipped_batches", float(self.skipped_batches))
+        return True
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        """The loss of each example of the batch (what evaluation breaks down by category); logs `val/loss`."""
+        sums, counts = self.example_losses(batch)
+        if counts.sum() > 0:  # a filler batch (keeping processes in step) has no labels
+            self.val_loss.update(sums.sum() / counts.sum(), weight=counts.sum())
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        return {"sums": sums, "counts": counts}
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count:  # perplexity = exp(mean token loss), from the loss synced over processes
+            self.log("val/ppl", math.exp(float(self.val_loss.compute())), prog_bar=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    # -- optimizer ---------------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        return optimizer_and_schedule([p for p in self.parameters() if p.requires_grad], self.optimization,
+                                      max(1, int(self.trainer.estimated_stepping_batches)))
+
+    # -- checkpoints: the adapter, not the 4-bit base ----------------------------------------------------------------
+
+    def _signature(self) -> dict:
+        """What a checkpoint's adapter must have been trained with to fit this model."""
+        spec = self.spec
+        return {"name_or_path": spec.name_or_path, "gguf_file": spec.gguf_file, "quantize": spec.quantization.method,
+                "lora": spec.lora.peft_kwargs()}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = set(trainable_state(self))
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["lit_mistral"] = self._signature()
+        checkpoint["skipped_batches"] = self.skipped_batches
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("lit_mistral")
+        if saved is None:
+            raise LitMistralError("ckpt_path: this checkpoint was not written by lit_mistral (no adapter record). "
+                                  "Fix: pass a checkpoint from a lit_mistral fit run, or its adapter folder.")
+        ours = self._signature()
+        keys = {"name_or_path": "name_or_path", "gguf_file": "gguf_file", "quantize": "quantization.method"}
+        diffs = [f"model.{option}: checkpoint has {saved.get(k)!r}, this run has {ours[k]!r}"
+                 for k, option in keys.items() if saved.get(k) != ours[k]]
+        options = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
+                   "bias": "bias"}
+        diffs += [f"model.lora.{options[k]}: checkpoint has {saved['lora'].get(k)!r}, this run has {v!r}"
+                  for k, v in ours["lora"].items() if saved["lora"].get(k) != v]
+        state, expected = checkpoint["state_dict"], set(trainable_state(self))
+        if not diffs and set(state) != expected:
+            diffs.append(f"the checkpoint's {len(state)} adapter tensors do not match this model's {len(expected)}")
+        if diffs:
+            raise_problems(diffs, "Fix: run with the config the checkpoint was trained with (its run folder holds "
+                                  "config.yaml).")
+        self.skipped_batches = checkpoint.get("skipped_batches", 0)
+
+    # -- generation --------------------------------------------------------------------------------------------------
+
+    def on_predict_start(self) -> None:
+        """Runs after a checkpoint was restored, so the adapter weights are final: fold them in if asked."""
+        torch.manual_seed(self.generation.seed)
+        self.model = for_inference(self.model, self.generation.weights, self.device,
+                                   self.spec.compute.torch_dtype(self.device))
+        self.model.config.use_cache = True
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        return generate(self.model, self.tokenizer, batch, context=context_window(self.model),
+                        cache=self.generation.cache, **self.generation.sampling())
+
+
+def optimizer_and_schedule(params: list[torch.nn.Parameter], o: Optimization, total_steps: int) -> dict:
+    """AdamW (bitsandbytes' paged or 8-bit, or torch's) over `params`, with linear warmup then the decay of
+    `o.lr_scheduler` over `total_steps`, stepped per optimizer step, as Lightning's `configure_optimizers` returns
+    them. Chosen by name rather than through LightningCLI's `--optimizer`/`--lr_scheduler` class paths: the warmup
+    and decay need the run's total step count, known only once the Trainer has the data."""
+    from transformers import get_scheduler
+
+    kwargs = dict(lr=o.learning_rate, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    if o.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, **kwargs)
+    else:
+        import bitsandbytes as bnb
+
+        cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+               "adamw_8bit": bnb.optim.AdamW8bit}[o.optimizer]
+        optimizer = cls(params, **kwargs)
+    warmup = o.warmup_steps or math.ceil(o.warmup_ratio * total_steps)
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[o.lr_scheduler]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

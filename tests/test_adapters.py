@@ -1,0 +1,62 @@
+"""Adapters: one that does not fit the base is refused with what differs, before peft loads it; one holding pickled
+objects never runs them; saved adapters are plain peft."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_module
+from lit_mistral.errors import LitMistralError
+
+
+class Opener:
+    """Pickles into a call of `open(path, "w")`: unpickling it creates the file, which shows that it ran."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("mismatch,message", [
+    ("targets", r"target_modules \['wqkv'\] .*are not in the base model, whose linear layers are \[.*'q_proj'"),
+    ("shapes", r"adapter weight\(s\) have other shapes than the base model's layers .*e\.g\. "
+               r"model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight: adapter \[8, 32\], base layer needs \[8, 64\]"),
+    ("deeper", r"has weights for 2 module\(s\) the base model does not have, e\.g\. "
+               r"\['model\.layers\.2\.self_attn\.q_proj', 'model\.layers\.2\.self_attn\.v_proj'\]"),
+])
+def test_adapter_that_does_not_fit_names_what_differs(tiny_model_dir, tmp_path, mismatch, message):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, MistralForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    if mismatch == "shapes":
+        config.hidden_size, config.intermediate_size = 32, 64
+    if mismatch == "deeper":
+        config.num_hidden_layers = 3
+    other = get_peft_model(MistralForCausalLM(config), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    other.save_pretrained(tmp_path / "adapter")
+    if mismatch == "targets":
+        path = tmp_path / "adapter" / "adapter_config.json"
+        path.write_text(path.read_text().replace('"q_proj"', '"wqkv"'))
+    module = make_module(tiny_model_dir, adapter_path=str(tmp_path / "adapter"))
+    with pytest.raises(LitMistralError, match=r"model.adapter_path: the adapter in .* does not fit (.|\n)*" + message):
+        module.build(torch.device("cpu"))
+
+
+def test_adapter_with_pickled_objects_is_refused(tiny_model_dir, tmp_path):
+    from peft import LoraConfig
+
+    folder = tmp_path / "adapter"
+    LoraConfig(task_type="CAUSAL_LM", r=8, target_modules=["q_proj"]).save_pretrained(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tiny_model_dir)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    marker = tmp_path / "code-ran"
+    torch.save({"payload": Opener(marker)}, folder / "adapter_model.bin")  # peft's pickle format, no safetensors
+    module = make_module(tiny_model_dir, adapter_path=str(folder))
+    with pytest.raises(LitMistralError, match=r"adapter_model.bin: holds pickled Python objects \(io.open\)"):
+        module.build(torch.device("cpu"))
+    assert not marker.exists()

@@ -1,0 +1,80 @@
+"""The DataModule: splits by record ranges or a seeded fraction, settings checked at construction, loaders that
+keep to their token budget and name their examples."""
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from lit_mistral.data.datamodule import InstructionDataModule
+from lit_mistral.errors import LitMistralError
+
+
+def datamodule(tiny_model_dir, path, **kw):
+    return InstructionDataModule(path=str(path), tokenizer=str(tiny_model_dir), max_length=256, **kw)
+
+
+def test_setup_splits_by_record_ranges(tiny_model_dir, tmp_path, demo_records):
+    path = write_jsonl(tmp_path / "d.jsonl", demo_records)
+    dm = datamodule(tiny_model_dir, path, train_records=(0, 50), val_records=(50, 64))
+    dm.setup("fit")
+    assert len(dm.train_set) == 50 and len(dm.val_set) == 14
+    assert [e.instruction for e in dm.val_examples] == [r["instruction"] for r in demo_records[50:]]
+
+
+def test_val_fraction_split_is_seeded(tiny_model_dir, tmp_path, demo_records):
+    path = write_jsonl(tmp_path / "d.jsonl", demo_records)
+    splits = []
+    for seed in (1, 1, 2):
+        dm = datamodule(tiny_model_dir, path, val_fraction=0.25, seed=seed)
+        dm.setup("fit")
+        splits.append([e.instruction for e in dm.val_examples])
+    assert len(splits[0]) == 16 and splits[0] == splits[1] and splits[0] != splits[2]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(train_records=(0, 50), val_records=(40, 60)), "overlap"),
+    (dict(val_fraction=1.5), "val_fraction=1.5"),
+    (dict(prompt_style="vicuna"), "unknown prompt style 'vicuna'"),
+    (dict(max_tokens=100), "below data.max_length"),
+])
+def test_bad_data_settings_fail_at_construction(tiny_model_dir, kwargs, message):
+    with pytest.raises(LitMistralError, match=message):
+        datamodule(tiny_model_dir, "x.jsonl", **kwargs)
+
+
+def test_record_range_past_the_end(tiny_model_dir, tmp_path, demo_records):
+    path = write_jsonl(tmp_path / "d.jsonl", demo_records)
+    with pytest.raises(LitMistralError, match=r"train_records=\[800, 1000\] selects nothing: .* has 64 records"):
+        datamodule(tiny_model_dir, path, train_records=(800, 1000)).setup("fit")
+
+
+def test_validate_without_validation_data(tiny_model_dir, tmp_path, demo_records):
+    path = write_jsonl(tmp_path / "d.jsonl", demo_records)
+    with pytest.raises(LitMistralError, match="no validation data"):
+        datamodule(tiny_model_dir, path).setup("validate")
+
+
+def test_packed_loader_respects_token_budget(tiny_model_dir, tmp_path, demo_records):
+    path = write_jsonl(tmp_path / "d.jsonl", demo_records)
+    dm = datamodule(tiny_model_dir, path, packing=True, max_tokens=512)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert sum(len(b["cu_seq_lens"]) - 1 for b in batches) == 64
+    assert all(b["input_ids"].shape[1] <= 512 and b["num_tokens"] == b["input_ids"].shape[1] for b in batches)
+    assert torch.equal(batches[0]["position_ids"][0, : batches[0]["cu_seq_lens"][1]],
+                       torch.arange(int(batches[0]["cu_seq_lens"][1])))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_validation_batches_name_their_examples(tiny_model_dir, tmp_path, demo_records, packing):
+    """Each validation batch lists the position of its examples in val_examples (for per-category metrics), also
+    when an example whose prompt alone exceeds max_length had to be left out."""
+    records = [dict(r) for r in demo_records[:10]]
+    records[3]["context"] = " ".join(["water"] * 300)  # prompt longer than max_length: dropped from val_set
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    dm = InstructionDataModule(path=str(path), tokenizer=str(tiny_model_dir), train_records=(0, 2),
+                               val_records=(2, 10), max_length=128, batch_size=3, packing=packing)
+    dm.setup("validate")
+    indices = [i for batch in dm.val_dataloader() for i in batch["index"]]
+    assert indices == [0, 2, 3, 4, 5, 6, 7]  # record 3 of the file is val example 1
+    assert [dm.val_examples[i].instruction for i in indices] == [records[2 + i]["instruction"] for i in indices]

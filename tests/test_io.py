@@ -1,0 +1,35 @@
+"""Outputs written whole or not at all: folders, and files."""
+
+import pytest
+
+from lit_mistral.io import write_text, writing_folder
+
+
+def test_output_folders_are_written_whole_and_a_cache_entry_built_meanwhile_wins(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError), writing_folder(target) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("killed midway")
+    assert not target.exists() and list(tmp_path.iterdir()) == []  # nothing half-written, no leftovers
+    with writing_folder(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    with writing_folder(target) as tmp:  # an output folder: the new one replaces the old
+        (tmp / "a.txt").write_text("second")
+    assert (target / "a.txt").read_text() == "second"
+    with writing_folder(target, keep_existing=True) as tmp:  # a cache entry: the one already there stays
+        (tmp / "a.txt").write_text("third")
+    assert (target / "a.txt").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_file_is_written_whole_or_left_as_it_was(tmp_path):
+    path = tmp_path / "report.md"
+    write_text(path, "first")
+    with pytest.raises(RuntimeError), open(path) as before:
+        from lit_mistral.io import writing_file
+
+        with writing_file(path) as f:
+            f.write("half of the sec")
+            raise RuntimeError("killed midway")
+    assert before.closed and path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
+    write_text(path, "second")
+    assert path.read_text() == "second"

@@ -1,0 +1,79 @@
+"""predict as users run it: rows in input order, merged or adapter weights alike, resume, per-row skips."""
+
+import json
+
+import pytest
+
+from conftest import cli_args, run_cli
+
+QUESTIONS = ["Name a fish.", "What is the capital of France and why is it famous among travellers?", "Why?",
+             "How do plants make food from sunlight, water and air?", "Say hi."]
+
+
+def predict(tiny_model_dir, adapter_dir, questions, out, *extra):
+    run_cli(*cli_args("predict", tiny_model_dir, questions.parent / "runs", "--model.compute.dtype", "float32",
+                      "--data.predict_path", questions, "--data.predict_batch_size", "2", "--ckpt_path", adapter_dir,
+                      "--model.generation.max_new_tokens", "6", "--predictions.path", out, *extra))
+    return [json.loads(line) for line in out.read_text().split("\n") if line]
+
+
+@pytest.fixture
+def questions(tmp_path):
+    path = tmp_path / "questions.txt"
+    path.write_text("\n".join(QUESTIONS) + "\n")
+    return path
+
+
+def test_rows_in_input_order_and_merged_equals_adapter(tiny_model_dir, adapter_dir, questions, tmp_path):
+    merged = predict(tiny_model_dir, adapter_dir, questions, tmp_path / "merged.jsonl", "--model.generation.weights", "merged")
+    applied = predict(tiny_model_dir, adapter_dir, questions, tmp_path / "adapter.jsonl",
+                      "--model.generation.weights", "adapter")
+    assert [r["instruction"] for r in merged] == QUESTIONS and [r["index"] for r in merged] == list(range(5))
+    # greedy decoding on the merged weights gives the answers of the 4-bit base + adapter
+    assert [r["response"] for r in merged] == [r["response"] for r in applied]
+    assert all(r["response_tokens"] == 6 and r["finish"] == "length" for r in merged)
+
+
+def test_resume_keeps_finished_rows_and_fills_the_rest(tiny_model_dir, adapter_dir, questions, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    # a generated text may hold U+2028/U+0085, which JSON leaves raw: they must not split rows
+    done = {"index": 3, "instruction": QUESTIONS[3], "context": "", "response": "kept\u2028line\x85", "prompt_tokens": 1,
+            "response_tokens": 1, "finish": "eos"}
+    out.write_text(json.dumps(done, ensure_ascii=False) + "\n" + '{"index": 1, "instruction": "What is')  # killed
+    with pytest.raises(SystemExit):  # an existing file is never overwritten silently
+        predict(tiny_model_dir, adapter_dir, questions, out)
+    rows = predict(tiny_model_dir, adapter_dir, questions, out, "--predictions.resume", "true")
+    assert [r["index"] for r in rows] == list(range(5))
+    assert rows[3] == done and all(r["response_tokens"] == 6 for i, r in enumerate(rows) if i != 3)
+
+
+def test_resume_refuses_rows_of_other_inputs(tiny_model_dir, adapter_dir, questions, tmp_path, capsys):
+    out = tmp_path / "answers.jsonl"
+    out.write_text(json.dumps({"index": 0, "instruction": "Something else."}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        predict(tiny_model_dir, adapter_dir, questions, out, "--predictions.resume", "true")
+    assert exit_info.value.code == 2
+    assert "answers.jsonl:1: this row does not belong to the current inputs" in capsys.readouterr().err
+
+
+def test_prompt_longer_than_the_context_gets_a_skip_record(tiny_model_dir, adapter_dir, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    long = " ".join(["fish"] * 1030)  # the tiny model's context is 1024 tokens
+    questions.write_text(json.dumps({"instruction": "Name a fish."}) + "\n" + json.dumps({"instruction": long}) + "\n")
+    rows = predict(tiny_model_dir, adapter_dir, questions, tmp_path / "out.jsonl")
+    assert rows[0]["finish"] == "length" and rows[1]["finish"] == "skipped" and rows[1]["response"] is None
+    assert "does not fit the model's context of 1024 tokens" in rows[1]["error"]
+
+
+def test_output_folder_must_exist(tiny_model_dir, adapter_dir, questions, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        predict(tiny_model_dir, adapter_dir, questions, tmp_path / "missing" / "out.jsonl")
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_training_kernels_stay_out_of_predict(tiny_model_dir, adapter_dir, questions, tmp_path):
+    """`kernels: liger` is a training setting: a config that has it predicts with transformers' own modules (here on
+    a CPU, where fit refuses it)."""
+    rows = predict(tiny_model_dir, adapter_dir, questions, tmp_path / "out.jsonl", "--model.compute.kernels", "liger")
+    assert len(rows) == len(QUESTIONS) and all(r["finish"] == "length" for r in rows)
