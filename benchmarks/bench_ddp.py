@@ -42,8 +42,8 @@ RUNS = {"gpu1": ["--trainer.devices", "1"],
         "fsdp1_cpu": ["--trainer.devices", "1", "--trainer.strategy", "fsdp_qlora", "--model.load_on", "cpu"]}
 SHARED = ["--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.strategy.process_group_backend", "gloo"]
 RUNS |= {"shared_ddp": ["--trainer.strategy", "lightning.pytorch.strategies.DDPStrategy", *SHARED],
-         "shared_fsdp": ["--trainer.strategy", "lit_mistral.fsdp.QLoRAFSDPStrategy", *SHARED],
-         "shared_fsdp_cpu": ["--trainer.strategy", "lit_mistral.fsdp.QLoRAFSDPStrategy", *SHARED,
+         "shared_fsdp": ["--trainer.strategy", "lit_mistral.modeling.fsdp.QLoRAFSDPStrategy", *SHARED],
+         "shared_fsdp_cpu": ["--trainer.strategy", "lit_mistral.modeling.fsdp.QLoRAFSDPStrategy", *SHARED,
                              "--model.load_on", "cpu"]}
 
 

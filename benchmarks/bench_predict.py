@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 
-from lit_mistral.data import InstructionDataModule  # noqa: E402
-from lit_mistral.model import QLoRAModule  # noqa: E402
-from lit_mistral.predict import JsonlPredictionWriter  # noqa: E402
+from lit_mistral.callbacks import JsonlPredictionWriter  # noqa: E402
+from lit_mistral.config import Generation, LoRA  # noqa: E402
+from lit_mistral.data.datamodule import InstructionDataModule  # noqa: E402
+from lit_mistral.module import QLoRAModule  # noqa: E402
 
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
@@ -59,10 +60,10 @@ def run(name: str, opts: dict, model_dir: str, questions: Path, new: int, out: P
     started = time.perf_counter()
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
-    module = QLoRAModule(name_or_path=model_dir, quantize="nf4", compute_dtype="auto",
-                         lora_target_modules=SEED_TARGETS, inference="merged" if name == "merged" else "adapter",
-                         generation_cache=opts.get("cache", "dynamic"), max_new_tokens=new, do_sample=True,
-                         temperature=0.7, top_k=50, top_p=0.95)
+    module = QLoRAModule(name_or_path=model_dir, lora=LoRA(target_modules=SEED_TARGETS),
+                         generation=Generation(weights="merged" if name == "merged" else "adapter",
+                                               cache=opts.get("cache", "dynamic"), max_new_tokens=new, do_sample=True,
+                                               temperature=0.7, top_k=50, top_p=0.95))
     module.build(DEVICE)
     with torch.no_grad():  # a trained-looking adapter: B is zero at initialization
         for n, p in module.model.named_parameters():

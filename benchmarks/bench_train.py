@@ -31,8 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 
-from lit_mistral.data import InstructionDataModule  # noqa: E402
-from lit_mistral.model import QLoRAModule  # noqa: E402
+from lit_mistral.callbacks import Telemetry  # noqa: E402
+from lit_mistral.config import LoRA, Optimization, Quantization  # noqa: E402
+from lit_mistral.data.datamodule import InstructionDataModule  # noqa: E402
+from lit_mistral.modeling.build import apply_kernels, set_checkpointing  # noqa: E402
+from lit_mistral.module import QLoRAModule  # noqa: E402
 
 PEAK_FLOPS = 790e12  # bf16 matmul rate measured on this H200 (../shared/bench/README.md)
 PARAMS = 7.24e9
@@ -79,22 +82,24 @@ def run_variant(module, name, opts, data_file, steps, warm, tokenizer_dir):
     layers = int(opts.get("ckpt", 0))  # decoder layers recomputed in backward (0: none)
     liger = opts.get("liger") == "1"
     bf16_norms = opts.get("r16") == "1"  # norms/embeddings (residual stream) in bf16: fp32_norms=false
-    if module.model is None:  # the first variant: configure_model builds it with these settings
-        module.gradient_checkpointing = layers > 0
-        module.checkpoint_layers = layers or None
-        module.kernels = "liger" if liger else None
-        module.fp32_norms = not bf16_norms
+    compute, quantization = module.spec.compute, module.spec.quantization
+    first = module.model is None
+    if first:  # the first variant: configure_model builds it with these settings
+        compute.gradient_checkpointing = layers > 0
+        compute.checkpoint_layers = layers or None
+        compute.kernels = "liger" if liger else None
+        quantization.fp32_norms = not bf16_norms
     else:  # later variants change the loaded model in place
         base = module.model.get_base_model()
         if layers:
-            QLoRAModule.set_checkpointing(base, layers)
+            set_checkpointing(base, layers)
         else:
             base.gradient_checkpointing_disable()
-        if liger and module.kernels != "liger":  # one way: kernels stay for the variants after
-            module.kernels = "liger"
-            module.apply_kernels(base)
-        if bf16_norms and module.fp32_norms:  # one way too: what fp32_norms=false loads
-            module.fp32_norms = False
+        if liger and compute.kernels != "liger":  # one way: kernels stay for the variants after
+            compute.kernels = "liger"
+            apply_kernels(base)
+        if bf16_norms and quantization.fp32_norms:  # one way too: what fp32_norms=false loads
+            quantization.fp32_norms = False
             for p in base.parameters():
                 if p.dtype == torch.float32 and not p.requires_grad:
                     p.data = p.data.to(torch.bfloat16)
@@ -102,12 +107,11 @@ def run_variant(module, name, opts, data_file, steps, warm, tokenizer_dir):
                                mask_prompt=False, max_length=512, overlong="truncate",
                                batch_size=int(opts.get("bs", 4)), packing=max_tokens is not None or opts.get("pack") == "1",
                                max_tokens=max_tokens, seed=0)
-    clock = Clock(warm)
-    trainer = Trainer(accelerator="gpu" if CUDA else "cpu", devices=1, precision="bf16-mixed" if CUDA else "32-true", max_steps=steps, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clock],
-                      use_distributed_sampler=False)
-    module.on_train_end = lambda: None  # no adapter export between variants
+    clock, telemetry = Clock(warm), Telemetry()
+    trainer = Trainer(accelerator="gpu" if CUDA else "cpu", devices=1, precision="bf16-mixed" if CUDA else "32-true",
+                      max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                      callbacks=[clock, telemetry], use_distributed_sampler=False)
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     t_fit = time.perf_counter()
@@ -118,9 +122,8 @@ def run_variant(module, name, opts, data_file, steps, warm, tokenizer_dir):
                   tokens_per_step=round(clock.tokens / (steps - warm)),
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None,
                   loss=round(sum(clock.losses) / len(clock.losses), 3), fit_s=round(time.perf_counter() - t_fit, 1))
-    if not getattr(module, "_reported_first_step", False):  # the first variant includes loading the model
-        result["time_to_first_step_s"] = round(module._clock["first_step"], 1)
-        module._reported_first_step = True
+    if first:  # the first variant includes loading the model
+        result["time_to_first_step_s"] = round(telemetry.last["train/time_to_first_step_s"], 1)
     del trainer, dm
     gc.collect()
     torch.cuda.empty_cache()
@@ -129,7 +132,7 @@ def run_variant(module, name, opts, data_file, steps, warm, tokenizer_dir):
 
 def check_packing(module, data_file, tokenizer_dir):
     """Same batch, padded vs packed: the loss must agree (bf16 rounding aside)."""
-    from lit_mistral.data import collate_packed, collate_padded
+    from lit_mistral.data.batching import collate_packed, collate_padded
 
     dm = InstructionDataModule(path=str(data_file), tokenizer=tokenizer_dir, mask_prompt=False, max_length=512,
                                overlong="truncate")
@@ -163,9 +166,10 @@ def main() -> None:
                           gpu=torch.cuda.get_device_name(0) if CUDA else "cpu")), flush=True)
     seed_everything(0)
     data_file = tiled_records(args.data, 6000, Path(tempfile.mkdtemp()) / "dolly-tiled.jsonl")
-    module = QLoRAModule(name_or_path=args.model, quantize="nf4", compute_dtype="auto", lora_r=8, lora_alpha=16,
-                         lora_dropout=0.05, lora_target_modules=SEED_TARGETS, optimizer="paged_adamw_32bit",
-                         learning_rate=2e-4, weight_decay=0.001, gradient_checkpointing=True)
+    module = QLoRAModule(name_or_path=args.model, quantization=Quantization(method="nf4"),
+                         lora=LoRA(r=8, alpha=16, dropout=0.05, target_modules=SEED_TARGETS),
+                         optimization=Optimization(optimizer="paged_adamw_32bit", learning_rate=2e-4,
+                                                   weight_decay=0.001))
     results = []
     for spec in args.variants:
         name, *kv = spec.split(":")

@@ -16,7 +16,7 @@ echo "checkpoint: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/gpu.txt"
 B="python3 benchmarks/bench_ddp.py --model $CKPT --data .bench/dolly-15k-head.jsonl"
 if [ "${PART:-shared}" = shared ]; then
   $B --steps 4 --val_every 2 --warm 1 --timeout 200 --runs shared_fsdp_cpu shared_fsdp shared_ddp -- \
-    --data.max_tokens 2048 --model.gradient_checkpointing true | tee -a "$OUT/shared.jsonl"
+    --data.max_tokens 2048 --model.compute.gradient_checkpointing true | tee -a "$OUT/shared.jsonl"
 else
   python3 - <<'PY' | tee -a "$OUT/load.jsonl"
 import json, torch

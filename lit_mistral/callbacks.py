@@ -206,8 +206,10 @@ class JsonlPredictionWriter(BasePredictionWriter):
         lines = [line for line in self.target.read_text(encoding="utf-8").split("\n") if line]
         lines.sort(key=lambda line: json.loads(line)["index"])  # input order, whatever order batches finished in
         write_text(self.target, "".join(line + "\n" for line in lines))
+        peak = (f", peak {torch.cuda.max_memory_allocated(pl_module.device) / 2**30:.1f} GiB"
+                if pl_module.device.type == "cuda" else "")
         rank_zero_info(f"Wrote {len(lines)} predictions to {self.target} ({self.rate.rows} generated now: "
-                       f"{self.rate}).")
+                       f"{self.rate}{peak}).")
 
 
 class PredictionProgressBar(TQDMProgressBar):
