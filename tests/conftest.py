@@ -25,6 +25,16 @@ CHAT_TEMPLATE = (
 )
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` run only where a CUDA GPU is (run them on the GPU machine: `pytest -m gpu`)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def _word_tokenizer(folder: Path) -> None:
     """A word-level tokenizer over the demo data's words, sorted, so its ids never change."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -143,13 +153,13 @@ def make_module(model_dir, **settings):
                        **{k: groups[k](**v) if k in groups else v for k, v in settings.items()})
 
 
-def adapted(model_dir, **settings):
+def adapted(model_dir, device: str = "cpu", **settings):
     """The tiny model, built, with LoRA weights that do something (B is zero at initialization); the same weights
     on every call with the same settings."""
     torch.manual_seed(0)
     settings.setdefault("lora", {"target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj", "lm_head"]})
     settings.setdefault("compute", {"dtype": "float32", "gradient_checkpointing": False})
-    module = make_module(model_dir, **settings).build(torch.device("cpu"))
+    module = make_module(model_dir, **settings).build(torch.device(device))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in module.model.named_parameters():
@@ -163,7 +173,8 @@ def trainer(root, **kw):
     from lightning.pytorch import Trainer
 
     kw.setdefault("enable_checkpointing", False)
-    return Trainer(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_progress_bar=False,
+    kw.setdefault("logger", False)
+    return Trainer(accelerator="cpu", devices=1, precision="32-true", enable_progress_bar=False,
                    enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0,
                    use_distributed_sampler=False, **kw)
 

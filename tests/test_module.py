@@ -311,3 +311,37 @@ def test_packed_fast_path_learns_like_the_padded_path_on_the_real_model(smollm2_
         trainer(tmp_path / str(packing), max_steps=3, limit_val_batches=0).fit(module, dm)
         results[packing] = trainer(tmp_path / str(packing)).validate(module, dm, verbose=False)[0]["val/loss"]
     assert results[True] == pytest.approx(results[False], abs=1e-4)
+
+
+@pytest.mark.gpu
+def test_liger_kernels_change_speed_not_the_loss(tiny_model_dir, demo_file):
+    """Liger's RMSNorm/SwiGLU/RoPE on a GPU: the same loss (bf16 tolerance) as transformers' modules."""
+    pytest.importorskip("liger_kernel")
+    dm = data(tiny_model_dir, demo_file)
+    dm.setup("fit")
+    batch = collate_packed([dm.train_set[i] for i in range(6)])
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    losses = {}
+    for kernels in (None, "liger"):
+        torch.manual_seed(0)
+        module = make(tiny_model_dir, compute={"kernels": kernels, "dtype": "bfloat16"}).build(torch.device("cuda"))
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, n = module.loss_sum(batch)
+        losses[kernels] = float(loss / n)
+    assert losses["liger"] == pytest.approx(losses[None], rel=1e-2)
+
+
+@pytest.mark.gpu
+def test_paged_optimizer_steps_on_a_gpu(tiny_model_dir):
+    """bitsandbytes' paged AdamW on CUDA (on CPUs it falls back to the plain one): a step moves the adapters and
+    keeps its state in paged memory."""
+    module = make(tiny_model_dir, compute={"dtype": "bfloat16"}).build(torch.device("cuda"))
+    params = [p for p in module.parameters() if p.requires_grad]
+    config = optimizer_and_schedule(params, Optimization(learning_rate=1e-2), total_steps=4)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    config["optimizer"].step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+    state = config["optimizer"].state[params[0]]
+    assert state["state1"].is_cuda and getattr(state["state1"], "is_paged", False)

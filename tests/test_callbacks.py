@@ -1,0 +1,62 @@
+"""Callbacks around training and prediction: telemetry per optimizer step, the adapter written at the end of fit,
+generation rates."""
+
+import pytest
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+
+from conftest import make_module, trainer
+from lit_mistral.callbacks import GenerationRate, SaveAdapter, Telemetry
+from lit_mistral.data.datamodule import InstructionDataModule
+
+
+class Recorder(Logger):
+    """Keeps every logged (step, metrics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged = []
+
+    name, version = "recorder", 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.logged.append((step, dict(metrics)))
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def steps_of(self, key: str) -> list[int]:
+        return [step for step, metrics in self.logged if key in metrics]
+
+
+def test_telemetry_logs_once_per_optimizer_step_and_adapter_is_saved(tiny_model_dir, demo_file, tmp_path):
+    """Under accumulate_grad_batches=2, tokens/s comes once per optimizer step (not per batch) and counts the tokens
+    of both batches; the first step reports the time to it instead; SaveAdapter writes the peft folder."""
+    module = make_module(tiny_model_dir, lora={"dropout": 0.0})
+    dm = InstructionDataModule(path=str(demo_file), tokenizer=str(tiny_model_dir), max_length=256, batch_size=4,
+                               train_records=(0, 24))
+    recorder, telemetry = Recorder(), Telemetry()
+    tokens = []
+
+    class Tokens(Callback):  # what each batch brings
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            tokens.append(batch["num_tokens"])
+
+    trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, logger=recorder, log_every_n_steps=1,
+            callbacks=[telemetry, Tokens(), SaveAdapter()]).fit(module, dm)
+    assert recorder.steps_of("train/time_to_first_step_s") == [1]
+    assert recorder.steps_of("train/tokens_per_s") == [2, 3]  # 6 batches, 3 optimizer steps
+    assert telemetry.last["train/tokens_per_s"] > 0 and len(tokens) == 6
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_generation_rate_counts_rows_and_tokens():
+    rate = GenerationRate()
+    rate.start()
+    rate.add([{"response_tokens": 3}, {"response_tokens": 5}])
+    rate.add([{"response_tokens": 0}])
+    assert (rate.rows, rate.tokens) == (3, 8)
+    rows, tokens = rate.per_second()
+    assert tokens == pytest.approx(rows * 8 / 3)
+    assert "rows/s" in str(rate) and "new tokens/s" in str(rate)

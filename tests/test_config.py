@@ -1,0 +1,52 @@
+"""The model's setting groups: each checks its own values; every renamed option names an option that exists."""
+
+import pytest
+
+from lit_mistral.config import RENAMED, Compute, Generation, LoRA, Optimization
+
+
+def test_each_group_names_what_is_wrong_with_it():
+    assert LoRA(r=0, dropout=1.0).problems() == ["model.lora.r=0: expected >= 1",
+                                                 "model.lora.dropout=1.0: expected 0 <= dropout < 1"]
+    assert LoRA().problems() == []
+    assert Compute(dtype="float16").problems(quantized=True)[0].startswith("model.compute.dtype=float16 with 4-bit")
+    assert Compute(dtype="float16").problems(quantized=False) == []
+    assert "needs model.compute.gradient_checkpointing=true" in Compute(
+        gradient_checkpointing=False, checkpoint_layers=4).problems(quantized=True)[0]
+    assert Optimization(learning_rate=0, warmup_ratio=1.5).problems() == [
+        "model.optimization.learning_rate=0: expected > 0",
+        "model.optimization.warmup_steps=0, model.optimization.warmup_ratio=1.5: expected warmup_steps >= 0 and "
+        "0 <= warmup_ratio < 1"]
+    assert Generation(max_new_tokens=0).problems() == ["model.generation.max_new_tokens=0: expected >= 1"]
+
+
+def test_lora_settings_are_peft_arguments():
+    from peft import LoraConfig
+
+    config = LoraConfig(task_type="CAUSAL_LM", **LoRA(r=4, alpha=8, dropout=0.1, target_modules=["q_proj"]).peft_kwargs())
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.target_modules) == (4, 8, 0.1, {"q_proj"})
+
+
+def test_generation_settings_give_greedy_answers_when_asked():
+    settings = Generation(max_new_tokens=64, do_sample=True, temperature=0.5)
+    assert settings.sampling() == dict(max_new_tokens=64, do_sample=True, temperature=0.5, top_p=0.95, top_k=50)
+    assert settings.sampling(greedy=True, max_new_tokens=8)["do_sample"] is False
+    assert settings.sampling(greedy=True, max_new_tokens=8)["max_new_tokens"] == 8
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "predict"])
+def test_every_renamed_option_names_an_existing_one(subcommand, capsys):
+    """The rename error must send users to options that exist: each new name is in the parsed config."""
+    import yaml
+
+    from conftest import run_cli
+
+    with pytest.raises(SystemExit):
+        run_cli(subcommand, "--print_config")
+    config = yaml.safe_load(capsys.readouterr().out)
+    for old, new in RENAMED.items():
+        node = config
+        for part in new.split("."):
+            assert isinstance(node, dict) and part in node, (old, new)
+            node = node[part]
+        assert old not in str(list(config["model"])), old

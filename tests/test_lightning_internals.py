@@ -1,0 +1,30 @@
+"""Lightning's private parts that lit_mistral relies on (lit_mistral/lightning_internals.py): each still exists and
+takes what lit_mistral passes. When a Lightning upgrade breaks one, this fails first, naming the part."""
+
+import inspect
+
+from lightning.pytorch.strategies import FSDPStrategy
+
+from lit_mistral import lightning_internals
+from lit_mistral.modeling.fsdp import QLoRAFSDPStrategy
+
+
+def test_fsdp_setup_model_is_still_the_method_that_wraps_the_model():
+    method = getattr(FSDPStrategy, lightning_internals.FSDP_SETUP_MODEL, None)
+    assert method is not None, "FSDPStrategy._setup_model is gone: QLoRAFSDPStrategy's override no longer runs"
+    assert list(inspect.signature(method).parameters) == ["self", "model"]
+    source = inspect.getsource(FSDPStrategy.setup)
+    assert f"self.{lightning_internals.FSDP_SETUP_MODEL}(" in source, "FSDPStrategy.setup no longer calls it"
+    assert lightning_internals.FSDP_SETUP_MODEL in QLoRAFSDPStrategy.__dict__
+
+
+def test_what_setup_model_does_after_wrapping_is_still_there():
+    from lightning.fabric.strategies import fsdp
+
+    for name, params in (("_move_torchmetrics_to_device", ["module", "device"]),
+                         ("_setup_activation_checkpointing", ["module", "activation_checkpointing_kwargs"])):
+        function = getattr(fsdp, name, None)
+        assert function is not None, f"lightning.fabric.strategies.fsdp.{name} is gone"
+        assert list(inspect.signature(function).parameters) == params, name
+    strategy = QLoRAFSDPStrategy()
+    assert isinstance(strategy._activation_checkpointing_kwargs, dict), "the strategy's checkpointing settings moved"
