@@ -147,6 +147,8 @@ class Engine:
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.dtype: torch.dtype | None = None
+        self.precision: tuple | None = None  # (cache dtype, autocast dtype or None) the graphs were captured under
+        self.graph_pool = None
         self.max_len = 0  # longest row of the current step: bounds the blocks the CPU attention gathers
 
     @staticmethod
@@ -178,6 +180,8 @@ class Engine:
             return False, f"rope_type {rope!r} changes its frequencies with the sequence length"
         if not hasattr(sys.modules[type(decoder.layers[0].self_attn).__module__], "apply_rotary_pos_emb"):
             return False, "the model's module has no apply_rotary_pos_emb"
+        if len({p.device for p in lm.parameters()}) > 1:
+            return False, "the model is spread over several devices"
         if decoder.embed_tokens.weight.device.type == "cuda" and not has_triton():
             return False, "decoding attention on CUDA needs triton (pip install triton)"
         return True, ""
@@ -239,7 +243,8 @@ class Engine:
 
     def _decode(self, rows: list[_Row]) -> torch.Tensor:
         n = len(rows)
-        b = next(s for s in _buckets(self.max_rows) if s >= n) if self.cuda_graphs else n
+        # on CUDA, eager steps too are padded to the bucket: the same shapes, so the same kernels and numbers
+        b = next(s for s in _buckets(self.max_rows) if s >= n) if self.device.type == "cuda" else n
         host = torch.zeros(3, b, dtype=torch.long)
         host[2, n:] = self.max_rows  # padding rows: token 0 at position 0 of the scratch block
         host[:, :n] = torch.tensor([[r.token for r in rows], [r.position for r in rows], [r.slot for r in rows]])
@@ -280,17 +285,19 @@ class Engine:
         return contextlib.nullcontext()
 
     def _allocate(self) -> None:
+        """The cache pools, in the compute dtype: the caller's autocast dtype, else the embeddings' dtype."""
         kind = self.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else (
-            self.decoder.embed_tokens.weight.dtype)
-        if dtype == self.dtype:
-            return
-        shape = (self.num_blocks * self.block_size, self.kv_heads, self.head_dim)
-        self.k_cache = self.v_cache = []  # free the old pools first
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.decoder.layers]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.decoder.layers]
-        self.dtype, self.graphs = dtype, {}  # graphs read the old pools
-        if self.device.type == "cuda" and not hasattr(self, "graph_pool"):
+        autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        dtype = autocast or self.decoder.embed_tokens.weight.dtype
+        if (dtype, autocast) != self.precision:
+            self.graphs = {}  # captured with the old pools or under another autocast
+        if dtype != self.dtype:
+            shape = (self.num_blocks * self.block_size, self.kv_heads, self.head_dim)
+            self.k_cache = self.v_cache = []  # free the old pools first
+            self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.decoder.layers]
+            self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.decoder.layers]
+        self.dtype, self.precision = dtype, (dtype, autocast)
+        if self.device.type == "cuda" and self.graph_pool is None:
             self.graph_pool = torch.cuda.graph_pool_handle()
 
     # ---- scheduling ----
@@ -320,7 +327,7 @@ class Engine:
                                   "shorten them or lower max_new_tokens, raise max_tokens, or use transformers' "
                                   "generate for them.")
 
-    @torch.no_grad()
+    @torch.inference_mode()  # as Lightning predicts; the cache pools are inference tensors whatever the caller's mode
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int], *,
                  eos_token_ids: int | Sequence[int] | None = None, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0,
