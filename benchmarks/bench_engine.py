@@ -123,7 +123,8 @@ def run(name: str, opts: dict, args, prompts: list[list[int]], lengths: list[int
         seconds = time.perf_counter() - t0
         generated = sum(len(a.tokens) for a in answers)
         if generated != sum(lengths) or sorted(finished) != list(range(len(prompts))):
-            raise RuntimeError(f"generated {generated} tokens for {sum(lengths)} asked, {len(finished)} on_finish calls")
+            raise RuntimeError(f"generated {generated} tokens for {sum(lengths)} asked; {len(finished)} on_finish "
+                               f"calls for {len(prompts)} prompts")
         result = dict(variant=name, **opts, prompts=len(prompts), max_rows=rows, max_tokens=tokens,
                       prompt_tokens=sum(map(len, prompts)), new_tokens=generated,
                       tokens_per_s=round(generated / seconds, 1), generation_s=round(seconds, 2),

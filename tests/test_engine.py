@@ -38,7 +38,8 @@ def tiny(family: str = "mistral", seed: int = 0, **overrides):
 def workload(n: int = 10, seed: int = 1, longest: int = 30, most_new: int = 40):
     """n prompts of 1 .. longest tokens, each with its own max_new_tokens in 1 .. most_new."""
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(1, 97, (int(k),), generator=g).tolist() for k in torch.randint(1, longest + 1, (n,), generator=g)]
+    sizes = torch.randint(1, longest + 1, (n,), generator=g)
+    prompts = [torch.randint(1, 97, (int(k),), generator=g).tolist() for k in sizes]
     return prompts, [int(k) for k in torch.randint(1, most_new + 1, (n,), generator=g)]
 
 
@@ -206,6 +207,11 @@ def test_generate_refuses_rows_it_cannot_hold():
         engine.generate([[1] * 10, [1] * 10, [1] * 60], [7, 8, 10])
     assert "prompt 0" not in str(err.value) and "prompt 1:" in str(err.value)
     assert "do not fit max_tokens=64" in str(err.value)  # prompt 2
+    assert list(engine.problems([[1] * 10, [1] * 10, [1] * 60], [7, 8, 10])) == [1, 2]
+    with pytest.raises(LitMistralError, match=r"model.eval\(\)"):
+        engine.model.train()
+        engine.generate([[1] * 10], [7])
+    engine.model.eval()
     # 16 positions: inside the window, where the model's windowed attention sees every position
     assert engine.generate([[5] * 10], [7])[0].tokens == hf_greedy(engine.model, [5] * 10, 7)
 

@@ -1,10 +1,10 @@
 """Continuous-batching generation over a paged KV cache, for Llama/Mistral/Qwen2-family causal LMs (plain, merged,
 or a peft model over a bitsandbytes 4-bit base).
 
-Written by hand because transformers' `generate` runs static batches: a row that finishes early idles until the
-longest row of its batch is done, and every decoding step pays the launch overhead of hundreds of small kernels
-(502 new tokens/s on an H200 for Mistral-7B with real answer lengths). Here a row leaves the moment it finishes, a
-waiting prompt takes its place, and on CUDA each decoding step of a given batch size is one CUDA graph.
+Written by hand because transformers' `generate` runs static batches (a row that finishes early idles until the
+longest one is done) and pays the launch overhead of hundreds of small kernels per step: 502 new tokens/s on an H200
+for Mistral-7B with real answer lengths. Here a finished row leaves at once, a waiting prompt takes its place, and
+on CUDA each decoding step of a given batch size is one CUDA graph.
 
 The engine owns attention and the KV cache only; everything else (embeddings, norms, the q/k/v/o projections, the
 MLP, the final norm, lm_head, the rotary embedding and the family's `apply_rotary_pos_emb`) is the model's own
@@ -42,8 +42,7 @@ class _Row:
     index: int  # the prompt's position in the input
     slot: int  # the row's line of the block table
     blocks: list[int]
-    position: int  # where the token fed next goes in the cache (= tokens cached so far)
-    token: int  # the token fed next
+    position: int  # where the token fed next (the last of `tokens`) goes in the cache: tokens cached so far
     max_new: int
     tokens: list[int]
 
@@ -53,12 +52,9 @@ def _causal_lm(model):
 
 
 def _sliding_window(config) -> int | None:
-    """The attention window some layer uses, or None when every layer sees the whole row."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if window and (layer_types is None or "sliding_attention" in layer_types):
-        return window
-    return None
+    """The attention window some layer uses (Mistral: all), or None when every layer sees the whole row."""
+    layer_types = getattr(config, "layer_types", None) or ["sliding_attention"]
+    return getattr(config, "sliding_window", None) if "sliding_attention" in layer_types else None
 
 
 def _buckets(max_rows: int) -> list[int]:
@@ -72,10 +68,8 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     # a 32-bit integer hash (Wellons' lowbias32 shape) in int64 arithmetic; constants < 2**31 so nothing overflows
     m = 0xFFFFFFFF
     x = x & m
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & m
-    x = x ^ (x >> 15)
-    x = (x * 0x5BD1E995) & m
+    x = (x ^ (x >> 16)) * 0x7FEB352D & m
+    x = (x ^ (x >> 15)) * 0x5BD1E995 & m
     return x ^ (x >> 16)
 
 
@@ -128,13 +122,11 @@ class Engine:
                                   f"prefill_tokens={prefill_tokens}. Fix: max_rows, block_size and prefill_tokens "
                                   "at least 1, max_tokens at least block_size.")
         lm = _causal_lm(model)
-        self.model, self.config = model, lm.config
-        self.decoder, self.lm_head = lm.model, lm.lm_head
+        self.model, self.decoder, self.lm_head = model, lm.model, lm.lm_head
         attn = self.decoder.layers[0].self_attn
         self.apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the family's own
         self.head_dim, self.scale = attn.head_dim, attn.scaling
-        self.kv_heads = self.config.num_key_value_heads
-        self.window = _sliding_window(self.config)
+        self.kv_heads, self.window = lm.config.num_key_value_heads, _sliding_window(lm.config)
         self.device = self.decoder.embed_tokens.weight.device
         self.max_rows, self.block_size = max_rows, block_size
         self.prefill_tokens, self.refill_rows = prefill_tokens, refill_rows or max(1, max_rows // 8)
@@ -143,12 +135,10 @@ class Engine:
         self.tables = torch.zeros(max_rows + 1, self.num_blocks - 1, dtype=torch.int32, device=self.device)
         self.inputs = torch.zeros(3, max_rows, dtype=torch.long, device=self.device)  # tokens, positions, slots
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.k_cache: list[torch.Tensor] = []
-        self.v_cache: list[torch.Tensor] = []
-        self.dtype: torch.dtype | None = None
-        self.precision: tuple | None = None  # (cache dtype, autocast dtype or None) the graphs were captured under
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, its logits)
         self.graph_pool = None
+        self.k_cache, self.v_cache = [], []  # per layer: (slots, H_kv, D), allocated by generate
+        self.dtype, self.precision = None, None  # cache dtype; (it, autocast dtype or None) the graphs were made under
         self.max_len = 0  # longest row of the current step: bounds the blocks the CPU attention gathers
 
     @staticmethod
@@ -157,29 +147,26 @@ class Engine:
         transformers' `generate`."""
         lm = _causal_lm(model)
         config = getattr(lm, "config", None)
-        kind = getattr(config, "model_type", None)
-        if kind not in FAMILIES:
-            return False, f"model_type {kind!r} is none of {', '.join(FAMILIES)}"
-        for key in ("final_logit_softcapping", "attn_logit_softcapping", "logit_scale"):
-            if getattr(config, key, None):
-                return False, f"{key}={getattr(config, key)}: soft-capped or scaled logits"
+        if getattr(config, "model_type", None) not in FAMILIES:
+            return False, f"model_type {getattr(config, 'model_type', None)!r} is none of {', '.join(FAMILIES)}"
+        capped = [k for k in ("final_logit_softcapping", "attn_logit_softcapping", "logit_scale")
+                  if getattr(config, k, None)]
+        if capped:
+            return False, f"{capped[0]}={getattr(config, capped[0])}: soft-capped or scaled logits"
         decoder = getattr(lm, "model", None)
-        if not all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) or not hasattr(
-                lm, "lm_head"):
+        if not all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) or (
+                not hasattr(lm, "lm_head")):
             return False, "the model lacks model.{embed_tokens,layers,norm,rotary_emb} or lm_head"
         for i, layer in enumerate(decoder.layers):
             attn = getattr(layer, "self_attn", None)
-            parts = [getattr(attn, p, None) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-            parts += [getattr(layer, p, None) for p in ("input_layernorm", "post_attention_layernorm", "mlp")]
-            if any(p is None for p in parts):
+            if not all(hasattr(attn, f"{p}_proj") for p in "qkvo") or not all(
+                    hasattr(layer, p) for p in ("input_layernorm", "post_attention_layernorm", "mlp")):
                 return False, f"layer {i} is not laid out as self_attn.{{q,k,v,o}}_proj, norms and mlp"
             if any(hasattr(attn, extra) for extra in ("q_norm", "k_norm", "sinks")):
                 return False, f"layer {i} has query/key norms or attention sinks"
         rope = getattr(decoder.rotary_emb, "rope_type", "default")
         if rope in _GROWING_ROPE:
             return False, f"rope_type {rope!r} changes its frequencies with the sequence length"
-        if not hasattr(sys.modules[type(decoder.layers[0].self_attn).__module__], "apply_rotary_pos_emb"):
-            return False, "the model's module has no apply_rotary_pos_emb"
         if len({p.device for p in lm.parameters()}) > 1:
             return False, "the model is spread over several devices"
         if decoder.embed_tokens.weight.device.type == "cuda" and not has_triton():
@@ -227,12 +214,9 @@ class Engine:
         """The prompts of `rows` packed in one row, each attending within itself. Returns (len(rows), V) logits of
         their last tokens."""
         lengths = [len(prompts[r.index]) for r in rows]
-        width = max(len(r.blocks) for r in rows)
-        table = torch.zeros(len(rows), width, dtype=torch.int32)
-        for line, r in zip(table, rows):
-            line[:len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
+        table = torch.nn.utils.rnn.pad_sequence([torch.tensor(r.blocks, dtype=torch.int32) for r in rows], True)
         slots = torch.tensor([r.slot for r in rows], device=self.device)
-        self.tables[slots, :width] = table.to(self.device)
+        self.tables[slots, :table.shape[1]] = table.to(self.device)
         ids = torch.tensor([t for r in rows for t in prompts[r.index]], device=self.device)
         positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
         write = self._slots(slots.repeat_interleave(torch.tensor(lengths, device=self.device)), positions)
@@ -247,7 +231,7 @@ class Engine:
         b = next(s for s in _buckets(self.max_rows) if s >= n) if self.device.type == "cuda" else n
         host = torch.zeros(3, b, dtype=torch.long)
         host[2, n:] = self.max_rows  # padding rows: token 0 at position 0 of the scratch block
-        host[:, :n] = torch.tensor([[r.token for r in rows], [r.position for r in rows], [r.slot for r in rows]])
+        host[:, :n] = torch.tensor([[r.tokens[-1] for r in rows], [r.position for r in rows], [r.slot for r in rows]])
         self.inputs[:, :b].copy_(host, non_blocking=True)
         self.max_len = max(r.position for r in rows) + 1
         if self.cuda_graphs and (b in self.graphs or self._capture(b)):
@@ -276,16 +260,10 @@ class Engine:
         self.graphs[b] = (graph, logits)
         return True
 
-    def _precision(self):
-        """The caller's autocast (Lightning's bf16-mixed), again with its weight-cast cache off: a cast cached while
-        capturing a graph would be freed with the cache, under the graph's feet."""
-        kind = self.device.type
-        if torch.is_autocast_enabled(kind):
-            return torch.autocast(kind, dtype=torch.get_autocast_dtype(kind), cache_enabled=False)
-        return contextlib.nullcontext()
-
-    def _allocate(self) -> None:
-        """The cache pools, in the compute dtype: the caller's autocast dtype, else the embeddings' dtype."""
+    def _prepare(self):
+        """Allocate the cache pools in the compute dtype (the caller's autocast dtype, else the embeddings'), and
+        return the caller's autocast (Lightning's bf16-mixed) again with its weight-cast cache off: a cast cached
+        while capturing a graph would be freed with the cache, under the graph's feet."""
         kind = self.device.type
         autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
         dtype = autocast or self.decoder.embed_tokens.weight.dtype
@@ -299,33 +277,42 @@ class Engine:
         self.dtype, self.precision = dtype, (dtype, autocast)
         if self.device.type == "cuda" and self.graph_pool is None:
             self.graph_pool = torch.cuda.graph_pool_handle()
+        return torch.autocast(kind, dtype=autocast, cache_enabled=False) if autocast else contextlib.nullcontext()
 
     # ---- scheduling ----
 
     def _blocks_needed(self, prompt_len: int, max_new: int) -> int:
         return -(-(prompt_len + max_new - 1) // self.block_size)  # the last new token is never fed back
 
-    def _check(self, prompts, max_new_tokens) -> None:
-        problems = []
-        if len(prompts) != len(max_new_tokens):
-            problems.append(f"{len(prompts)} prompts but {len(max_new_tokens)} max_new_tokens")
+    def problems(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> dict[int, str]:
+        """{index: why} for the prompts `generate` would refuse (a caller may send those to transformers' generate
+        and the rest here)."""
         vocab = self.decoder.embed_tokens.weight.shape[0]
+        found = {}
         for i, (prompt, new) in enumerate(zip(prompts, max_new_tokens)):
             if not prompt or new < 1:
-                problems.append(f"prompt {i}: {len(prompt)} tokens, max_new_tokens={new} (need at least 1 of each)")
+                found[i] = f"{len(prompt)} tokens, max_new_tokens={new} (need at least 1 of each)"
             elif min(prompt) < 0 or max(prompt) >= vocab:
-                problems.append(f"prompt {i}: token ids outside the vocabulary (0 .. {vocab - 1})")
+                found[i] = f"token ids outside the vocabulary (0 .. {vocab - 1})"
             elif self._blocks_needed(len(prompt), new) > self.num_blocks - 1:
-                problems.append(f"prompt {i}: {len(prompt)} tokens + max_new_tokens={new} do not fit max_tokens="
-                                f"{(self.num_blocks - 1) * self.block_size}")
+                found[i] = (f"{len(prompt)} tokens + max_new_tokens={new} do not fit max_tokens="
+                            f"{(self.num_blocks - 1) * self.block_size}")
             elif self.window is not None and len(prompt) + new - 1 > self.window:
-                problems.append(f"prompt {i}: {len(prompt)} tokens + max_new_tokens={new} exceed the sliding "
-                                f"window of {self.window} positions, which the engine does not apply")
-        if problems:
-            shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-            raise LitMistralError(f"Engine.generate: {len(problems)} prompts it cannot run:\n  {shown}\nFix: "
-                                  "shorten them or lower max_new_tokens, raise max_tokens, or use transformers' "
-                                  "generate for them.")
+                found[i] = (f"{len(prompt)} tokens + max_new_tokens={new} exceed the sliding window of "
+                            f"{self.window} positions, which the engine does not apply")
+        return found
+
+    def _check(self, prompts, max_new_tokens) -> None:
+        if len(prompts) != len(max_new_tokens) or self.model.training:
+            raise LitMistralError(f"Engine.generate: {len(prompts)} prompts, {len(max_new_tokens)} max_new_tokens, "
+                                  f"model in {'training' if self.model.training else 'eval'} mode. Fix: one "
+                                  "max_new_tokens per prompt, and model.eval() (dropout would change the answers).")
+        found = self.problems(prompts, max_new_tokens)
+        if found:
+            shown = "".join(f"\n  prompt {i}: {why}" for i, why in list(found.items())[:20])
+            raise LitMistralError(f"Engine.generate: {len(found)} prompts it cannot run (the first 20):{shown}\nFix: "
+                                  "shorten them or lower max_new_tokens, raise max_tokens, or generate those with "
+                                  "transformers' generate (Engine.problems lists them).")
 
     @torch.inference_mode()  # as Lightning predicts; the cache pools are inference tensors whatever the caller's mode
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int], *,
@@ -338,11 +325,8 @@ class Engine:
         self._check(prompts, max_new_tokens)
         eos = {eos_token_ids} if isinstance(eos_token_ids, int) else set(eos_token_ids or ())
         answers: list[Answer | None] = [None] * len(prompts)
-        waiting = deque(range(len(prompts)))
-        running: dict[int, _Row] = {}  # by slot, in the order rows started
-        free_slots = list(range(self.max_rows - 1, -1, -1))
-        free_blocks = list(range(self.num_blocks - 1, 0, -1))
-        filling = False
+        waiting, running, filling = deque(range(len(prompts))), {}, False  # running: slot -> _Row, in starting order
+        free_slots, free_blocks = list(range(self.max_rows - 1, -1, -1)), list(range(self.num_blocks - 1, 0, -1))
 
         def finish(row: _Row, reason: str) -> None:
             del running[row.slot]
@@ -354,13 +338,10 @@ class Engine:
 
         def take(rows: list[_Row], tokens: list[int]) -> None:
             for row, token in zip(rows, tokens):
-                if token in eos:
-                    finish(row, "eos")
-                    continue
-                row.tokens.append(token)
-                row.token = token
-                if len(row.tokens) >= row.max_new:
-                    finish(row, "length")
+                if token not in eos:
+                    row.tokens.append(token)
+                if token in eos or len(row.tokens) == row.max_new:
+                    finish(row, "eos" if token in eos else "length")
 
         def pick(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
             if not do_sample:
@@ -368,16 +349,15 @@ class Engine:
             keys = torch.tensor([[r.index, len(r.tokens)] for r in rows], device=self.device).T
             return sample(logits, seed, keys[0], keys[1], temperature, top_k, top_p).tolist()
 
-        self._allocate()
-        with self._precision():
+        with self._prepare():
             while waiting or running:
                 # the waiting prompts, in order, that have a free row and the blocks for their whole answer
-                ready, blocks = 0, len(free_blocks)
+                ready, spare = 0, len(free_blocks)
                 for index in waiting:
                     need = self._blocks_needed(len(prompts[index]), max_new_tokens[index])
-                    if ready == len(free_slots) or need > blocks:
+                    if ready == len(free_slots) or need > spare:
                         break
-                    ready, blocks = ready + 1, blocks - need
+                    ready, spare = ready + 1, spare - need
                 # refill in large batches (each prefill reads all weights), unless few rows are running
                 filling = ready > 0 and (filling or ready >= min(self.refill_rows, len(waiting))
                                          or len(running) < self.refill_rows)
@@ -385,13 +365,11 @@ class Engine:
                     started, budget = [], self.prefill_tokens
                     while len(started) < ready and (not started or len(prompts[waiting[0]]) <= budget):
                         index = waiting.popleft()
-                        n = len(prompts[index])
+                        n, new = len(prompts[index]), max_new_tokens[index]
                         budget -= n
-                        need = self._blocks_needed(n, max_new_tokens[index])
-                        row = _Row(index, free_slots.pop(), [free_blocks.pop() for _ in range(need)], n, 0,
-                                   max_new_tokens[index], [])
-                        running[row.slot] = row
-                        started.append(row)
+                        blocks = [free_blocks.pop() for _ in range(self._blocks_needed(n, new))]
+                        started.append(_Row(index, free_slots.pop(), blocks, n, new, []))
+                        running[started[-1].slot] = started[-1]
                     take(started, pick(self._prefill(started, prompts), started))
                 if running:
                     rows = list(running.values())
