@@ -167,20 +167,49 @@ def test_triton_kernel_equals_reference_interpreted(tmp_path):
         torch.testing.assert_close(out, paged_decode_reference(*case, 0.2), atol=atol, rtol=1e-3)
 
 
-@pytest.mark.parametrize("family", ["mistral", "llama"])
-def test_lora_model_answers_equal_its_generate(family):
+def lora(family: str, quantize: bool, dtype=torch.float32, tmp_path=None):
+    """A tiny model with a random non-zero LoRA adapter on every linear layer; quantize: on a real bitsandbytes NF4
+    base (CPU), computing in `dtype`. The LoRA weights are float32 either way."""
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     base = tiny(family, seed=7)
+    if quantize:
+        base.save_pretrained(tmp_path)
+        base = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
     torch.manual_seed(8)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=[
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"])).eval()
+
+
+@pytest.mark.parametrize("family,quantize", [("mistral", False), ("llama", False), ("mistral", True)])
+def test_lora_model_answers_equal_its_generate(family, quantize, tmp_path):
+    model = lora(family, quantize, tmp_path=tmp_path)
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules()) == quantize
     prompts, new = workload(n=6, seed=9)
     answers = Engine(model, max_rows=2, max_tokens=200, block_size=4).generate(prompts, new)
     expected = [hf_greedy(model, p, n) for p, n in zip(prompts, new)]
     assert [a.tokens for a in answers] == expected
     with model.disable_adapter():
         assert [hf_greedy(model, p, n) for p, n in zip(prompts, new)] != expected  # the adapter does something
+
+
+def test_nf4_lora_under_bf16_autocast_picks_the_argmax(tmp_path):
+    """float32 LoRA weights over a bf16-computing NF4 base, under bf16 autocast (Lightning's bf16-mixed): the cache
+    is bf16, and every token is the argmax of the model's own logits for the answer so far (teacher-forced), up to
+    bf16 rounding. (Exact sequences are not compared: random tiny models give exact bf16 ties, broken either way.)"""
+    model = lora("mistral", True, torch.bfloat16, tmp_path)
+    prompts, new = workload(n=6, seed=9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        engine = Engine(model, max_rows=2, max_tokens=200, block_size=4)
+        answers = engine.generate(prompts, new)
+        assert engine.dtype == torch.bfloat16 and [len(a.tokens) for a in answers] == new
+        for prompt, answer in zip(prompts, answers):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + answer.tokens])).logits[0, len(prompt) - 1:-1].float()
+            chosen = logits.gather(1, torch.tensor(answer.tokens)[:, None])[:, 0]
+            assert (logits.max(1).values - chosen).max() <= 0.01  # bf16 resolves ~0.002 at these logit sizes
 
 
 def test_supports_refuses_what_it_cannot_run():
