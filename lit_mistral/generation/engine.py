@@ -254,7 +254,8 @@ class Engine:
                 logits = self._decode_forward(b)
         except Exception as err:  # e.g. a layer that synchronizes with the host
             log.warning("CUDA graph capture failed (%s: %s); decoding eagerly.", type(err).__name__, err)
-            torch.cuda.synchronize()
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize()
             self.cuda_graphs = False
             return False
         self.graphs[b] = (graph, logits)
