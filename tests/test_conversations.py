@@ -256,7 +256,8 @@ def test_mistral_format_renders_the_inst_format(mistral_tokenizer):
     tok = mistral_tokenizer
     encoded = chat_format("mistral", tok).encode(conversation(turns=TURNS[:2]))
     assert tok.decode(encoded.ids) == (
-        f"<s> [INST] {SYSTEM}\n\n{TURNS[0][0]} [/INST] {TURNS[0][1]}</s> [INST] {TURNS[1][0]} [/INST] {TURNS[1][1]}</s>")
+        f"<s> [INST] {SYSTEM}\n\n{TURNS[0][0]} [/INST] {TURNS[0][1]}</s> "
+        f"[INST] {TURNS[1][0]} [/INST] {TURNS[1][1]}</s>")
     # every [INST] starts with '▁[' (id 733), after <s> and after </s> alike, as mistral-common tokenizes it
     eos = [i for i, t in enumerate(encoded.ids) if t == tok.eos_token_id]
     assert encoded.ids[1] == 733 and encoded.ids[eos[0] + 1] == 733
@@ -287,7 +288,8 @@ def test_template_problems_in_the_data_are_collected(smollm2_tokenizer):
     assert problems == [
         "a.jsonl:1: turn 1 (assistant) contains '<|im_end|>', the text of a special token, which the rendered "
         "template would turn into the token itself; remove it (chat_format 'mistral' keeps such text as text)",
-        "a.jsonl:3: the tokenizer joins the end of the prompt with the start of assistant turn 1 ('sistant\\n\\n\\nHello.'), "
+        "a.jsonl:3: the tokenizer joins the end of the prompt with the start of assistant turn 1 "
+        "('sistant\\n\\n\\nHello.'), "
         "so the prompt at prediction would not be the tokens trained on; strip the leading whitespace of that turn",
     ]
 
@@ -301,7 +303,8 @@ BAD_TEMPLATES = [
     ("no-closing-token", "{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
      "{% if add_generation_prompt %}### assistant:\n{% endif %}", "ends assistant turns with no special token"),
     ("ignores-generation-prompt", "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
-     "{{ m['content'] }}<|eot_id|>{% endfor %}", "renders assistant turn 2 as '<|start_header_id|>assistant<|end_header_id|>About nine"),
+     "{{ m['content'] }}<|eot_id|>{% endfor %}",
+     "renders assistant turn 2 as '<|start_header_id|>assistant<|end_header_id|>About nine"),
 ]
 
 
