@@ -1,0 +1,1 @@
+"""Training data: reading and checking records, prompt and chat formats, tokenization with loss masking."""
