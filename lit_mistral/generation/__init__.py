@@ -1,1 +1,2 @@
-"""Generation without transformers' `generate`: a continuous-batching engine over a paged KV cache."""
+"""Generating answers: prompts in static batches through transformers' `generate`, or a continuous-batching engine
+over a paged KV cache."""
