@@ -98,7 +98,8 @@ class SaveAdapter(Callback):
 
 def read_done(path: Path, instructions: list[str]) -> dict[int, str]:
     """Rows of an earlier, interrupted run of the same inputs: {index: JSON line}. A line cut short by the
-    interruption is dropped; a row that does not match the inputs stops the run."""
+    interruption is dropped; a row that does not match the inputs (`instructions`: what identifies each, see
+    `data.records.example_key`) stops the run."""
     done = {}
     # split on "\n" only: str.splitlines also splits on U+2028 and friends, which JSON strings may hold raw
     for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
@@ -109,7 +110,8 @@ def read_done(path: Path, instructions: list[str]) -> dict[int, str]:
             index = row["index"]
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # the last line of a killed run may be half-written
-        if not (isinstance(index, int) and 0 <= index < len(instructions)) or row.get("instruction") != instructions[index]:
+        key = json.dumps(row["messages"], ensure_ascii=False) if "messages" in row else row.get("instruction")
+        if not (isinstance(index, int) and 0 <= index < len(instructions)) or key != instructions[index]:
             raise LitMistralError(f"{path}:{number}: this row does not belong to the current inputs (index "
                                   f"{index!r}). Fix: resume with the same --data.predict_path, or write elsewhere.")
         done[index] = line

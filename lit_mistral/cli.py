@@ -14,7 +14,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lit_mistral.callbacks import JsonlPredictionWriter, PredictionProgressBar, SaveAdapter, Telemetry
+from lit_mistral.callbacks import (
+    JsonlPredictionWriter,
+    PredictionProgressBar,
+    SaveAdapter,
+    Telemetry,
+)
 from lit_mistral.checkpointing import RandomState, SaveOnSigterm, find_last_checkpoint
 from lit_mistral.checks import check_settings
 from lit_mistral.config import DTYPES, RENAMED

@@ -103,6 +103,18 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
+def demo_conversations(records: list[dict], n: int) -> list[dict]:
+    """n conversations of 1 to 3 exchanges, their turns demo records' texts (words the tiny tokenizer knows); some
+    with a system turn."""
+    rows = []
+    for i in range(n):
+        turns = [{"role": "system", "content": records[i % 7]["instruction"]}] if i % 3 == 0 else []
+        for r in records[i: i + 1 + i % 3]:
+            turns += [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}]
+        rows.append({"messages": turns, "category": records[i]["category"]})
+    return rows
+
+
 @pytest.fixture
 def demo_records() -> list[dict]:
     return [json.loads(line) for line in DEMO_DATA.read_text().splitlines()]

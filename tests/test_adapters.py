@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_module
+
 from lit_mistral.errors import LitMistralError
 
 

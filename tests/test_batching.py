@@ -7,7 +7,7 @@ from lit_mistral.data.tokenize import Filler, TokenizedDataset
 
 
 def test_collate_padded_masks_prompt_and_padding():
-    items = [{"input_ids": [1, 5, 6, 7, 2], "n_prompt": 3}, {"input_ids": [1, 8, 2], "n_prompt": 2}]
+    items = [{"input_ids": [1, 5, 6, 7, 2], "spans": [(3, 5)]}, {"input_ids": [1, 8, 2], "spans": [(2, 3)]}]
     batch = collate_padded(items, pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 2], [1, 8, 2, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
@@ -18,7 +18,7 @@ def test_collate_padded_masks_prompt_and_padding():
 
 
 def test_collate_packed_keeps_examples_apart():
-    items = [{"input_ids": [1, 5, 6, 7, 2], "n_prompt": 3}, {"input_ids": [1, 8, 2], "n_prompt": 2}]
+    items = [{"input_ids": [1, 5, 6, 7, 2], "spans": [(3, 5)]}, {"input_ids": [1, 8, 2], "spans": [(2, 3)]}]
     batch = collate_packed(items)
     assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 2, 1, 8, 2]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2]]
@@ -87,9 +87,17 @@ def test_validation_plan_covers_every_example_on_any_number_of_ranks():
             if world == 1:
                 assert not fillers
     # a filler is run (the same shapes as any batch) with no labels and no example index
-    dataset = TokenizedDataset([([1, 5, 6, 2], 2), ([1, 7, 2], 1)])
+    dataset = TokenizedDataset([([1, 5, 6, 2], [(2, 4)], 0), ([1, 7, 2], [(1, 3)], 1)])
     filler = collate_packed([dataset[Filler(1)]])
     assert filler["input_ids"].tolist() == [[1, 7, 2]] and (filler["labels"] == -100).all()
     assert filler["index"] == [None] and collate_packed([dataset[1]])["labels"].tolist() == [[-100, 7, 2]]
     # a single batch on 2 ranks in training: neither rank can take it alone
     assert [list(BatchPlan(lengths, 9, None, False, shuffle=True, rank=r, world_size=2)) for r in range(2)] == [[], []]
+
+
+def test_several_loss_spans_per_item_padded_and_packed():
+    """A conversation carries loss on each assistant turn: every span is labelled, nothing between them."""
+    items = [{"input_ids": [1, 5, 6, 7, 8, 9, 2], "spans": [(2, 3), (5, 7)]}, {"input_ids": [1, 4, 2], "spans": []}]
+    assert collate_padded(items, pad_id=0)["labels"].tolist() == [[-100, -100, 6, -100, -100, 9, 2],
+                                                                  [-100] * 7]
+    assert collate_packed(items)["labels"].tolist() == [[-100, -100, 6, -100, -100, 9, 2, -100, -100, -100]]

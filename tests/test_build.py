@@ -3,8 +3,8 @@ or adapter gets."""
 
 import pytest
 import torch
-
 from conftest import make_module
+
 from lit_mistral.errors import LitMistralError
 
 

@@ -2,10 +2,10 @@
 generation rates."""
 
 import pytest
+from conftest import make_module, trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 
-from conftest import make_module, trainer
 from lit_mistral.callbacks import GenerationRate, SaveAdapter, Telemetry
 from lit_mistral.data.datamodule import InstructionDataModule
 

@@ -38,7 +38,6 @@ def test_generation_settings_give_greedy_answers_when_asked():
 def test_every_renamed_option_names_an_existing_one(subcommand, capsys):
     """The rename error must send users to options that exist: each new name is in the parsed config."""
     import yaml
-
     from conftest import run_cli
 
     with pytest.raises(SystemExit):

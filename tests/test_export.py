@@ -6,11 +6,10 @@ import sys
 
 import pytest
 import torch
-
 from conftest import adapted, make_module, run_cli
+
 from lit_mistral.errors import LitMistralError
 from lit_mistral.export import export
-
 
 IDS = torch.tensor([[1, 10, 20, 30, 40, 50, 60], [1, 7, 8, 9, 3, 3, 3]])
 

@@ -3,8 +3,8 @@ runs are in test_journey_distributed.py)."""
 
 import pytest
 import torch
-
 from conftest import make_module
+
 from lit_mistral.errors import LitMistralError
 from lit_mistral.modeling.fsdp import shard_plan
 

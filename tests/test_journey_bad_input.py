@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import cli_args, cli_fails, run_cli, write_jsonl
+
 from lit_mistral.module import QLoRAModule
 
 GOOD = {"instruction": "Name a fish.", "context": "", "response": "A trout."}

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 import torch
-
-from conftest import cli_args, write_jsonl
+from conftest import cli_args, demo_conversations, write_jsonl
 
 
 def tags(run) -> dict:
@@ -39,9 +38,11 @@ def fit(tiny_model_dir, data, root, *extra, subcommand="fit"):
 
 
 def test_ddp_on_two_processes_then_resume_on_one(tiny_model_dir, tmp_path, demo_records):
-    data = write_jsonl(tmp_path / "demo.jsonl", demo_records)
+    """On conversations (FSDP below runs instruction records, and DDP alongside)."""
+    data = write_jsonl(tmp_path / "chat.jsonl", demo_conversations(demo_records, 48))
     root = tmp_path / "runs"
-    fit(tiny_model_dir, data, root, "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_steps", "4")
+    fit(tiny_model_dir, data, root, "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_steps", "4",
+        "--data.prompt_style", "chat_template")
     run = root / "lightning_logs" / "version_0"
     assert not (root / "lightning_logs" / "version_1").exists()  # one run folder, written by rank 0
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -49,7 +50,8 @@ def test_ddp_on_two_processes_then_resume_on_one(tiny_model_dir, tmp_path, demo_
     assert checkpoint["InstructionDataModule"] == {"world_size": 2}
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     # 20 batches of 2 per epoch shared by 2 processes: 4 steps each = 8 of the 20 batches done; 1 process resumes
-    fit(tiny_model_dir, data, root, "--trainer.devices", "1", "--trainer.max_steps", "10", "--ckpt_path", "last")
+    fit(tiny_model_dir, data, root, "--trainer.devices", "1", "--trainer.max_steps", "10", "--ckpt_path", "last",
+        "--data.prompt_style", "chat_template")
     resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 10 and resumed["InstructionDataModule"] == {"world_size": 1}
     assert any(not torch.equal(resumed["state_dict"][k], checkpoint["state_dict"][k]) for k in checkpoint["state_dict"])

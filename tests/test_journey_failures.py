@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DEMO_DATA, ROOT, cli_args, run_cli
+
 from lit_mistral.module import QLoRAModule
 
 STEPS, PAUSE_AT = 8, 3  # 5 batches per epoch: the interruption is mid-epoch and the run crosses an epoch boundary

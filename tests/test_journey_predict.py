@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import cli_args, run_cli
 
 QUESTIONS = ["Name a fish.", "What is the capital of France and why is it famous among travellers?", "Why?",

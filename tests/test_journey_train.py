@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import ROOT, cli_args, cli_fails, run_cli, tensorboard, write_jsonl
 
 

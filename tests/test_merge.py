@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import adapted
+
 from lit_mistral.modeling.merge import merge_adapter
 
 IDS = torch.tensor([[1, 10, 20, 30, 40, 50, 60], [1, 7, 8, 9, 3, 3, 3]])

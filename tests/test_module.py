@@ -3,10 +3,10 @@ Lightning's Trainer. Losses, optimizers and schedules, checkpoints that hold onl
 
 import pytest
 import torch
+from conftest import make_module, trainer
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback
 
-from conftest import make_module, trainer
 from lit_mistral.callbacks import SaveAdapter
 from lit_mistral.checkpointing import RandomState
 from lit_mistral.config import Optimization

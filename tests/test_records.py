@@ -4,8 +4,8 @@ line, all at once or skipped."""
 import json
 
 import pytest
-
 from conftest import write_jsonl
+
 from lit_mistral.data.records import Fields, read_examples
 from lit_mistral.errors import LitMistralError
 

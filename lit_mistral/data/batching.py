@@ -11,8 +11,15 @@ from lit_mistral.data.tokenize import IGNORE_INDEX, Filler
 from lit_mistral.distributed import in_step
 
 
+def _loss_spans(item: dict, mask_prompt: bool) -> list[tuple[int, int]]:
+    """Where an item carries loss: its spans (responses, assistant turns), or, without `mask_prompt`, every token
+    after the first (a filler, with no spans, carries none either way)."""
+    return item["spans"] if mask_prompt or not item["spans"] else [(1, len(item["input_ids"]))]
+
+
 def collate_padded(items: list[dict], pad_id: int, mask_prompt: bool = True) -> dict:
-    """Right-pad to the longest example. Labels are -100 on padding (and on the prompt when `mask_prompt`)."""
+    """Right-pad to the longest example. Labels are the tokens inside each item's loss spans (response and EOS, or
+    assistant turns), -100 elsewhere: prompt, padding; all but the first token without `mask_prompt`."""
     longest = max(len(it["input_ids"]) for it in items)
     input_ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
@@ -21,8 +28,8 @@ def collate_padded(items: list[dict], pad_id: int, mask_prompt: bool = True) -> 
         ids = torch.tensor(it["input_ids"], dtype=torch.long)
         input_ids[row, : len(ids)] = ids
         attention_mask[row, : len(ids)] = 1
-        start = it["n_prompt"] if mask_prompt else 1
-        labels[row, start : len(ids)] = ids[start:]
+        for start, end in _loss_spans(it, mask_prompt):
+            labels[row, start:end] = ids[start:end]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "num_tokens": int(attention_mask.sum()), "index": [it.get("index") for it in items]}
 
@@ -33,12 +40,12 @@ def collate_packed(items: list[dict], mask_prompt: bool = True) -> dict:
     carries no label, so no target crosses them either."""
     ids = torch.tensor([t for it in items for t in it["input_ids"]], dtype=torch.long)
     lengths = torch.tensor([len(it["input_ids"]) for it in items], dtype=torch.int32)
-    labels = ids.clone()
+    labels = torch.full_like(ids, IGNORE_INDEX)
     offset = 0
     for it in items:
-        n = len(it["input_ids"])
-        labels[offset : offset + (it["n_prompt"] if mask_prompt else 1)] = IGNORE_INDEX
-        offset += n
+        for start, end in _loss_spans(it, mask_prompt):
+            labels[offset + start : offset + end] = ids[offset + start : offset + end]
+        offset += len(it["input_ids"])
     cu_seq_lens = torch.zeros(len(items) + 1, dtype=torch.int32)
     cu_seq_lens[1:] = torch.cumsum(lengths, 0)
     position_ids = torch.cat([torch.arange(int(n)) for n in lengths])

@@ -10,9 +10,9 @@ with) and nothing else: not the system or user text, not the assistant header. `
 ends with a user turn is, token for token, what `encode` puts before the answer to that turn, so a model is prompted
 at prediction exactly as it was trained.
 
-Where today's instruction items carry one prompt/response boundary (`n_prompt`), a conversation carries its spans:
-a dataset item is `{"input_ids": encoded.ids, "spans": encoded.spans, "index": i}`, and `collate_conversations` pads
-a batch and turns the spans into labels, IGNORE_INDEX where no loss. `fit_conversations` applies `max_length`.
+A dataset item is `(encoded.ids, encoded.spans, index)`, as for instruction examples (`tokenize.py`), and batches
+are collated alike (`batching.py`: labels inside the spans, IGNORE_INDEX elsewhere). `fit_conversations` applies
+`max_length`.
 """
 
 import re
@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_mistral.data.conversations import Conversation
@@ -41,6 +40,7 @@ class Encoded:
     ids: list[int]
     spans: list[tuple[int, int]]
     where: str = ""
+    index: int = 0  # the conversation's position in the list it was encoded from
 
     def labels(self) -> list[int]:
         """`ids` inside the spans, IGNORE_INDEX elsewhere; aligned with `ids` (the model shifts them)."""
@@ -55,7 +55,7 @@ class Encoded:
         spans = [span for span in self.spans if span[1] <= max_length]
         if not spans:
             return None
-        return Encoded(self.ids[: spans[-1][1]], spans, self.where)
+        return Encoded(self.ids[: spans[-1][1]], spans, self.where, self.index)
 
 
 class ChatFormat:
@@ -95,11 +95,11 @@ class MistralFormat(ChatFormat):
     def __init__(self, tokenizer) -> None:
         super().__init__(tokenizer)
         if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-            raise LitMistralError("chat_format 'mistral' needs a tokenizer with BOS and EOS tokens, and this one "
-                                  "lacks one. Fix: use chat_format 'chat_template'.")
+            raise LitMistralError("prompt_style 'mistral' needs a tokenizer with BOS and EOS tokens, and this one "
+                                  "lacks one. Fix: use prompt_style 'chat_template'.")
         if "[INST]" in self.special_texts:
-            raise LitMistralError("chat_format 'mistral' writes [INST] as text, but this tokenizer has it as a "
-                                  "special token (Mistral v0.3 and later). Fix: use chat_format 'chat_template', "
+            raise LitMistralError("prompt_style 'mistral' writes [INST] as text, but this tokenizer has it as a "
+                                  "special token (Mistral v0.3 and later). Fix: use prompt_style 'chat_template', "
                                   "the tokenizer's own template.")
 
     def _text(self, text: str) -> list[int]:
@@ -144,10 +144,10 @@ class TemplateFormat(ChatFormat):
     def __init__(self, tokenizer, template: str | None = None) -> None:
         super().__init__(tokenizer)
         if template is None and not getattr(tokenizer, "chat_template", None):
-            raise LitMistralError("chat_format 'chat_template' needs a chat template, and this tokenizer has none. "
-                                  "Fix: give a template (e.g. read from a .jinja file), or use chat_format 'mistral'.")
+            raise LitMistralError("prompt_style 'chat_template' needs a chat template, and this tokenizer has none. "
+                                  "Fix: give a template (e.g. read from a .jinja file), or use prompt_style 'mistral'.")
         if not getattr(tokenizer, "is_fast", False):
-            raise LitMistralError("chat_format 'chat_template' locates turns with token offsets, which only fast "
+            raise LitMistralError("prompt_style 'chat_template' locates turns with token offsets, which only fast "
                                   "tokenizers give. Fix: load the tokenizer with use_fast=True.")
         self.template = template
         # the BOS the tokenizer adds on its own, kept unless the rendering starts with the BOS text (templates that
@@ -180,7 +180,7 @@ class TemplateFormat(ChatFormat):
             if found:
                 raise BadConversation(f"{conversation.where}: turn {i} ({message.role}) contains {found.group()!r}, "
                                       "the text of a special token, which the rendered template would turn into the "
-                                      "token itself; remove it (chat_format 'mistral' keeps such text as text)")
+                                      "token itself; remove it (prompt_style 'mistral' keeps such text as text)")
 
     def encode(self, conversation: Conversation) -> Encoded:
         where, messages = conversation.where, conversation.as_dicts()
@@ -198,7 +198,7 @@ class TemplateFormat(ChatFormat):
                     "is not the start of the whole conversation rendered, so assistant turns cannot be located "
                     "for loss masking (templates that render the last turn differently, or drop earlier turns' "
                     "reasoning, do this). Fix: give a template that renders each turn the same wherever it stands, "
-                    "or use chat_format 'mistral'.")
+                    "or use prompt_style 'mistral'.")
             prompt = self._tokenize(before)[0]
             start = len(prompt)
             if ids[:start] != prompt:
@@ -214,7 +214,7 @@ class TemplateFormat(ChatFormat):
                     f"{where}: the chat template ends assistant turns with no special token "
                     f"({full[len(before) : len(after)][-40:]!r}), so the model would not learn to end its turn. "
                     "Fix: use a template that closes assistant turns with the EOS or an end-of-turn token, or "
-                    "chat_format 'mistral'.")
+                    "prompt_style 'mistral'.")
             answer = full[len(before) : offsets[close][0]]
             if answer.strip() != message.content.strip():
                 raise LitMistralError(
@@ -223,7 +223,7 @@ class TemplateFormat(ChatFormat):
                     f"({self.tokenizer.convert_ids_to_tokens(ids[close])!r}), would be {answer[:40]!r}, not the "
                     f"answer {message.content[:40]!r}. Fix: use a template whose generation prompt "
                     "(add_generation_prompt) writes the whole assistant header and that renders answers as they are, "
-                    "or chat_format 'mistral'.")
+                    "or prompt_style 'mistral'.")
             spans.append((start, close + 1))
         return Encoded(ids, spans, where)
 
@@ -239,13 +239,13 @@ CHAT_FORMATS: dict[str, type[ChatFormat]] = {cls.name: cls for cls in (MistralFo
 def chat_format(name: str, tokenizer, template: str | None = None) -> ChatFormat:
     """The chat format registered under `name`; `template` (a Jinja string) replaces the tokenizer's own."""
     if name not in CHAT_FORMATS:
-        raise LitMistralError(f"data.chat_format: unknown chat format {name!r}. "
+        raise LitMistralError(f"data.prompt_style: unknown style for conversations {name!r}. "
                               f"Fix: use one of {', '.join(sorted(CHAT_FORMATS))}.")
     if name == TemplateFormat.name:
         return TemplateFormat(tokenizer, template)
     if template is not None:
-        raise LitMistralError(f"data.chat_format: a chat template was given with chat format {name!r}, which has "
-                              "its own. Fix: use chat_format 'chat_template' with it, or drop the template.")
+        raise LitMistralError(f"data.chat_template: a chat template was given with prompt_style {name!r}, which has "
+                              "its own. Fix: use prompt_style 'chat_template' with it, or drop the template.")
     return CHAT_FORMATS[name](tokenizer)
 
 
@@ -253,11 +253,13 @@ def encode_conversations(conversations: Sequence[Conversation], fmt: ChatFormat)
     """Encode every conversation; the problems of those that cannot be ("{where}: ..."), for the caller to raise
     together or skip. A template that cannot work at all raises at once."""
     encoded, problems = [], []
-    for conversation in conversations:
+    for i, conversation in enumerate(conversations):
         try:
             encoded.append(fmt.encode(conversation))
         except BadConversation as err:
             problems.append(str(err))
+            continue
+        encoded[-1].index = i
     return encoded, problems
 
 
@@ -288,21 +290,3 @@ def fit_conversations(encoded: Sequence[Encoded], max_length: int, overlong: Lit
         raise LitMistralError(f"{key}: every conversation is longer than data.max_length={max_length} tokens. "
                               "Fix: raise --data.max_length.")
     return kept, {"kept": len(kept), "truncated": truncated, "dropped": dropped}
-
-
-def collate_conversations(items: list[dict], pad_id: int) -> dict:
-    """Right-pad to the longest. Items are `{"input_ids": Encoded.ids, "spans": Encoded.spans, "index": ...}`
-    ("index" optional); labels are the ids inside the spans, IGNORE_INDEX elsewhere (system and user turns,
-    assistant headers, padding). The keys are those of `collate_padded` for instruction data."""
-    longest = max(len(it["input_ids"]) for it in items)
-    input_ids = torch.full((len(items), longest), pad_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
-    labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
-    for row, it in enumerate(items):
-        ids = torch.tensor(it["input_ids"], dtype=torch.long)
-        input_ids[row, : len(ids)] = ids
-        attention_mask[row, : len(ids)] = 1
-        for start, end in it["spans"]:
-            labels[row, start:end] = ids[start:end]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "num_tokens": int(attention_mask.sum()), "index": [it.get("index") for it in items]}

@@ -38,6 +38,23 @@ class Conversation:
         """The messages as chat templates take them."""
         return [{"role": m.role, "content": m.content} for m in self.messages]
 
+    # what evaluation and predictions show of any input: the question asked last, and the answer to it if given
+
+    @property
+    def instruction(self) -> str:
+        return next(m.content for m in reversed(self.messages) if m.role == "user")
+
+    context = ""
+
+    @property
+    def response(self) -> str | None:
+        return self.messages[-1].content if self.messages[-1].role == "assistant" else None
+
+    def without_answer(self) -> "Conversation":
+        """The conversation up to its last user turn (what the model is asked to continue)."""
+        end = max(i for i, m in enumerate(self.messages) if m.role == "user") + 1
+        return Conversation(self.messages[:end], self.where, self.category)
+
 
 @dataclass(frozen=True)
 class _Shape:

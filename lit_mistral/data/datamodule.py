@@ -4,6 +4,7 @@ batch (training: shuffled, split across processes, resumable mid-epoch; validati
 batched for generation)."""
 
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -12,36 +13,55 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_mistral.data.batching import BatchPlan, collate_packed, collate_padded
-from lit_mistral.data.prompts import check_prompt_style, prompt_style
-from lit_mistral.data.records import Example, Fields, hub_rows, is_hub_id, read_examples
-from lit_mistral.data.tokenize import TokenizedDataset, encode_examples, encode_prompts, fit_to_length
+from lit_mistral.data.prompts import check_prompt_style
+from lit_mistral.data.records import (
+    Fields,
+    example_key,
+    hub_rows,
+    is_hub_id,
+    read_inputs,
+)
+from lit_mistral.data.tokenize import Formatter, TokenizedDataset
 from lit_mistral.errors import LitMistralError, raise_problems
-from lit_mistral.generation.batches import PresetBatches, collate_prompts, predict_batches
+from lit_mistral.generation.batches import (
+    PresetBatches,
+    collate_prompts,
+    predict_batches,
+)
 from lit_mistral.sources import load_tokenizer
 
 
 class InstructionDataModule(LightningDataModule):
-    """Dolly-style instruction data (`instruction`, `context`, `response`, optional `category`).
+    """Instruction data (Dolly-style records: `instruction`, `context`, `response`, optional `category`) or
+    conversations (`messages` as OpenAI's API takes them, or ShareGPT's `conversations`).
 
     Args:
         path: Training data: a Hugging Face hub dataset id, or a local .jsonl/.json/.parquet/.csv file (also as
             `pkg://package/file` inside an installed Python package, as the demo data is).
         val_path: Optional separate validation file (same formats). Without it, validation comes from `path`
             through `val_records` or `val_fraction`.
-        predict_path: Instructions to answer with `predict`: .txt (one instruction per line) or .jsonl with
-            `instruction` and optional `context`.
+        predict_path: Inputs to answer with `predict`: .txt (one instruction per line) or .jsonl with
+            `instruction` and optional `context`, or with `messages` ending with a user turn (the model writes the
+            next assistant turn).
+        format: What the files hold: `instruction` records, conversations in the `messages` or `sharegpt` shape,
+            or `auto`: conversations when rows have a `messages` or `conversations` field, else records (the log
+            says which).
         train_records: Optional [start, stop) record range of `path` to train on (the seed recipe: [0, 800]).
         val_records: Optional [start, stop) record range for validation: of `val_path` if given, else of `path`
             (the seed recipe: [800, 1000]).
         val_fraction: Without `val_path` and `val_records`: fraction of the training records held out for
             validation by a seeded shuffle (0 = no validation).
         seed: Seed of the validation split and of the batch order.
-        prompt_style: How records become prompts: mistral, alpaca or chat_template (the tokenizer's own).
-        mask_prompt: Train on response tokens only (labels -100 on the prompt). False trains on the whole text, as
-            the seed recipe did. Validation loss is always on response tokens, so runs stay comparable.
+        prompt_style: How records and conversations become token ids: mistral (`[INST] ... [/INST]`, over several
+            turns for conversations), alpaca (records only) or chat_template (the tokenizer's own, or
+            `chat_template`'s).
+        chat_template: A Jinja chat template file to use instead of the tokenizer's (prompt_style chat_template).
+        mask_prompt: Train on response tokens only (labels -100 on the prompt; for conversations: on each assistant
+            turn and its end-of-turn token). False trains on the whole text, as the seed recipe did. Validation loss
+            is always on response tokens, so runs stay comparable.
         max_length: Longest example in tokens (prompt + response + EOS).
-        overlong: What to do with longer examples: drop them, or truncate them (they lose their EOS). Either way the
-            count is logged.
+        overlong: What to do with longer examples: drop them, or truncate them (records lose their EOS;
+            conversations are cut after the last assistant turn that fits). Either way the count is logged.
         batch_size: Examples per training/validation batch (unless `max_tokens` sets a token budget).
         predict_batch_size: Prompts generated together in predict (None: `batch_size`). Prompts are batched by
             length, so padding stays small; a GPU generates 100s at once about as fast as a few.
@@ -67,11 +87,13 @@ class InstructionDataModule(LightningDataModule):
         path: str = "databricks/databricks-dolly-15k",
         val_path: str | None = None,
         predict_path: str | None = None,
+        format: Literal["auto", "instruction", "messages", "sharegpt"] = "auto",
         train_records: tuple[int, int] | None = None,
         val_records: tuple[int, int] | None = None,
         val_fraction: float = 0.0,
         seed: int = 42,
         prompt_style: str = "mistral",
+        chat_template: str | None = None,
         mask_prompt: bool = True,
         max_length: int = 2048,
         overlong: Literal["drop", "truncate"] = "drop",
@@ -108,13 +130,16 @@ class InstructionDataModule(LightningDataModule):
                             "expected >= 1")
         if predict_max_tokens is not None and predict_max_tokens < 1:
             problems.append(f"data.predict_max_tokens={predict_max_tokens}: expected >= 1 (or null: no budget)")
+        if chat_template is not None and not Path(chat_template).is_file():
+            problems.append(f"data.chat_template={chat_template!r}: no such file (a Jinja chat template)")
         if max_tokens is not None and max_tokens < max_length:
             problems.append(f"data.max_tokens={max_tokens} is below data.max_length={max_length}: the longest "
                             "examples would not fit in a batch")
         raise_problems(problems, "Fix: correct these data settings.")
         self.path, self.val_path, self.predict_path = path, val_path, predict_path
         self.train_records, self.val_records, self.val_fraction, self.seed = train_records, val_records, val_fraction, seed
-        self.prompt_style, self.mask_prompt = prompt_style, mask_prompt
+        self.format, self.prompt_style, self.chat_template = format, prompt_style, chat_template
+        self.mask_prompt = mask_prompt
         self.max_length, self.overlong = max_length, overlong
         self.batch_size, self.packing, self.max_tokens, self.length_grouped = batch_size, packing, max_tokens, length_grouped
         self.predict_batch_size = predict_batch_size or batch_size
@@ -125,7 +150,8 @@ class InstructionDataModule(LightningDataModule):
         self.tokenizer_source, self.gguf_file, self.trust_remote_code = tokenizer, gguf_file, trust_remote_code
         self.tokenizer = None
         self.train_set = self.val_set = self.predict_set = None
-        self.val_examples: list[Example] = []
+        self.val_examples: list = []  # Examples or Conversations
+        self.formatter: Formatter | None = None  # set by the first file read: what it holds decides
         self._train_plan: BatchPlan | None = None
 
     # -- hooks -------------------------------------------------------------------------------------------------------
@@ -142,7 +168,6 @@ class InstructionDataModule(LightningDataModule):
         """Read, check, split and tokenize. Every problem is found here, before the model loads."""
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.tokenizer_source, self.gguf_file, self.trust_remote_code)
-        self.style = prompt_style(self.prompt_style, self.tokenizer)
         if stage == "predict":
             if self.predict_set is None:
                 self.predict_set = self._predict_set()
@@ -151,18 +176,17 @@ class InstructionDataModule(LightningDataModule):
             return
         train, val = self._split()
         if stage == "fit":
-            items = fit_to_length(encode_examples(train, self.style, self.tokenizer), self.max_length,
-                                  self.overlong, "data.path")
+            items = self.formatter.encode(train, self.max_length, self.overlong, "data.path", self.skip_invalid)
             self.train_set = TokenizedDataset(items)
-            rank_zero_info(f"Training on {len(items)} examples ({sum(self.train_set.lengths)} tokens).")
+            rank_zero_info(f"Training on {len(items)} {self.formatter.kind} examples "
+                           f"({sum(self.train_set.lengths)} tokens).")
         if val:
             # validation keeps every example (truncation only where needed) so that metrics see the same set
-            # each item carries its position in val_examples (fit_to_length still drops an example whose prompt alone
-            # is longer than max_length), so metrics find the category and reference of every example in a batch
+            # each item carries its position in val_examples (an example whose prompt alone is longer than max_length
+            # is still dropped), so metrics find the category and reference of every example in a batch
             self.val_examples = val
-            encoded = [(ids, n_prompt, i) for i, (ids, n_prompt)
-                       in enumerate(encode_examples(val, self.style, self.tokenizer))]
-            self.val_set = TokenizedDataset(fit_to_length(encoded, self.max_length, "truncate", "data.val_path"))
+            self.val_set = TokenizedDataset(self.formatter.encode(val, self.max_length, "truncate", "data.val_path",
+                                                                  self.skip_invalid))
             world = self.trainer.world_size if self.trainer is not None else 1
             if len(self.val_set) < world:  # a process without validation batches would leave the others waiting
                 raise LitMistralError(f"data: {len(self.val_set)} validation example(s) for {world} processes. Fix: "
@@ -172,11 +196,26 @@ class InstructionDataModule(LightningDataModule):
             raise LitMistralError("validate: there is no validation data. Fix: set --data.val_path, "
                                   "--data.val_records or --data.val_fraction.")
 
-    def _split(self) -> tuple[list[Example], list[Example]]:
-        examples = read_examples(self.path, self.fields, "data.path", skip_invalid=self.skip_invalid)
+    def _read(self, source: str, key: str, need_response: bool = True) -> list:
+        """The checked inputs of `source`; the first source read sets the kind (instruction records or
+        conversations) and the formatter, which every other must match."""
+        kind, items = read_inputs(source, self.fields, key, need_response, self.skip_invalid, self.format)
+        if self.formatter is None:
+            if kind != "instruction":
+                rank_zero_info(f"{key}: {source} holds conversations ({kind} shape).")
+            template = Path(self.chat_template).read_text(encoding="utf-8") if self.chat_template else None
+            self.formatter = Formatter(kind, self.prompt_style, self.tokenizer, template)
+        elif (kind == "instruction") != (self.formatter.kind == "instruction"):
+            raise LitMistralError(f"{key}: {source} holds {kind} data where the data read before holds "
+                                  f"{self.formatter.kind} data. Fix: give files of one kind (instruction records or "
+                                  "conversations).")
+        return items
+
+    def _split(self) -> tuple[list, list]:
+        examples = self._read(self.path, "data.path")
         train = self._slice(examples, self.train_records, "data.train_records", self.path)
         if self.val_path is not None:
-            val = read_examples(self.val_path, self.fields, "data.val_path", skip_invalid=self.skip_invalid)
+            val = self._read(self.val_path, "data.val_path")
             val = self._slice(val, self.val_records, "data.val_records", self.val_path)
         elif self.val_records is not None:
             val = self._slice(examples, self.val_records, "data.val_records", self.path)
@@ -194,7 +233,7 @@ class InstructionDataModule(LightningDataModule):
         return train, val
 
     @staticmethod
-    def _slice(examples: list[Example], rng: tuple[int, int] | None, key: str, source: str) -> list[Example]:
+    def _slice(examples: list, rng: tuple[int, int] | None, key: str, source: str) -> list:
         if rng is None:
             return examples
         start, stop = rng
@@ -205,24 +244,24 @@ class InstructionDataModule(LightningDataModule):
             rank_zero_warn(f"{key}={list(rng)}: {source} has only {len(examples)} records; using [{start}, {len(examples)}].")
         return examples[start:stop]
 
-    def prompt_items(self, examples: list[Example]) -> list[dict]:
+    def prompt_items(self, examples: list) -> list[dict]:
         """Prompt items for generation (`input_ids`, `index`: position in `examples`, `example`), formatted and
-        tokenized as training formats prompts."""
-        prompts = encode_prompts(examples, self.style, self.tokenizer)
+        tokenized as training formats prompts (a conversation: up to its last user turn)."""
+        prompts = self.formatter.prompts(examples)
         return [{"input_ids": ids, "index": i, "example": e} for i, (e, ids) in enumerate(zip(examples, prompts))]
 
     def predict_instructions(self) -> list[str]:
-        """The instruction of every predict input, in input order (reads and checks the file once)."""
+        """What identifies each predict input (its instruction; a conversation's messages as JSON), in input order
+        (reads and checks the file once)."""
         self.setup("predict")
-        return [item["example"].instruction for item in self.predict_set]
+        return [example_key(item["example"]) for item in self.predict_set]
 
     def _predict_set(self) -> list[dict]:
         if self.predict_path is None:
             raise LitMistralError("predict: no instructions to answer. Fix: set --data.predict_path to a .txt file "
-                                  "(one instruction per line) or a .jsonl file with 'instruction' (and 'context').")
-        examples = read_examples(self.predict_path, self.fields, "data.predict_path", need_response=False,
-                                 skip_invalid=self.skip_invalid)
-        return self.prompt_items(examples)
+                                  "(one instruction per line) or a .jsonl file with 'instruction' (and 'context'), "
+                                  "or with 'messages' ending with a user turn.")
+        return self.prompt_items(self._read(self.predict_path, "data.predict_path", need_response=False))
 
     # -- loaders -----------------------------------------------------------------------------------------------------
 

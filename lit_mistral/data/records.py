@@ -142,42 +142,72 @@ def is_hub_id(source: str) -> bool:
     return not (path.exists() or path.suffix or source.startswith((".", "/", "~")))
 
 
-def read_examples(source: str, fields: Fields, key: str, need_response: bool = True,
-                  skip_invalid: bool = False) -> list[Example]:
-    """Read and check every record of `source` (a local file or a hub dataset id).
-
-    All problems are collected and raised as one error naming file and line, unless `skip_invalid`, in which case
-    bad records are left out and counted in the log."""
+def read_rows(source: str, key: str, need_response: bool = True) -> tuple[str, list[tuple[str, object]], list[str]]:
+    """The raw `(where, row)` pairs of `source` (a local file or a hub dataset id), the lines that could not be
+    parsed at all, and the source as resolved (`pkg://` paths)."""
     extensions = TRAIN_EXTENSIONS if need_response else PREDICT_EXTENSIONS
     source = resolve_location(source, key)
     path = Path(source).expanduser()
     # a hub dataset id looks like "owner/name"; anything with an extension or a path prefix is a file
-    if not is_hub_id(source) or not need_response:
-        if not path.is_file():
-            raise LitMistralError(f"{key}: file {str(path)!r} does not exist. Fix: check the path.")
-        if path.suffix.lower() not in extensions:
-            raise LitMistralError(
-                f"{key}: {str(path)!r} has an unsupported extension {path.suffix!r}. "
-                f"Fix: use one of {', '.join(extensions)}."
-            )
-        rows, problems = _raw_rows(path)
+    if is_hub_id(source) and need_response:
+        return source, hub_rows(source), []
+    if not path.is_file():
+        raise LitMistralError(f"{key}: file {str(path)!r} does not exist. Fix: check the path.")
+    if path.suffix.lower() not in extensions:
+        raise LitMistralError(
+            f"{key}: {str(path)!r} has an unsupported extension {path.suffix!r}. "
+            f"Fix: use one of {', '.join(extensions)}."
+        )
+    rows, problems = _raw_rows(path)
+    return source, rows, problems
+
+
+def read_inputs(source: str, fields: Fields, key: str, need_response: bool = True, skip_invalid: bool = False,
+                format: str = "auto") -> tuple[str, list]:
+    """Read and check every row of `source`: instruction records (`Example`s) or conversations
+    (`Conversation`s, the `messages` or ShareGPT shape), as `format` says or, with `auto`, as the rows show.
+    Returns the kind read (`instruction`, `messages` or `sharegpt`) and the items.
+
+    All problems are collected and raised as one error naming file and line, unless `skip_invalid`, in which case
+    bad rows are left out and counted in the log."""
+    from lit_mistral.data.conversations import detect_format, read_conversations
+
+    source, rows, problems = read_rows(source, key, need_response)
+    n_bad = len(problems)  # so far: lines that did not parse, one problem each
+    kind = format if format != "auto" else (detect_format(rows)[0] or "instruction")
+    items = []
+    if kind == "instruction":
+        for where, row in rows:
+            example, bad = _record_to_example(row, where, fields, need_response)
+            problems += bad
+            if example is not None:
+                items.append(example)
+            else:
+                n_bad += 1
     else:
-        rows, problems = hub_rows(source), []
-    examples, n_bad = [], len(problems)  # so far: lines that did not parse, one problem each
-    for where, row in rows:
-        example, bad = _record_to_example(row, where, fields, need_response)
-        problems += bad
-        if example is not None:
-            examples.append(example)
-        else:
-            n_bad += 1
+        read = read_conversations(rows, None if format == "auto" else kind, need_response, fields.category)
+        items, problems = read.conversations, problems + read.problems
+        n_bad += len(rows) - len(items)
     if problems and not skip_invalid:
         raise_problems(problems, "Fix: correct these records, or set --data.skip_invalid true to leave them out.")
     if problems:
         shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
-        rank_zero_warn(f"{key}: skipped {n_bad} invalid record(s) of {n_bad + len(examples)} in {source} "
+        rank_zero_warn(f"{key}: skipped {n_bad} invalid record(s) of {n_bad + len(items)} in {source} "
                        f"(data.skip_invalid=true): {shown}")
-    if not examples:
+    if not items:
         raise LitMistralError(f"{key}: {source!r} holds no usable records. Fix: point it at a non-empty dataset.")
-    return examples
+    return kind, items
 
+
+def read_examples(source: str, fields: Fields, key: str, need_response: bool = True,
+                  skip_invalid: bool = False) -> list[Example]:
+    """Read and check every instruction record of `source` (see `read_inputs`)."""
+    return read_inputs(source, fields, key, need_response, skip_invalid, format="instruction")[1]
+
+
+def example_key(example) -> str:
+    """What identifies an input among others (a resumed predict run matches its rows by it): an instruction
+    record's instruction, a conversation's messages."""
+    if isinstance(example, Example):
+        return example.instruction
+    return json.dumps(example.as_dicts(), ensure_ascii=False)

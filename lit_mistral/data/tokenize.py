@@ -1,6 +1,8 @@
-"""Tokenization with loss masking: each example becomes its prompt ids (no loss) followed by its response ids and EOS
-(the loss), exactly as predict will feed the prompt and expect the answer; examples longer than `max_length` are
-dropped or cut, and counted."""
+"""Tokenization with loss masking. An instruction example becomes its prompt ids (no loss) followed by its response
+ids and EOS (the loss), exactly as predict will feed the prompt and expect the answer; a conversation becomes its
+chat-formatted ids with loss on each assistant turn and its end-of-turn token (`chat_formats.py`). Either way an item
+is `(ids, spans, index)`: the token ids, the [start, end) ranges that carry loss, and the input's position. Inputs
+longer than `max_length` are dropped or cut, and counted."""
 
 from collections.abc import Sequence
 
@@ -9,7 +11,7 @@ from torch.utils.data import Dataset
 
 from lit_mistral.data.prompts import PromptStyle
 from lit_mistral.data.records import Example
-from lit_mistral.errors import LitMistralError
+from lit_mistral.errors import LitMistralError, raise_problems
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding, example boundaries)
 
@@ -45,8 +47,8 @@ class Filler(int):
 
 
 class TokenizedDataset(Dataset):
-    """Tokenized examples: `input_ids` (prompt + response + EOS), `n_prompt` (how many carry no loss) and `index`:
-    the example's position in the list it was made from (an item's optional third field), else its own."""
+    """Tokenized inputs, as items `(ids, spans, index)`: `input_ids`, the `spans` that carry loss, and `index`, the
+    input's position in the list it was made from."""
 
     def __init__(self, items: list[tuple]) -> None:
         self.items = items
@@ -55,10 +57,10 @@ class TokenizedDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        ids, n_prompt, *index = self.items[i]
+        ids, spans, index = self.items[i]
         if isinstance(i, Filler):  # run to keep processes in step; counts for nothing
-            return {"input_ids": ids, "n_prompt": len(ids), "index": None}
-        return {"input_ids": ids, "n_prompt": n_prompt, "index": index[0] if index else i}
+            return {"input_ids": ids, "spans": [], "index": None}
+        return {"input_ids": ids, "spans": spans, "index": index}
 
     @property
     def lengths(self) -> list[int]:
@@ -87,3 +89,52 @@ def fit_to_length(items: list[tuple], max_length: int, overlong: str, key: str) 
         raise LitMistralError(f"{key}: every example is longer than data.max_length={max_length} tokens. "
                               "Fix: raise --data.max_length.")
     return kept
+
+
+class Formatter:
+    """How inputs of one kind become token ids: instruction records (`kind` "instruction") through the prompt style
+    `style`, conversations ("messages", "sharegpt") through the chat format of the same name (`mistral` or
+    `chat_template`, with `chat_template` a Jinja template replacing the tokenizer's own)."""
+
+    def __init__(self, kind: str, style: str, tokenizer, chat_template: str | None = None) -> None:
+        from lit_mistral.data.chat_formats import chat_format
+        from lit_mistral.data.prompts import prompt_style
+
+        self.kind, self.tokenizer = kind, tokenizer
+        if kind == "instruction":
+            self.style = prompt_style(style, tokenizer)
+        elif style == "alpaca":
+            raise LitMistralError("data.prompt_style=alpaca has no form for conversations. Fix: --data.prompt_style "
+                                  "chat_template (the tokenizer's own template) or mistral.")
+        else:
+            self.chat = chat_format(style, tokenizer, chat_template)
+
+    def encode(self, items: Sequence, max_length: int, overlong: str, key: str,
+               skip_invalid: bool = False) -> list[tuple]:
+        """`(ids, spans, index)` of every input that fits `max_length` (as `overlong` says; counted in the log). A
+        conversation that the chat format cannot render as trained is an error, or with `skip_invalid` left out."""
+        from lit_mistral.data.chat_formats import (
+            encode_conversations,
+            fit_conversations,
+        )
+
+        if self.kind == "instruction":
+            encoded = [(ids, n, i) for i, (ids, n) in enumerate(encode_examples(items, self.style, self.tokenizer))]
+            return [(ids, [(n, len(ids))] if n < len(ids) else [], i)
+                    for ids, n, i in fit_to_length(encoded, max_length, overlong, key)]
+        encoded, problems = encode_conversations(items, self.chat)
+        if problems and not skip_invalid:
+            raise_problems(problems, "Fix: correct these conversations, or set --data.skip_invalid true to leave "
+                                     "them out.")
+        if problems:
+            rank_zero_warn(f"{key}: skipped {len(problems)} conversation(s) the chat format cannot render as trained "
+                           f"(data.skip_invalid=true): {problems[0]}")
+        kept, _ = fit_conversations(encoded, max_length, overlong, key)
+        return [(item.ids, item.spans, item.index) for item in kept]
+
+    def prompts(self, items: Sequence) -> list[list[int]]:
+        """The prompt ids that ask for each input's answer: an instruction's prompt, or a conversation up to its
+        last user turn, formatted as in training."""
+        if self.kind == "instruction":
+            return encode_prompts(items, self.style, self.tokenizer)
+        return [self.chat.prompt_ids(c.without_answer()) for c in items]

@@ -54,8 +54,11 @@ def collate_prompts(items: list[dict], pad_id: int) -> dict:
 
 def _record(index, example, prompt_tokens: int, response: str | None, response_tokens: int, finish: str,
             error: str | None = None) -> dict:
-    record = {"index": index, "instruction": example.instruction, "context": example.context, "response": response,
-              "prompt_tokens": prompt_tokens, "response_tokens": response_tokens, "finish": finish}
+    record = {"index": index}
+    if hasattr(example, "messages"):  # a conversation: its messages, then the turn that is answered
+        record["messages"] = example.as_dicts()
+    record.update(instruction=example.instruction, context=example.context, response=response,
+                  prompt_tokens=prompt_tokens, response_tokens=response_tokens, finish=finish)
     if error:
         record["error"] = error
     return record

@@ -20,7 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from lit_mistral.errors import LitMistralError
-from lit_mistral.generation.paged_attention import has_triton, paged_decode_attention, prefill_attention
+from lit_mistral.generation.paged_attention import (
+    has_triton,
+    paged_decode_attention,
+    prefill_attention,
+)
 
 log = logging.getLogger(__name__)
 
