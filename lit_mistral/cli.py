@@ -14,12 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lit_mistral.callbacks import (
-    JsonlPredictionWriter,
-    PredictionProgressBar,
-    SaveAdapter,
-    Telemetry,
-)
+from lit_mistral.callbacks import JsonlPredictionWriter, PredictionProgressBar, SaveAdapter, Telemetry
 from lit_mistral.checkpointing import RandomState, SaveOnSigterm, find_last_checkpoint
 from lit_mistral.checks import check_settings
 from lit_mistral.config import DTYPES, RENAMED
@@ -117,6 +112,8 @@ class LitMistralCLI(LightningCLI):
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.link_arguments("data.max_length", "model.max_length")
         parser.link_arguments("model.generation.max_new_tokens", "data.max_new_tokens")
+        parser.link_arguments("model.generation.max_rows", "data.predict_batch_size")  # prompts per predict batch
+        parser.link_arguments("model.generation.max_cache_tokens", "data.predict_max_tokens")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step:06d}",
                              "checkpoint.auto_insert_metric_name": False, "checkpoint.save_top_k": 1})

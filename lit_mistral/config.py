@@ -162,8 +162,18 @@ class Generation:
             matmuls, no LoRA overhead, as much memory as the unquantized model) or on the 4-bit base with the
             `adapter` applied. `auto`: merged on CPUs, and on GPUs when the unquantized model fits in a third of the
             free memory.
-        cache: KV cache: `dynamic` (grows as needed), or `static` (preallocated; on a GPU, transformers then compiles
-            the decoding step with torch.compile: slow first batch, faster after).
+        engine: `continuous`: lit_mistral's engine (`generation/engine.py`): a row that finishes leaves the batch at
+            once and a waiting prompt takes its place, over a paged KV cache, each decoding step one CUDA graph on a
+            GPU; for Llama/Mistral/Qwen2-family models. `static`: transformers' `generate` in batches that run until
+            their longest answer ends. `auto`: continuous where the engine runs the model, else static.
+        max_rows: Answers generated together at most (rows of a decoding step).
+        max_cache_tokens: KV-cache positions for all rows together (prompt + new tokens of each row): bounds the
+            memory generation takes (Mistral-7B: 128 KiB per position in bf16). None: as many as `max_rows` rows
+            of the longest prompt + answer need.
+        cuda_graphs: On a GPU, replay each decoding step of the engine as a CUDA graph (captured once per batch
+            size bucket): no launch overhead per kernel.
+        cache: The static engine's KV cache: `dynamic` (grows as needed), or `static` (preallocated; on a GPU,
+            transformers then compiles the decoding step with torch.compile: slow first batch, faster after).
     """
 
     max_new_tokens: int = 256
@@ -173,10 +183,17 @@ class Generation:
     top_k: int = 50
     seed: int = 0
     weights: Literal["auto", "merged", "adapter"] = "auto"
+    engine: Literal["auto", "continuous", "static"] = "auto"
+    max_rows: int = 64
+    max_cache_tokens: int | None = None
+    cuda_graphs: bool = True
     cache: Literal["dynamic", "static"] = "dynamic"
 
     def problems(self) -> list[str]:
-        return [f"model.generation.max_new_tokens={self.max_new_tokens}: expected >= 1"] if self.max_new_tokens < 1 else []
+        problems = [f"model.generation.{k}={v}: expected >= 1" for k, v in (
+            ("max_new_tokens", self.max_new_tokens), ("max_rows", self.max_rows),
+            ("max_cache_tokens", self.max_cache_tokens or 1)) if v < 1]
+        return problems
 
     def sampling(self, greedy: bool = False, max_new_tokens: int | None = None) -> dict:
         """Arguments of `generation.generate`: these settings, or greedy decoding, bounded by `max_new_tokens`."""
@@ -229,4 +246,6 @@ RENAMED = {
     "data.context_field": "data.fields.context",
     "data.response_field": "data.fields.response",
     "data.category_field": "data.fields.category",
+    "data.predict_batch_size": "model.generation.max_rows",
+    "data.predict_max_tokens": "model.generation.max_cache_tokens",
 }

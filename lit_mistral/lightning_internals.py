@@ -8,10 +8,7 @@ job; `tests/test_lightning_internals.py` fails loudly, naming the part, when a L
   applying the strategy's activation-checkpointing settings.
 """
 
-from lightning.fabric.strategies.fsdp import (
-    _move_torchmetrics_to_device,
-    _setup_activation_checkpointing,
-)
+from lightning.fabric.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
 
 FSDP_SETUP_MODEL = "_setup_model"  # the FSDPStrategy method QLoRAFSDPStrategy overrides
 

@@ -13,8 +13,8 @@ from torchmetrics import MeanMetric
 
 from lit_mistral.config import Compute, Generation, LoRA, Optimization, Quantization
 from lit_mistral.errors import LitMistralError, raise_problems
-from lit_mistral.generation.answering import context_window, for_inference
-from lit_mistral.generation.batches import generate
+from lit_mistral.generation.answering import for_inference
+from lit_mistral.generation.predictor import Predictor
 from lit_mistral.modeling import build
 from lit_mistral.modeling.adapters import check_adapter_folder, trainable_state
 from lit_mistral.modeling.attention import packed_kwargs
@@ -228,10 +228,13 @@ class QLoRAModule(LightningModule):
         self.model = for_inference(self.model, self.generation.weights, self.device,
                                    self.spec.compute.torch_dtype(self.device))
         self.model.config.use_cache = True
+        self.predictor = Predictor(self.model, self.tokenizer, self.generation)
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        return generate(self.model, self.tokenizer, batch, context=context_window(self.model),
-                        cache=self.generation.cache, **self.generation.sampling())
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        """The answers that finished (`generation.predictor`): with the continuous engine, of this batch and
+        earlier ones; the last batch drains them all."""
+        last = batch_idx == self.trainer.num_predict_batches[dataloader_idx] - 1
+        return self.predictor(batch, last)
 
 
 def optimizer_and_schedule(params: list[torch.nn.Parameter], o: Optimization, total_steps: int) -> dict:

@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from lit_mistral.data.batching import collate_padded
-from lit_mistral.data.chat_formats import (
-    IGNORE_INDEX,
-    BadConversation,
-    Encoded,
-    chat_format,
-    encode_conversations,
-    fit_conversations,
-)
+from lit_mistral.data.chat_formats import (IGNORE_INDEX, BadConversation, Encoded, chat_format, encode_conversations,
+                                           fit_conversations)
 from lit_mistral.data.conversations import Conversation, Message, read_conversations
 from lit_mistral.errors import LitMistralError, raise_problems
 

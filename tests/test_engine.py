@@ -12,17 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-)
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from lit_mistral.errors import LitMistralError
 from lit_mistral.generation import paged_attention
-from lit_mistral.generation.engine import Answer, Engine, sample
+from lit_mistral.generation.engine import Answer, Engine
 from lit_mistral.generation.paged_attention import paged_decode_reference
+from lit_mistral.generation.sampling import sample
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -11,7 +11,7 @@ QUESTIONS = ["Name a fish.", "What is the capital of France and why is it famous
 
 def predict(tiny_model_dir, adapter_dir, questions, out, *extra):
     run_cli(*cli_args("predict", tiny_model_dir, questions.parent / "runs", "--model.compute.dtype", "float32",
-                      "--data.predict_path", questions, "--data.predict_batch_size", "2", "--ckpt_path", adapter_dir,
+                      "--data.predict_path", questions, "--model.generation.max_rows", "2", "--ckpt_path", adapter_dir,
                       "--model.generation.max_new_tokens", "6", "--predictions.path", out, *extra))
     return [json.loads(line) for line in out.read_text().split("\n") if line]
 
@@ -95,3 +95,20 @@ def test_predict_on_a_gpu(tiny_model_dir, adapter_dir, questions, tmp_path):
     assert all(r["response_tokens"] == 6 for r in rows["merged"] + rows["adapter"])
     same = sum(a["response"] == b["response"] for a, b in zip(rows["merged"], rows["adapter"]))
     assert same >= len(QUESTIONS) - 1, (rows["merged"], rows["adapter"])
+
+
+def test_continuous_engine_answers_what_static_batches_answer(tiny_model_dir, adapter_dir, tmp_path):
+    """Greedy: the continuous-batching engine gives token for token the answers of transformers' generate in static
+    batches; inputs may lower their own answer limit (`max_new_tokens` per row, within the settings'); sampling
+    with a seed gives the same answers twice."""
+    questions = tmp_path / "q.jsonl"
+    limits = [None, 2, 9, 1, 4]  # 9: above the settings' 6, so 6
+    questions.write_text("".join(json.dumps({"instruction": q, **({"max_new_tokens": n} if n else {})}) + "\n"
+                                 for q, n in zip(QUESTIONS, limits)))
+    rows = {engine: predict(tiny_model_dir, adapter_dir, questions, tmp_path / f"{engine}.jsonl",
+                            "--model.generation.engine", engine) for engine in ("static", "continuous")}
+    assert rows["continuous"] == rows["static"]
+    assert [r["response_tokens"] for r in rows["continuous"]] == [6, 2, 6, 1, 4]
+    sampled = [predict(tiny_model_dir, adapter_dir, questions, tmp_path / f"sampled{i}.jsonl",
+                       "--model.generation.do_sample", "true", "--model.generation.seed", "3") for i in range(2)]
+    assert sampled[0] == sampled[1] and sampled[0] != rows["continuous"]

@@ -6,13 +6,7 @@ import sys
 import pytest
 import torch
 
-from lit_mistral.evaluation.metrics import (
-    SplitMetrics,
-    contains_answer,
-    exact_match,
-    normalize,
-    rouge_l,
-)
+from lit_mistral.evaluation.metrics import SplitMetrics, contains_answer, exact_match, normalize, rouge_l
 
 
 def test_normalize_exact_match_and_contains():

@@ -33,6 +33,7 @@ class Conversation:
     messages: list[Message]
     where: str = ""  # "file.jsonl:12" or "hub-id[7]": named in every error about this conversation
     category: str | None = None
+    max_new_tokens: int | None = None  # a predict input's own answer limit (within the settings')
 
     def as_dicts(self) -> list[dict[str, str]]:
         """The messages as chat templates take them."""
@@ -53,7 +54,7 @@ class Conversation:
     def without_answer(self) -> "Conversation":
         """The conversation up to its last user turn (what the model is asked to continue)."""
         end = max(i for i, m in enumerate(self.messages) if m.role == "user") + 1
-        return Conversation(self.messages[:end], self.where, self.category)
+        return Conversation(self.messages[:end], self.where, self.category, self.max_new_tokens)
 
 
 @dataclass(frozen=True)

@@ -14,20 +14,10 @@ from torch.utils.data import DataLoader
 
 from lit_mistral.data.batching import BatchPlan, collate_packed, collate_padded
 from lit_mistral.data.prompts import check_prompt_style
-from lit_mistral.data.records import (
-    Fields,
-    example_key,
-    hub_rows,
-    is_hub_id,
-    read_inputs,
-)
+from lit_mistral.data.records import Fields, example_key, hub_rows, is_hub_id, read_inputs
 from lit_mistral.data.tokenize import Formatter, TokenizedDataset
 from lit_mistral.errors import LitMistralError, raise_problems
-from lit_mistral.generation.batches import (
-    PresetBatches,
-    collate_prompts,
-    predict_batches,
-)
+from lit_mistral.generation.batches import PresetBatches, collate_prompts, predict_batches
 from lit_mistral.sources import load_tokenizer
 
 
@@ -63,12 +53,12 @@ class InstructionDataModule(LightningDataModule):
         overlong: What to do with longer examples: drop them, or truncate them (records lose their EOS;
             conversations are cut after the last assistant turn that fits). Either way the count is logged.
         batch_size: Examples per training/validation batch (unless `max_tokens` sets a token budget).
-        predict_batch_size: Prompts generated together in predict (None: `batch_size`). Prompts are batched by
-            length, so padding stays small; a GPU generates 100s at once about as fast as a few.
+        predict_batch_size: Prompts per predict batch, longest (prompt + answer limit) first (None: `batch_size`).
+            Linked to `model.generation.max_rows` by the CLI.
         predict_max_tokens: Also bound each predict batch by the key/value cache it fills: rows x (longest prompt +
-            max_new_tokens) token positions. Short prompts then share large batches while the few long ones go in
-            small batches of their own (None: `predict_batch_size` rows whatever their length).
-        max_new_tokens: Linked to `model.max_new_tokens` by the CLI, for `predict_max_tokens`.
+            max_new_tokens) token positions (None: no bound). Linked to `model.generation.max_cache_tokens`.
+        max_new_tokens: Linked to `model.generation.max_new_tokens` by the CLI: the most new tokens of an answer
+            (an input's own `max_new_tokens` may only lower it).
         packing: Put all examples of a batch in one row without padding, attention kept within each example:
             the same batches and loss as padding, without computing on pad tokens.
         max_tokens: Token budget per batch instead of a fixed `batch_size`. With `packing`, the sum of example
@@ -248,7 +238,8 @@ class InstructionDataModule(LightningDataModule):
         """Prompt items for generation (`input_ids`, `index`: position in `examples`, `example`), formatted and
         tokenized as training formats prompts (a conversation: up to its last user turn)."""
         prompts = self.formatter.prompts(examples)
-        return [{"input_ids": ids, "index": i, "example": e} for i, (e, ids) in enumerate(zip(examples, prompts))]
+        return [{"input_ids": ids, "index": i, "example": e, "max_new_tokens": e.max_new_tokens}
+                for i, (e, ids) in enumerate(zip(examples, prompts))]
 
     def predict_instructions(self) -> list[str]:
         """What identifies each predict input (its instruction; a conversation's messages as JSON), in input order
@@ -319,8 +310,9 @@ class InstructionDataModule(LightningDataModule):
         # longest prompts first (little padding per batch; the memory peak comes at once), done rows left out;
         # the writer puts the rows back in input order
         lengths = [len(item["input_ids"]) for item in self.predict_set]
+        news = [min(item["max_new_tokens"] or self.max_new_tokens, self.max_new_tokens) for item in self.predict_set]
         todo = [i for i in range(len(lengths)) if i not in self.predict_done]
-        batches = predict_batches(lengths, todo, self.predict_batch_size, self.predict_max_tokens, self.max_new_tokens)
+        batches = predict_batches(lengths, todo, self.predict_batch_size, self.predict_max_tokens, news)
         return DataLoader(self.predict_set, batch_sampler=PresetBatches(batches), num_workers=self.num_workers,
                           collate_fn=partial(collate_prompts, pad_id=self.tokenizer.pad_token_id),
                           generator=self._own_generator())

@@ -24,6 +24,7 @@ class Example:
     response: str | None = None
     category: str | None = None
     where: str = ""  # "file.jsonl:12" or "hub-id[7]": named in every error about this record
+    max_new_tokens: int | None = None  # a predict input's own answer limit (within the settings')
 
 
 @dataclass
@@ -69,9 +70,20 @@ def _record_to_example(row, where: str, fields: Fields, need_response: bool) -> 
     context = text(fields.context, required=False, non_empty=False)
     response = text(fields.response, required=need_response, non_empty=need_response)
     category = text(fields.category, required=False, non_empty=False)
+    limit, bad = answer_limit(row, where) if not need_response else (None, None)
+    problems += [bad] if bad else []
     if problems:
         return None, problems
-    return Example(instruction, (context or "").strip(), response, category, where), []
+    return Example(instruction, (context or "").strip(), response, category, where, limit), []
+
+
+def answer_limit(row: dict, where: str) -> tuple[int | None, str | None]:
+    """A predict input's own `max_new_tokens` (a positive whole number, or None: the settings'), and what is wrong
+    with it (None: nothing)."""
+    value = row.get("max_new_tokens")
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        return None, f"{where}: field 'max_new_tokens' must be a whole number >= 1, got {value!r}"
+    return value, None
 
 
 def _raw_rows(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
@@ -187,6 +199,13 @@ def read_inputs(source: str, fields: Fields, key: str, need_response: bool = Tru
     else:
         read = read_conversations(rows, None if format == "auto" else kind, need_response, fields.category)
         items, problems = read.conversations, problems + read.problems
+        if not need_response:  # predict inputs may carry their own answer limit; a bad one leaves the input out
+            by_where, kept = dict(rows), []
+            for conversation in items:
+                conversation.max_new_tokens, bad = answer_limit(by_where[conversation.where], conversation.where)
+                problems += [bad] if bad else []
+                kept += [] if bad else [conversation]
+            items = kept
         n_bad += len(rows) - len(items)
     if problems and not skip_invalid:
         raise_problems(problems, "Fix: correct these records, or set --data.skip_invalid true to leave them out.")

@@ -142,10 +142,9 @@ class Evaluation(Callback):
         """Greedy answers of the model in its current adapter state to `examples`, split across processes and
         gathered (every process returns all of them), each with its example's reference and category."""
         items = trainer.datamodule.prompt_items(examples)
-        sampling = pl_module.generation.sampling(greedy=True, max_new_tokens=self.max_new_tokens)
         with self._forward_context(trainer):
-            records = answer_across(pl_module.model, pl_module.tokenizer, items, self.batch_size, sampling,
-                                    pl_module.device, trainer.global_rank, trainer.world_size,
+            records = answer_across(pl_module.model, pl_module.tokenizer, items, self.batch_size, pl_module.generation,
+                                    self.max_new_tokens, pl_module.device, trainer.global_rank, trainer.world_size,
                                     sharded=isinstance(trainer.strategy, FSDPStrategy),
                                     gathering=lambda: self._whole_root(trainer))
         return [dict(record, reference=e.response, category=e.category) for record, e in zip(records, examples)]

@@ -8,12 +8,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_mistral.distributed import gather_objects, in_step
-from lit_mistral.generation.batches import collate_prompts, generate, predict_batches
-
-
-def context_window(model) -> int | None:
-    """Longest prompt + answer the model takes, in tokens (None: not stated by its config)."""
-    return getattr(model.config, "max_position_embeddings", None)
+from lit_mistral.generation.batches import collate_prompts, predict_batches
+from lit_mistral.generation.predictor import Predictor
 
 
 def merge_fits(model, device: torch.device, dtype: torch.dtype) -> bool:
@@ -44,31 +40,36 @@ def for_inference(model, weights: str, device: torch.device, dtype: torch.dtype)
 
 
 @torch.no_grad()
-def answer(model, tokenizer, items: list[dict], max_rows: int, sampling: dict, context: int | None,
-           device: torch.device, synced_gpus: bool = False) -> list[dict]:
-    """Answer prompt `items` (`input_ids`, `index`, `example`) in batches of at most `max_rows`, planned as predict
-    plans them (by length, so each batch is padded to a prompt close to its own); records in the order of `items`."""
+def answer(predictor: Predictor, items: list[dict], max_rows: int, device: torch.device) -> list[dict]:
+    """Answer prompt `items` (`input_ids`, `index`, `example`) with `predictor` in batches of at most `max_rows`,
+    planned as predict plans them (longest first); records in the order of `items`."""
     records = {}
-    for rows in predict_batches([len(it["input_ids"]) for it in items], range(len(items)), max_rows):
-        batch = collate_prompts([dict(items[i], index=i) for i in rows], tokenizer.pad_token_id)
+    plan = predict_batches([len(it["input_ids"]) for it in items], range(len(items)), max_rows)
+    for i, rows in enumerate(plan):
+        batch = collate_prompts([dict(items[r], index=r) for r in rows], predictor.tokenizer.pad_token_id)
         batch.update(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        for record in generate(model, tokenizer, batch, context=context, synced_gpus=synced_gpus, **sampling):
+        for record in predictor(batch, last=i == len(plan) - 1):
             records[record["index"]] = record
     return [dict(records[i], index=it["index"]) for i, it in enumerate(items)]
 
 
-def answer_across(model, tokenizer, items: list[dict], max_rows: int, sampling: dict, device: torch.device,
-                  rank: int = 0, world_size: int = 1, sharded: bool = False, gathering=contextlib.nullcontext):
-    """`answer`, with the items split across `world_size` processes and the answers gathered, so that every process
-    returns all of them, in order. `sharded` (FSDP): every decoding step is a collective, so every process answers
-    the same number of prompts (a short share is padded with the first item, its answer dropped) and generation
-    keeps stepping a process whose answers have ended until all have (`synced_gpus`); `gathering` is the context in
-    which the sharded weights outside the decoder layers are whole."""
+def answer_across(model, tokenizer, items: list[dict], max_rows: int, settings, max_new_tokens: int,
+                  device: torch.device, rank: int = 0, world_size: int = 1, sharded: bool = False,
+                  gathering=contextlib.nullcontext):
+    """Greedy answers (at most `max_new_tokens`; the engine and other `settings` as generation has them) to
+    `items`, split across `world_size` processes and gathered, so that every process returns all of them, in order.
+    `sharded` (FSDP): every decoding step is a collective, so every process answers the same number of prompts (a
+    short share is padded with the first item, its answer dropped), in static batches (the engine calls the layers
+    directly, outside FSDP's units), and generation keeps stepping a process whose answers have ended until all
+    have (`synced_gpus`); `gathering` is the context in which the sharded weights outside the decoder layers are
+    whole."""
     shares = [list(range(len(items)))[r::world_size] for r in range(world_size)]
-    mine = in_step(shares, rank, 0) if sharded and world_size > 1 else shares[rank]
+    lockstep = sharded and world_size > 1
+    mine = in_step(shares, rank, 0) if lockstep else shares[rank]
+    predictor = Predictor(model, tokenizer, settings, greedy=True, max_new_tokens=max_new_tokens, static=sharded,
+                          max_rows=max_rows, cuda_graphs=False, synced_gpus=lockstep)
     with gathering():
-        records = answer(model, tokenizer, [items[i] for i in mine], max_rows, sampling, context_window(model),
-                         device, synced_gpus=sharded and world_size > 1)
+        records = answer(predictor, [items[i] for i in mine], max_rows, device)
     records = list(zip(shares[rank], records))  # padding left out
     merged = sorted((pair for part in gather_objects(records, world_size) for pair in part), key=lambda p: p[0])
     return [record for _, record in merged]

@@ -8,16 +8,23 @@ import torch
 from torch.utils.data import Sampler
 
 
+def context_window(model) -> int | None:
+    """Longest prompt + answer the model takes, in tokens (None: not stated by its config)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
 def predict_batches(lengths: Sequence[int], todo: Sequence[int], max_rows: int, max_tokens: int | None = None,
-                    new_tokens: int = 0) -> list[list[int]]:
-    """Batches of the prompts `todo` (indices into `lengths`), longest first: consecutive prompts share a batch while
-    it has at most `max_rows` rows and, with `max_tokens`, rows x (its longest prompt + `new_tokens`) stays within
-    `max_tokens` (the key/value cache the batch fills). A prompt over the budget alone gets a batch of its own."""
-    order = sorted(todo, key=lambda i: -lengths[i])
+                    new_tokens: int | Sequence[int] = 0) -> list[list[int]]:
+    """Batches of the prompts `todo` (indices into `lengths`), longest first (prompt + its `new_tokens`, one number
+    for all or one per prompt): consecutive prompts share a batch while it has at most `max_rows` rows and, with
+    `max_tokens`, rows x (its longest prompt + new tokens) stays within `max_tokens` (the key/value cache the batch
+    fills). A prompt over the budget alone gets a batch of its own."""
+    news = [new_tokens] * len(lengths) if isinstance(new_tokens, int) else list(new_tokens)
+    order = sorted(todo, key=lambda i: -(lengths[i] + news[i]))
     batches: list[list[int]] = []
     for i in order:
         batch = batches[-1] if batches else None
-        width = lengths[batch[0]] + new_tokens if batch else 0  # the first prompt of a batch is its longest
+        width = lengths[batch[0]] + news[batch[0]] if batch else 0  # the first prompt of a batch is its longest
         if batch and len(batch) < max_rows and (max_tokens is None or (len(batch) + 1) * width <= max_tokens):
             batch.append(i)
         else:
@@ -39,7 +46,8 @@ class PresetBatches(Sampler[list[int]]):
 
 
 def collate_prompts(items: list[dict], pad_id: int) -> dict:
-    """Left-pad prompts for batched generation (new tokens then line up at the right end)."""
+    """Left-pad prompts for batched generation (new tokens then line up at the right end). Items: `input_ids`,
+    `index`, `example`, and optionally `max_new_tokens` (the row's own limit; None: the settings')."""
     longest = max(len(it["input_ids"]) for it in items)
     input_ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
@@ -49,33 +57,55 @@ def collate_prompts(items: list[dict], pad_id: int) -> dict:
             input_ids[row, longest - n :] = torch.tensor(it["input_ids"])
             attention_mask[row, longest - n :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "index": [it["index"] for it in items],
-            "example": [it["example"] for it in items], "skip": [it.get("skip") for it in items]}
+            "example": [it["example"] for it in items], "prompts": [list(it["input_ids"]) for it in items],
+            "max_new_tokens": [it.get("max_new_tokens") for it in items]}
 
 
-def _record(index, example, prompt_tokens: int, response: str | None, response_tokens: int, finish: str,
-            error: str | None = None) -> dict:
-    record = {"index": index}
+def row_limits(batch: dict, max_new_tokens: int) -> list[int]:
+    """Each row's most new tokens: its own limit, within `max_new_tokens`."""
+    return [min(n or max_new_tokens, max_new_tokens) for n in batch.get("max_new_tokens") or [None] * len(batch["index"])]
+
+
+def record(index, example, prompt_tokens: int, response: str | None, response_tokens: int, finish: str,
+           error: str | None = None) -> dict:
+    """The output row of one answered (or skipped) prompt."""
+    out = {"index": index}
     if hasattr(example, "messages"):  # a conversation: its messages, then the turn that is answered
-        record["messages"] = example.as_dicts()
-    record.update(instruction=example.instruction, context=example.context, response=response,
-                  prompt_tokens=prompt_tokens, response_tokens=response_tokens, finish=finish)
+        out["messages"] = example.as_dicts()
+    out.update(instruction=example.instruction, context=example.context, response=response,
+               prompt_tokens=prompt_tokens, response_tokens=response_tokens, finish=finish)
     if error:
-        record["error"] = error
-    return record
+        out["error"] = error
+    return out
+
+
+def skipped(index, example, prompt_tokens: int, max_new_tokens: int, context: int | None) -> dict:
+    """The row of a prompt that leaves no room for its answer in the model's context window."""
+    return record(index, example, prompt_tokens, None, 0, "skipped", error=(
+        f"the prompt has {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it does not fit the model's "
+        f"context of {context} tokens. Fix: shorten it or lower --model.generation.max_new_tokens."))
+
+
+def answer_text(tokenizer, ids: list[int], limit: int, eos_ids: set[int]) -> tuple[str, int, str]:
+    """(text, token count, finish) of generated `ids`, cut at the first EOS or at `limit` tokens."""
+    cut = next((i for i, t in enumerate(ids[:limit]) if t in eos_ids), None)
+    ids, finish = (ids[:cut], "eos") if cut is not None else (ids[:limit], "length")
+    return tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids), finish
 
 
 @torch.no_grad()
 def generate(model, tokenizer, batch: dict, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
              top_k: int, context: int | None = None, cache: str = "dynamic", synced_gpus: bool = False) -> list[dict]:
-    """Generate answers for one left-padded batch of prompts; one record per prompt, in batch order.
+    """Generate answers for one left-padded batch of prompts with transformers' `generate`; one record per prompt,
+    in batch order. Rows with a limit of their own (`max_new_tokens` of the batch) are cut to it.
 
-    A prompt that leaves no room for `max_new_tokens` in the model's `context` window gets a record saying so
+    A prompt that leaves no room for its new tokens in the model's `context` window gets a record saying so
     (finish "skipped") instead of an answer. `synced_gpus` (a model sharded over processes, each calling this with
     its own batch): every process runs the same number of decoding steps, a batch of skipped prompts included."""
     lengths = batch["attention_mask"].sum(1).tolist()
-    fits = [context is None or n + max_new_tokens <= context for n in lengths]
+    limits = row_limits(batch, max_new_tokens)
+    rows = [i for i, (n, new) in enumerate(zip(lengths, limits)) if context is None or n + new <= context]
     answers: dict[int, tuple[str, int, str]] = {}
-    rows = [i for i, ok in enumerate(fits) if ok]
     if rows or synced_gpus:
         # drop the left padding only skipped prompts needed; all skipped (synced_gpus): the last token of the first
         # prompt steps for the other processes, and its output is not read (no rows)
@@ -87,19 +117,11 @@ def generate(model, tokenizer, batch: dict, max_new_tokens: int, do_sample: bool
         if synced_gpus:
             sampling["synced_gpus"] = True
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                             max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
+                             max_new_tokens=max(limits[i] for i in rows) if rows else max_new_tokens,
+                             do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, **sampling)
         for row, ids in zip(rows, out[:, width:].tolist()):  # new tokens start at the same column for every row
-            finish = "length"
-            if tokenizer.eos_token_id in ids:
-                ids, finish = ids[: ids.index(tokenizer.eos_token_id)], "eos"
-            answers[row] = (tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids), finish)
-    records = []
-    for row, (index, example) in enumerate(zip(batch["index"], batch["example"])):
-        if row in answers:
-            records.append(_record(index, example, lengths[row], *answers[row]))
-        else:
-            records.append(_record(index, example, lengths[row], None, 0, "skipped", error=(
-                f"the prompt has {lengths[row]} tokens; with max_new_tokens={max_new_tokens} it does not fit the "
-                f"model's context of {context} tokens. Fix: shorten it or lower --model.max_new_tokens.")))
-    return records
+            answers[row] = answer_text(tokenizer, ids, limits[row], {tokenizer.eos_token_id})
+    return [record(index, example, lengths[row], *answers[row]) if row in answers
+            else skipped(index, example, lengths[row], limits[row], context)
+            for row, (index, example) in enumerate(zip(batch["index"], batch["example"]))]

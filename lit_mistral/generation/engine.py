@@ -20,11 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from lit_mistral.errors import LitMistralError
-from lit_mistral.generation.paged_attention import (
-    has_triton,
-    paged_decode_attention,
-    prefill_attention,
-)
+from lit_mistral.generation.paged_attention import has_triton, paged_decode_attention, prefill_attention
+from lit_mistral.generation.sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +40,13 @@ class Answer:
 
 @dataclass
 class _Row:
-    index: int  # the prompt's position in the input
+    index: int  # the prompt's key: its position in the input (also what seeds its sampling)
     slot: int  # the row's line of the block table
     blocks: list[int]
     position: int  # where the token fed next (the last of `tokens`) goes in the cache: tokens cached so far
     max_new: int
     tokens: list[int]
+    prompt: Sequence[int] = ()
 
 
 def _causal_lm(model):
@@ -66,37 +64,6 @@ def _buckets(max_rows: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_rows]
     sizes += list(range(96, max_rows, 32))
     return sizes + [max_rows]
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    # a 32-bit integer hash (Wellons' lowbias32 shape) in int64 arithmetic; constants < 2**31 so nothing overflows
-    m = 0xFFFFFFFF
-    x = x & m
-    x = (x ^ (x >> 16)) * 0x7FEB352D & m
-    x = (x ^ (x >> 15)) * 0x5BD1E995 & m
-    return x ^ (x >> 16)
-
-
-def sample(logits: torch.Tensor, seed: int, rows: torch.Tensor, steps: torch.Tensor, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """One token per row from (B, V) logits, by the Gumbel-max trick: argmax(logits / T + Gumbel noise) samples
-    softmax(logits / T) exactly. The noise is a hash of (seed, row key, step, token id), not a random generator's
-    stream, so a prompt's answer depends on the seed, its key (`rows`: the prompt's index) and its own step only,
-    whatever rows share its batch. Returns (B,) token ids."""
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        ordered, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(ordered, dim=-1)
-        drop = probs.cumsum(-1) - probs > top_p  # tokens after the smallest set reaching top_p (the first stays)
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    key = _mix32(_mix32(_mix32(torch.full_like(rows, seed)) ^ rows) ^ steps)  # (B,)
-    vocab = torch.arange(logits.shape[-1], device=logits.device)
-    bits = _mix32(_mix32(key[:, None] ^ vocab[None, :]) + key[:, None])  # (B, V)
-    uniform = ((bits >> 8).float() + 0.5) / 2**24  # in (0, 1)
-    return torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
 
 
 class Engine:
@@ -214,14 +181,14 @@ class Engine:
         hidden = self._forward(tokens[:, None], positions[:, None], self._slots(row_slots, positions), attend)
         return self.lm_head(hidden[:, -1]).float()
 
-    def _prefill(self, rows: list[_Row], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    def _prefill(self, rows: list[_Row]) -> torch.Tensor:
         """The prompts of `rows` packed in one row, each attending within itself. Returns (len(rows), V) logits of
         their last tokens."""
-        lengths = [len(prompts[r.index]) for r in rows]
+        lengths = [len(r.prompt) for r in rows]
         table = torch.nn.utils.rnn.pad_sequence([torch.tensor(r.blocks, dtype=torch.int32) for r in rows], True)
         slots = torch.tensor([r.slot for r in rows], device=self.device)
         self.tables[slots, :table.shape[1]] = table.to(self.device)
-        ids = torch.tensor([t for r in rows for t in prompts[r.index]], device=self.device)
+        ids = torch.tensor([t for r in rows for t in r.prompt], device=self.device)
         positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
         write = self._slots(slots.repeat_interleave(torch.tensor(lengths, device=self.device)), positions)
         hidden = self._forward(ids[None], positions[None], write,
@@ -319,7 +286,6 @@ class Engine:
                                   "shorten them or lower max_new_tokens, raise max_tokens, or generate those with "
                                   "transformers' generate (Engine.problems lists them).")
 
-    @torch.inference_mode()  # as Lightning predicts; the cache pools are inference tensors whatever the caller's mode
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int], *,
                  eos_token_ids: int | Sequence[int] | None = None, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0,
@@ -328,58 +294,88 @@ class Engine:
         `on_finish(index, answer)` is called as each prompt finishes (in finishing order); the answers are returned
         in input order. Same prompts, settings and seed on the same machine give the same answers."""
         self._check(prompts, max_new_tokens)
-        eos = {eos_token_ids} if isinstance(eos_token_ids, int) else set(eos_token_ids or ())
-        answers: list[Answer | None] = [None] * len(prompts)
-        waiting, running, filling = deque(range(len(prompts))), {}, False  # running: slot -> _Row, in starting order
-        free_slots, free_blocks = list(range(self.max_rows - 1, -1, -1)), list(range(self.num_blocks - 1, 0, -1))
+        session = Session(self, eos_token_ids, do_sample, temperature, top_p, top_k, seed)
+        session.add(prompts, max_new_tokens, range(len(prompts)))
+        answers = dict(session.run(on_finish=on_finish))
+        return [answers[i] for i in range(len(prompts))]
+
+
+class Session:
+    """One stream of prompts through an `Engine`: prompts are added in portions (`add`), and `run` answers them,
+    returning each prompt's answer as it finishes; rows keep running between calls, so the next portion fills the
+    rows that free up (what `predict` does with each batch of its dataloader). Sampling settings hold for the
+    session; a prompt's key (its index in the input) seeds its sampling, so answers do not depend on the portions."""
+
+    def __init__(self, engine: Engine, eos_token_ids: int | Sequence[int] | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> None:
+        self.engine = engine
+        self.eos = {eos_token_ids} if isinstance(eos_token_ids, int) else set(eos_token_ids or ())
+        self.sampling = (do_sample, temperature, top_p, top_k, seed)
+        self.waiting: deque[tuple[int, Sequence[int], int]] = deque()  # (key, prompt, max_new), in order
+        self.running: dict[int, _Row] = {}  # slot -> row, in starting order
+        self.free_slots = list(range(engine.max_rows - 1, -1, -1))
+        self.free_blocks = list(range(engine.num_blocks - 1, 0, -1))
+        self.filling = False
+
+    def add(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int], keys: Sequence[int]) -> None:
+        """Queue prompts (checked with `Engine.problems` by the caller) under their keys."""
+        self.engine._check(prompts, max_new_tokens)
+        self.waiting.extend(zip(keys, prompts, max_new_tokens))
+
+    def _pick(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        do_sample, temperature, top_p, top_k, seed = self.sampling
+        if not do_sample:
+            return logits.argmax(-1).tolist()
+        keys = torch.tensor([[r.index, len(r.tokens)] for r in rows], device=self.engine.device).T
+        return sample(logits, seed, keys[0], keys[1], temperature, top_k, top_p).tolist()
+
+    @torch.inference_mode()  # as Lightning predicts; the cache pools are inference tensors whatever the caller's mode
+    def run(self, starve: int = 0, on_finish: Callable[[int, Answer], None] | None = None) -> list[tuple[int, Answer]]:
+        """Decode until every queued prompt is answered, or, with `starve` > 0, until fewer than `starve` prompts
+        wait (add more, then run again). Returns `(key, answer)` of the prompts that finished, in finishing order;
+        `on_finish(key, answer)` is called as each finishes."""
+        engine, done = self.engine, []
 
         def finish(row: _Row, reason: str) -> None:
-            del running[row.slot]
-            free_slots.append(row.slot)
-            free_blocks.extend(row.blocks)
-            answers[row.index] = Answer(row.tokens, reason)
+            del self.running[row.slot]
+            self.free_slots.append(row.slot)
+            self.free_blocks.extend(row.blocks)
+            done.append((row.index, Answer(row.tokens, reason)))
             if on_finish is not None:
-                on_finish(row.index, answers[row.index])
+                on_finish(*done[-1])
 
         def take(rows: list[_Row], tokens: list[int]) -> None:
             for row, token in zip(rows, tokens):
-                if token not in eos:
+                if token not in self.eos:
                     row.tokens.append(token)
-                if token in eos or len(row.tokens) == row.max_new:
-                    finish(row, "eos" if token in eos else "length")
+                if token in self.eos or len(row.tokens) == row.max_new:
+                    finish(row, "eos" if token in self.eos else "length")
 
-        def pick(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-            if not do_sample:
-                return logits.argmax(-1).tolist()
-            keys = torch.tensor([[r.index, len(r.tokens)] for r in rows], device=self.device).T
-            return sample(logits, seed, keys[0], keys[1], temperature, top_k, top_p).tolist()
-
-        with self._prepare():
-            while waiting or running:
+        with engine._prepare():
+            while (self.waiting or self.running) and not (starve and len(self.waiting) < starve):
                 # the waiting prompts, in order, that have a free row and the blocks for their whole answer
-                ready, spare = 0, len(free_blocks)
-                for index in waiting:
-                    need = self._blocks_needed(len(prompts[index]), max_new_tokens[index])
-                    if ready == len(free_slots) or need > spare:
+                ready, spare = 0, len(self.free_blocks)
+                for _, prompt, new in self.waiting:
+                    need = engine._blocks_needed(len(prompt), new)
+                    if ready == len(self.free_slots) or need > spare:
                         break
                     ready, spare = ready + 1, spare - need
                 # refill in large batches (each prefill reads all weights), unless few rows are running
-                filling = ready > 0 and (filling or ready >= min(self.refill_rows, len(waiting))
-                                         or len(running) < self.refill_rows)
-                if filling:
-                    started, budget = [], self.prefill_tokens
-                    while len(started) < ready and (not started or len(prompts[waiting[0]]) <= budget):
-                        index = waiting.popleft()
-                        n, new = len(prompts[index]), max_new_tokens[index]
-                        budget -= n
-                        blocks = [free_blocks.pop() for _ in range(self._blocks_needed(n, new))]
-                        started.append(_Row(index, free_slots.pop(), blocks, n, new, []))
-                        running[started[-1].slot] = started[-1]
-                    take(started, pick(self._prefill(started, prompts), started))
-                if running:
-                    rows = list(running.values())
-                    logits = self._decode(rows)
+                self.filling = ready > 0 and (self.filling or ready >= min(engine.refill_rows, len(self.waiting))
+                                              or len(self.running) < engine.refill_rows)
+                if self.filling:
+                    started, budget = [], engine.prefill_tokens
+                    while len(started) < ready and (not started or len(self.waiting[0][1]) <= budget):
+                        key, prompt, new = self.waiting.popleft()
+                        budget -= len(prompt)
+                        blocks = [self.free_blocks.pop() for _ in range(engine._blocks_needed(len(prompt), new))]
+                        started.append(_Row(key, self.free_slots.pop(), blocks, len(prompt), new, [], prompt))
+                        self.running[started[-1].slot] = started[-1]
+                    take(started, self._pick(engine._prefill(started), started))
+                if self.running:
+                    rows = list(self.running.values())
+                    logits = engine._decode(rows)
                     for row in rows:
                         row.position += 1  # the fed token is in the cache now
-                    take(rows, pick(logits, rows))
-        return answers
+                    take(rows, self._pick(logits, rows))
+        return done
