@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One device call on one H200, in parts (PART=...), each side by side where a comparison is made.
+# Needs, at the repo root (git-ignored, carried to the GPU machine):
+#   .whl/     bitsandbytes 0.50.2, liger-kernel 0.8.5, jsonargparse, docstring_parser, typeshed_client wheels
+#   .bench/   ../shared/bench/{seed_recipe.py,seed_predict.py,dolly_lengths.txt}, dolly-15k-head.jsonl, tokenizer/
+#   .before/  lit_mistral/ and configs/ of the commit to compare with (git archive <commit> lit_mistral configs)
+# PART=check    the GPU-marked tests, then the engine alone (bench_engine.py: merged with and without CUDA graphs,
+#               4-bit + LoRA) on the dolly-lengths workload
+# PART=train    fit qlora-fast and qlora-24gb through the CLI, .before/ then this checkout, 1 GPU
+# PART=predict  predict through the CLI on 200 Dolly instructions, every answer forced to 256 tokens (sampling):
+#               .before/ then this checkout; then the dolly-lengths workload (1,000 prompts, each row its own
+#               max_new_tokens) merged and 4-bit + adapter; the peers: plain generate in static batches of 64,
+#               transformers' generate_batch, the seed's pipeline loop
+set -uo pipefail
+OUT=${OUT:-$PWD/bench-out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 CKPT=${CKPT:-/tmp/mistral7b-random} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee -a "$OUT/gpu.txt"
+python3 -c "import torch, transformers, peft, bitsandbytes, lightning, triton; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, lightning.__version__, triton.__version__)" | tee -a "$OUT/versions.txt"
+if [ ! -f "$CKPT/config.json" ]; then
+  (cd .bench && python3 -c "import seed_recipe as s; s.make_checkpoint()") > /dev/null 2>&1 && cp .bench/tokenizer/* "$CKPT/"
+fi
+DATA=.bench/dolly-15k-head.jsonl
+case "${PART:-check}" in
+check)
+  PYTHONPATH=/tmp/site:$PWD timeout 240 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/ 2>&1 | tail -25 | tee "$OUT/gpu-tests.log"
+  PYTHONPATH=/tmp/site:$PWD timeout 280 python3 benchmarks/bench_engine.py --model "$CKPT" --data $DATA --n 1000 \
+    --max-rows 256 --max-tokens 98304 --check 8 --check-tokens 32 --variants ${ENGINE_VARIANTS:-merged nf4 merged:graphs=0} \
+    --out "$OUT/engine.jsonl" 2>&1 | grep -v -i warn | tail -20
+  ;;
+train)
+  for code in .before .; do
+    label=$([ "$code" = . ] && echo after || echo before)
+    PYTHONPATH=/tmp/site timeout 290 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --code $code \
+      --label $label --fit ${CONFIGS:-qlora-fast qlora-24gb} --steps ${STEPS:-20} --warm 5 --timeout 140 \
+      | tee -a "$OUT/train.jsonl"
+  done
+  ;;
+predict)
+  # forced 256: every answer runs to max_new_tokens (random weights never stop); sampling as BENCHMARKS.md
+  PYTHONPATH=/tmp/site timeout 150 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --code .before \
+    --label before --predict qlora-fast --predict_flags "--model.do_sample true --model.kernels null" \
+    --timeout 140 | tee -a "$OUT/predict.jsonl"
+  PYTHONPATH=/tmp/site timeout 150 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label after \
+    --predict qlora-fast --predict_flags "--model.generation.do_sample true" --timeout 140 | tee -a "$OUT/predict.jsonl"
+  # dolly-lengths: 1,000 prompts, answer i exactly min(L_i, 512) tokens (its own max_new_tokens)
+  PYTHONPATH=/tmp/site:$PWD python3 benchmarks/dolly_lengths.py --tokenizer .bench/tokenizer --data $DATA --n 1000 \
+    --out /tmp/dolly-lengths.jsonl | tee -a "$OUT/predict.jsonl"
+  for cfg in qlora-fast qlora-24gb; do
+    PYTHONPATH=/tmp/site timeout 200 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label lengths \
+      --predict $cfg --predict_file /tmp/dolly-lengths.jsonl --timeout 190 \
+      --predict_flags "--model.generation.max_new_tokens 512 ${LENGTHS_FLAGS:-}" | tee -a "$OUT/predict.jsonl"
+  done
+  PYTHONPATH=/tmp/site:$PWD timeout 200 python3 benchmarks/bench_generate_peers.py --model "$CKPT" \
+    --file /tmp/dolly-lengths.jsonl --tokenizer .bench/tokenizer ${PEERS:-} | tee -a "$OUT/predict.jsonl"
+  mkdir -p /tmp/seedbench/bench /tmp/seedbench/data && cp .bench/seed_predict.py /tmp/seedbench/bench/ \
+    && cp $DATA /tmp/seedbench/data/ && cp -r .bench/tokenizer /tmp/seedbench/data/mistral-7b-v0.1-tokenizer
+  (cd /tmp/seedbench/bench && timeout 120 python3 seed_predict.py 4 8 256) 2>&1 | grep "^{" | tee -a "$OUT/predict.jsonl"
+  ;;
+esac
