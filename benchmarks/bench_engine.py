@@ -128,7 +128,7 @@ def run(name: str, opts: dict, args, prompts: list[list[int]], lengths: list[int
         result = dict(variant=name, **opts, prompts=len(prompts), max_rows=rows, max_tokens=tokens,
                       prompt_tokens=sum(map(len, prompts)), new_tokens=generated,
                       tokens_per_s=round(generated / seconds, 1), generation_s=round(seconds, 2),
-                      warmup_s=round(warmup_s, 1), graphs=len(engine.graphs), graphs_on=engine.cuda_graphs,
+                      warmup_s=round(warmup_s, 1), graphs_captured=len(engine.graphs), graphs_on=engine.cuda_graphs,
                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None)
         if not sampling and args.check:
             agree, same = [], 0

@@ -333,15 +333,17 @@ def test_liger_kernels_change_speed_not_the_loss(tiny_model_dir, demo_file):
 
 @pytest.mark.gpu
 def test_paged_optimizer_steps_on_a_gpu(tiny_model_dir):
-    """bitsandbytes' paged AdamW on CUDA (on CPUs it falls back to the plain one): a step moves the adapters and
-    keeps its state in paged memory."""
+    """bitsandbytes' paged AdamW on CUDA (on CPUs it falls back to the plain one): a step moves the adapters, and
+    the state of a tensor large enough to page (bitsandbytes pages those of 100,000 numbers or more) lives in
+    paged memory."""
     module = make(tiny_model_dir, compute={"dtype": "bfloat16"}).build(torch.device("cuda"))
-    params = [p for p in module.parameters() if p.requires_grad]
+    big = torch.nn.Parameter(torch.randn(512, 256, device="cuda"))
+    params = [p for p in module.parameters() if p.requires_grad] + [big]
     config = optimizer_and_schedule(params, Optimization(learning_rate=1e-2), total_steps=4)
     before = [p.detach().clone() for p in params]
     for p in params:
         p.grad = torch.ones_like(p)
     config["optimizer"].step()
     assert all(not torch.equal(a, p) for a, p in zip(before, params))
-    state = config["optimizer"].state[params[0]]
+    state = config["optimizer"].state[big]
     assert state["state1"].is_cuda and getattr(state["state1"], "is_paged", False)
