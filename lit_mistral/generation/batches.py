@@ -15,17 +15,20 @@ def context_window(model) -> int | None:
 
 def predict_batches(lengths: Sequence[int], todo: Sequence[int], max_rows: int, max_tokens: int | None = None,
                     new_tokens: int | Sequence[int] = 0) -> list[list[int]]:
-    """Batches of the prompts `todo` (indices into `lengths`), longest first (prompt + its `new_tokens`, one number
-    for all or one per prompt): consecutive prompts share a batch while it has at most `max_rows` rows and, with
-    `max_tokens`, rows x (its longest prompt + new tokens) stays within `max_tokens` (the key/value cache the batch
-    fills). A prompt over the budget alone gets a batch of its own."""
+    """Batches of the prompts `todo` (indices into `lengths`), the longest answer limit first (`new_tokens`, one
+    number for all or one per prompt), then the longest prompt: consecutive prompts share a batch while it has at
+    most `max_rows` rows and, with `max_tokens`, rows x (its widest prompt + new tokens) stays within `max_tokens`
+    (the key/value cache the batch fills). A prompt over the budget alone gets a batch of its own."""
     news = [new_tokens] * len(lengths) if isinstance(new_tokens, int) else list(new_tokens)
-    order = sorted(todo, key=lambda i: -(lengths[i] + news[i]))
+    # longest answer limit first (the continuous engine then has no long answers left alone at the end), then
+    # longest prompt (static batches of similar prompts pad little)
+    order = sorted(todo, key=lambda i: (-news[i], -lengths[i]))
     batches: list[list[int]] = []
     for i in order:
         batch = batches[-1] if batches else None
-        width = lengths[batch[0]] + news[batch[0]] if batch else 0  # the first prompt of a batch is its longest
-        if batch and len(batch) < max_rows and (max_tokens is None or (len(batch) + 1) * width <= max_tokens):
+        width = max(lengths[j] + news[j] for j in batch) if batch else 0
+        if batch and len(batch) < max_rows and (
+                max_tokens is None or (len(batch) + 1) * max(width, lengths[i] + news[i]) <= max_tokens):
             batch.append(i)
         else:
             batches.append([i])
