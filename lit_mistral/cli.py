@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_mistral.callbacks import JsonlPredictionWriter, PredictionProgressBar, SaveAdapter, Telemetry
-from lit_mistral.checkpointing import RandomState, SaveOnSigterm, find_last_checkpoint
+from lit_mistral.checkpointing import RandomState, SaveOnSigterm, check_checkpoint_file, find_last_checkpoint
 from lit_mistral.checks import check_settings
 from lit_mistral.config import DTYPES, RENAMED
 from lit_mistral.data.datamodule import InstructionDataModule
@@ -81,6 +81,8 @@ def renamed_options(args: list[str]) -> list[str]:
 
 
 class LitMistralCLI(LightningCLI):
+    resumed_run: Path | None = None  # the run folder of the checkpoint `--ckpt_path last` found
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
@@ -92,6 +94,40 @@ class LitMistralCLI(LightningCLI):
                                   + "".join(f"  {r}\n" for r in renamed)
                                   + "Fix: use the new names (`--help` lists every option by group).")
         super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is not None:  # before Lightning reads the checkpoint's hyperparameters (right after parsing)
+            self.resolve_ckpt_path(subcommand, self.config[subcommand])
+
+    def resolve_ckpt_path(self, subcommand: str, config) -> None:
+        """`--ckpt_path`: `last` becomes the newest last.ckpt under `--trainer.default_root_dir` (or one clear error:
+        a subcommand never runs without the adapter it was asked for); a file is checked before Lightning or torch
+        read it; an adapter folder becomes the model's adapter (validate, predict)."""
+        ckpt = config.get("ckpt_path")
+        if ckpt is None:
+            return
+        if ckpt == "last":
+            root = config.trainer.get("default_root_dir") or os.getcwd()
+            last = find_last_checkpoint(root)
+            if last is None:
+                fix = ("start without --ckpt_path, or set --trainer.default_root_dir to the earlier run's" if subcommand
+                       == "fit" else "pass the `adapter` folder or a .ckpt file of a fit run, or set "
+                       "--trainer.default_root_dir to the folder that fit ran in")
+                raise LitMistralError(f"{subcommand} --ckpt_path last: no last.ckpt under "
+                                      f"{Path(root) / 'lightning_logs'}/. Fix: {fix}.")
+            config.ckpt_path = ckpt = str(last)
+            self.resumed_run = last.parent.parent  # fit continues in that run's folder
+        path = Path(ckpt)
+        if not path.exists():
+            raise LitMistralError(f"{subcommand} --ckpt_path: {ckpt!r} does not exist. Fix: check the path"
+                                  + (", or use 'last'." if subcommand == "fit" else "."))
+        if path.is_dir() and subcommand == "fit":
+            raise LitMistralError(f"fit --ckpt_path: {ckpt!r} is a folder. Fix: to resume, pass a .ckpt file or "
+                                  "'last'; to start from a saved adapter, pass --model.adapter_path instead.")
+        if path.is_dir() and subcommand in ("validate", "predict"):
+            # a peft adapter folder: loaded onto the base as the model's adapter, not as a Lightning checkpoint
+            config.model.adapter_path, config.ckpt_path = ckpt, None
+        elif path.is_file():
+            check_checkpoint_file(path, f"{subcommand} --ckpt_path")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = self.config_init[str(self.subcommand)]["trainer"]
@@ -125,34 +161,18 @@ class LitMistralCLI(LightningCLI):
         subcommand = str(self.subcommand)
         config = self.config[subcommand]
         check_settings(subcommand, config.model, config.trainer)
-        ckpt = config.get("ckpt_path")
-        if ckpt is not None and ckpt != "last" and not Path(ckpt).exists():
-            raise LitMistralError(f"{subcommand} --ckpt_path: {ckpt!r} does not exist. Fix: check the path"
-                                  + (", or use 'last'." if subcommand == "fit" else "."))
-        if ckpt is not None and Path(ckpt).is_dir() and subcommand == "fit":
-            raise LitMistralError(f"fit --ckpt_path: {ckpt!r} is a folder. Fix: to resume, pass a .ckpt file or "
-                                  "'last'; to start from a saved adapter, pass --model.adapter_path instead.")
-        if ckpt is not None and Path(ckpt).is_dir() and subcommand in ("validate", "predict"):
-            # a peft adapter folder: loaded onto the base as the model's adapter, not as a Lightning checkpoint
-            config.model.adapter_path, config.ckpt_path = ckpt, None
-        if (subcommand == "validate" and config.evaluation.compare_base and ckpt is None
+        if (subcommand == "validate" and config.evaluation.compare_base and config.get("ckpt_path") is None
                 and config.model.adapter_path is None):
             raise LitMistralError("validate --evaluation.compare_base true: there is no adapter to compare with the "
                                   "base model. Fix: pass --ckpt_path with the `adapter` folder (or a .ckpt file) of a "
                                   "fit run.")
 
     def before_fit(self) -> None:
-        if self.config_init["fit"].get("ckpt_path") != "last":
+        if self.resumed_run is None:
             return
-        root = self.trainer.default_root_dir
-        last = find_last_checkpoint(root)
-        if last is None:
-            raise LitMistralError(f"fit --ckpt_path last: no last.ckpt under {root}/lightning_logs/. Fix: start "
-                                  "without --ckpt_path, or set --trainer.default_root_dir to the earlier run's.")
-        # resume in the same run folder, so the curves and checkpoints of the run stay together
-        version = last.parent.parent.name.removeprefix("version_")
-        self.trainer.loggers = [TensorBoardLogger(save_dir=root, version=int(version))]
-        self.config_init["fit"]["ckpt_path"] = str(last)
+        # `--ckpt_path last` resumes in the same run folder, so the curves and checkpoints of the run stay together
+        version = self.resumed_run.name.removeprefix("version_")
+        self.trainer.loggers = [TensorBoardLogger(save_dir=self.trainer.default_root_dir, version=int(version))]
 
     def after_fit(self) -> None:
         # the comparison on the trained model, in the same run: the report lands next to the adapter, and its numbers

@@ -219,3 +219,40 @@ def test_predict_never_replaces_an_existing_output(tiny_model_dir, tmp_path, cap
     assert (f"predictions.path: '{out}' exists. Fix: pass --predictions.resume true to finish an interrupted run, "
             "--predictions.overwrite true to replace it, or choose another path.") in err
     assert out.read_text() == "earlier answers\n"
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "predict", "export"])
+@pytest.mark.usefixtures("model_must_not_load")
+def test_ckpt_path_last_without_a_checkpoint_never_runs_without_the_adapter(tiny_model_dir, tmp_path, capsys,
+                                                                            subcommand):
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Name a fish.\n")
+    (tmp_path / "runs" / "lightning_logs" / "version_0").mkdir(parents=True)  # a run that wrote no checkpoint
+    err = cli_fails(capsys, *args(subcommand, tiny_model_dir, tmp_path, "--ckpt_path", "last",
+                                  "--data.predict_path", questions, "--data.val_records", "[0, 4]"))
+    assert (f"{subcommand} --ckpt_path last: no last.ckpt under {tmp_path / 'runs' / 'lightning_logs'}/. Fix: pass "
+            "the `adapter` folder or a .ckpt file of a fit run, or set --trainer.default_root_dir") in err
+
+
+@pytest.mark.parametrize("subcommand,content,message", [
+    ("predict", bytes(range(256)) * 12, "x.ckpt is not a whole zip archive, as torch.save writes"),
+    ("fit", b"", "x.ckpt is empty, so not a checkpoint"),
+    ("export", None, "x.ckpt: holds pickled Python objects (io.open)"),
+])
+@pytest.mark.usefixtures("model_must_not_load")
+def test_unreadable_checkpoint_is_one_error_before_lightning_reads_it(tiny_model_dir, tmp_path, capsys, subcommand,
+                                                                      content, message):
+    ckpt, marker = tmp_path / "x.ckpt", tmp_path / "code-ran"
+    if content is None:
+        class Opener:
+            def __reduce__(self):
+                return open, (str(marker), "w")
+
+        torch.save({"state_dict": {}, "lit_mistral": {}, "payload": Opener()}, ckpt)
+    else:
+        ckpt.write_bytes(content)
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Name a fish.\n")
+    err = cli_fails(capsys, *args(subcommand, tiny_model_dir, tmp_path, "--ckpt_path", ckpt,
+                                  "--data.predict_path", questions))
+    assert message in err and "weights_only" not in err and not marker.exists()

@@ -96,3 +96,29 @@ def test_predict_on_a_gpu(tiny_model_dir, adapter_dir, questions, tmp_path):
     assert all(r["response_tokens"] == 6 for r in rows["merged"] + rows["adapter"])
     same = sum(a["response"] == b["response"] for a, b in zip(rows["merged"], rows["adapter"]))
     assert same >= len(QUESTIONS) - 1, (rows["merged"], rows["adapter"])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """A root folder holding one short fit run: (root, its last.ckpt)."""
+    from conftest import DEMO_DATA
+
+    root = tmp_path_factory.mktemp("trained")
+    run_cli(*cli_args("fit", tiny_model_dir, root, "--data.train_records", "[0, 8]", "--trainer.max_steps", "2",
+                      "--model.optimization.learning_rate", "0.05", data=DEMO_DATA))
+    return root, root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def test_ckpt_path_last_predicts_with_the_newest_last_checkpoint(tiny_model_dir, trained, questions, tmp_path):
+    import yaml
+
+    root, last = trained
+    rows = {}
+    for ckpt in ("last", last):
+        out = tmp_path / f"{'last' if ckpt == 'last' else 'explicit'}.jsonl"
+        run_cli(*cli_args("predict", tiny_model_dir, root, "--data.predict_path", questions, "--ckpt_path", ckpt,
+                          "--model.generation.max_new_tokens", "4", "--predictions.path", out))
+        rows[ckpt] = [json.loads(line) for line in out.read_text().split("\n") if line]
+    config = yaml.safe_load((root / "lightning_logs" / "version_1" / "config.yaml").read_text())
+    assert config["ckpt_path"] == str(last)  # the run's config names the checkpoint it used
+    assert rows["last"] == rows[last] and len(rows["last"]) == len(QUESTIONS)
