@@ -35,7 +35,7 @@ BAD_DATA = [
     ("missing-response", "train.jsonl", [GOOD, GOOD, {"instruction": "Name a bird."}],
      "train.jsonl:3: field 'response' is missing"),
     ("null-response", "train.jsonl", [{"instruction": "Name a bird.", "response": None}, GOOD],
-     "train.jsonl:1: field 'response' is missing"),
+     "train.jsonl:1: field 'response' is null"),
     ("instruction-not-string", "train.jsonl", [GOOD, {"instruction": 42, "response": "y"}],
      "train.jsonl:2: field 'instruction' must be a string, got int ('42')"),
     ("response-not-string", "train.jsonl", [GOOD, {"instruction": "x", "response": ["a", "b"]}],
