@@ -78,3 +78,27 @@ def test_validation_batches_name_their_examples(tiny_model_dir, tmp_path, demo_r
     indices = [i for batch in dm.val_dataloader() for i in batch["index"]]
     assert indices == [0, 2, 3, 4, 5, 6, 7]  # record 3 of the file is val example 1
     assert [dm.val_examples[i].instruction for i in indices] == [records[2 + i]["instruction"] for i in indices]
+
+
+
+def test_an_enormous_record_is_cut_before_it_is_tokenized(tiny_model_dir, tmp_path, demo_records, monkeypatch):
+    """A record of megabytes (valid JSON) costs what data.overlong says, in training and in validation, not minutes
+    and gigabytes of tokenizing."""
+    from transformers import AutoTokenizer
+
+    records = [dict(r) for r in demo_records[:8]]
+    records[2]["response"] = records[7]["response"] = "fish water " * 300_000  # 3.3 MB each
+    dm = datamodule(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", records), train_records=(0, 6),
+                    val_records=(6, 8))
+    dm.tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenize, longest = type(dm.tokenizer).__call__, []
+
+    def counting(self, text, **kwargs):
+        longest.append(max(map(len, [text] if isinstance(text, str) else text)))
+        return tokenize(self, text, **kwargs)
+
+    monkeypatch.setattr(type(dm.tokenizer), "__call__", counting)
+    with pytest.warns(UserWarning, match=r"data.path: dropped 1 of 6 examples longer than data.max_length=256"):
+        dm.setup("fit")
+    assert max(longest) < 100_000 and len(dm.train_set) == 5
+    assert len(dm.val_set) == 2 and max(dm.val_set.lengths) == 256  # validation keeps it, truncated

@@ -151,8 +151,8 @@ class InstructionDataModule(LightningDataModule):
             return
         train, val = self._split()
         if stage == "fit":
-            items = fit_to_length(encode_examples(train, self.style, self.tokenizer), self.max_length,
-                                  self.overlong, "data.path")
+            encoded = encode_examples(train, self.style, self.tokenizer, self.max_length)
+            items = fit_to_length(encoded, self.max_length, self.overlong, "data.path")
             self.train_set = TokenizedDataset(items)
             rank_zero_info(f"Training on {len(items)} examples ({sum(self.train_set.lengths)} tokens).")
         if val:
@@ -161,7 +161,7 @@ class InstructionDataModule(LightningDataModule):
             # is longer than max_length), so metrics find the category and reference of every example in a batch
             self.val_examples = val
             encoded = [(ids, n_prompt, i) for i, (ids, n_prompt)
-                       in enumerate(encode_examples(val, self.style, self.tokenizer))]
+                       in enumerate(encode_examples(val, self.style, self.tokenizer, self.max_length))]
             self.val_set = TokenizedDataset(fit_to_length(encoded, self.max_length, "truncate", "data.val_path"))
             world = self.trainer.world_size if self.trainer is not None else 1
             if len(self.val_set) < world:  # a process without validation batches would leave the others waiting
