@@ -137,11 +137,12 @@ class RandomState(Callback):
             torch.cuda.set_rng_state(state["cuda"], pl_module.device)
 
 
-def check_checkpoint_file(path: str | os.PathLike, key: str) -> None:
+def check_checkpoint_file(path: str | os.PathLike, key: str) -> dict:
     """One clear error, before Lightning or torch read `path` (a `--ckpt_path` file), when it is not a checkpoint
     lit_mistral can use: not a whole zip archive as `torch.save` writes (empty, cut short, another kind of file),
     holding pickled objects (never unpickled: `weights_only`), or not written by a lit_mistral fit. Reads the
-    archive's index and pickled structure only (`mmap`), not the tensors."""
+    archive's index and pickled structure only (`mmap`), not the tensors. Returns the checkpoint's record of the
+    settings it was trained with (`QLoRAModule.checkpoint_problems` compares it with a run's)."""
     path = Path(path)
     fix = ("Fix: pass a .ckpt file of a lit_mistral fit run (its checkpoints/ folder keeps the last complete ones), "
            "or its adapter folder.")
@@ -155,6 +156,7 @@ def check_checkpoint_file(path: str | os.PathLike, key: str) -> None:
         raise unreadable(path, err) from None
     if not isinstance(checkpoint, dict) or "lit_mistral" not in checkpoint:
         raise LitMistralError(f"{key}: {path} was not written by lit_mistral (no adapter record). {fix}")
+    return checkpoint["lit_mistral"]
 
 
 def find_last_checkpoint(root: str | os.PathLike) -> Path | None:

@@ -19,7 +19,7 @@ from lit_mistral.checkpointing import RandomState, SaveOnSigterm, check_checkpoi
 from lit_mistral.checks import check_settings
 from lit_mistral.config import DTYPES, RENAMED
 from lit_mistral.data.datamodule import InstructionDataModule
-from lit_mistral.errors import LitMistralError, failure_message
+from lit_mistral.errors import LitMistralError, failure_message, raise_problems
 from lit_mistral.evaluation.callback import Evaluation
 from lit_mistral.module import QLoRAModule
 from lit_mistral.registry import register
@@ -82,6 +82,7 @@ def renamed_options(args: list[str]) -> list[str]:
 
 class LitMistralCLI(LightningCLI):
     resumed_run: Path | None = None  # the run folder of the checkpoint `--ckpt_path last` found
+    checkpoint_record: dict | None = None  # what the --ckpt_path file says it was trained with
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -127,7 +128,7 @@ class LitMistralCLI(LightningCLI):
             # a peft adapter folder: loaded onto the base as the model's adapter, not as a Lightning checkpoint
             config.model.adapter_path, config.ckpt_path = ckpt, None
         elif path.is_file():
-            check_checkpoint_file(path, f"{subcommand} --ckpt_path")
+            self.checkpoint_record = check_checkpoint_file(path, f"{subcommand} --ckpt_path")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = self.config_init[str(self.subcommand)]["trainer"]
@@ -160,12 +161,28 @@ class LitMistralCLI(LightningCLI):
         """Everything that can be checked on the parsed config, before the tokenizer, the data or the model load."""
         subcommand = str(self.subcommand)
         config = self.config[subcommand]
-        check_settings(subcommand, config.model, config.trainer)
+        check_settings(subcommand, config.model, config.trainer, config.get("data"), config.get("checkpoint"),
+                       config.get("evaluation"))
         if (subcommand == "validate" and config.evaluation.compare_base and config.get("ckpt_path") is None
                 and config.model.adapter_path is None):
             raise LitMistralError("validate --evaluation.compare_base true: there is no adapter to compare with the "
                                   "base model. Fix: pass --ckpt_path with the `adapter` folder (or a .ckpt file) of a "
                                   "fit run.")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except MisconfigurationException as err:  # the checks of Lightning's callbacks (ModelCheckpoint, ...)
+            raise LitMistralError(f"callback settings: {err}. Fix: change the --checkpoint.* or --lr_monitor.* "
+                                  "setting it names (nothing was loaded yet).") from None
+
+    def after_instantiate_classes(self) -> None:
+        """What needs the module built (not loaded): a checkpoint must fit its settings, which Lightning would find
+        only after loading the base."""
+        if self.checkpoint_record is not None:
+            raise_problems(self.model.checkpoint_problems(self.checkpoint_record),
+                           f"Fix: run with the settings the checkpoint was trained with (its run folder holds "
+                           "config.yaml); nothing was loaded yet.")
 
     def before_fit(self) -> None:
         if self.resumed_run is None:

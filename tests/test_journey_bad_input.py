@@ -150,6 +150,21 @@ BAD_SETTINGS = [
      "trainer.precision=bf16-true with trainer.strategy=fsdp_qlora: supported are bf16-mixed (GPUs) and 32-true."),
     ("overlapping-records", ["--data.train_records", "[0, 10]", "--data.val_records", "[5, 15]"],
      "data.train_records=[0, 10] and data.val_records=[5, 15] overlap"),
+    # settings Lightning or torch refuse only once the model is loaded (or with a traceback)
+    ("val-check-interval-above-the-batches", ["--data.train_records", "[0, 8]", "--data.val_records", "[8, 16]",
+                                              "--trainer.val_check_interval", "5"],
+     "trainer.val_check_interval=5 is more than the 2 training batches of an epoch (8 examples). Fix: "
+     "--trainer.val_check_interval 2 or less, --trainer.check_val_every_n_epoch null to count batches across epochs, "
+     "or more training records."),
+    ("negative-num-workers", ["--data.num_workers", "-1"], "data.num_workers=-1: expected >= 0"),
+    ("validate-every-0-epochs", ["--trainer.check_val_every_n_epoch", "0"],
+     "trainer.check_val_every_n_epoch=0: expected >= 1"),
+    ("checkpoint-every-negative-steps", ["--checkpoint.every_n_train_steps", "-1"],
+     "callback settings: Invalid value for every_n_train_steps=-1. Must be >= 0. Fix: change the --checkpoint.*"),
+    ("monitor-typo", ["--checkpoint.monitor", "val/lossx", "--data.val_records", "[8, 16]"],
+     "checkpoint.monitor=val/lossx: a fit logs no such metric"),
+    ("monitor-without-validation", ["--checkpoint.monitor", "val/loss"],
+     "checkpoint.monitor=val/loss: there is no validation data, so it is never logged."),
 ]
 
 
@@ -256,3 +271,18 @@ def test_unreadable_checkpoint_is_one_error_before_lightning_reads_it(tiny_model
     err = cli_fails(capsys, *args(subcommand, tiny_model_dir, tmp_path, "--ckpt_path", ckpt,
                                   "--data.predict_path", questions))
     assert message in err and "weights_only" not in err and not marker.exists()
+
+
+@pytest.mark.usefixtures("model_must_not_load")
+def test_checkpoint_trained_with_other_settings_stops_before_the_model_loads(tiny_model_dir, tmp_path, capsys):
+    from lit_mistral.config import LoRA
+
+    record = {"name_or_path": str(tiny_model_dir), "gguf_file": None, "quantize": "nf4",
+              "lora": LoRA(r=4).peft_kwargs()}
+    torch.save({"state_dict": {}, "lit_mistral": record}, tmp_path / "other.ckpt")
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Name a fish.\n")
+    err = cli_fails(capsys, *args("predict", tiny_model_dir, tmp_path, "--ckpt_path", tmp_path / "other.ckpt",
+                                  "--data.predict_path", questions))
+    assert ("1 problem found:\n  model.lora.r: checkpoint has 4, this run has 8\nFix: run with the settings the "
+            "checkpoint was trained with (its run folder holds config.yaml); nothing was loaded yet.") in err

@@ -108,6 +108,8 @@ class InstructionDataModule(LightningDataModule):
                             "expected >= 1")
         if predict_max_tokens is not None and predict_max_tokens < 1:
             problems.append(f"data.predict_max_tokens={predict_max_tokens}: expected >= 1 (or null: no budget)")
+        if num_workers < 0:
+            problems.append(f"data.num_workers={num_workers}: expected >= 0 (0 loads batches in the main process)")
         if max_tokens is not None and max_tokens < max_length:
             problems.append(f"data.max_tokens={max_tokens} is below data.max_length={max_length}: the longest "
                             "examples would not fit in a batch")
@@ -155,6 +157,7 @@ class InstructionDataModule(LightningDataModule):
             items = fit_to_length(encoded, self.max_length, self.overlong, "data.path")
             self.train_set = TokenizedDataset(items)
             rank_zero_info(f"Training on {len(items)} examples ({sum(self.train_set.lengths)} tokens).")
+            self._check_val_check_interval()
         if val:
             # validation keeps every example (truncation only where needed) so that metrics see the same set
             # each item carries its position in val_examples (fit_to_length still drops an example whose prompt alone
@@ -171,6 +174,22 @@ class InstructionDataModule(LightningDataModule):
         elif stage == "validate":
             raise LitMistralError("validate: there is no validation data. Fix: set --data.val_path, "
                                   "--data.val_records or --data.val_fraction.")
+
+    def _check_val_check_interval(self) -> None:
+        """Lightning refuses an integer `val_check_interval` above the training batches of an epoch, but only once
+        the model is loaded; the batches are known here (as Lightning counts them: per process, within
+        `limit_train_batches`)."""
+        trainer = self.trainer
+        interval = getattr(trainer, "val_check_interval", None)
+        if not isinstance(interval, int) or trainer.check_val_every_n_epoch is None or not trainer.limit_val_batches:
+            return
+        batches, limit = len(self._plan(self.train_set, training=True)), trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        if interval > batches:
+            raise LitMistralError(
+                f"trainer.val_check_interval={interval} is more than the {batches} training batches of an epoch "
+                f"({len(self.train_set)} examples). Fix: --trainer.val_check_interval {batches} or less, "
+                "--trainer.check_val_every_n_epoch null to count batches across epochs, or more training records.")
 
     def _split(self) -> tuple[list[Example], list[Example]]:
         examples = read_examples(self.path, self.fields, "data.path", skip_invalid=self.skip_invalid)
