@@ -137,23 +137,30 @@ class RandomState(Callback):
             torch.cuda.set_rng_state(state["cuda"], pl_module.device)
 
 
+def check_torch_file(path: str | os.PathLike, key: str, fix: str):
+    """`path` (a file of tensors that `torch.save` wrote) as lit_mistral loads such files, weights-only, its tensors
+    mapped rather than read; or one clear error naming `key`, the file and `fix`: not a whole zip archive (empty,
+    cut short, another kind of file), or holding pickled objects (never unpickled)."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        what = "is empty" if path.stat().st_size == 0 else (
+            "is not a whole zip archive, as torch.save writes (cut short, or another kind of file)")
+        raise LitMistralError(f"{key}: {path} {what}, so not a checkpoint. {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # pickled objects, a damaged archive: torch raises many kinds
+        raise unreadable(path, err) from None
+
+
 def check_checkpoint_file(path: str | os.PathLike, key: str) -> dict:
     """One clear error, before Lightning or torch read `path` (a `--ckpt_path` file), when it is not a checkpoint
     lit_mistral can use: not a whole zip archive as `torch.save` writes (empty, cut short, another kind of file),
     holding pickled objects (never unpickled: `weights_only`), or not written by a lit_mistral fit. Reads the
     archive's index and pickled structure only (`mmap`), not the tensors. Returns the checkpoint's record of the
     settings it was trained with (`QLoRAModule.checkpoint_problems` compares it with a run's)."""
-    path = Path(path)
     fix = ("Fix: pass a .ckpt file of a lit_mistral fit run (its checkpoints/ folder keeps the last complete ones), "
            "or its adapter folder.")
-    if not zipfile.is_zipfile(path):
-        what = "is empty" if path.stat().st_size == 0 else (
-            "is not a whole zip archive, as torch.save writes (cut short, or another kind of file)")
-        raise LitMistralError(f"{key}: {path} {what}, so not a checkpoint. {fix}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # pickled objects, a damaged archive: torch raises many kinds
-        raise unreadable(path, err) from None
+    checkpoint = check_torch_file(path, key, fix)
     if not isinstance(checkpoint, dict) or "lit_mistral" not in checkpoint:
         raise LitMistralError(f"{key}: {path} was not written by lit_mistral (no adapter record). {fix}")
     return checkpoint["lit_mistral"]

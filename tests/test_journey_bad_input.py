@@ -286,3 +286,19 @@ def test_checkpoint_trained_with_other_settings_stops_before_the_model_loads(tin
                                   "--data.predict_path", questions))
     assert ("1 problem found:\n  model.lora.r: checkpoint has 4, this run has 8\nFix: run with the settings the "
             "checkpoint was trained with (its run folder holds config.yaml); nothing was loaded yet.") in err
+
+
+@pytest.mark.parametrize("subcommand", ["predict", "export"])
+@pytest.mark.usefixtures("model_must_not_load")
+def test_damaged_adapter_folder_stops_before_the_model_loads(tiny_model_dir, adapter_dir, tmp_path, capsys,
+                                                             subcommand):
+    import shutil
+
+    folder = shutil.copytree(adapter_dir, tmp_path / "adapter")
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Name a fish.\n")
+    output = ["--output_dir", tmp_path / "merged"] if subcommand == "export" else ["--data.predict_path", questions]
+    err = cli_fails(capsys, *args(subcommand, tiny_model_dir, tmp_path, "--ckpt_path", folder, *output))
+    assert f"{weights} cannot be read (" in err and "cut short or damaged. Fix: write the adapter again" in err
