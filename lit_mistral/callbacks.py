@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, TQDMProg
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_mistral.errors import LitMistralError
-from lit_mistral.io import write_text
+from lit_mistral.io import check_output_file, write_text
 from lit_mistral.modeling.adapters import save_adapter
 
 
@@ -160,14 +160,9 @@ class JsonlPredictionWriter(BasePredictionWriter):
         if stage != "predict":
             return
         self.target = Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
-        folder = self.target.parent
-        if self.path and not folder.is_dir():
-            raise LitMistralError(f"predictions.path: the folder {str(folder)!r} does not exist. "
-                                  "Fix: create it or choose another path.")
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK):
-            raise LitMistralError(f"predictions.path: the folder {str(folder)!r} is not writable. "
-                                  "Fix: choose another path.")
+        if not self.path:
+            self.target.parent.mkdir(parents=True, exist_ok=True)  # the run folder
+        check_output_file(self.target, "predictions.path", "predictions.jsonl")
         done = {}
         if self.target.exists():
             if not (self.overwrite or self.resume):

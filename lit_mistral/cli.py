@@ -21,6 +21,7 @@ from lit_mistral.config import DTYPES, RENAMED
 from lit_mistral.data.datamodule import InstructionDataModule
 from lit_mistral.errors import LitMistralError, failure_message, raise_problems
 from lit_mistral.evaluation.callback import Evaluation
+from lit_mistral.io import check_output_file, check_output_folder
 from lit_mistral.module import QLoRAModule
 from lit_mistral.registry import register
 
@@ -163,6 +164,13 @@ class LitMistralCLI(LightningCLI):
         config = self.config[subcommand]
         check_settings(subcommand, config.model, config.trainer, config.get("data"), config.get("checkpoint"),
                        config.get("evaluation"))
+        # outputs of the kind and in folders that take them (export checks its own, before it loads anything)
+        if subcommand in ("fit", "validate", "predict"):
+            check_output_folder(config.trainer.get("default_root_dir") or os.getcwd(), "trainer.default_root_dir")
+        if subcommand == "fit" and config.checkpoint.get("dirpath"):
+            check_output_folder(config.checkpoint.dirpath, "checkpoint.dirpath")
+        if subcommand == "predict" and config.predictions.get("path"):
+            check_output_file(config.predictions.path, "predictions.path", "predictions.jsonl")
         if (subcommand == "validate" and config.evaluation.compare_base and config.get("ckpt_path") is None
                 and config.model.adapter_path is None):
             raise LitMistralError("validate --evaluation.compare_base true: there is no adapter to compare with the "

@@ -302,3 +302,41 @@ def test_damaged_adapter_folder_stops_before_the_model_loads(tiny_model_dir, ada
     output = ["--output_dir", tmp_path / "merged"] if subcommand == "export" else ["--data.predict_path", questions]
     err = cli_fails(capsys, *args(subcommand, tiny_model_dir, tmp_path, "--ckpt_path", folder, *output))
     assert f"{weights} cannot be read (" in err and "cut short or damaged. Fix: write the adapter again" in err
+
+
+# (case, subcommand, options ({dir}: a folder, {file}: a file, both existing), what the message must say)
+BAD_OUTPUTS = [
+    ("predictions-path-a-folder", "predict", ["--predictions.path", "{dir}"],
+     "predictions.path: '{dir}' is a folder. Fix: give the path of a file, e.g. '{dir}/predictions.jsonl'."),
+    ("predictions-path-a-folder-overwrite", "predict", ["--predictions.path", "{dir}", "--predictions.overwrite", "true"],
+     "predictions.path: '{dir}' is a folder."),
+    ("predictions-in-a-read-only-folder", "predict", ["--predictions.path", "/sys/answers.jsonl"],
+     "predictions.path: the folder '/sys' is not writable (Permission denied). Fix: choose another path."),
+    ("export-into-a-file", "export", ["--output_dir", "{file}"], "export --output_dir: '{file}' is a file."),
+    ("export-into-a-read-only-folder", "export", ["--output_dir", "/sys/merged"],
+     "export --output_dir: the folder '/sys' is not writable (Permission denied)."),
+    ("root-dir-a-file", "fit", ["--trainer.default_root_dir", "{file}"],
+     "trainer.default_root_dir: '{file}' cannot be a folder: a file is in the way."),
+    ("root-dir-under-a-file", "fit", ["--trainer.default_root_dir", "{file}/runs"],
+     "trainer.default_root_dir: '{file}/runs' cannot be a folder (its parent '{file}' is a file)"),
+    ("root-dir-read-only", "validate", ["--trainer.default_root_dir", "/sys/runs"],
+     "trainer.default_root_dir: '/sys' is not writable (Permission denied)."),
+    ("checkpoint-dir-a-file", "fit", ["--checkpoint.dirpath", "{file}"], "checkpoint.dirpath: '{file}' cannot be a folder"),
+]
+
+
+@pytest.mark.parametrize("case,subcommand,options,message", BAD_OUTPUTS, ids=[c[0] for c in BAD_OUTPUTS])
+@pytest.mark.usefixtures("model_must_not_load")
+def test_output_paths_are_checked_before_anything_loads(tiny_model_dir, adapter_dir, tmp_path, capsys, case,
+                                                        subcommand, options, message):
+    folder, file = tmp_path / "answers", tmp_path / "notes.txt"
+    folder.mkdir()
+    file.write_text("mine\n")
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Name a fish.\n")
+    extra = {"predict": ["--data.predict_path", questions, "--ckpt_path", adapter_dir],
+             "export": ["--ckpt_path", adapter_dir], "validate": ["--data.val_records", "[0, 4]"]}.get(subcommand, [])
+    err = cli_fails(capsys, *args(subcommand, tiny_model_dir, tmp_path, *extra,
+                                  *[o.format(dir=folder, file=file) for o in options]))
+    assert message.format(dir=folder, file=file) in err
+    assert file.read_text() == "mine\n" and list(folder.iterdir()) == []
