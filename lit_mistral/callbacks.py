@@ -135,15 +135,22 @@ class GenerationRate:
         return f"{rows:.2f} rows/s, {tokens:.1f} new tokens/s"
 
 
+def partial_path(target: Path) -> Path:
+    """Where a run writing `target` puts each row as its batch finishes: an interrupted run leaves its finished rows
+    there (what `--predictions.resume` reads), while `target` is only ever written whole."""
+    return target.with_name(target.name + ".partial")
+
+
 class JsonlPredictionWriter(BasePredictionWriter):
-    """Writes predictions to a JSONL file: each row as soon as its batch finishes (nothing finished is lost if the
-    run is interrupted), then, at the end, all rows in input order.
+    """Writes predictions to a JSONL file: each row as soon as its batch finishes, to `<path>.partial` (nothing
+    finished is lost if the run is interrupted), then, at the end, all rows in input order to `path`, which replaces
+    an earlier output only then.
 
     Args:
         path: Output file. Default: `predictions.jsonl` in the run's folder (`trainer.log_dir`).
-        overwrite: Replace an existing output file.
-        resume: Keep the rows of an existing output file (an interrupted run on the same inputs) and generate only
-            the missing ones.
+        overwrite: Replace an existing output file (once the new one is complete).
+        resume: Keep the rows of an interrupted run on the same inputs (`<path>.partial`, or an older `path`) and
+            generate only the missing ones.
     """
 
     def __init__(self, path: str | None = None, overwrite: bool = False, resume: bool = False) -> None:
@@ -163,25 +170,32 @@ class JsonlPredictionWriter(BasePredictionWriter):
         if not self.path:
             self.target.parent.mkdir(parents=True, exist_ok=True)  # the run folder
         check_output_file(self.target, "predictions.path", "predictions.jsonl")
+        self.partial = partial_path(self.target)
         done = {}
-        if self.target.exists():
-            if not (self.overwrite or self.resume):
-                raise LitMistralError(f"predictions.path: {str(self.target)!r} exists. Fix: pass "
-                                      "--predictions.resume true to finish an interrupted run, "
-                                      "--predictions.overwrite true to replace it, or choose another path.")
-            if self.resume:
-                done = read_done(self.target, trainer.datamodule.predict_instructions())
-                trainer.datamodule.predict_done = set(done)
-                rank_zero_info(f"Resuming {self.target}: {len(done)} of {len(trainer.datamodule.predict_instructions())}"
-                               " rows are done.")
+        if not (self.overwrite or self.resume) and self.target.exists():
+            raise LitMistralError(f"predictions.path: {str(self.target)!r} exists. Fix: pass "
+                                  "--predictions.resume true to finish an interrupted run, "
+                                  "--predictions.overwrite true to replace it, or choose another path.")
+        if not (self.overwrite or self.resume) and self.partial.exists():
+            raise LitMistralError(f"predictions.path: {str(self.partial)!r} holds the rows of an interrupted run. "
+                                  "Fix: pass --predictions.resume true to finish it, --predictions.overwrite true to "
+                                  "start over, or choose another path.")
+        # the rows of the interrupted run: where it was writing them, or (runs before 2026-12-01) in the output itself
+        source = self.partial if self.partial.exists() else self.target
+        if self.resume and source.exists():
+            done = read_done(source, trainer.datamodule.predict_instructions())
+            trainer.datamodule.predict_done = set(done)
+            rank_zero_info(f"Resuming {source}: {len(done)} of {len(trainer.datamodule.predict_instructions())}"
+                           " rows are done.")
         self._done_lines = done
 
     def on_predict_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        # start from the complete rows only (drops a half-written last line), then append as batches finish
-        write_text(self.target, "".join(line + "\n" for line in self._done_lines.values()))
-        self._file = open(self.target, "a", encoding="utf-8")
+        # start from the complete rows only (drops a half-written last line), then append as batches finish; an
+        # earlier output stays as it is until the new one is complete
+        write_text(self.partial, "".join(line + "\n" for line in self._done_lines.values()))
+        self._file = open(self.partial, "a", encoding="utf-8")
         self.rate.start()
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
@@ -198,13 +212,25 @@ class JsonlPredictionWriter(BasePredictionWriter):
             return
         self._file.close()
         self._file = None
-        lines = [line for line in self.target.read_text(encoding="utf-8").split("\n") if line]
+        lines = [line for line in self.partial.read_text(encoding="utf-8").split("\n") if line]
         lines.sort(key=lambda line: json.loads(line)["index"])  # input order, whatever order batches finished in
-        write_text(self.target, "".join(line + "\n" for line in lines))
+        write_text(self.target, "".join(line + "\n" for line in lines))  # replaces an earlier output in one step
+        self.partial.unlink()
         peak = (f", peak {torch.cuda.max_memory_allocated(pl_module.device) / 2**30:.1f} GiB"
                 if pl_module.device.type == "cuda" else "")
         rank_zero_info(f"Wrote {len(lines)} predictions to {self.target} ({self.rate.rows} generated now: "
                        f"{self.rate}{peak}).")
+
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        rows = sum(1 for line in self.partial.read_text(encoding="utf-8").split("\n") if line)
+        kept = f"; {self.target} is as it was" if self.target.exists() else ""
+        rank_zero_info(f"Predictions stopped: the {rows} finished rows are in {self.partial}{kept}. The same command "
+                       "with --predictions.resume true generates the rest.")
 
 
 class PredictionProgressBar(TQDMProgressBar):

@@ -122,3 +122,32 @@ def test_ckpt_path_last_predicts_with_the_newest_last_checkpoint(tiny_model_dir,
     config = yaml.safe_load((root / "lightning_logs" / "version_1" / "config.yaml").read_text())
     assert config["ckpt_path"] == str(last)  # the run's config names the checkpoint it used
     assert rows["last"] == rows[last] and len(rows["last"]) == len(QUESTIONS)
+
+
+def test_overwrite_keeps_the_earlier_output_until_the_new_one_is_complete(tiny_model_dir, adapter_dir, questions,
+                                                                          tmp_path, monkeypatch):
+    """Interrupted midway, `--predictions.overwrite true` leaves the earlier output as it was and the rows it
+    finished beside it, in `<path>.partial`, where `--predictions.resume true` continues."""
+    from lit_mistral.module import QLoRAModule
+
+    out = tmp_path / "answers.jsonl"
+    out.write_text("earlier answers\n")
+
+    def killed_at_the_second_batch(self, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 1:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(QLoRAModule, "on_predict_batch_start", killed_at_the_second_batch, raising=False)
+    with pytest.raises(RuntimeError, match="killed"):
+        predict(tiny_model_dir, adapter_dir, questions, out, "--predictions.overwrite", "true")
+    assert out.read_text() == "earlier answers\n"
+    partial = [json.loads(line) for line in (tmp_path / "answers.jsonl.partial").read_text().split("\n") if line]
+    assert len(partial) == 2  # the first batch (of 2) finished
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):  # the interrupted run is not replaced silently either
+        predict(tiny_model_dir, adapter_dir, questions, tmp_path / "answers.jsonl")
+    rows = predict(tiny_model_dir, adapter_dir, questions, out, "--predictions.resume", "true")
+    assert [r["index"] for r in rows] == list(range(5)) and all(r in rows for r in partial)
+    assert not (tmp_path / "answers.jsonl.partial").exists()
+    fresh = predict(tiny_model_dir, adapter_dir, questions, tmp_path / "fresh.jsonl")
+    assert rows == fresh  # resuming the overwrite gave what an uninterrupted run gives
