@@ -1,6 +1,7 @@
 """Checkpoints that survive crashes and pre-emption: written whole or not at all, loaded without unpickling
-arbitrary objects, one more written when the scheduler sends SIGTERM, the random streams a resumed run needs to draw
-what the uninterrupted one would have, and finding a run's newest checkpoint."""
+arbitrary objects, one more written when the scheduler sends SIGTERM (predict and validate stop after the batch
+instead), the random streams a resumed run needs to draw what the uninterrupted one would have, and finding a run's
+newest checkpoint."""
 
 import errno
 import io
@@ -100,6 +101,11 @@ class SaveOnSigterm(Callback):
     every write, so a run killed without warning has logged every step up to where it died.)"""
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit":
+            # Ctrl+C lands anywhere, maybe amid a half-applied update: nothing is saved, the last checkpoint is named
+            last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback is not None else ""
+            rank_zero_info(f"Interrupted at step {trainer.global_step}: " + (
+                f"the newest checkpoint is {last}." if last else "no checkpoint was written yet."))
         # Lightning raises SIGTERMException only between training steps (or validation batches), where the state
         # is consistent; any other exception (a crash, Ctrl+C) can land mid-step, amid a half-applied update
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
@@ -112,6 +118,22 @@ class SaveOnSigterm(Callback):
         trainer.save_checkpoint(path)
         rank_zero_info(f"Received SIGTERM: saved {path} at step {trainer.global_step}. Continue with the same "
                        "command and --ckpt_path last.")
+
+
+def stop_if_terminated(trainer) -> None:
+    """Raise Lightning's `SIGTERMException` when a SIGTERM has arrived. Lightning checks between training steps and
+    validation batches only; predict (before each batch) and validation's answers (between their batches) call this,
+    so that a scheduler's SIGTERM stops them after the batch at hand instead of at the end."""
+    if trainer.received_sigterm:
+        raise SIGTERMException
+
+
+class StopOnSigterm(Callback):
+    """Stops predict after the batch at hand when a SIGTERM arrives (checked before the next one, once every callback
+    has handled the last: its rows are written). The CLI then exits with status 143 and says how to resume."""
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        stop_if_terminated(trainer)
 
 
 class RandomState(Callback):

@@ -15,7 +15,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_mistral.callbacks import JsonlPredictionWriter, PredictionProgressBar, SaveAdapter, Telemetry
-from lit_mistral.checkpointing import RandomState, SaveOnSigterm, check_checkpoint_file, find_last_checkpoint
+from lit_mistral.checkpointing import (RandomState, SaveOnSigterm, StopOnSigterm, check_checkpoint_file,
+                                       find_last_checkpoint)
 from lit_mistral.checks import check_settings
 from lit_mistral.config import DTYPES, RENAMED
 from lit_mistral.data.datamodule import InstructionDataModule
@@ -82,8 +83,26 @@ def renamed_options(args: list[str]) -> list[str]:
 
 
 class LitMistralCLI(LightningCLI):
+    """LightningCLI, with bad input (exit status 2) and runs stopped midway (SIGTERM: 143, Ctrl+C: 130, out of memory)
+    reported as one message with the way on, instead of a traceback."""
+
     resumed_run: Path | None = None  # the run folder of the checkpoint `--ckpt_path last` found
     checkpoint_record: dict | None = None  # what the --ckpt_path file says it was trained with
+    subcommand: str | None = None  # set by LightningCLI once parsed: which advice fits a failure
+
+    def __init__(self, *args, **kwargs) -> None:
+        try:
+            super().__init__(*args, **kwargs)
+        except LitMistralError as err:
+            print(f"lit_mistral: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except BaseException as err:  # SIGTERM, Ctrl+C, out of memory: a message with the way on
+            known = failure_message(err, self.subcommand)
+            if known is None:
+                raise
+            message, status = known
+            print(f"lit_mistral: {message}", file=sys.stderr)
+            sys.exit(status)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -213,25 +232,14 @@ def main(args: list[str] | None = None) -> None:
     # predict batches by prompt length on purpose; the writer restores input order (Lightning can't know that)
     warnings.filterwarnings("ignore", message="You are using a custom batch sampler .* for prediction")
     register()
-    try:
-        LitMistralCLI(
-            QLoRAModule,
-            InstructionDataModule,
-            trainer_class=LitTrainer,
-            auto_configure_optimizers=False,  # QLoRAModule configures its own (bitsandbytes) optimizer
-            trainer_defaults={**TRAINER_DEFAULTS,
-                              "callbacks": [SaveOnSigterm(), RandomState(), Telemetry(), SaveAdapter()]},
-            seed_everything_default=42,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
-    except LitMistralError as err:
-        print(f"lit_mistral: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except BaseException as err:  # SIGTERM, out of memory: a message with the way on instead of a traceback
-        known = failure_message(err)
-        if known is None:
-            raise
-        message, status = known
-        print(f"lit_mistral: {message}", file=sys.stderr)
-        sys.exit(status)
+    LitMistralCLI(
+        QLoRAModule,
+        InstructionDataModule,
+        trainer_class=LitTrainer,
+        auto_configure_optimizers=False,  # QLoRAModule configures its own (bitsandbytes) optimizer
+        trainer_defaults={**TRAINER_DEFAULTS,
+                          "callbacks": [SaveOnSigterm(), StopOnSigterm(), RandomState(), Telemetry(), SaveAdapter()]},
+        seed_everything_default=42,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )

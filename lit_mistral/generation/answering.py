@@ -45,30 +45,34 @@ def for_inference(model, weights: str, device: torch.device, dtype: torch.dtype)
 
 @torch.no_grad()
 def answer(model, tokenizer, items: list[dict], max_rows: int, sampling: dict, context: int | None,
-           device: torch.device, synced_gpus: bool = False) -> list[dict]:
+           device: torch.device, synced_gpus: bool = False, between_batches=None) -> list[dict]:
     """Answer prompt `items` (`input_ids`, `index`, `example`) in batches of at most `max_rows`, planned as predict
-    plans them (by length, so each batch is padded to a prompt close to its own); records in the order of `items`."""
+    plans them (by length, so each batch is padded to a prompt close to its own); records in the order of `items`.
+    `between_batches` is called after each batch (it may raise to stop: a SIGTERM)."""
     records = {}
     for rows in predict_batches([len(it["input_ids"]) for it in items], range(len(items)), max_rows):
         batch = collate_prompts([dict(items[i], index=i) for i in rows], tokenizer.pad_token_id)
         batch.update(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         for record in generate(model, tokenizer, batch, context=context, synced_gpus=synced_gpus, **sampling):
             records[record["index"]] = record
+        if between_batches is not None:
+            between_batches()
     return [dict(records[i], index=it["index"]) for i, it in enumerate(items)]
 
 
 def answer_across(model, tokenizer, items: list[dict], max_rows: int, sampling: dict, device: torch.device,
-                  rank: int = 0, world_size: int = 1, sharded: bool = False, gathering=contextlib.nullcontext):
+                  rank: int = 0, world_size: int = 1, sharded: bool = False, gathering=contextlib.nullcontext,
+                  between_batches=None):
     """`answer`, with the items split across `world_size` processes and the answers gathered, so that every process
     returns all of them, in order. `sharded` (FSDP): every decoding step is a collective, so every process answers
     the same number of prompts (a short share is padded with the first item, its answer dropped) and generation
     keeps stepping a process whose answers have ended until all have (`synced_gpus`); `gathering` is the context in
-    which the sharded weights outside the decoder layers are whole."""
+    which the sharded weights outside the decoder layers are whole. `between_batches`: as for `answer`."""
     shares = [list(range(len(items)))[r::world_size] for r in range(world_size)]
     mine = in_step(shares, rank, 0) if sharded and world_size > 1 else shares[rank]
     with gathering():
         records = answer(model, tokenizer, [items[i] for i in mine], max_rows, sampling, context_window(model),
-                         device, synced_gpus=sharded and world_size > 1)
+                         device, synced_gpus=sharded and world_size > 1, between_batches=between_batches)
     records = list(zip(shares[rank], records))  # padding left out
     merged = sorted((pair for part in gather_objects(records, world_size) for pair in part), key=lambda p: p[0])
     return [record for _, record in merged]
