@@ -3,8 +3,10 @@
 everything a run writes, and bad input reported as one clear error (exit status 2) instead of a traceback."""
 
 import os
+import shutil
 import sys
 import warnings
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +15,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
 
 from lit_mistral.callbacks import JsonlPredictionWriter, PredictionProgressBar, SaveAdapter, Telemetry
 from lit_mistral.checkpointing import (RandomState, SaveOnSigterm, StopOnSigterm, check_checkpoint_file,
@@ -22,7 +26,7 @@ from lit_mistral.config import DTYPES, RENAMED
 from lit_mistral.data.datamodule import InstructionDataModule
 from lit_mistral.errors import LitMistralError, failure_message, raise_problems
 from lit_mistral.evaluation.callback import Evaluation
-from lit_mistral.io import check_output_file, check_output_folder
+from lit_mistral.io import check_output_file, check_output_folder, claim_numbered_folder
 from lit_mistral.module import QLoRAModule
 from lit_mistral.registry import register
 
@@ -34,6 +38,43 @@ TRAINER_DEFAULTS = {
     # checkpoints written whole or not at all, and loaded without unpickling arbitrary objects
     "plugins": [{"class_path": "lit_mistral.checkpointing.AtomicCheckpointIO"}],
 }
+
+
+class RunLogger(TensorBoardLogger):
+    """Lightning's default logger (TensorBoard, `lightning_logs/version_N`), with the run folder claimed atomically:
+    Lightning picks N by listing the folder, so two runs started together in one root both took `version_0` (one
+    config.yaml overwritten, both curves in one folder); here the folder is created exclusively (`io.py`) and a run
+    that finds N taken takes the next. Claimed when Lightning first asks for it, as the run sets up; a run that fails
+    before it has logged or written anything but what setup writes (bad data, a failed load) removes it again, so a
+    failed run leaves no empty `version_N`. With a `version` given (resuming a run, SLURM's job id) nothing is claimed
+    or removed."""
+
+    SETUP_FILES = ("config.yaml", "hparams.yaml", "events.out.tfevents.*")
+
+    def __init__(self, save_dir, version: int | str | None = None, **kwargs) -> None:
+        super().__init__(save_dir, version=version, **kwargs)
+        self.given_version, self.claimed, self.logged = version, None, False
+
+    @property
+    def version(self) -> int | str:
+        if self.given_version is not None or rank_zero_only.rank != 0:  # other processes get process 0's folder
+            return super().version
+        if self.claimed is None:
+            self.claimed = claim_numbered_folder(self.root_dir, "version_")
+        return self.claimed
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.logged = True
+        super().log_metrics(metrics, step)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if status != "failed" or self.claimed is None or self.logged:
+            return
+        folder = Path(self.log_dir)
+        if folder.is_dir() and all(any(fnmatch(p.name, name) for name in self.SETUP_FILES) for p in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class LitTrainer(Trainer):
@@ -152,6 +193,9 @@ class LitMistralCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = self.config_init[str(self.subcommand)]["trainer"]
+        if trainer.get("logger") in (None, True):  # Lightning's default logger, with the run folder claimed atomically
+            kwargs["logger"] = RunLogger(save_dir=trainer.get("default_root_dir") or os.getcwd(),
+                                         version=SLURMEnvironment.job_id())
         if trainer.get("enable_progress_bar") is not False:  # Lightning's bar, with rows/s and tokens/s in predict
             callbacks = trainer.get("callbacks") or []
             kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]),
@@ -216,7 +260,7 @@ class LitMistralCLI(LightningCLI):
             return
         # `--ckpt_path last` resumes in the same run folder, so the curves and checkpoints of the run stay together
         version = self.resumed_run.name.removeprefix("version_")
-        self.trainer.loggers = [TensorBoardLogger(save_dir=self.trainer.default_root_dir, version=int(version))]
+        self.trainer.loggers = [RunLogger(save_dir=self.trainer.default_root_dir, version=int(version))]
 
     def after_fit(self) -> None:
         # the comparison on the trained model, in the same run: the report lands next to the adapter, and its numbers

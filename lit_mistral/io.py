@@ -24,6 +24,22 @@ def unwritable(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def claim_numbered_folder(parent: str | os.PathLike, prefix: str) -> int:
+    """Create `parent/<prefix>N` for the next free N (one past the highest there) and return N. Creating it is the
+    claim: of several processes that try the same N at once, `os.mkdir` succeeds for one, and the others take the
+    next number."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    numbers = [p.name[len(prefix):] for p in parent.iterdir() if p.name.startswith(prefix)]
+    n = max((int(s) for s in numbers if s.isdigit()), default=-1) + 1
+    while True:
+        try:
+            (parent / f"{prefix}{n}").mkdir()
+            return n
+        except FileExistsError:
+            n += 1
+
+
 def check_output_file(path: str | os.PathLike, key: str, example: str) -> Path:
     """`path` as a file that can be written (created, or replaced by renaming a new one onto it), or one clear
     error naming `key`: it is a folder (`example`: a file name to suggest in it), or its folder is missing, not a

@@ -55,3 +55,26 @@ def test_output_paths_are_checked_for_kind_and_a_folder_that_takes_files(tmp_pat
         with pytest.raises(LitMistralError, match=message):
             check(path, "k", "a.jsonl") if check is check_output_file else check(path, "k")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing created on the way
+
+
+def test_numbered_folders_are_claimed_once_each_by_processes_racing_for_them(tmp_path):
+    import threading
+
+    from lit_mistral.io import claim_numbered_folder
+
+    (tmp_path / "version_3").mkdir()
+    (tmp_path / "version_x").mkdir()  # not a number: not counted
+    start, claimed = threading.Barrier(8), []
+
+    def claim():
+        start.wait()  # all list the folder at once: all see version_3 as the highest
+        claimed.append(claim_numbered_folder(tmp_path, "version_"))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == list(range(4, 12))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["version_3", "version_x"] +
+                                                                [f"version_{n}" for n in range(4, 12)])

@@ -175,6 +175,7 @@ def test_out_of_memory_gives_the_settings_that_lower_it(tiny_model_dir, tmp_path
     for advice in ("--trainer.accumulate_grad_batches", "--data.max_length", "--model.compute.gradient_checkpointing true",
                    "configs/qlora-24gb.yaml", "--ckpt_path last"):
         assert advice in err
+    assert not list(tmp_path.glob("lightning_logs/*"))  # the run never started: no run folder
 
 
 @pytest.mark.slow
