@@ -100,22 +100,36 @@ class LitTrainer(Trainer):
         return written
 
 
-def renamed_options(args: list[str]) -> list[str]:
-    """The options of `args` (command line and --config files) that were renamed, each with its new name."""
+def read_config(path: Path):
+    """The YAML document of the config file `path`, or one clear error naming the file, the line and the column (as
+    jsonargparse reports it, the error names no file)."""
     import yaml
 
+    fix = "Fix: correct it (`python -m lit_mistral fit --print_config` prints a complete, valid config)."
+    try:
+        return yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise LitMistralError(f"--config {path}: not UTF-8 text (byte offset {err.start}). {fix}") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        what = "; ".join(str(part) for part in (err.context, err.problem) if part)
+        raise LitMistralError(f"--config {path}{where}: malformed YAML ({what}). {fix}") from None
+    except yaml.YAMLError as err:
+        raise LitMistralError(f"--config {path}: malformed YAML ({err}). {fix}") from None
+
+
+def renamed_options(args: list[str]) -> list[str]:
+    """The options of `args` (command line and --config files) that were renamed, each with its new name."""
     found = []
     for i, arg in enumerate(args):
         if arg.startswith("--"):
             key = arg[2:].split("=", 1)[0].removesuffix("+")
             if key in RENAMED:
                 found.append(f"--{key} is now --{RENAMED[key]}")
-        if arg == "--config" and i + 1 < len(args) or arg.startswith("--config="):
-            path = Path(args[i + 1] if arg == "--config" else arg.split("=", 1)[1])
-            try:
-                config = yaml.safe_load(path.read_text()) if path.is_file() else None
-            except (yaml.YAMLError, UnicodeDecodeError):
-                continue  # jsonargparse reports it
+        if arg in ("--config", "-c") and i + 1 < len(args) or arg.startswith("--config="):
+            path = Path(args[i + 1] if arg in ("--config", "-c") else arg.split("=", 1)[1])
+            config = read_config(path) if path.is_file() else None  # a missing file: jsonargparse names it
             for section, values in (config or {}).items() if isinstance(config, dict) else ():
                 for key in values if isinstance(values, dict) else ():
                     if f"{section}.{key}" in RENAMED:

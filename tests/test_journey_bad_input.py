@@ -115,6 +115,8 @@ BAD_SETTINGS = [
      "--model.compare_base is now --evaluation.compare_base\nFix: use the new names"),
     ("renamed-key-in-yaml", {"model": {"quantize": "nf4"}}, "model.quantize is now model.quantization.method"),
     ("unknown-key-in-yaml", {"model": {"lora_rank": 4}}, "Subcommand 'fit' does not accept option 'model.lora_rank'"),
+    ("malformed-yaml", "model:\n  lora: [r: 4\n", "config.yaml:3:1: malformed YAML (while parsing a flow sequence; "
+                                                   "expected ',' or ']', but got '<stream end>'). Fix: correct it"),
     ("wrong-type", ["--model.lora.r", "eight"], 'Parser key "model.lora.r":\n  Expected a <class \'int\'>. '
                                                  "Got value: eight"),
     ("wrong-type-in-yaml", {"data": {"batch_size": "four"}}, 'Parser key "data.batch_size":\n  Expected a <class '
@@ -173,11 +175,11 @@ BAD_SETTINGS = [
 def test_bad_settings_stop_before_the_model_loads(tiny_model_dir, tmp_path, capsys, demo_records, case, settings,
                                                   message):
     data = write_jsonl(tmp_path / "train.jsonl", demo_records[:16])
-    if isinstance(settings, dict):
+    if isinstance(settings, (dict, str)):  # a YAML config: its settings, or its text
         import yaml
 
         config = tmp_path / "config.yaml"
-        config.write_text(yaml.safe_dump(settings))
+        config.write_text(settings if isinstance(settings, str) else yaml.safe_dump(settings))
         settings = ["--config", config]
     err = cli_fails(capsys, *args("fit", tiny_model_dir, tmp_path, "--data.path", data, *settings))
     assert message in err
