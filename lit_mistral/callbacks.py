@@ -96,19 +96,46 @@ class SaveAdapter(Callback):
             rank_zero_info(f"Saved the peft adapter to {folder}")
 
 
+ROW_KEYS = {"index", "instruction"}  # what every row of a predictions file has (and names it)
+
+
+def is_predictions(path: Path) -> bool:
+    """Whether the file `path` is empty or holds predictions (its first line a row), so that
+    `--predictions.overwrite` may replace it: never the inputs, a checkpoint, or any other file."""
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    if not first.strip():
+        return True
+    try:
+        row = json.loads(first)
+    except ValueError:  # not JSON, not UTF-8
+        return False
+    return isinstance(row, dict) and ROW_KEYS <= row.keys()
+
+
 def read_done(path: Path, instructions: list[str]) -> dict[int, str]:
-    """Rows of an earlier, interrupted run of the same inputs: {index: JSON line}. A line cut short by the
-    interruption is dropped; a row that does not match the inputs stops the run."""
+    """Rows of an earlier, interrupted run of the same inputs: {index: JSON line}. The last line, cut short by the
+    interruption, is dropped; any other line that is not a row, or a row that does not match the inputs, stops the
+    run (the file is not an interrupted run's: resuming would replace it)."""
     done = {}
+    fix = "Fix: resume with the same --data.predict_path from predictions lit_mistral wrote, or write elsewhere."
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise LitMistralError(f"{path}: not UTF-8 text, so not predictions. {fix}") from None
     # split on "\n" only: str.splitlines also splits on U+2028 and friends, which JSON strings may hold raw
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line:
             continue
         try:
             row = json.loads(line)
-            index = row["index"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # the last line of a killed run may be half-written
+            index = row["index"] if ROW_KEYS <= row.keys() else None
+        except (json.JSONDecodeError, AttributeError):
+            index = None
+        if index is None and number == len(lines):
+            continue  # the last line of a killed run may be half-written (a whole line ends with a newline)
+        if index is None:
+            raise LitMistralError(f"{path}:{number}: not a row of predictions. {fix}")
         if not (isinstance(index, int) and 0 <= index < len(instructions)) or row.get("instruction") != instructions[index]:
             raise LitMistralError(f"{path}:{number}: this row does not belong to the current inputs (index "
                                   f"{index!r}). Fix: resume with the same --data.predict_path, or write elsewhere.")
@@ -171,6 +198,10 @@ class JsonlPredictionWriter(BasePredictionWriter):
             self.target.parent.mkdir(parents=True, exist_ok=True)  # the run folder
         check_output_file(self.target, "predictions.path", "predictions.jsonl")
         self.partial = partial_path(self.target)
+        if self.overwrite and self.target.exists() and not is_predictions(self.target):
+            raise LitMistralError(f"predictions.overwrite: {str(self.target)!r} is not an earlier predictions output "
+                                  "(its first line is not a row with an index and an instruction), and "
+                                  "--predictions.overwrite replaces only those. Fix: choose another --predictions.path.")
         done = {}
         if not (self.overwrite or self.resume) and self.target.exists():
             raise LitMistralError(f"predictions.path: {str(self.target)!r} exists. Fix: pass "

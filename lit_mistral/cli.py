@@ -245,7 +245,13 @@ class LitMistralCLI(LightningCLI):
         if subcommand in ("fit", "validate", "predict"):
             check_output_folder(config.trainer.get("default_root_dir") or os.getcwd(), "trainer.default_root_dir")
         if subcommand == "fit" and config.checkpoint.get("dirpath"):
-            check_output_folder(config.checkpoint.dirpath, "checkpoint.dirpath")
+            dirpath = check_output_folder(config.checkpoint.dirpath, "checkpoint.dirpath")
+            ckpt = config.get("ckpt_path")
+            resuming = ckpt is not None and Path(ckpt).resolve().parent == dirpath.resolve()
+            if dirpath.is_dir() and any(dirpath.glob("*.ckpt")) and not resuming:
+                raise LitMistralError(f"checkpoint.dirpath: {str(dirpath)!r} holds the checkpoints of another run, "
+                                      "whose last.ckpt this run would replace. Fix: choose an empty folder, or "
+                                      "continue that run with --ckpt_path and its last.ckpt.")
         if subcommand == "predict" and config.predictions.get("path"):
             check_output_file(config.predictions.path, "predictions.path", "predictions.jsonl")
         if (subcommand == "validate" and config.evaluation.compare_base and config.get("ckpt_path") is None

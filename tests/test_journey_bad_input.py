@@ -342,3 +342,29 @@ def test_output_paths_are_checked_before_anything_loads(tiny_model_dir, adapter_
                                   *[o.format(dir=folder, file=file) for o in options]))
     assert message.format(dir=folder, file=file) in err
     assert file.read_text() == "mine\n" and list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["overwrite-the-inputs", "overwrite-a-checkpoint", "resume-onto-notes",
+                                  "checkpoints-of-another-run"])
+@pytest.mark.usefixtures("model_must_not_load")
+def test_nothing_replaces_a_file_lit_mistral_did_not_write(tiny_model_dir, adapter_dir, tmp_path, capsys, case):
+    questions, notes, ckpts = tmp_path / "questions.jsonl", tmp_path / "notes.txt", tmp_path / "ckpts"
+    write_jsonl(questions, [{"instruction": "Name a fish."}, {"instruction": "Name a bird."}])
+    notes.write_text("first thought\nsecond thought\n")
+    ckpts.mkdir()
+    (ckpts / "last.ckpt").write_bytes(b"weights of another run")
+    before = {p: p.read_bytes() for p in (questions, notes, ckpts / "last.ckpt")}
+    predict = ["--data.predict_path", questions, "--ckpt_path", adapter_dir]
+    options, message = {
+        "overwrite-the-inputs": (["predict", *predict, "--predictions.path", questions, "--predictions.overwrite",
+                                  "true"], f"predictions.overwrite: '{questions}' is not an earlier predictions output"),
+        "overwrite-a-checkpoint": (["predict", *predict, "--predictions.path", ckpts / "last.ckpt",
+                                    "--predictions.overwrite", "true"], "is not an earlier predictions output"),
+        "resume-onto-notes": (["predict", *predict, "--predictions.path", notes, "--predictions.resume", "true"],
+                              f"{notes}:1: not a row of predictions. Fix: resume with the same --data.predict_path"),
+        "checkpoints-of-another-run": (["fit", "--checkpoint.dirpath", ckpts],
+                                       f"checkpoint.dirpath: '{ckpts}' holds the checkpoints of another run"),
+    }[case]
+    err = cli_fails(capsys, *args(options[0], tiny_model_dir, tmp_path, *options[1:]))
+    assert message in err
+    assert {p: p.read_bytes() for p in before} == before

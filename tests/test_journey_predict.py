@@ -131,7 +131,8 @@ def test_overwrite_keeps_the_earlier_output_until_the_new_one_is_complete(tiny_m
     from lit_mistral.module import QLoRAModule
 
     out = tmp_path / "answers.jsonl"
-    out.write_text("earlier answers\n")
+    earlier = json.dumps({"index": 0, "instruction": "An earlier question.", "response": "An earlier answer."}) + "\n"
+    out.write_text(earlier)
 
     def killed_at_the_second_batch(self, batch, batch_idx, dataloader_idx=0):
         if batch_idx == 1:
@@ -140,7 +141,7 @@ def test_overwrite_keeps_the_earlier_output_until_the_new_one_is_complete(tiny_m
     monkeypatch.setattr(QLoRAModule, "on_predict_batch_start", killed_at_the_second_batch, raising=False)
     with pytest.raises(RuntimeError, match="killed"):
         predict(tiny_model_dir, adapter_dir, questions, out, "--predictions.overwrite", "true")
-    assert out.read_text() == "earlier answers\n"
+    assert out.read_text() == earlier
     partial = [json.loads(line) for line in (tmp_path / "answers.jsonl.partial").read_text().split("\n") if line]
     assert len(partial) == 2  # the first batch (of 2) finished
     monkeypatch.undo()
