@@ -272,7 +272,7 @@ class LitMistralCLI(LightningCLI):
         only after loading the base."""
         if self.checkpoint_record is not None:
             raise_problems(self.model.checkpoint_problems(self.checkpoint_record),
-                           f"Fix: run with the settings the checkpoint was trained with (its run folder holds "
+                           "Fix: run with the settings the checkpoint was trained with (its run folder holds "
                            "config.yaml); nothing was loaded yet.")
 
     def before_fit(self) -> None:
