@@ -201,7 +201,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
         if self.overwrite and self.target.exists() and not is_predictions(self.target):
             raise LitMistralError(f"predictions.overwrite: {str(self.target)!r} is not an earlier predictions output "
                                   "(its first line is not a row with an index and an instruction), and "
-                                  "--predictions.overwrite replaces only those. Fix: choose another --predictions.path.")
+                                  "--predictions.overwrite replaces only those. Fix: choose another "
+                                  "--predictions.path.")
         done = {}
         if not (self.overwrite or self.resume) and self.target.exists():
             raise LitMistralError(f"predictions.path: {str(self.target)!r} exists. Fix: pass "
@@ -211,7 +212,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
             raise LitMistralError(f"predictions.path: {str(self.partial)!r} holds the rows of an interrupted run. "
                                   "Fix: pass --predictions.resume true to finish it, --predictions.overwrite true to "
                                   "start over, or choose another path.")
-        # the rows of the interrupted run: where it was writing them, or (runs before 2026-12-01) in the output itself
+        # the rows of the interrupted run: where it was writing them, or (earlier versions) in the output itself
         source = self.partial if self.partial.exists() else self.target
         if self.resume and source.exists():
             done = read_done(source, trainer.datamodule.predict_instructions())
@@ -251,7 +252,6 @@ class JsonlPredictionWriter(BasePredictionWriter):
                 if pl_module.device.type == "cuda" else "")
         rank_zero_info(f"Wrote {len(lines)} predictions to {self.target} ({self.rate.rows} generated now: "
                        f"{self.rate}{peak}).")
-
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self._file is None:

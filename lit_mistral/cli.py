@@ -264,8 +264,8 @@ class LitMistralCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except MisconfigurationException as err:  # the checks of Lightning's callbacks (ModelCheckpoint, ...)
-            raise LitMistralError(f"callback settings: {err}. Fix: change the --checkpoint.* or --lr_monitor.* "
-                                  "setting it names (nothing was loaded yet).") from None
+            raise LitMistralError(f"callback settings: {str(err).rstrip('.')}. Fix: change the --checkpoint.* or "
+                                  "--lr_monitor.* setting it names (nothing was loaded yet).") from None
 
     def after_instantiate_classes(self) -> None:
         """What needs the module built (not loaded): a checkpoint must fit its settings, which Lightning would find

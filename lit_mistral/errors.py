@@ -29,24 +29,24 @@ def failure_message(err: BaseException, subcommand: str | None = None) -> tuple[
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     if isinstance(err, SIGTERMException):
-        return ("stopped by SIGTERM. " + {
+        return (("stopped by SIGTERM. " + {
             "fit": "A fit run saved last.ckpt on the way out (see the line above): run the same command with "
                    "--ckpt_path last to continue.",
             "predict": "Predict stopped after the batch it was generating; the finished rows are kept (see the line "
                        "above): run the same command with --predictions.resume true to generate the rest.",
             "validate": "Validation stopped before its end and wrote nothing: run the same command again.",
-        }.get(subcommand, ""), SIGTERM_EXIT_STATUS)
+        }.get(subcommand, "")).strip(), SIGTERM_EXIT_STATUS)
     # Ctrl+C: Lightning catches it in fit, validate and predict, cleans up and exits with status 1
     interrupted = isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit)
                                                          and isinstance(err.__context__, KeyboardInterrupt))
     if interrupted:
-        return ("interrupted (Ctrl+C). " + {
+        return (("interrupted (Ctrl+C). " + {
             "fit": "The checkpoints written so far are intact (see the line above): run the same command with "
                    "--ckpt_path last to continue from the newest. (SIGTERM instead finishes the running step and "
                    "checkpoints it first.)",
             "predict": "Any finished rows are kept (see the line above): run the same command with "
                        "--predictions.resume true to generate the rest.",
-        }.get(subcommand, ""), SIGINT_EXIT_STATUS)
+        }.get(subcommand, "")).strip(), SIGINT_EXIT_STATUS)
     if isinstance(err, torch.OutOfMemoryError):
         first = str(err).strip().splitlines()[0] if str(err).strip() else "torch.OutOfMemoryError"
         return (f"error: out of GPU memory ({first[:200]}). Fix: lower --data.batch_size (or --data.max_tokens "

@@ -310,8 +310,8 @@ def test_damaged_adapter_folder_stops_before_the_model_loads(tiny_model_dir, ada
 BAD_OUTPUTS = [
     ("predictions-path-a-folder", "predict", ["--predictions.path", "{dir}"],
      "predictions.path: '{dir}' is a folder. Fix: give the path of a file, e.g. '{dir}/predictions.jsonl'."),
-    ("predictions-path-a-folder-overwrite", "predict", ["--predictions.path", "{dir}", "--predictions.overwrite", "true"],
-     "predictions.path: '{dir}' is a folder."),
+    ("predictions-path-a-folder-overwrite", "predict",
+     ["--predictions.path", "{dir}", "--predictions.overwrite", "true"], "predictions.path: '{dir}' is a folder."),
     ("predictions-in-a-read-only-folder", "predict", ["--predictions.path", "/sys/answers.jsonl"],
      "predictions.path: the folder '/sys' is not writable (Permission denied). Fix: choose another path."),
     ("export-into-a-file", "export", ["--output_dir", "{file}"], "export --output_dir: '{file}' is a file."),
@@ -323,7 +323,8 @@ BAD_OUTPUTS = [
      "trainer.default_root_dir: '{file}/runs' cannot be a folder (its parent '{file}' is a file)"),
     ("root-dir-read-only", "validate", ["--trainer.default_root_dir", "/sys/runs"],
      "trainer.default_root_dir: '/sys' is not writable (Permission denied)."),
-    ("checkpoint-dir-a-file", "fit", ["--checkpoint.dirpath", "{file}"], "checkpoint.dirpath: '{file}' cannot be a folder"),
+    ("checkpoint-dir-a-file", "fit", ["--checkpoint.dirpath", "{file}"],
+     "checkpoint.dirpath: '{file}' cannot be a folder"),
 ]
 
 
@@ -357,7 +358,8 @@ def test_nothing_replaces_a_file_lit_mistral_did_not_write(tiny_model_dir, adapt
     predict = ["--data.predict_path", questions, "--ckpt_path", adapter_dir]
     options, message = {
         "overwrite-the-inputs": (["predict", *predict, "--predictions.path", questions, "--predictions.overwrite",
-                                  "true"], f"predictions.overwrite: '{questions}' is not an earlier predictions output"),
+                                  "true"], f"predictions.overwrite: '{questions}' is not an earlier predictions "
+                                           "output"),
         "overwrite-a-checkpoint": (["predict", *predict, "--predictions.path", ckpts / "last.ckpt",
                                     "--predictions.overwrite", "true"], "is not an earlier predictions output"),
         "resume-onto-notes": (["predict", *predict, "--predictions.path", notes, "--predictions.resume", "true"],

@@ -214,7 +214,8 @@ def test_sigterm_stops_predict_after_the_batch_and_resume_finishes_it(tiny_model
     assert "Traceback" not in err
     assert f"Predictions stopped: the 2 finished rows are in {out}.partial." in err
     assert ("lit_mistral: stopped by SIGTERM. Predict stopped after the batch it was generating; the finished rows are "
-            "kept (see the line above): run the same command with --predictions.resume true to generate the rest.") in err
+            "kept (see the line above): run the same command with --predictions.resume true to generate the "
+            "rest.") in err
     kept = predictions(Path(f"{out}.partial"))
     assert len(kept) == 2 and not out.exists()
     run_cli(*args(out, "--predictions.resume", "true"))
