@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, TQDMProg
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_mistral.errors import LitMistralError
-from lit_mistral.io import write_text
+from lit_mistral.io import check_output_file, write_text
 from lit_mistral.modeling.adapters import save_adapter
 
 
@@ -96,20 +96,47 @@ class SaveAdapter(Callback):
             rank_zero_info(f"Saved the peft adapter to {folder}")
 
 
+ROW_KEYS = {"index", "instruction"}  # what every row of a predictions file has (and names it)
+
+
+def is_predictions(path: Path) -> bool:
+    """Whether the file `path` is empty or holds predictions (its first line a row), so that
+    `--predictions.overwrite` may replace it: never the inputs, a checkpoint, or any other file."""
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    if not first.strip():
+        return True
+    try:
+        row = json.loads(first)
+    except ValueError:  # not JSON, not UTF-8
+        return False
+    return isinstance(row, dict) and ROW_KEYS <= row.keys()
+
+
 def read_done(path: Path, instructions: list[str]) -> dict[int, str]:
-    """Rows of an earlier, interrupted run of the same inputs: {index: JSON line}. A line cut short by the
-    interruption is dropped; a row that does not match the inputs (`instructions`: what identifies each, see
-    `data.records.example_key`) stops the run."""
+    """Rows of an earlier, interrupted run of the same inputs: {index: JSON line}. The last line, cut short by the
+    interruption, is dropped; any other line that is not a row, or a row that does not match the inputs
+    (`instructions`: what identifies each, see `data.records.example_key`), stops the run (the file is not an
+    interrupted run's: resuming would replace it)."""
     done = {}
+    fix = "Fix: resume with the same --data.predict_path from predictions lit_mistral wrote, or write elsewhere."
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise LitMistralError(f"{path}: not UTF-8 text, so not predictions. {fix}") from None
     # split on "\n" only: str.splitlines also splits on U+2028 and friends, which JSON strings may hold raw
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line:
             continue
         try:
             row = json.loads(line)
-            index = row["index"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # the last line of a killed run may be half-written
+            index = row["index"] if ROW_KEYS <= row.keys() else None
+        except (json.JSONDecodeError, AttributeError):
+            index = None
+        if index is None and number == len(lines):
+            continue  # the last line of a killed run may be half-written (a whole line ends with a newline)
+        if index is None:
+            raise LitMistralError(f"{path}:{number}: not a row of predictions. {fix}")
         key = json.dumps(row["messages"], ensure_ascii=False) if "messages" in row else row.get("instruction")
         if not (isinstance(index, int) and 0 <= index < len(instructions)) or key != instructions[index]:
             raise LitMistralError(f"{path}:{number}: this row does not belong to the current inputs (index "
@@ -137,15 +164,22 @@ class GenerationRate:
         return f"{rows:.2f} rows/s, {tokens:.1f} new tokens/s"
 
 
+def partial_path(target: Path) -> Path:
+    """Where a run writing `target` puts each row as its batch finishes: an interrupted run leaves its finished rows
+    there (what `--predictions.resume` reads), while `target` is only ever written whole."""
+    return target.with_name(target.name + ".partial")
+
+
 class JsonlPredictionWriter(BasePredictionWriter):
-    """Writes predictions to a JSONL file: each row as soon as its batch finishes (nothing finished is lost if the
-    run is interrupted), then, at the end, all rows in input order.
+    """Writes predictions to a JSONL file: each row as soon as its batch finishes, to `<path>.partial` (nothing
+    finished is lost if the run is interrupted), then, at the end, all rows in input order to `path`, which replaces
+    an earlier output only then.
 
     Args:
         path: Output file. Default: `predictions.jsonl` in the run's folder (`trainer.log_dir`).
-        overwrite: Replace an existing output file.
-        resume: Keep the rows of an existing output file (an interrupted run on the same inputs) and generate only
-            the missing ones.
+        overwrite: Replace an existing output file (once the new one is complete).
+        resume: Keep the rows of an interrupted run on the same inputs (`<path>.partial`, or an older `path`) and
+            generate only the missing ones.
     """
 
     def __init__(self, path: str | None = None, overwrite: bool = False, resume: bool = False) -> None:
@@ -162,33 +196,40 @@ class JsonlPredictionWriter(BasePredictionWriter):
         if stage != "predict":
             return
         self.target = Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
-        folder = self.target.parent
-        if self.path and not folder.is_dir():
-            raise LitMistralError(f"predictions.path: the folder {str(folder)!r} does not exist. "
-                                  "Fix: create it or choose another path.")
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK):
-            raise LitMistralError(f"predictions.path: the folder {str(folder)!r} is not writable. "
-                                  "Fix: choose another path.")
+        if not self.path:
+            self.target.parent.mkdir(parents=True, exist_ok=True)  # the run folder
+        check_output_file(self.target, "predictions.path", "predictions.jsonl")
+        self.partial = partial_path(self.target)
+        if self.overwrite and self.target.exists() and not is_predictions(self.target):
+            raise LitMistralError(f"predictions.overwrite: {str(self.target)!r} is not an earlier predictions output "
+                                  "(its first line is not a row with an index and an instruction), and "
+                                  "--predictions.overwrite replaces only those. Fix: choose another "
+                                  "--predictions.path.")
         done = {}
-        if self.target.exists():
-            if not (self.overwrite or self.resume):
-                raise LitMistralError(f"predictions.path: {str(self.target)!r} exists. Fix: pass "
-                                      "--predictions.resume true to finish an interrupted run, "
-                                      "--predictions.overwrite true to replace it, or choose another path.")
-            if self.resume:
-                done = read_done(self.target, trainer.datamodule.predict_instructions())
-                trainer.datamodule.predict_done = set(done)
-                rank_zero_info(f"Resuming {self.target}: {len(done)} of {len(trainer.datamodule.predict_instructions())}"
-                               " rows are done.")
+        if not (self.overwrite or self.resume) and self.target.exists():
+            raise LitMistralError(f"predictions.path: {str(self.target)!r} exists. Fix: pass "
+                                  "--predictions.resume true to finish an interrupted run, "
+                                  "--predictions.overwrite true to replace it, or choose another path.")
+        if not (self.overwrite or self.resume) and self.partial.exists():
+            raise LitMistralError(f"predictions.path: {str(self.partial)!r} holds the rows of an interrupted run. "
+                                  "Fix: pass --predictions.resume true to finish it, --predictions.overwrite true to "
+                                  "start over, or choose another path.")
+        # the rows of the interrupted run: where it was writing them, or (earlier versions) in the output itself
+        source = self.partial if self.partial.exists() else self.target
+        if self.resume and source.exists():
+            done = read_done(source, trainer.datamodule.predict_instructions())
+            trainer.datamodule.predict_done = set(done)
+            rank_zero_info(f"Resuming {source}: {len(done)} of {len(trainer.datamodule.predict_instructions())}"
+                           " rows are done.")
         self._done_lines = done
 
     def on_predict_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        # start from the complete rows only (drops a half-written last line), then append as batches finish
-        write_text(self.target, "".join(line + "\n" for line in self._done_lines.values()))
-        self._file = open(self.target, "a", encoding="utf-8")
+        # start from the complete rows only (drops a half-written last line), then append as batches finish; an
+        # earlier output stays as it is until the new one is complete
+        write_text(self.partial, "".join(line + "\n" for line in self._done_lines.values()))
+        self._file = open(self.partial, "a", encoding="utf-8")
         self.rate.start()
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
@@ -205,13 +246,24 @@ class JsonlPredictionWriter(BasePredictionWriter):
             return
         self._file.close()
         self._file = None
-        lines = [line for line in self.target.read_text(encoding="utf-8").split("\n") if line]
+        lines = [line for line in self.partial.read_text(encoding="utf-8").split("\n") if line]
         lines.sort(key=lambda line: json.loads(line)["index"])  # input order, whatever order batches finished in
-        write_text(self.target, "".join(line + "\n" for line in lines))
+        write_text(self.target, "".join(line + "\n" for line in lines))  # replaces an earlier output in one step
+        self.partial.unlink()
         peak = (f", peak {torch.cuda.max_memory_allocated(pl_module.device) / 2**30:.1f} GiB"
                 if pl_module.device.type == "cuda" else "")
         rank_zero_info(f"Wrote {len(lines)} predictions to {self.target} ({self.rate.rows} generated now: "
                        f"{self.rate}{peak}).")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        rows = sum(1 for line in self.partial.read_text(encoding="utf-8").split("\n") if line)
+        kept = f"; {self.target} is as it was" if self.target.exists() else ""
+        rank_zero_info(f"Predictions stopped: the {rows} finished rows are in {self.partial}{kept}. The same command "
+                       "with --predictions.resume true generates the rest.")
 
 
 class PredictionProgressBar(TQDMProgressBar):

@@ -1,12 +1,14 @@
 """Checkpoints that survive crashes and pre-emption: written whole or not at all, loaded without unpickling
-arbitrary objects, one more written when the scheduler sends SIGTERM, the random streams a resumed run needs to draw
-what the uninterrupted one would have, and finding a run's newest checkpoint."""
+arbitrary objects, one more written when the scheduler sends SIGTERM (predict and validate stop after the batch
+instead), the random streams a resumed run needs to draw what the uninterrupted one would have, and finding a run's
+newest checkpoint."""
 
 import errno
 import io
 import os
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,11 @@ class SaveOnSigterm(Callback):
     every write, so a run killed without warning has logged every step up to where it died.)"""
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit":
+            # Ctrl+C lands anywhere, maybe amid a half-applied update: nothing is saved, the last checkpoint is named
+            last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback is not None else ""
+            rank_zero_info(f"Interrupted at step {trainer.global_step}: " + (
+                f"the newest checkpoint is {last}." if last else "no checkpoint was written yet."))
         # Lightning raises SIGTERMException only between training steps (or validation batches), where the state
         # is consistent; any other exception (a crash, Ctrl+C) can land mid-step, amid a half-applied update
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
@@ -111,6 +118,22 @@ class SaveOnSigterm(Callback):
         trainer.save_checkpoint(path)
         rank_zero_info(f"Received SIGTERM: saved {path} at step {trainer.global_step}. Continue with the same "
                        "command and --ckpt_path last.")
+
+
+def stop_if_terminated(trainer) -> None:
+    """Raise Lightning's `SIGTERMException` when a SIGTERM has arrived. Lightning checks between training steps and
+    validation batches only; predict (before each batch) and validation's answers (between their batches) call this,
+    so that a scheduler's SIGTERM stops them after the batch at hand instead of at the end."""
+    if trainer.received_sigterm:
+        raise SIGTERMException
+
+
+class StopOnSigterm(Callback):
+    """Stops predict after the batch at hand when a SIGTERM arrives (checked before the next one, once every callback
+    has handled the last: its rows are written). The CLI then exits with status 143 and says how to resume."""
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        stop_if_terminated(trainer)
 
 
 class RandomState(Callback):
@@ -134,6 +157,35 @@ class RandomState(Callback):
         random.setstate(state["python"])
         if "cuda" in state and pl_module.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], pl_module.device)
+
+
+def check_torch_file(path: str | os.PathLike, key: str, fix: str):
+    """`path` (a file of tensors that `torch.save` wrote) as lit_mistral loads such files, weights-only, its tensors
+    mapped rather than read; or one clear error naming `key`, the file and `fix`: not a whole zip archive (empty,
+    cut short, another kind of file), or holding pickled objects (never unpickled)."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        what = "is empty" if path.stat().st_size == 0 else (
+            "is not a whole zip archive, as torch.save writes (cut short, or another kind of file)")
+        raise LitMistralError(f"{key}: {path} {what}, so not a checkpoint. {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # pickled objects, a damaged archive: torch raises many kinds
+        raise unreadable(path, err) from None
+
+
+def check_checkpoint_file(path: str | os.PathLike, key: str) -> dict:
+    """One clear error, before Lightning or torch read `path` (a `--ckpt_path` file), when it is not a checkpoint
+    lit_mistral can use: not a whole zip archive as `torch.save` writes (empty, cut short, another kind of file),
+    holding pickled objects (never unpickled: `weights_only`), or not written by a lit_mistral fit. Reads the
+    archive's index and pickled structure only (`mmap`), not the tensors. Returns the checkpoint's record of the
+    settings it was trained with (`QLoRAModule.checkpoint_problems` compares it with a run's)."""
+    fix = ("Fix: pass a .ckpt file of a lit_mistral fit run (its checkpoints/ folder keeps the last complete ones), "
+           "or its adapter folder.")
+    checkpoint = check_torch_file(path, key, fix)
+    if not isinstance(checkpoint, dict) or "lit_mistral" not in checkpoint:
+        raise LitMistralError(f"{key}: {path} was not written by lit_mistral (no adapter record). {fix}")
+    return checkpoint["lit_mistral"]
 
 
 def find_last_checkpoint(root: str | os.PathLike) -> Path | None:

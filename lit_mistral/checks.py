@@ -3,12 +3,17 @@ that is not there, a bitsandbytes without CUDA), checked on the parsed config be
 of one group alone live with that group (`config.py`'s `problems()`, `InstructionDataModule`, `Evaluation`)."""
 
 import importlib.util
+import re
 
 import torch
 
 from lit_mistral.errors import raise_problems
 
 FP16_PRECISIONS = {"16", "16-mixed", "16-true"}
+# what a fit logs that ModelCheckpoint can monitor: the module's losses, the Evaluation callback's metrics overall and
+# per category (generation metrics only with evaluation.in_fit), LearningRateMonitor's `lr-<optimizer>`
+GENERATION_METRICS = ("rougeL", "exact_match", "contains")
+MONITORABLE = re.compile(rf"train/(loss|grad_norm)|val/([^/]+/)?(loss|ppl|{'|'.join(GENERATION_METRICS)})|lr-.+")
 
 
 def target_device(accelerator) -> str | None:
@@ -30,9 +35,9 @@ def bitsandbytes_has_cuda() -> bool:
     return bool(getattr(lib, "compiled_with_cuda", True))  # unknown on other versions: let bitsandbytes decide
 
 
-def check_settings(subcommand: str, model, trainer) -> None:
-    """Raise one `LitMistralError` listing every incompatible setting of `model` and `trainer` (parsed config
-    namespaces) for `subcommand`, each with its fix."""
+def check_settings(subcommand: str, model, trainer, data=None, checkpoint=None, evaluation=None) -> None:
+    """Raise one `LitMistralError` listing every incompatible setting of `model`, `trainer` and, where given, `data`,
+    `checkpoint` and `evaluation` (parsed config namespaces) for `subcommand`, each with its fix."""
     problems = []
     precision = str(trainer.get("precision"))
     quantize, optimizer = model.get("quantization.method"), model.get("optimization.optimizer")
@@ -71,8 +76,32 @@ def check_settings(subcommand: str, model, trainer) -> None:
     elif fit and kernels == "liger" and importlib.util.find_spec("liger_kernel") is None:
         problems.append("model.compute.kernels=liger: Liger-Kernel is not installed. Fix: pip install liger-kernel, "
                         "or set --model.compute.kernels null.")
+    every = trainer.get("check_val_every_n_epoch")
+    if fit and every is not None and every < 1:
+        problems.append(f"trainer.check_val_every_n_epoch={every}: expected >= 1, or null to validate every "
+                        "trainer.val_check_interval batches across epochs. Fix: set it to 1 or more, or null.")
+    if fit and checkpoint is not None and checkpoint.get("monitor"):
+        problems += _monitor_problems(checkpoint.get("monitor"), data, evaluation)
     problems += _sharding_problems(subcommand, model, trainer, precision)
     raise_problems(problems, "Fix: change these settings as each line says; nothing was loaded yet.")
+
+
+def _monitor_problems(monitor: str, data, evaluation) -> list[str]:
+    """ModelCheckpoint looks for its `monitor` only at the first checkpoint, after training: a name that is never
+    logged would stop the run then."""
+    fix = "Fix: --checkpoint.monitor val/loss (or train/loss), or null to keep the last checkpoints."
+    if not MONITORABLE.fullmatch(monitor):
+        return [f"checkpoint.monitor={monitor}: a fit logs no such metric (it logs train/loss, val/loss, val/ppl, "
+                f"val/<category>/loss, ...; with --evaluation.in_fit true also val/rougeL, ...). {fix}"]
+    validating = data is None or (data.get("val_path") or data.get("val_records") or data.get("val_fraction"))
+    if monitor.startswith("val/") and not validating:
+        return [f"checkpoint.monitor={monitor}: there is no validation data, so it is never logged. Fix: add "
+                "validation data (--data.val_path, --data.val_records or --data.val_fraction), or monitor train/loss."]
+    in_fit = evaluation is None or evaluation.get("in_fit")
+    if monitor.rsplit("/", 1)[-1] in GENERATION_METRICS and not in_fit:
+        return [f"checkpoint.monitor={monitor}: generation metrics are computed during fit only with "
+                "--evaluation.in_fit true. Fix: add it, or monitor val/loss."]
+    return []
 
 
 def _strategy_name(strategy) -> str:

@@ -3,8 +3,10 @@
 everything a run writes, and bad input reported as one clear error (exit status 2) instead of a traceback."""
 
 import os
+import shutil
 import sys
 import warnings
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Literal
 
@@ -13,14 +15,18 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
 
 from lit_mistral.callbacks import JsonlPredictionWriter, PredictionProgressBar, SaveAdapter, Telemetry
-from lit_mistral.checkpointing import RandomState, SaveOnSigterm, find_last_checkpoint
+from lit_mistral.checkpointing import (RandomState, SaveOnSigterm, StopOnSigterm, check_checkpoint_file,
+                                       find_last_checkpoint)
 from lit_mistral.checks import check_settings
 from lit_mistral.config import DTYPES, RENAMED
 from lit_mistral.data.datamodule import InstructionDataModule
-from lit_mistral.errors import LitMistralError, failure_message
+from lit_mistral.errors import LitMistralError, failure_message, raise_problems
 from lit_mistral.evaluation.callback import Evaluation
+from lit_mistral.io import check_output_file, check_output_folder, claim_numbered_folder
 from lit_mistral.module import QLoRAModule
 from lit_mistral.registry import register
 
@@ -32,6 +38,43 @@ TRAINER_DEFAULTS = {
     # checkpoints written whole or not at all, and loaded without unpickling arbitrary objects
     "plugins": [{"class_path": "lit_mistral.checkpointing.AtomicCheckpointIO"}],
 }
+
+
+class RunLogger(TensorBoardLogger):
+    """Lightning's default logger (TensorBoard, `lightning_logs/version_N`), with the run folder claimed atomically:
+    Lightning picks N by listing the folder, so two runs started together in one root both took `version_0` (one
+    config.yaml overwritten, both curves in one folder); here the folder is created exclusively (`io.py`) and a run
+    that finds N taken takes the next. Claimed when Lightning first asks for it, as the run sets up; a run that fails
+    before it has logged or written anything but what setup writes (bad data, a failed load) removes it again, so a
+    failed run leaves no empty `version_N`. With a `version` given (resuming a run, SLURM's job id) nothing is claimed
+    or removed."""
+
+    SETUP_FILES = ("config.yaml", "hparams.yaml", "events.out.tfevents.*")
+
+    def __init__(self, save_dir, version: int | str | None = None, **kwargs) -> None:
+        super().__init__(save_dir, version=version, **kwargs)
+        self.given_version, self.claimed, self.logged = version, None, False
+
+    @property
+    def version(self) -> int | str:
+        if self.given_version is not None or rank_zero_only.rank != 0:  # other processes get process 0's folder
+            return super().version
+        if self.claimed is None:
+            self.claimed = claim_numbered_folder(self.root_dir, "version_")
+        return self.claimed
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.logged = True
+        super().log_metrics(metrics, step)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if status != "failed" or self.claimed is None or self.logged:
+            return
+        folder = Path(self.log_dir)
+        if folder.is_dir() and all(any(fnmatch(p.name, name) for name in self.SETUP_FILES) for p in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class LitTrainer(Trainer):
@@ -57,22 +100,36 @@ class LitTrainer(Trainer):
         return written
 
 
-def renamed_options(args: list[str]) -> list[str]:
-    """The options of `args` (command line and --config files) that were renamed, each with its new name."""
+def read_config(path: Path):
+    """The YAML document of the config file `path`, or one clear error naming the file, the line and the column (as
+    jsonargparse reports it, the error names no file)."""
     import yaml
 
+    fix = "Fix: correct it (`python -m lit_mistral fit --print_config` prints a complete, valid config)."
+    try:
+        return yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise LitMistralError(f"--config {path}: not UTF-8 text (byte offset {err.start}). {fix}") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        what = "; ".join(str(part) for part in (err.context, err.problem) if part)
+        raise LitMistralError(f"--config {path}{where}: malformed YAML ({what}). {fix}") from None
+    except yaml.YAMLError as err:
+        raise LitMistralError(f"--config {path}: malformed YAML ({err}). {fix}") from None
+
+
+def renamed_options(args: list[str]) -> list[str]:
+    """The options of `args` (command line and --config files) that were renamed, each with its new name."""
     found = []
     for i, arg in enumerate(args):
         if arg.startswith("--"):
             key = arg[2:].split("=", 1)[0].removesuffix("+")
             if key in RENAMED:
                 found.append(f"--{key} is now --{RENAMED[key]}")
-        if arg == "--config" and i + 1 < len(args) or arg.startswith("--config="):
-            path = Path(args[i + 1] if arg == "--config" else arg.split("=", 1)[1])
-            try:
-                config = yaml.safe_load(path.read_text()) if path.is_file() else None
-            except (yaml.YAMLError, UnicodeDecodeError):
-                continue  # jsonargparse reports it
+        if arg in ("--config", "-c") and i + 1 < len(args) or arg.startswith("--config="):
+            path = Path(args[i + 1] if arg in ("--config", "-c") else arg.split("=", 1)[1])
+            config = read_config(path) if path.is_file() else None  # a missing file: jsonargparse names it
             for section, values in (config or {}).items() if isinstance(config, dict) else ():
                 for key in values if isinstance(values, dict) else ():
                     if f"{section}.{key}" in RENAMED:
@@ -81,6 +138,27 @@ def renamed_options(args: list[str]) -> list[str]:
 
 
 class LitMistralCLI(LightningCLI):
+    """LightningCLI, with bad input (exit status 2) and runs stopped midway (SIGTERM: 143, Ctrl+C: 130, out of memory)
+    reported as one message with the way on, instead of a traceback."""
+
+    resumed_run: Path | None = None  # the run folder of the checkpoint `--ckpt_path last` found
+    checkpoint_record: dict | None = None  # what the --ckpt_path file says it was trained with
+    subcommand: str | None = None  # set by LightningCLI once parsed: which advice fits a failure
+
+    def __init__(self, *args, **kwargs) -> None:
+        try:
+            super().__init__(*args, **kwargs)
+        except LitMistralError as err:
+            print(f"lit_mistral: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except BaseException as err:  # SIGTERM, Ctrl+C, out of memory: a message with the way on
+            known = failure_message(err, self.subcommand)
+            if known is None:
+                raise
+            message, status = known
+            print(f"lit_mistral: {message}", file=sys.stderr)
+            sys.exit(status)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
@@ -92,9 +170,46 @@ class LitMistralCLI(LightningCLI):
                                   + "".join(f"  {r}\n" for r in renamed)
                                   + "Fix: use the new names (`--help` lists every option by group).")
         super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is not None:  # before Lightning reads the checkpoint's hyperparameters (right after parsing)
+            self.resolve_ckpt_path(subcommand, self.config[subcommand])
+
+    def resolve_ckpt_path(self, subcommand: str, config) -> None:
+        """`--ckpt_path`: `last` becomes the newest last.ckpt under `--trainer.default_root_dir` (or one clear error:
+        a subcommand never runs without the adapter it was asked for); a file is checked before Lightning or torch
+        read it; an adapter folder becomes the model's adapter (validate, predict)."""
+        ckpt = config.get("ckpt_path")
+        if ckpt is None:
+            return
+        if ckpt == "last":
+            root = config.trainer.get("default_root_dir") or os.getcwd()
+            last = find_last_checkpoint(root)
+            if last is None:
+                fix = ("start without --ckpt_path, or set --trainer.default_root_dir to the earlier run's" if subcommand
+                       == "fit" else "pass the `adapter` folder or a .ckpt file of a fit run, or set "
+                       "--trainer.default_root_dir to the folder that fit ran in")
+                raise LitMistralError(f"{subcommand} --ckpt_path last: no last.ckpt under "
+                                      f"{Path(root) / 'lightning_logs'}/. Fix: {fix}.")
+            config.ckpt_path = ckpt = str(last)
+            self.resumed_run = last.parent.parent  # fit continues in that run's folder
+        path = Path(ckpt)
+        if not path.exists():
+            raise LitMistralError(f"{subcommand} --ckpt_path: {ckpt!r} does not exist. Fix: check the path"
+                                  + (", or use 'last'." if subcommand == "fit" else "."))
+        if path.is_dir() and subcommand == "fit":
+            raise LitMistralError(f"fit --ckpt_path: {ckpt!r} is a folder. Fix: to resume, pass a .ckpt file or "
+                                  "'last'; to start from a saved adapter, pass --model.adapter_path instead.")
+        if path.is_dir() and subcommand in ("validate", "predict"):
+            # a peft adapter folder: loaded onto the base as the model's adapter, not as a Lightning checkpoint
+            config.model.adapter_path, config.ckpt_path = ckpt, None
+        elif path.is_file():
+            self.checkpoint_record = check_checkpoint_file(path, f"{subcommand} --ckpt_path")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = self.config_init[str(self.subcommand)]["trainer"]
+        if trainer.get("logger") in (None, True):  # Lightning's default logger, with the run folder claimed atomically
+            kwargs["logger"] = RunLogger(save_dir=trainer.get("default_root_dir") or os.getcwd(),
+                                         version=SLURMEnvironment.job_id())
         if trainer.get("enable_progress_bar") is not False:  # Lightning's bar, with rows/s and tokens/s in predict
             callbacks = trainer.get("callbacks") or []
             kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]),
@@ -126,35 +241,48 @@ class LitMistralCLI(LightningCLI):
         """Everything that can be checked on the parsed config, before the tokenizer, the data or the model load."""
         subcommand = str(self.subcommand)
         config = self.config[subcommand]
-        check_settings(subcommand, config.model, config.trainer)
-        ckpt = config.get("ckpt_path")
-        if ckpt is not None and ckpt != "last" and not Path(ckpt).exists():
-            raise LitMistralError(f"{subcommand} --ckpt_path: {ckpt!r} does not exist. Fix: check the path"
-                                  + (", or use 'last'." if subcommand == "fit" else "."))
-        if ckpt is not None and Path(ckpt).is_dir() and subcommand == "fit":
-            raise LitMistralError(f"fit --ckpt_path: {ckpt!r} is a folder. Fix: to resume, pass a .ckpt file or "
-                                  "'last'; to start from a saved adapter, pass --model.adapter_path instead.")
-        if ckpt is not None and Path(ckpt).is_dir() and subcommand in ("validate", "predict"):
-            # a peft adapter folder: loaded onto the base as the model's adapter, not as a Lightning checkpoint
-            config.model.adapter_path, config.ckpt_path = ckpt, None
-        if (subcommand == "validate" and config.evaluation.compare_base and ckpt is None
+        check_settings(subcommand, config.model, config.trainer, config.get("data"), config.get("checkpoint"),
+                       config.get("evaluation"))
+        # outputs of the kind and in folders that take them (export checks its own, before it loads anything)
+        if subcommand in ("fit", "validate", "predict"):
+            check_output_folder(config.trainer.get("default_root_dir") or os.getcwd(), "trainer.default_root_dir")
+        if subcommand == "fit" and config.checkpoint.get("dirpath"):
+            dirpath = check_output_folder(config.checkpoint.dirpath, "checkpoint.dirpath")
+            ckpt = config.get("ckpt_path")
+            resuming = ckpt is not None and Path(ckpt).resolve().parent == dirpath.resolve()
+            if dirpath.is_dir() and any(dirpath.glob("*.ckpt")) and not resuming:
+                raise LitMistralError(f"checkpoint.dirpath: {str(dirpath)!r} holds the checkpoints of another run, "
+                                      "whose last.ckpt this run would replace. Fix: choose an empty folder, or "
+                                      "continue that run with --ckpt_path and its last.ckpt.")
+        if subcommand == "predict" and config.predictions.get("path"):
+            check_output_file(config.predictions.path, "predictions.path", "predictions.jsonl")
+        if (subcommand == "validate" and config.evaluation.compare_base and config.get("ckpt_path") is None
                 and config.model.adapter_path is None):
             raise LitMistralError("validate --evaluation.compare_base true: there is no adapter to compare with the "
                                   "base model. Fix: pass --ckpt_path with the `adapter` folder (or a .ckpt file) of a "
                                   "fit run.")
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except MisconfigurationException as err:  # the checks of Lightning's callbacks (ModelCheckpoint, ...)
+            raise LitMistralError(f"callback settings: {str(err).rstrip('.')}. Fix: change the --checkpoint.* or "
+                                  "--lr_monitor.* setting it names (nothing was loaded yet).") from None
+
+    def after_instantiate_classes(self) -> None:
+        """What needs the module built (not loaded): a checkpoint must fit its settings, which Lightning would find
+        only after loading the base."""
+        if self.checkpoint_record is not None:
+            raise_problems(self.model.checkpoint_problems(self.checkpoint_record),
+                           "Fix: run with the settings the checkpoint was trained with (its run folder holds "
+                           "config.yaml); nothing was loaded yet.")
+
     def before_fit(self) -> None:
-        if self.config_init["fit"].get("ckpt_path") != "last":
+        if self.resumed_run is None:
             return
-        root = self.trainer.default_root_dir
-        last = find_last_checkpoint(root)
-        if last is None:
-            raise LitMistralError(f"fit --ckpt_path last: no last.ckpt under {root}/lightning_logs/. Fix: start "
-                                  "without --ckpt_path, or set --trainer.default_root_dir to the earlier run's.")
-        # resume in the same run folder, so the curves and checkpoints of the run stay together
-        version = last.parent.parent.name.removeprefix("version_")
-        self.trainer.loggers = [TensorBoardLogger(save_dir=root, version=int(version))]
-        self.config_init["fit"]["ckpt_path"] = str(last)
+        # `--ckpt_path last` resumes in the same run folder, so the curves and checkpoints of the run stay together
+        version = self.resumed_run.name.removeprefix("version_")
+        self.trainer.loggers = [RunLogger(save_dir=self.trainer.default_root_dir, version=int(version))]
 
     def after_fit(self) -> None:
         # the comparison on the trained model, in the same run: the report lands next to the adapter, and its numbers
@@ -170,25 +298,14 @@ def main(args: list[str] | None = None) -> None:
     # predict batches by prompt length on purpose; the writer restores input order (Lightning can't know that)
     warnings.filterwarnings("ignore", message="You are using a custom batch sampler .* for prediction")
     register()
-    try:
-        LitMistralCLI(
-            QLoRAModule,
-            InstructionDataModule,
-            trainer_class=LitTrainer,
-            auto_configure_optimizers=False,  # QLoRAModule configures its own (bitsandbytes) optimizer
-            trainer_defaults={**TRAINER_DEFAULTS,
-                              "callbacks": [SaveOnSigterm(), RandomState(), Telemetry(), SaveAdapter()]},
-            seed_everything_default=42,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
-    except LitMistralError as err:
-        print(f"lit_mistral: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except BaseException as err:  # SIGTERM, out of memory: a message with the way on instead of a traceback
-        known = failure_message(err)
-        if known is None:
-            raise
-        message, status = known
-        print(f"lit_mistral: {message}", file=sys.stderr)
-        sys.exit(status)
+    LitMistralCLI(
+        QLoRAModule,
+        InstructionDataModule,
+        trainer_class=LitTrainer,
+        auto_configure_optimizers=False,  # QLoRAModule configures its own (bitsandbytes) optimizer
+        trainer_defaults={**TRAINER_DEFAULTS,
+                          "callbacks": [SaveOnSigterm(), StopOnSigterm(), RandomState(), Telemetry(), SaveAdapter()]},
+        seed_everything_default=42,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )

@@ -5,6 +5,7 @@ import re
 from collections.abc import Sequence
 
 SIGTERM_EXIT_STATUS = 128 + 15  # what a shell reports for a process ended by SIGTERM: schedulers see "not finished"
+SIGINT_EXIT_STATUS = 128 + 2  # and by Ctrl+C
 
 
 class LitMistralError(Exception):
@@ -21,15 +22,31 @@ def raise_problems(problems: Sequence[str], fix: str, limit: int = 20) -> None:
     raise LitMistralError(f"{len(problems)} {noun} found:\n{shown}{more}\n{fix}")
 
 
-def failure_message(err: BaseException) -> tuple[str, int] | None:
-    """What to tell the user about a run that failed midway without bad input, and the exit status; None for
-    anything else (it keeps its traceback)."""
+def failure_message(err: BaseException, subcommand: str | None = None) -> tuple[str, int] | None:
+    """What to tell the user about a `subcommand` run that failed midway without bad input, and the exit status;
+    None for anything else (it keeps its traceback)."""
     import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     if isinstance(err, SIGTERMException):
-        return ("stopped by SIGTERM. A fit run saved last.ckpt on the way out (see the line above): run the same "
-                "command with --ckpt_path last to continue.", SIGTERM_EXIT_STATUS)
+        return (("stopped by SIGTERM. " + {
+            "fit": "A fit run saved last.ckpt on the way out (see the line above): run the same command with "
+                   "--ckpt_path last to continue.",
+            "predict": "Predict stopped after the batch it was generating; the finished rows are kept (see the line "
+                       "above): run the same command with --predictions.resume true to generate the rest.",
+            "validate": "Validation stopped before its end and wrote nothing: run the same command again.",
+        }.get(subcommand, "")).strip(), SIGTERM_EXIT_STATUS)
+    # Ctrl+C: Lightning catches it in fit, validate and predict, cleans up and exits with status 1
+    interrupted = isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit)
+                                                         and isinstance(err.__context__, KeyboardInterrupt))
+    if interrupted:
+        return (("interrupted (Ctrl+C). " + {
+            "fit": "The checkpoints written so far are intact (see the line above): run the same command with "
+                   "--ckpt_path last to continue from the newest. (SIGTERM instead finishes the running step and "
+                   "checkpoints it first.)",
+            "predict": "Any finished rows are kept (see the line above): run the same command with "
+                       "--predictions.resume true to generate the rest.",
+        }.get(subcommand, "")).strip(), SIGINT_EXIT_STATUS)
     if isinstance(err, torch.OutOfMemoryError):
         first = str(err).strip().splitlines()[0] if str(err).strip() else "torch.OutOfMemoryError"
         return (f"error: out of GPU memory ({first[:200]}). Fix: lower --data.batch_size (or --data.max_tokens "

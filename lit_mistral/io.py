@@ -1,5 +1,6 @@
 """Writing outputs whole or not at all: a reader never sees a half-written adapter, export, checkpoint, report or
-cache entry."""
+cache entry. And checking, before anything runs, that an output path can be written: of the right kind, in a folder
+that exists and takes new files."""
 
 import os
 import shutil
@@ -7,6 +8,70 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from lit_mistral.errors import LitMistralError
+
+
+def unwritable(folder: str | os.PathLike) -> str | None:
+    """Why no file can be created in the existing folder `folder`, or None. Found by creating (and removing) one:
+    permission bits do not tell (root ignores them; a read-only filesystem does not show in them)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lit_mistral-probe-", dir=folder)
+    except OSError as err:
+        return err.strerror or str(err)
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def claim_numbered_folder(parent: str | os.PathLike, prefix: str) -> int:
+    """Create `parent/<prefix>N` for the next free N (one past the highest there) and return N. Creating it is the
+    claim: of several processes that try the same N at once, `os.mkdir` succeeds for one, and the others take the
+    next number."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    numbers = [p.name[len(prefix):] for p in parent.iterdir() if p.name.startswith(prefix)]
+    n = max((int(s) for s in numbers if s.isdigit()), default=-1) + 1
+    while True:
+        try:
+            (parent / f"{prefix}{n}").mkdir()
+            return n
+        except FileExistsError:
+            n += 1
+
+
+def check_output_file(path: str | os.PathLike, key: str, example: str) -> Path:
+    """`path` as a file that can be written (created, or replaced by renaming a new one onto it), or one clear
+    error naming `key`: it is a folder (`example`: a file name to suggest in it), or its folder is missing, not a
+    folder, or takes no new files."""
+    path = Path(path)
+    if path.is_dir():
+        raise LitMistralError(f"{key}: {str(path)!r} is a folder. Fix: give the path of a file, e.g. "
+                              f"{str(path / example)!r}.")
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise LitMistralError(f"{key}: the folder {str(folder)!r} {what}. Fix: create it or choose another path.")
+    why = unwritable(folder)
+    if why is not None:
+        raise LitMistralError(f"{key}: the folder {str(folder)!r} is not writable ({why}). Fix: choose another path.")
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, key: str) -> Path:
+    """`path` as a folder that can be written into (made with its parents where missing), or one clear error naming
+    `key`: it, or the nearest of its parents that exists, is a file or takes no new files."""
+    path = existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == path else f" (its parent {str(existing)!r} is a file)"
+        raise LitMistralError(f"{key}: {str(path)!r} cannot be a folder{where}: a file is in the way. Fix: choose "
+                              "another folder.")
+    why = unwritable(existing)
+    if why is not None:
+        raise LitMistralError(f"{key}: {str(existing)!r} is not writable ({why}). Fix: choose another folder.")
+    return path
 
 
 def publish(tmp: str | os.PathLike, target: str | os.PathLike, folder: bool = False) -> None:

@@ -199,19 +199,24 @@ class QLoRAModule(LightningModule):
         checkpoint["lit_mistral"] = self._signature()
         checkpoint["skipped_batches"] = self.skipped_batches
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("lit_mistral")
-        if saved is None:
-            raise LitMistralError("ckpt_path: this checkpoint was not written by lit_mistral (no adapter record). "
-                                  "Fix: pass a checkpoint from a lit_mistral fit run, or its adapter folder.")
+    def checkpoint_problems(self, saved: dict) -> list[str]:
+        """How the settings a checkpoint was trained with (its `lit_mistral` record) differ from this module's: known
+        before the model is built, so the CLI checks them before loading anything."""
         ours = self._signature()
         keys = {"name_or_path": "name_or_path", "gguf_file": "gguf_file", "quantize": "quantization.method"}
         diffs = [f"model.{option}: checkpoint has {saved.get(k)!r}, this run has {ours[k]!r}"
                  for k, option in keys.items() if saved.get(k) != ours[k]]
         options = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
                    "bias": "bias"}
-        diffs += [f"model.lora.{options[k]}: checkpoint has {saved['lora'].get(k)!r}, this run has {v!r}"
-                  for k, v in ours["lora"].items() if saved["lora"].get(k) != v]
+        return diffs + [f"model.lora.{options[k]}: checkpoint has {saved.get('lora', {}).get(k)!r}, this run has "
+                        f"{v!r}" for k, v in ours["lora"].items() if saved.get("lora", {}).get(k) != v]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("lit_mistral")
+        if saved is None:
+            raise LitMistralError("ckpt_path: this checkpoint was not written by lit_mistral (no adapter record). "
+                                  "Fix: pass a checkpoint from a lit_mistral fit run, or its adapter folder.")
+        diffs = self.checkpoint_problems(saved)
         state, expected = checkpoint["state_dict"], set(trainable_state(self))
         if not diffs and set(state) != expected:
             diffs.append(f"the checkpoint's {len(state)} adapter tensors do not match this model's {len(expected)}")

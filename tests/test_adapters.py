@@ -2,6 +2,7 @@
 objects never runs them; saved adapters are plain peft."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,7 +57,32 @@ def test_adapter_with_pickled_objects_is_refused(tiny_model_dir, tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps(config))
     marker = tmp_path / "code-ran"
     torch.save({"payload": Opener(marker)}, folder / "adapter_model.bin")  # peft's pickle format, no safetensors
-    module = make_module(tiny_model_dir, adapter_path=str(folder))
     with pytest.raises(LitMistralError, match=r"adapter_model.bin: holds pickled Python objects \(io.open\)"):
-        module.build(torch.device("cpu"))
+        make_module(tiny_model_dir, adapter_path=str(folder))  # refused before the base loads
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("config-not-json", r"adapter_config.json:1: not valid JSON \(Expecting property name enclosed in double quotes "
+                        r"at column 2\)"),
+    ("config-not-peft", r"adapter_config.json is not a peft adapter's config \(it has no peft_type\)"),
+    ("weights-cut-short", r"adapter_model.safetensors cannot be read \(.*\): cut short or damaged"),
+    ("no-weights", r"holds no adapter weights \(adapter_model.safetensors\)"),
+])
+def test_damaged_adapter_folder_is_refused_before_the_base_loads(tiny_model_dir, adapter_dir, tmp_path, damage,
+                                                                 message):
+    import shutil
+
+    folder = Path(shutil.copytree(adapter_dir, tmp_path / "adapter"))
+    weights = folder / "adapter_model.safetensors"
+    if damage == "config-not-json":
+        (folder / "adapter_config.json").write_text("{r: 8,")
+    elif damage == "config-not-peft":
+        (folder / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    elif damage == "weights-cut-short":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        weights.unlink()
+    with pytest.raises(LitMistralError, match=r"model.adapter_path: .*" + message + r".* Fix: write the adapter "
+                                              r"again \(fit writes it to the run's `adapter` folder at its end\)"):
+        make_module(tiny_model_dir, adapter_path=str(folder))

@@ -106,3 +106,38 @@ def test_truncated_checkpoint_is_named(tmp_path):
     with pytest.raises(LitMistralError, match=r"old.ckpt: not a complete checkpoint \(.*\)\. Fix: pass another "
                                               r"one; a run's checkpoints/ folder keeps the last complete ones"):
         AtomicCheckpointIO().load_checkpoint(path)
+
+
+def damaged(kind: str, path, marker):
+    """A .ckpt file as users end up with: empty, random bytes, cut short, holding pickled objects, or written by
+    another tool."""
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random-bytes":
+        path.write_bytes(bytes(range(256)) * 12)
+    elif kind == "truncated":
+        torch.save({**state(1.0), "lit_mistral": {}}, path)
+        path.write_bytes(path.read_bytes()[:5000])
+    elif kind == "pickle":
+        torch.save({"state_dict": {}, "lit_mistral": {}, "payload": Opener(marker)}, path)
+    else:  # a plain torch checkpoint of another program
+        torch.save(state(1.0), path)
+    return path
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("empty", r"x.ckpt is empty, so not a checkpoint\. Fix: pass a \.ckpt file of a lit_mistral fit run"),
+    ("random-bytes", r"x.ckpt is not a whole zip archive, as torch.save writes \(cut short, or another kind of "
+                     r"file\), so not a checkpoint\. Fix:"),
+    ("truncated", r"x.ckpt is not a whole zip archive"),
+    ("pickle", r"x.ckpt: holds pickled Python objects \(io.open\), not just tensors; lit_mistral does not load them"),
+    ("foreign", r"x.ckpt was not written by lit_mistral \(no adapter record\)\. Fix:"),
+])
+def test_a_checkpoint_is_checked_before_anything_reads_it(tmp_path, kind, message):
+    from lit_mistral.checkpointing import check_checkpoint_file
+
+    marker = tmp_path / "code-ran"
+    path = damaged(kind, tmp_path / "x.ckpt", marker)
+    with pytest.raises(LitMistralError, match=message) as err:
+        check_checkpoint_file(path, "predict --ckpt_path")
+    assert "weights_only" not in str(err.value) and not marker.exists()  # no advice to turn the safe load off

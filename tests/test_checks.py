@@ -39,3 +39,27 @@ def test_loading_on_the_cpu_is_for_fsdp_qlora(strategy, monkeypatch):
         check_settings("fit", model, Namespace(precision="bf16-mixed", accelerator="gpu", strategy=strategy))
     check_settings("fit", model, Namespace(precision="bf16-mixed", accelerator="gpu", strategy="fsdp_qlora"))
     check_settings("fit", model, Namespace(precision="32-true", accelerator="cpu", strategy="ddp"))  # already there
+
+
+@pytest.mark.parametrize("monitor,data,in_fit,message", [
+    ("val/loss", Namespace(val_records=[0, 8]), False, None),
+    ("val/closed_qa/ppl", Namespace(val_fraction=0.1), False, None),
+    ("train/loss", Namespace(), False, None),
+    ("lr-PagedAdamW32bit", Namespace(), False, None),
+    ("val/rougeL", Namespace(val_path="v.jsonl"), True, None),
+    ("val_loss", Namespace(val_records=[0, 8]), False, "checkpoint.monitor=val_loss: a fit logs no such metric"),
+    ("val/ppl", Namespace(val_fraction=0.0), False, "there is no validation data, so it is never logged"),
+    ("val/rougeL", Namespace(val_records=[0, 8]), False, "generation metrics are computed during fit only with "
+                                                         "--evaluation.in_fit true"),
+])
+def test_the_checkpoint_monitor_is_a_metric_the_fit_logs(monitor, data, in_fit, message):
+    def check():
+        check_settings("fit", model_settings(method=None, optimizer="adamw"),
+                       Namespace(precision="32-true", accelerator="cpu"), data, Namespace(monitor=monitor),
+                       Namespace(in_fit=in_fit))
+
+    if message is None:
+        check()
+    else:
+        with pytest.raises(LitMistralError, match=message):
+            check()

@@ -120,3 +120,26 @@ def test_conversations_and_records_do_not_mix(tiny_model_dir, tmp_path, demo_rec
                                prompt_style="chat_template")
     with pytest.raises(LitMistralError, match="holds instruction data where the data read before holds messages"):
         dm.setup("fit")
+
+
+def test_an_enormous_record_is_cut_before_it_is_tokenized(tiny_model_dir, tmp_path, demo_records, monkeypatch):
+    """A record of megabytes (valid JSON) costs what data.overlong says, in training and in validation, not minutes
+    and gigabytes of tokenizing."""
+    from transformers import AutoTokenizer
+
+    records = [dict(r) for r in demo_records[:8]]
+    records[2]["response"] = records[7]["response"] = "fish water " * 300_000  # 3.3 MB each
+    dm = datamodule(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", records), train_records=(0, 6),
+                    val_records=(6, 8))
+    dm.tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenize, longest = type(dm.tokenizer).__call__, []
+
+    def counting(self, text, **kwargs):
+        longest.append(max(map(len, [text] if isinstance(text, str) else text)))
+        return tokenize(self, text, **kwargs)
+
+    monkeypatch.setattr(type(dm.tokenizer), "__call__", counting)
+    with pytest.warns(UserWarning, match=r"data.path: dropped 1 of 6 examples longer than data.max_length=256"):
+        dm.setup("fit")
+    assert max(longest) < 100_000 and len(dm.train_set) == 5
+    assert len(dm.val_set) == 2 and max(dm.val_set.lengths) == 256  # validation keeps it, truncated

@@ -11,6 +11,8 @@ from conftest import adapted, make_module, run_cli
 from lit_mistral.errors import LitMistralError
 from lit_mistral.export import export
 
+
+TARGETS = {"target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj", "lm_head"]}
 IDS = torch.tensor([[1, 10, 20, 30, 40, 50, 60], [1, 7, 8, 9, 3, 3, 3]])
 
 
@@ -49,3 +51,56 @@ def test_export_refuses_to_overwrite_and_needs_a_checkpoint(tiny_model_dir, tmp_
     with pytest.raises(LitMistralError, match="does not exist"):
         export(module, str(tmp_path / "nope"), tmp_path / "new", torch.float32, torch.device("cpu"))
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def files(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_an_earlier_export(tiny_model_dir, tmp_path):
+    """A run folder (checkpoints, adapter, config, events), the one holding the checkpoint being read or another,
+    and the base model's folder all stay as they are."""
+    runs = tmp_path / "lightning_logs"
+    for version in ("version_0", "version_1"):
+        (runs / version / "checkpoints").mkdir(parents=True)
+        (runs / version / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+        (runs / version / "config.yaml").write_text("trainer: {}\n")
+        (runs / version / "events.out.tfevents.1").write_bytes(b"events")
+    ckpt = runs / "version_0" / "checkpoints" / "last.ckpt"
+    before = files(tmp_path), files(tiny_model_dir)
+    module = make_module(tiny_model_dir)
+    cases = [(runs / "version_0", r"holds '.*last.ckpt', which this export reads"),
+             (runs, r"holds '.*last.ckpt', which this export reads"),
+             (tiny_model_dir, r"holds '.*tiny-mistral.*', which this export reads"),
+             (runs / "version_1", r"is not an earlier export \(it holds checkpoints/, config.yaml, "
+                                  r"events.out.tfevents.1, which export does not write\); --overwrite replaces only "
+                                  r"exports. Fix: choose another --output_dir")]
+    for target, message in cases:
+        with pytest.raises(LitMistralError, match=message):
+            export(module, str(ckpt), target, torch.float32, torch.device("cpu"), overwrite=True)
+    assert (files(tmp_path), files(tiny_model_dir)) == before and module.model is None  # nothing loaded either
+
+
+def test_an_earlier_export_is_replaced_only_by_a_complete_one(tiny_model_dir, adapter_dir, tmp_path, monkeypatch):
+    out, cpu = tmp_path / "merged", torch.device("cpu")
+
+    def module():
+        return make_module(tiny_model_dir, lora=TARGETS, compute={"dtype": "float32"})
+
+    export(module(), str(adapter_dir), out, torch.float32, cpu, with_adapter=True)
+    first = files(out)
+    assert "adapter/adapter_model.safetensors" in first
+
+    def killed(model, tokenizer, folder):  # the process dies while the new model is being written
+        (folder / "model.safetensors").write_bytes(b"half of it")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lit_mistral.export.write_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(module(), str(adapter_dir), out, torch.float32, cpu, overwrite=True, with_adapter=True)
+    assert files(out) == first and [p.name for p in tmp_path.iterdir()] == ["merged"]  # nothing left beside it
+    monkeypatch.undo()
+    export(module(), str(adapter_dir), out, torch.bfloat16, cpu, overwrite=True, with_adapter=True)  # an export
+    second = files(out)
+    assert second.keys() == first.keys() and second["model.safetensors"] != first["model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]

@@ -33,3 +33,48 @@ def test_a_file_is_written_whole_or_left_as_it_was(tmp_path):
     assert before.closed and path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
     write_text(path, "second")
     assert path.read_text() == "second"
+
+
+def test_output_paths_are_checked_for_kind_and_a_folder_that_takes_files(tmp_path):
+    from lit_mistral.errors import LitMistralError
+    from lit_mistral.io import check_output_file, check_output_folder, unwritable
+
+    assert unwritable(tmp_path) is None and list(tmp_path.iterdir()) == []  # the probe leaves nothing
+    assert unwritable("/sys") == "Permission denied"  # read-only for root too: permission bits would not tell
+    (tmp_path / "file").write_text("x")
+    assert check_output_file(tmp_path / "new.jsonl", "k", "a.jsonl") == tmp_path / "new.jsonl"
+    assert check_output_folder(tmp_path / "new" / "deeper", "k") == tmp_path / "new" / "deeper"
+    for check, path, message in [
+        (check_output_file, tmp_path, r"k: '.*' is a folder. Fix: give the path of a file, e.g. '.*/a.jsonl'"),
+        (check_output_file, tmp_path / "missing" / "a.jsonl", r"the folder '.*missing' does not exist"),
+        (check_output_file, tmp_path / "file" / "a.jsonl", r"the folder '.*file' is a file, not a folder"),
+        (check_output_file, "/sys/a.jsonl", r"the folder '/sys' is not writable \(Permission denied\)"),
+        (check_output_folder, tmp_path / "file" / "runs", r"'.*file/runs' cannot be a folder \(its parent"),
+        (check_output_folder, "/sys/runs", r"'/sys' is not writable \(Permission denied\)"),
+    ]:
+        with pytest.raises(LitMistralError, match=message):
+            check(path, "k", "a.jsonl") if check is check_output_file else check(path, "k")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing created on the way
+
+
+def test_numbered_folders_are_claimed_once_each_by_processes_racing_for_them(tmp_path):
+    import threading
+
+    from lit_mistral.io import claim_numbered_folder
+
+    (tmp_path / "version_3").mkdir()
+    (tmp_path / "version_x").mkdir()  # not a number: not counted
+    start, claimed = threading.Barrier(8), []
+
+    def claim():
+        start.wait()  # all list the folder at once: all see version_3 as the highest
+        claimed.append(claim_numbered_folder(tmp_path, "version_"))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == list(range(4, 12))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["version_3", "version_x"] +
+                                                                [f"version_{n}" for n in range(4, 12)])

@@ -35,7 +35,7 @@ BAD_DATA = [
     ("missing-response", "train.jsonl", [GOOD, GOOD, {"instruction": "Name a bird."}],
      "train.jsonl:3: field 'response' is missing"),
     ("null-response", "train.jsonl", [{"instruction": "Name a bird.", "response": None}, GOOD],
-     "train.jsonl:1: field 'response' is missing"),
+     "train.jsonl:1: field 'response' is null"),
     ("instruction-not-string", "train.jsonl", [GOOD, {"instruction": 42, "response": "y"}],
      "train.jsonl:2: field 'instruction' must be a string, got int ('42')"),
     ("response-not-string", "train.jsonl", [GOOD, {"instruction": "x", "response": ["a", "b"]}],
@@ -77,7 +77,7 @@ def test_bad_training_data_stops_before_the_model_loads(tiny_model_dir, tmp_path
     assert message.format(dir=tmp_path) in err
     if case not in ("no-records", "json-not-a-list", "json-malformed"):  # whole-file problems: nothing to skip
         assert "Fix: correct these records, or set --data.skip_invalid true to leave them out." in err
-    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+    assert not list((tmp_path / "runs").glob("lightning_logs/*"))  # a failed run leaves no (empty) run folder
 
 
 @pytest.mark.usefixtures("model_must_not_load")
@@ -115,6 +115,8 @@ BAD_SETTINGS = [
      "--model.compare_base is now --evaluation.compare_base\nFix: use the new names"),
     ("renamed-key-in-yaml", {"model": {"quantize": "nf4"}}, "model.quantize is now model.quantization.method"),
     ("unknown-key-in-yaml", {"model": {"lora_rank": 4}}, "Subcommand 'fit' does not accept option 'model.lora_rank'"),
+    ("malformed-yaml", "model:\n  lora: [r: 4\n", "config.yaml:3:1: malformed YAML (while parsing a flow sequence; "
+                                                   "expected ',' or ']', but got '<stream end>'). Fix: correct it"),
     ("wrong-type", ["--model.lora.r", "eight"], 'Parser key "model.lora.r":\n  Expected a <class \'int\'>. '
                                                  "Got value: eight"),
     ("wrong-type-in-yaml", {"data": {"batch_size": "four"}}, 'Parser key "data.batch_size":\n  Expected a <class '
@@ -150,6 +152,21 @@ BAD_SETTINGS = [
      "trainer.precision=bf16-true with trainer.strategy=fsdp_qlora: supported are bf16-mixed (GPUs) and 32-true."),
     ("overlapping-records", ["--data.train_records", "[0, 10]", "--data.val_records", "[5, 15]"],
      "data.train_records=[0, 10] and data.val_records=[5, 15] overlap"),
+    # settings Lightning or torch refuse only once the model is loaded (or with a traceback)
+    ("val-check-interval-above-the-batches", ["--data.train_records", "[0, 8]", "--data.val_records", "[8, 16]",
+                                              "--trainer.val_check_interval", "5"],
+     "trainer.val_check_interval=5 is more than the 2 training batches of an epoch (8 examples). Fix: "
+     "--trainer.val_check_interval 2 or less, --trainer.check_val_every_n_epoch null to count batches across epochs, "
+     "or more training records."),
+    ("negative-num-workers", ["--data.num_workers", "-1"], "data.num_workers=-1: expected >= 0"),
+    ("validate-every-0-epochs", ["--trainer.check_val_every_n_epoch", "0"],
+     "trainer.check_val_every_n_epoch=0: expected >= 1"),
+    ("checkpoint-every-negative-steps", ["--checkpoint.every_n_train_steps", "-1"],
+     "callback settings: Invalid value for every_n_train_steps=-1. Must be >= 0. Fix: change the --checkpoint.*"),
+    ("monitor-typo", ["--checkpoint.monitor", "val/lossx", "--data.val_records", "[8, 16]"],
+     "checkpoint.monitor=val/lossx: a fit logs no such metric"),
+    ("monitor-without-validation", ["--checkpoint.monitor", "val/loss"],
+     "checkpoint.monitor=val/loss: there is no validation data, so it is never logged."),
 ]
 
 
@@ -158,11 +175,11 @@ BAD_SETTINGS = [
 def test_bad_settings_stop_before_the_model_loads(tiny_model_dir, tmp_path, capsys, demo_records, case, settings,
                                                   message):
     data = write_jsonl(tmp_path / "train.jsonl", demo_records[:16])
-    if isinstance(settings, dict):
+    if isinstance(settings, (dict, str)):  # a YAML config: its settings, or its text
         import yaml
 
         config = tmp_path / "config.yaml"
-        config.write_text(yaml.safe_dump(settings))
+        config.write_text(settings if isinstance(settings, str) else yaml.safe_dump(settings))
         settings = ["--config", config]
     err = cli_fails(capsys, *args("fit", tiny_model_dir, tmp_path, "--data.path", data, *settings))
     assert message in err
@@ -219,3 +236,137 @@ def test_predict_never_replaces_an_existing_output(tiny_model_dir, tmp_path, cap
     assert (f"predictions.path: '{out}' exists. Fix: pass --predictions.resume true to finish an interrupted run, "
             "--predictions.overwrite true to replace it, or choose another path.") in err
     assert out.read_text() == "earlier answers\n"
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "predict", "export"])
+@pytest.mark.usefixtures("model_must_not_load")
+def test_ckpt_path_last_without_a_checkpoint_never_runs_without_the_adapter(tiny_model_dir, tmp_path, capsys,
+                                                                            subcommand):
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Name a fish.\n")
+    (tmp_path / "runs" / "lightning_logs" / "version_0").mkdir(parents=True)  # a run that wrote no checkpoint
+    err = cli_fails(capsys, *args(subcommand, tiny_model_dir, tmp_path, "--ckpt_path", "last",
+                                  "--data.predict_path", questions, "--data.val_records", "[0, 4]"))
+    assert (f"{subcommand} --ckpt_path last: no last.ckpt under {tmp_path / 'runs' / 'lightning_logs'}/. Fix: pass "
+            "the `adapter` folder or a .ckpt file of a fit run, or set --trainer.default_root_dir") in err
+
+
+@pytest.mark.parametrize("subcommand,content,message", [
+    ("predict", bytes(range(256)) * 12, "x.ckpt is not a whole zip archive, as torch.save writes"),
+    ("fit", b"", "x.ckpt is empty, so not a checkpoint"),
+    ("export", None, "x.ckpt: holds pickled Python objects (io.open)"),
+])
+@pytest.mark.usefixtures("model_must_not_load")
+def test_unreadable_checkpoint_is_one_error_before_lightning_reads_it(tiny_model_dir, tmp_path, capsys, subcommand,
+                                                                      content, message):
+    ckpt, marker = tmp_path / "x.ckpt", tmp_path / "code-ran"
+    if content is None:
+        class Opener:
+            def __reduce__(self):
+                return open, (str(marker), "w")
+
+        torch.save({"state_dict": {}, "lit_mistral": {}, "payload": Opener()}, ckpt)
+    else:
+        ckpt.write_bytes(content)
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Name a fish.\n")
+    err = cli_fails(capsys, *args(subcommand, tiny_model_dir, tmp_path, "--ckpt_path", ckpt,
+                                  "--data.predict_path", questions))
+    assert message in err and "weights_only" not in err and not marker.exists()
+
+
+@pytest.mark.usefixtures("model_must_not_load")
+def test_checkpoint_trained_with_other_settings_stops_before_the_model_loads(tiny_model_dir, tmp_path, capsys):
+    from lit_mistral.config import LoRA
+
+    record = {"name_or_path": str(tiny_model_dir), "gguf_file": None, "quantize": "nf4",
+              "lora": LoRA(r=4).peft_kwargs()}
+    torch.save({"state_dict": {}, "lit_mistral": record}, tmp_path / "other.ckpt")
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Name a fish.\n")
+    err = cli_fails(capsys, *args("predict", tiny_model_dir, tmp_path, "--ckpt_path", tmp_path / "other.ckpt",
+                                  "--data.predict_path", questions))
+    assert ("1 problem found:\n  model.lora.r: checkpoint has 4, this run has 8\nFix: run with the settings the "
+            "checkpoint was trained with (its run folder holds config.yaml); nothing was loaded yet.") in err
+
+
+@pytest.mark.parametrize("subcommand", ["predict", "export"])
+@pytest.mark.usefixtures("model_must_not_load")
+def test_damaged_adapter_folder_stops_before_the_model_loads(tiny_model_dir, adapter_dir, tmp_path, capsys,
+                                                             subcommand):
+    import shutil
+
+    folder = shutil.copytree(adapter_dir, tmp_path / "adapter")
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Name a fish.\n")
+    output = ["--output_dir", tmp_path / "merged"] if subcommand == "export" else ["--data.predict_path", questions]
+    err = cli_fails(capsys, *args(subcommand, tiny_model_dir, tmp_path, "--ckpt_path", folder, *output))
+    assert f"{weights} cannot be read (" in err and "cut short or damaged. Fix: write the adapter again" in err
+
+
+# (case, subcommand, options ({dir}: a folder, {file}: a file, both existing), what the message must say)
+BAD_OUTPUTS = [
+    ("predictions-path-a-folder", "predict", ["--predictions.path", "{dir}"],
+     "predictions.path: '{dir}' is a folder. Fix: give the path of a file, e.g. '{dir}/predictions.jsonl'."),
+    ("predictions-path-a-folder-overwrite", "predict",
+     ["--predictions.path", "{dir}", "--predictions.overwrite", "true"], "predictions.path: '{dir}' is a folder."),
+    ("predictions-in-a-read-only-folder", "predict", ["--predictions.path", "/sys/answers.jsonl"],
+     "predictions.path: the folder '/sys' is not writable (Permission denied). Fix: choose another path."),
+    ("export-into-a-file", "export", ["--output_dir", "{file}"], "export --output_dir: '{file}' is a file."),
+    ("export-into-a-read-only-folder", "export", ["--output_dir", "/sys/merged"],
+     "export --output_dir: the folder '/sys' is not writable (Permission denied)."),
+    ("root-dir-a-file", "fit", ["--trainer.default_root_dir", "{file}"],
+     "trainer.default_root_dir: '{file}' cannot be a folder: a file is in the way."),
+    ("root-dir-under-a-file", "fit", ["--trainer.default_root_dir", "{file}/runs"],
+     "trainer.default_root_dir: '{file}/runs' cannot be a folder (its parent '{file}' is a file)"),
+    ("root-dir-read-only", "validate", ["--trainer.default_root_dir", "/sys/runs"],
+     "trainer.default_root_dir: '/sys' is not writable (Permission denied)."),
+    ("checkpoint-dir-a-file", "fit", ["--checkpoint.dirpath", "{file}"],
+     "checkpoint.dirpath: '{file}' cannot be a folder"),
+]
+
+
+@pytest.mark.parametrize("case,subcommand,options,message", BAD_OUTPUTS, ids=[c[0] for c in BAD_OUTPUTS])
+@pytest.mark.usefixtures("model_must_not_load")
+def test_output_paths_are_checked_before_anything_loads(tiny_model_dir, adapter_dir, tmp_path, capsys, case,
+                                                        subcommand, options, message):
+    folder, file = tmp_path / "answers", tmp_path / "notes.txt"
+    folder.mkdir()
+    file.write_text("mine\n")
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Name a fish.\n")
+    extra = {"predict": ["--data.predict_path", questions, "--ckpt_path", adapter_dir],
+             "export": ["--ckpt_path", adapter_dir], "validate": ["--data.val_records", "[0, 4]"]}.get(subcommand, [])
+    err = cli_fails(capsys, *args(subcommand, tiny_model_dir, tmp_path, *extra,
+                                  *[o.format(dir=folder, file=file) for o in options]))
+    assert message.format(dir=folder, file=file) in err
+    assert file.read_text() == "mine\n" and list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["overwrite-the-inputs", "overwrite-a-checkpoint", "resume-onto-notes",
+                                  "checkpoints-of-another-run"])
+@pytest.mark.usefixtures("model_must_not_load")
+def test_nothing_replaces_a_file_lit_mistral_did_not_write(tiny_model_dir, adapter_dir, tmp_path, capsys, case):
+    questions, notes, ckpts = tmp_path / "questions.jsonl", tmp_path / "notes.txt", tmp_path / "ckpts"
+    write_jsonl(questions, [{"instruction": "Name a fish."}, {"instruction": "Name a bird."}])
+    notes.write_text("first thought\nsecond thought\n")
+    ckpts.mkdir()
+    (ckpts / "last.ckpt").write_bytes(b"weights of another run")
+    before = {p: p.read_bytes() for p in (questions, notes, ckpts / "last.ckpt")}
+    predict = ["--data.predict_path", questions, "--ckpt_path", adapter_dir]
+    options, message = {
+        "overwrite-the-inputs": (["predict", *predict, "--predictions.path", questions, "--predictions.overwrite",
+                                  "true"], f"predictions.overwrite: '{questions}' is not an earlier predictions "
+                                           "output"),
+        "overwrite-a-checkpoint": (["predict", *predict, "--predictions.path", ckpts / "last.ckpt",
+                                    "--predictions.overwrite", "true"], "is not an earlier predictions output"),
+        "resume-onto-notes": (["predict", *predict, "--predictions.path", notes, "--predictions.resume", "true"],
+                              f"{notes}:1: not a row of predictions. Fix: resume with the same --data.predict_path"),
+        "checkpoints-of-another-run": (["fit", "--checkpoint.dirpath", ckpts],
+                                       f"checkpoint.dirpath: '{ckpts}' holds the checkpoints of another run"),
+    }[case]
+    err = cli_fails(capsys, *args(options[0], tiny_model_dir, tmp_path, *options[1:]))
+    assert message in err
+    assert {p: p.read_bytes() for p in before} == before

@@ -71,20 +71,27 @@ def reference(tiny_model_dir, tmp_path_factory) -> dict:
 def start_paused(tiny_model_dir, root: Path) -> tuple[subprocess.Popen, Path]:
     """`python -m lit_mistral fit` in a subprocess, paused (by tests/harness.py) before the batch that would make
     step PAUSE_AT + 1, i.e. right after the checkpoint of step PAUSE_AT; returns once it is there."""
+    process = start_paused_at(fit_args(tiny_model_dir, root), root, "PauseAtStep", step=PAUSE_AT)
+    return process, root / "lightning_logs" / "version_0"
+
+
+def start_paused_at(args: list[str], root: Path, pause: str, **where) -> subprocess.Popen:
+    """`python -m lit_mistral *args` in a subprocess (output in `root`/stdout and stderr), paused by tests/harness.py's
+    callback `pause` at `where`; returns once it is there."""
     root.mkdir(parents=True, exist_ok=True)
     marker = root / "paused"
-    pause = {"class_path": "harness.PauseAtStep", "init_args": {"step": PAUSE_AT, "marker": str(marker)}}
+    callback = {"class_path": f"harness.{pause}", "init_args": {**where, "marker": str(marker)}}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     with open(root / "stdout", "w") as out, open(root / "stderr", "w") as err:
-        process = subprocess.Popen([sys.executable, "-m", "lit_mistral", *fit_args(tiny_model_dir, root),
-                                    f"--trainer.callbacks=[{json.dumps(pause)}]"], stdout=out, stderr=err, env=env)
+        process = subprocess.Popen([sys.executable, "-m", "lit_mistral", *args,
+                                    f"--trainer.callbacks=[{json.dumps(callback)}]"], stdout=out, stderr=err, env=env)
     deadline = time.monotonic() + 300
     while not marker.exists():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            pytest.fail(f"the run did not reach step {PAUSE_AT}:\n{(root / 'stderr').read_text()[-3000:]}")
+            pytest.fail(f"the run did not reach {where}:\n{(root / 'stderr').read_text()[-3000:]}")
         time.sleep(0.05)
-    return process, root / "lightning_logs" / "version_0"
+    return process
 
 
 @pytest.mark.slow
@@ -168,3 +175,65 @@ def test_out_of_memory_gives_the_settings_that_lower_it(tiny_model_dir, tmp_path
     for advice in ("--trainer.accumulate_grad_batches", "--data.max_length", "--model.compute.gradient_checkpointing true",
                    "configs/qlora-24gb.yaml", "--ckpt_path last"):
         assert advice in err
+    assert not list(tmp_path.glob("lightning_logs/*"))  # the run never started: no run folder
+
+
+@pytest.mark.slow
+def test_sigint_during_fit_names_the_checkpoint_to_continue_from(tiny_model_dir, tmp_path):
+    process, run = start_paused(tiny_model_dir, tmp_path)
+    process.send_signal(signal.SIGINT)  # Ctrl+C
+    assert process.wait(timeout=120) == 128 + signal.SIGINT
+    err = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in err
+    assert f"Interrupted at step {PAUSE_AT}: the newest checkpoint is {run / 'checkpoints' / 'last.ckpt'}." in err
+    assert ("lit_mistral: interrupted (Ctrl+C). The checkpoints written so far are intact (see the line above): run "
+            "the same command with --ckpt_path last to continue from the newest.") in err
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == PAUSE_AT
+
+
+def predictions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().split("\n") if line]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_predict_after_the_batch_and_resume_finishes_it(tiny_model_dir, adapter_dir, tmp_path):
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Name a fish.\nWhat is the capital of France?\nWhy?\nHow do plants make food?\nSay hi.\n")
+    out = tmp_path / "answers.jsonl"
+
+    def args(path, *extra):
+        return cli_args("predict", tiny_model_dir, tmp_path / "runs", "--data.predict_path", questions,
+                        "--data.predict_batch_size", "2", "--ckpt_path", adapter_dir,
+                        "--model.generation.max_new_tokens", "4", "--predictions.path", path, *extra)
+
+    process = start_paused_at(args(out), tmp_path / "interrupted", "PauseAtHook", hook="on_predict_batch_start",
+                              batch=1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM  # not after generating the rest
+    err = (tmp_path / "interrupted" / "stderr").read_text()
+    assert "Traceback" not in err
+    assert f"Predictions stopped: the 2 finished rows are in {out}.partial." in err
+    assert ("lit_mistral: stopped by SIGTERM. Predict stopped after the batch it was generating; the finished rows are "
+            "kept (see the line above): run the same command with --predictions.resume true to generate the "
+            "rest.") in err
+    kept = predictions(Path(f"{out}.partial"))
+    assert len(kept) == 2 and not out.exists()
+    run_cli(*args(out, "--predictions.resume", "true"))
+    rows = predictions(out)
+    run_cli(*args(tmp_path / "uninterrupted.jsonl"))
+    assert rows == predictions(tmp_path / "uninterrupted.jsonl") and all(r in rows for r in kept)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_validate_between_its_answers(tiny_model_dir, adapter_dir, tmp_path):
+    root = tmp_path / "runs"
+    args = cli_args("validate", tiny_model_dir, root, "--data.val_records", "[0, 8]", "--ckpt_path", adapter_dir,
+                    "--evaluation.max_examples", "4", "--evaluation.batch_size", "2", "--evaluation.max_new_tokens",
+                    "4", data=DEMO_DATA)
+    process = start_paused_at(args, tmp_path, "PauseAtHook", hook="on_validation_epoch_end")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    err = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in err and ("lit_mistral: stopped by SIGTERM. Validation stopped before its end and wrote "
+                                       "nothing: run the same command again.") in err
+    assert not list(root.rglob("evaluation.*"))

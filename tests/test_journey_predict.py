@@ -112,3 +112,60 @@ def test_continuous_engine_answers_what_static_batches_answer(tiny_model_dir, ad
     sampled = [predict(tiny_model_dir, adapter_dir, questions, tmp_path / f"sampled{i}.jsonl",
                        "--model.generation.do_sample", "true", "--model.generation.seed", "3") for i in range(2)]
     assert sampled[0] == sampled[1] and sampled[0] != rows["continuous"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """A root folder holding one short fit run: (root, its last.ckpt)."""
+    from conftest import DEMO_DATA
+
+    root = tmp_path_factory.mktemp("trained")
+    run_cli(*cli_args("fit", tiny_model_dir, root, "--data.train_records", "[0, 8]", "--trainer.max_steps", "2",
+                      "--model.optimization.learning_rate", "0.05", data=DEMO_DATA))
+    return root, root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def test_ckpt_path_last_predicts_with_the_newest_last_checkpoint(tiny_model_dir, trained, questions, tmp_path):
+    import yaml
+
+    root, last = trained
+    rows = {}
+    for ckpt in ("last", last):
+        out = tmp_path / f"{'last' if ckpt == 'last' else 'explicit'}.jsonl"
+        run_cli(*cli_args("predict", tiny_model_dir, root, "--data.predict_path", questions, "--ckpt_path", ckpt,
+                          "--model.generation.max_new_tokens", "4", "--predictions.path", out))
+        rows[ckpt] = [json.loads(line) for line in out.read_text().split("\n") if line]
+    config = yaml.safe_load((root / "lightning_logs" / "version_1" / "config.yaml").read_text())
+    assert config["ckpt_path"] == str(last)  # the run's config names the checkpoint it used
+    assert rows["last"] == rows[last] and len(rows["last"]) == len(QUESTIONS)
+
+
+def test_overwrite_keeps_the_earlier_output_until_the_new_one_is_complete(tiny_model_dir, adapter_dir, questions,
+                                                                          tmp_path, monkeypatch):
+    """Interrupted midway, `--predictions.overwrite true` leaves the earlier output as it was and the rows it
+    finished beside it, in `<path>.partial`, where `--predictions.resume true` continues."""
+    from lit_mistral.module import QLoRAModule
+
+    out = tmp_path / "answers.jsonl"
+    earlier = json.dumps({"index": 0, "instruction": "An earlier question.", "response": "An earlier answer."}) + "\n"
+    out.write_text(earlier)
+
+    def killed_at_the_second_batch(self, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 1:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(QLoRAModule, "on_predict_batch_start", killed_at_the_second_batch, raising=False)
+    with pytest.raises(RuntimeError, match="killed"):  # static batches: the first one's rows are all written
+        predict(tiny_model_dir, adapter_dir, questions, out, "--predictions.overwrite", "true",
+                "--model.generation.engine", "static")
+    assert out.read_text() == earlier
+    partial = [json.loads(line) for line in (tmp_path / "answers.jsonl.partial").read_text().split("\n") if line]
+    assert len(partial) == 2  # the first batch (of 2) finished
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):  # the interrupted run is not replaced silently either
+        predict(tiny_model_dir, adapter_dir, questions, tmp_path / "answers.jsonl")
+    rows = predict(tiny_model_dir, adapter_dir, questions, out, "--predictions.resume", "true")
+    assert [r["index"] for r in rows] == list(range(5)) and all(r in rows for r in partial)
+    assert not (tmp_path / "answers.jsonl.partial").exists()
+    fresh = predict(tiny_model_dir, adapter_dir, questions, tmp_path / "fresh.jsonl")
+    assert rows == fresh  # resuming the overwrite gave what an uninterrupted run gives

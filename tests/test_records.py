@@ -100,3 +100,52 @@ def test_bad_files(tmp_path, name, content, message):
         path.write_text(content)
     with pytest.raises(LitMistralError, match=message):
         read(path)
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "train.json", "questions.txt"])
+def test_a_byte_order_mark_is_dropped(tmp_path, name):
+    """Windows editors start UTF-8 files with a byte order mark; it is not part of the first record."""
+    text = {"train.jsonl": json.dumps(GOOD) + "\n", "train.json": json.dumps([GOOD]),
+            "questions.txt": "Name a fish.\n"}[name]
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    [example] = read_examples(str(path), Fields(), "data.path", need_response=name != "questions.txt")
+    assert example.instruction == "Name a fish."
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(LitMistralError, match=r"data.path: '.*data' is a folder, not a file\. Fix: give a file in "
+                                              r"it \(\.jsonl, \.json, \.parquet, \.csv\)\."):
+        read(tmp_path / "data")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_fields_no_record_has_are_one_error_naming_what_is_there(tmp_path, fmt):
+    import datasets
+
+    alpaca = [{"prompt": "Name a fish.", "input": "", "output": "Tope"}] * 5
+    path = tmp_path / f"alpaca.{fmt}"
+    if fmt == "jsonl":
+        write_jsonl(path, alpaca)
+    else:
+        getattr(datasets.Dataset.from_list(alpaca), f"to_{fmt}")(str(path))
+    with pytest.raises(LitMistralError) as err:
+        read(path)
+    noun = "field" if fmt == "jsonl" else "column"
+    what = (f"{path} has no column 'instruction' (data.fields.instruction) and no column 'response' "
+            f"(data.fields.response); its columns are ['input', 'output', 'prompt']" if noun == "column" else
+            f"no record of {path} has the field 'instruction' (data.fields.instruction) or the field 'response' "
+            f"(data.fields.response); the records' fields are ['input', 'output', 'prompt']")
+    assert str(err.value) == (f"data.path: {what}. Fix: name the {noun}s that hold them: --data.fields.instruction "
+                              f"<{noun}> --data.fields.response <{noun}>.")
+    examples = read_examples(str(path), Fields(instruction="prompt", context="input", response="output"), "data.path")
+    assert len(examples) == 5
+
+
+def test_json_messages_ending_in_at_and_null_fields_read_well(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, '{"instruction": "Name a fish', {**GOOD, "response": None}])
+    with pytest.raises(LitMistralError) as err:
+        read(path)
+    assert "bad.jsonl:2: malformed JSON (Unterminated string starting at column 17)" in str(err.value)
+    assert "bad.jsonl:3: field 'response' is null" in str(err.value)

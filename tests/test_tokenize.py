@@ -7,7 +7,28 @@ import pytest
 
 from lit_mistral.data.prompts import prompt_style
 from lit_mistral.data.records import Example
-from lit_mistral.data.tokenize import encode_examples, encode_prompts, fit_to_length
+from lit_mistral.data.tokenize import encode_examples, encode_prompts, fit_to_length, longest_token
+
+
+class Counting:
+    """A tokenizer that remembers the longest text it was given to tokenize."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.longest = tokenizer, 0
+
+    def __call__(self, text, **kwargs):
+        self.longest = max(self.longest, *map(len, [text] if isinstance(text, str) else text))
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def test_overlong_examples_dropped_or_truncated():
@@ -18,6 +39,34 @@ def test_overlong_examples_dropped_or_truncated():
         kept = fit_to_length(items, 20, "truncate", "data.path")
     assert [len(ids) for ids, _ in kept] == [10, 20]  # the one whose prompt alone is too long is dropped
     assert any("truncated 1 of 3" in str(w.message) for w in record)
+
+
+def test_an_enormous_record_costs_what_overlong_says(word_tokenizer):
+    """A field of millions of characters is cut before tokenizing to what can matter for max_length tokens: the
+    example is still over-long (dropped or truncated and counted like any other), its first max_length tokens are
+    the whole record's, and no text longer than a few thousand characters is tokenized."""
+    style, spy = prompt_style("mistral"), Counting(word_tokenizer)
+    enormous = "fish water " * 200_000  # 2.2 million characters
+    examples = [Example("Name a fish.", "", enormous), Example("Name a fish.", enormous, "Tope"),
+                Example("Say hi.", "", "Hi.")]
+    items = encode_examples(examples, style, spy, max_length=64)
+    assert spy.longest <= 65 * longest_token(word_tokenizer) + 100 and all(len(ids) > 64 for ids, _ in items[:2])
+    with pytest.warns(UserWarning, match=r"data.path: dropped 2 of 3 examples longer than data.max_length=64"):
+        assert [len(ids) for ids, _ in fit_to_length(items, 64, "drop", "data.path")] == [len(items[2][0])]
+    long = [Example("Name a fish.", "", "fish water " * 2000)]  # long enough to be cut, short enough to compare
+    [(ids, n_prompt)] = encode_examples(long, style, word_tokenizer, max_length=64)
+    [(whole, _)] = encode_examples(long, style, word_tokenizer)
+    with pytest.warns(UserWarning, match="truncated 1 of 1"):
+        assert fit_to_length([(ids, n_prompt)], 64, "truncate", "data.path") == [(whole[:64], n_prompt)]
+
+
+def test_a_long_unknown_word_is_not_taken_for_a_long_record(word_tokenizer):
+    """A word-level tokenizer reads a word it does not know as one token, however long: cutting tells nothing then,
+    and the record is tokenized whole."""
+    example = Example("Name a fish.", "", "x" * 5000)
+    style = prompt_style("mistral")
+    assert encode_examples([example], style, word_tokenizer, max_length=64) == encode_examples([example], style,
+                                                                                               word_tokenizer)
 
 
 # -- the real Mistral-7B tokenizer ---------------------------------------------------------------------------------

@@ -122,6 +122,8 @@ class InstructionDataModule(LightningDataModule):
             problems.append(f"data.predict_max_tokens={predict_max_tokens}: expected >= 1 (or null: no budget)")
         if chat_template is not None and not Path(chat_template).is_file():
             problems.append(f"data.chat_template={chat_template!r}: no such file (a Jinja chat template)")
+        if num_workers < 0:
+            problems.append(f"data.num_workers={num_workers}: expected >= 0 (0 loads batches in the main process)")
         if max_tokens is not None and max_tokens < max_length:
             problems.append(f"data.max_tokens={max_tokens} is below data.max_length={max_length}: the longest "
                             "examples would not fit in a batch")
@@ -170,6 +172,7 @@ class InstructionDataModule(LightningDataModule):
             self.train_set = TokenizedDataset(items)
             rank_zero_info(f"Training on {len(items)} {self.formatter.kind} examples "
                            f"({sum(self.train_set.lengths)} tokens).")
+            self._check_val_check_interval()
         if val:
             # validation keeps every example (truncation only where needed) so that metrics see the same set
             # each item carries its position in val_examples (an example whose prompt alone is longer than max_length
@@ -185,6 +188,22 @@ class InstructionDataModule(LightningDataModule):
         elif stage == "validate":
             raise LitMistralError("validate: there is no validation data. Fix: set --data.val_path, "
                                   "--data.val_records or --data.val_fraction.")
+
+    def _check_val_check_interval(self) -> None:
+        """Lightning refuses an integer `val_check_interval` above the training batches of an epoch, but only once
+        the model is loaded; the batches are known here (as Lightning counts them: per process, within
+        `limit_train_batches`)."""
+        trainer = self.trainer
+        interval = getattr(trainer, "val_check_interval", None)
+        if not isinstance(interval, int) or trainer.check_val_every_n_epoch is None or not trainer.limit_val_batches:
+            return
+        batches, limit = len(self._plan(self.train_set, training=True)), trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        if interval > batches:
+            raise LitMistralError(
+                f"trainer.val_check_interval={interval} is more than the {batches} training batches of an epoch "
+                f"({len(self.train_set)} examples). Fix: --trainer.val_check_interval {batches} or less, "
+                "--trainer.check_val_every_n_epoch null to count batches across epochs, or more training records.")
 
     def _read(self, source: str, key: str, need_response: bool = True) -> list:
         """The checked inputs of `source`; the first source read sets the kind (instruction records or

@@ -2,6 +2,7 @@
 each record checked (fields present, strings, non-empty, valid UTF-8) before anything else runs, every problem named
 by file and line."""
 
+import codecs
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ def _record_to_example(row, where: str, fields: Fields, need_response: bool) -> 
             return None
         if key not in row or row[key] is None:
             if required:
-                problems.append(f"{where}: field {key!r} is missing")
+                problems.append(f"{where}: field {key!r} is {'missing' if key not in row else 'null'}")
             return None
         value = row[key]
         if not isinstance(value, str):
@@ -86,12 +87,18 @@ def answer_limit(row: dict, where: str) -> tuple[int | None, str | None]:
     return value, None
 
 
+def _malformed(err: json.JSONDecodeError) -> str:
+    # json's messages may end in "at" ("Unterminated string starting at"): the column follows either way
+    return f"malformed JSON ({err.msg.removesuffix(' at')} at column {err.colno})"
+
+
 def _raw_rows(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
-    """(where, row) pairs of a local file, and the lines that could not be parsed at all."""
+    """(where, row) pairs of a local file, and the lines that could not be parsed at all. A UTF-8 byte order mark
+    at the start of the file (Windows editors write one) is dropped."""
     suffix = path.suffix.lower()
     rows, problems, blank = [], [], []
     if suffix in (".jsonl", ".txt"):
-        for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        for number, raw in enumerate(path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines(), start=1):
             where = f"{path}:{number}"
             try:
                 line = raw.decode("utf-8")
@@ -107,17 +114,17 @@ def _raw_rows(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
             try:
                 rows.append((where, json.loads(line)))
             except json.JSONDecodeError as err:
-                problems.append(f"{where}: malformed JSON ({err.msg} at column {err.colno})")
+                problems.append(f"{where}: {_malformed(err)}")
         if blank and rows:
             shown = ", ".join(map(str, blank[:10])) + (" ..." if len(blank) > 10 else "")
             rank_zero_info(f"{path}: skipped {len(blank)} blank line(s) ({shown}); they are not inputs.")
     elif suffix == ".json":
         try:
-            document = json.loads(path.read_bytes().decode("utf-8"))
+            document = json.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8"))
         except UnicodeDecodeError as err:
             raise LitMistralError(f"{path}: not valid UTF-8 (byte offset {err.start}). Fix: save the file as UTF-8.") from None
         except json.JSONDecodeError as err:
-            raise LitMistralError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno}). "
+            raise LitMistralError(f"{path}:{err.lineno}: {_malformed(err)}. "
                                   "Fix: the file must hold one JSON list of records.") from None
         if not isinstance(document, list):
             raise LitMistralError(f"{path}: expected a JSON list of records, got a {type(document).__name__}. "
@@ -132,6 +139,26 @@ def _raw_rows(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
             raise LitMistralError(f"{path}: could not read it as {suffix[1:]} ({err}).") from None
         rows = [(f"{path} row {i + 1}", row) for i, row in enumerate(table)]
     return rows, problems
+
+
+def _check_fields_exist(rows: list[tuple[str, object]], fields: Fields, key: str, source: str, need_response: bool,
+                        table: bool) -> None:
+    """One error when no record has a field that every record needs (a table's header names other columns, or
+    every line of a file uses other keys), instead of one problem per record."""
+    records = [row for _, row in rows if isinstance(row, dict)]
+    if not records:
+        return
+    found = sorted({k for row in records[:1000] for k in row})
+    needed = {"instruction": fields.instruction, **({"response": fields.response} if need_response else {})}
+    absent = {part: name for part, name in needed.items() if not any(name in row for row in records)}
+    if not absent:
+        return
+    noun = "column" if table else "field"
+    missing = [f"{name!r} (data.fields.{part})" for part, name in absent.items()]
+    what = (f"{source} has no column {' and no column '.join(missing)}; its columns are {found}" if table else
+            f"no record of {source} has the field {' or the field '.join(missing)}; the records' fields are {found}")
+    options = " ".join(f"--data.fields.{part} <{noun}>" for part in absent)
+    raise LitMistralError(f"{key}: {what}. Fix: name the {noun}s that hold them: {options}.")
 
 
 def hub_rows(name: str) -> list[tuple[str, object]]:
@@ -154,15 +181,19 @@ def is_hub_id(source: str) -> bool:
     return not (path.exists() or path.suffix or source.startswith((".", "/", "~")))
 
 
-def read_rows(source: str, key: str, need_response: bool = True) -> tuple[str, list[tuple[str, object]], list[str]]:
-    """The raw `(where, row)` pairs of `source` (a local file or a hub dataset id), the lines that could not be
-    parsed at all, and the source as resolved (`pkg://` paths)."""
+def read_rows(source: str, key: str, need_response: bool = True) -> tuple[str, list[tuple[str, object]], list[str],
+                                                                         bool]:
+    """The source as resolved (`pkg://` paths), the raw `(where, row)` pairs of `source` (a local file or a hub
+    dataset id), the lines that could not be parsed at all, and whether it is a table (columns, not keys)."""
     extensions = TRAIN_EXTENSIONS if need_response else PREDICT_EXTENSIONS
     source = resolve_location(source, key)
     path = Path(source).expanduser()
     # a hub dataset id looks like "owner/name"; anything with an extension or a path prefix is a file
     if is_hub_id(source) and need_response:
-        return source, hub_rows(source), []
+        return source, hub_rows(source), [], True
+    if path.is_dir():
+        raise LitMistralError(f"{key}: {str(path)!r} is a folder, not a file. Fix: give a file in it "
+                              f"({', '.join(extensions)}).")
     if not path.is_file():
         raise LitMistralError(f"{key}: file {str(path)!r} does not exist. Fix: check the path.")
     if path.suffix.lower() not in extensions:
@@ -171,7 +202,7 @@ def read_rows(source: str, key: str, need_response: bool = True) -> tuple[str, l
             f"Fix: use one of {', '.join(extensions)}."
         )
     rows, problems = _raw_rows(path)
-    return source, rows, problems
+    return source, rows, problems, path.suffix.lower() in (".parquet", ".csv")
 
 
 def read_inputs(source: str, fields: Fields, key: str, need_response: bool = True, skip_invalid: bool = False,
@@ -184,11 +215,12 @@ def read_inputs(source: str, fields: Fields, key: str, need_response: bool = Tru
     bad rows are left out and counted in the log."""
     from lit_mistral.data.conversations import detect_format, read_conversations
 
-    source, rows, problems = read_rows(source, key, need_response)
+    source, rows, problems, table = read_rows(source, key, need_response)
     n_bad = len(problems)  # so far: lines that did not parse, one problem each
     kind = format if format != "auto" else (detect_format(rows)[0] or "instruction")
     items = []
     if kind == "instruction":
+        _check_fields_exist(rows, fields, key, source, need_response, table)
         for where, row in rows:
             example, bad = _record_to_example(row, where, fields, need_response)
             problems += bad

@@ -5,6 +5,7 @@ is `(ids, spans, index)`: the token ids, the [start, end) ranges that carry loss
 longer than `max_length` are dropped or cut, and counted."""
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
@@ -16,12 +17,34 @@ from lit_mistral.errors import LitMistralError, raise_problems
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding, example boundaries)
 
 
-def encode_examples(examples: Sequence[Example], style: PromptStyle, tokenizer) -> list[tuple[list[int], int]]:
+def longest_token(tokenizer) -> int:
+    """The most characters of text one token of `tokenizer` stands for: the length of its longest vocabulary entry
+    (byte-level and byte-fallback vocabularies spell a token with at least as many characters as it covers)."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
+
+
+def encode_examples(examples: Sequence[Example], style: PromptStyle, tokenizer,
+                    max_length: int | None = None) -> list[tuple[list[int], int]]:
     """Token ids of each example (prompt, response, EOS) and the number of prompt tokens.
 
     The prompt ids are exactly what predict feeds the model, and the rest are exactly what it must generate
     after them: the full text is tokenized once (so the response is tokenized in context), and when the tokenizer
-    merges across the prompt/response boundary, the response is tokenized on its own after the prompt ids."""
+    merges across the prompt/response boundary, the response is tokenized on its own after the prompt ids.
+
+    With `max_length`, the work per example is bounded before tokenizing: a field longer than `max_length` tokens
+    can possibly be (more characters than `max_length + 1` of the tokenizer's longest tokens) is cut there first,
+    so the example still comes out longer than `max_length` (and `fit_to_length` drops or truncates it, as any
+    over-long example) at the cost of a few thousand tokens, where tokenizing a 50 MB record took minutes and
+    gigabytes. Its first `max_length` tokens are those of the whole record."""
+    cut = set()
+    if max_length is not None:
+        limit = (max_length + 1) * longest_token(tokenizer)
+        whole, examples = examples, list(examples)
+        for i, e in enumerate(examples):
+            if max(len(e.instruction), len(e.context), len(e.response or "")) > limit:
+                examples[i] = replace(e, instruction=e.instruction[:limit], context=e.context[:limit],
+                                      response=None if e.response is None else e.response[:limit])
+                cut.add(i)
     texts = [style.apply(e) for e in examples]
     special = style.add_special_tokens
     prompts = tokenizer([p for p, _ in texts], add_special_tokens=special)["input_ids"]
@@ -33,6 +56,9 @@ def encode_examples(examples: Sequence[Example], style: PromptStyle, tokenizer) 
         if len(ids) == len(p_ids) and response.strip():
             raise LitMistralError(f"{example.where}: the response tokenizes to nothing. Fix: check the record.")
         out.append((ids + [tokenizer.eos_token_id], len(p_ids)))
+    for i in cut:
+        if len(out[i][0]) <= max_length:  # a tokenizer whose unknown token spans a whole word: cutting says nothing
+            out[i] = encode_examples([whole[i]], style, tokenizer)[0]
     return out
 
 
@@ -119,7 +145,8 @@ class Formatter:
         )
 
         if self.kind == "instruction":
-            encoded = [(ids, n, i) for i, (ids, n) in enumerate(encode_examples(items, self.style, self.tokenizer))]
+            encoded = encode_examples(items, self.style, self.tokenizer, max_length)  # bounded work per record
+            encoded = [(ids, n, i) for i, (ids, n) in enumerate(encoded)]
             return [(ids, [(n, len(ids))] if n < len(ids) else [], i)
                     for ids, n, i in fit_to_length(encoded, max_length, overlong, key)]
         encoded, problems = encode_conversations(items, self.chat)

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_mistral.checkpointing import stop_if_terminated
 from lit_mistral.errors import LitMistralError, raise_problems
 from lit_mistral.evaluation.metrics import SplitMetrics
 from lit_mistral.evaluation.report import build_report, versions, write_report
@@ -142,11 +143,13 @@ class Evaluation(Callback):
         """Greedy answers of the model in its current adapter state to `examples`, split across processes and
         gathered (every process returns all of them), each with its example's reference and category."""
         items = trainer.datamodule.prompt_items(examples)
+        # validate stops after the batch at hand on SIGTERM (fit leaves it to Lightning, at the next step)
+        stop = (lambda: stop_if_terminated(trainer)) if trainer.state.fn == "validate" else None
         with self._forward_context(trainer):
             records = answer_across(pl_module.model, pl_module.tokenizer, items, self.batch_size, pl_module.generation,
                                     self.max_new_tokens, pl_module.device, trainer.global_rank, trainer.world_size,
                                     sharded=isinstance(trainer.strategy, FSDPStrategy),
-                                    gathering=lambda: self._whole_root(trainer))
+                                    gathering=lambda: self._whole_root(trainer), between_batches=stop)
         return [dict(record, reference=e.response, category=e.category) for record, e in zip(records, examples)]
 
     # -- writing -----------------------------------------------------------------------------------------------------

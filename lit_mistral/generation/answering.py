@@ -40,9 +40,11 @@ def for_inference(model, weights: str, device: torch.device, dtype: torch.dtype)
 
 
 @torch.no_grad()
-def answer(predictor: Predictor, items: list[dict], max_rows: int, device: torch.device) -> list[dict]:
+def answer(predictor: Predictor, items: list[dict], max_rows: int, device: torch.device,
+           between_batches=None) -> list[dict]:
     """Answer prompt `items` (`input_ids`, `index`, `example`) with `predictor` in batches of at most `max_rows`,
-    planned as predict plans them (longest first); records in the order of `items`."""
+    planned as predict plans them (longest first); records in the order of `items`. `between_batches` is called
+    after each batch (it may raise to stop: a SIGTERM)."""
     records = {}
     plan = predict_batches([len(it["input_ids"]) for it in items], range(len(items)), max_rows)
     for i, rows in enumerate(plan):
@@ -50,26 +52,28 @@ def answer(predictor: Predictor, items: list[dict], max_rows: int, device: torch
         batch.update(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         for record in predictor(batch, last=i == len(plan) - 1):
             records[record["index"]] = record
+        if between_batches is not None:
+            between_batches()
     return [dict(records[i], index=it["index"]) for i, it in enumerate(items)]
 
 
 def answer_across(model, tokenizer, items: list[dict], max_rows: int, settings, max_new_tokens: int,
                   device: torch.device, rank: int = 0, world_size: int = 1, sharded: bool = False,
-                  gathering=contextlib.nullcontext):
+                  gathering=contextlib.nullcontext, between_batches=None):
     """Greedy answers (at most `max_new_tokens`; the engine and other `settings` as generation has them) to
     `items`, split across `world_size` processes and gathered, so that every process returns all of them, in order.
     `sharded` (FSDP): every decoding step is a collective, so every process answers the same number of prompts (a
     short share is padded with the first item, its answer dropped), in static batches (the engine calls the layers
     directly, outside FSDP's units), and generation keeps stepping a process whose answers have ended until all
     have (`synced_gpus`); `gathering` is the context in which the sharded weights outside the decoder layers are
-    whole."""
+    whole. `between_batches`: as for `answer`."""
     shares = [list(range(len(items)))[r::world_size] for r in range(world_size)]
     lockstep = sharded and world_size > 1
     mine = in_step(shares, rank, 0) if lockstep else shares[rank]
     predictor = Predictor(model, tokenizer, settings, greedy=True, max_new_tokens=max_new_tokens, static=sharded,
                           max_rows=max_rows, cuda_graphs=False, synced_gpus=lockstep)
     with gathering():
-        records = answer(predictor, [items[i] for i in mine], max_rows, device)
+        records = answer(predictor, [items[i] for i in mine], max_rows, device, between_batches)
     records = list(zip(shares[rank], records))  # padding left out
     merged = sorted((pair for part in gather_objects(records, world_size) for pair in part), key=lambda p: p[0])
     return [record for _, record in merged]

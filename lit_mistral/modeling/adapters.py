@@ -16,12 +16,41 @@ WRAPPED = "_fsdp_wrapped_module."  # what FSDP units insert into parameter names
 
 
 def check_adapter_folder(path: str | os.PathLike, key: str) -> Path:
-    """`path` as a peft adapter folder, or one clear error naming `key` (the option that gave it)."""
+    """`path` as a peft adapter folder whose files can be read, or one clear error naming `key` (the option that
+    gave it) and the file: checked before the base loads, where peft would find a damaged file only after."""
+    from safetensors import safe_open
+
+    from lit_mistral.checkpointing import check_torch_file
+
     folder = Path(path)
     if not folder.is_dir() or not (folder / "adapter_config.json").is_file():
         what = "is a folder without adapter_config.json" if folder.is_dir() else "does not exist"
         raise LitMistralError(f"{key}: {str(path)!r} {what}. Fix: pass the `adapter` folder of a fit run (or, where "
                               "the option takes one, a .ckpt file).")
+    fix = ("Fix: write the adapter again (fit writes it to the run's `adapter` folder at its end), or pass a .ckpt "
+           "file of the run instead.")
+    config = folder / "adapter_config.json"
+    try:
+        settings = json.loads(config.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise LitMistralError(f"{key}: {config}: not UTF-8 text (byte offset {err.start}). {fix}") from None
+    except json.JSONDecodeError as err:
+        raise LitMistralError(f"{key}: {config}:{err.lineno}: not valid JSON ({err.msg.removesuffix(' at')} at "
+                              f"column {err.colno}). {fix}") from None
+    if not isinstance(settings, dict) or "peft_type" not in settings:
+        raise LitMistralError(f"{key}: {config} is not a peft adapter's config (it has no peft_type). {fix}")
+    weights = folder / "adapter_model.safetensors"
+    if weights.is_file():
+        try:
+            with safe_open(str(weights), "pt"):  # reads the header, which must cover the whole file
+                pass
+        except Exception as err:  # safetensors' own error type, raised for every kind of damage
+            raise LitMistralError(f"{key}: {weights} cannot be read ({str(err).strip()}): cut short or damaged. "
+                                  f"{fix}") from None
+    elif (folder / "adapter_model.bin").is_file():
+        check_torch_file(folder / "adapter_model.bin", key, fix)
+    else:
+        raise LitMistralError(f"{key}: {folder} holds no adapter weights (adapter_model.safetensors). {fix}")
     return folder
 
 
