@@ -238,7 +238,9 @@ class QLoRAModule(LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         """The answers that finished (`generation.predictor`): with the continuous engine, of this batch and
         earlier ones; the last batch drains them all."""
-        last = batch_idx == self.trainer.num_predict_batches[dataloader_idx] - 1
+        # after a SIGTERM this batch is the last: the engine finishes the rows it holds, so they are written before
+        # predict stops (checkpointing.StopOnSigterm, at the next batch)
+        last = batch_idx == self.trainer.num_predict_batches[dataloader_idx] - 1 or self.trainer.received_sigterm
         return self.predictor(batch, last)
 
 

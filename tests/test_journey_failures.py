@@ -202,9 +202,10 @@ def test_sigterm_stops_predict_after_the_batch_and_resume_finishes_it(tiny_model
     out = tmp_path / "answers.jsonl"
 
     def args(path, *extra):
+        # static batches: a batch's rows are all written when it ends (the engine's can finish in a later batch)
         return cli_args("predict", tiny_model_dir, tmp_path / "runs", "--data.predict_path", questions,
-                        "--data.predict_batch_size", "2", "--ckpt_path", adapter_dir,
-                        "--model.generation.max_new_tokens", "4", "--predictions.path", path, *extra)
+                        "--model.generation.max_rows", "2", "--model.generation.engine", "static", "--ckpt_path",
+                        adapter_dir, "--model.generation.max_new_tokens", "4", "--predictions.path", path, *extra)
 
     process = start_paused_at(args(out), tmp_path / "interrupted", "PauseAtHook", hook="on_predict_batch_start",
                               batch=1)

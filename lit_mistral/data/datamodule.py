@@ -21,6 +21,36 @@ from lit_mistral.generation.batches import PresetBatches, collate_prompts, predi
 from lit_mistral.sources import load_tokenizer
 
 
+def settings_problems(val_path, train_records, val_records, val_fraction, chat_template, max_length, batch_size,
+                      predict_batch_size, predict_max_tokens, max_tokens, num_workers) -> list[str]:
+    """What is wrong with the DataModule's settings, each alone or together (checked when it is made)."""
+    problems = []
+    for key, rng in (("train_records", train_records), ("val_records", val_records)):
+        if rng is not None and not (0 <= rng[0] < rng[1]):
+            problems.append(f"data.{key}={list(rng)}: expected [start, stop] with 0 <= start < stop")
+    if (train_records and val_records and val_path is None
+            and max(train_records[0], val_records[0]) < min(train_records[1], val_records[1])):
+        problems.append(f"data.train_records={list(train_records)} and data.val_records={list(val_records)} "
+                        "overlap: validation would measure memorization")
+    if not 0.0 <= val_fraction < 1.0:
+        problems.append(f"data.val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
+    if max_length < 8:
+        problems.append(f"data.max_length={max_length}: too short for any prompt")
+    if batch_size < 1 or (predict_batch_size is not None and predict_batch_size < 1):
+        problems.append(f"data.batch_size={batch_size}, data.predict_batch_size={predict_batch_size}: "
+                        "expected >= 1")
+    if predict_max_tokens is not None and predict_max_tokens < 1:
+        problems.append(f"data.predict_max_tokens={predict_max_tokens}: expected >= 1 (or null: no budget)")
+    if chat_template is not None and not Path(chat_template).is_file():
+        problems.append(f"data.chat_template={chat_template!r}: no such file (a Jinja chat template)")
+    if num_workers < 0:
+        problems.append(f"data.num_workers={num_workers}: expected >= 0 (0 loads batches in the main process)")
+    if max_tokens is not None and max_tokens < max_length:
+        problems.append(f"data.max_tokens={max_tokens} is below data.max_length={max_length}: the longest "
+                        "examples would not fit in a batch")
+    return problems
+
+
 class InstructionDataModule(LightningDataModule):
     """Instruction data (Dolly-style records: `instruction`, `context`, `response`, optional `category`) or
     conversations (`messages` as OpenAI's API takes them, or ShareGPT's `conversations`).
@@ -103,31 +133,9 @@ class InstructionDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         check_prompt_style(prompt_style)
-        problems = []
-        for key, rng in (("train_records", train_records), ("val_records", val_records)):
-            if rng is not None and not (0 <= rng[0] < rng[1]):
-                problems.append(f"data.{key}={list(rng)}: expected [start, stop] with 0 <= start < stop")
-        if (train_records and val_records and val_path is None
-                and max(train_records[0], val_records[0]) < min(train_records[1], val_records[1])):
-            problems.append(f"data.train_records={list(train_records)} and data.val_records={list(val_records)} "
-                            "overlap: validation would measure memorization")
-        if not 0.0 <= val_fraction < 1.0:
-            problems.append(f"data.val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
-        if max_length < 8:
-            problems.append(f"data.max_length={max_length}: too short for any prompt")
-        if batch_size < 1 or (predict_batch_size is not None and predict_batch_size < 1):
-            problems.append(f"data.batch_size={batch_size}, data.predict_batch_size={predict_batch_size}: "
-                            "expected >= 1")
-        if predict_max_tokens is not None and predict_max_tokens < 1:
-            problems.append(f"data.predict_max_tokens={predict_max_tokens}: expected >= 1 (or null: no budget)")
-        if chat_template is not None and not Path(chat_template).is_file():
-            problems.append(f"data.chat_template={chat_template!r}: no such file (a Jinja chat template)")
-        if num_workers < 0:
-            problems.append(f"data.num_workers={num_workers}: expected >= 0 (0 loads batches in the main process)")
-        if max_tokens is not None and max_tokens < max_length:
-            problems.append(f"data.max_tokens={max_tokens} is below data.max_length={max_length}: the longest "
-                            "examples would not fit in a batch")
-        raise_problems(problems, "Fix: correct these data settings.")
+        raise_problems(settings_problems(val_path, train_records, val_records, val_fraction, chat_template, max_length,
+                                         batch_size, predict_batch_size, predict_max_tokens, max_tokens, num_workers),
+                       "Fix: correct these data settings.")
         self.path, self.val_path, self.predict_path = path, val_path, predict_path
         self.train_records, self.val_records, self.val_fraction, self.seed = train_records, val_records, val_fraction, seed
         self.format, self.prompt_style, self.chat_template = format, prompt_style, chat_template
