@@ -143,20 +143,22 @@ def test_malformed_line_stops_before_the_model_loads(tiny_model_dir, tmp_path, c
 
 
 @pytest.mark.slow
-def test_demo_config_end_to_end(smollm2_gguf, tmp_path):
-    """The README's demo: the real SmolLM2-135M from the GGUF file, NF4, LoRA, on the shipped records; then predict
-    with the adapter it wrote (short runs here)."""
+@pytest.mark.parametrize("config,val,answers", [("demo", "[56, 58]", 8), ("demo-chat", "[49, 51]", 6)])
+def test_demo_config_end_to_end(smollm2_gguf, tmp_path, config, val, answers):
+    """The README's demos: the real SmolLM2-135M from the GGUF file, NF4, LoRA, on the shipped records (or
+    conversations, with the model's own chat template); then predict with the adapter it wrote (short runs here)."""
     root = tmp_path / "demo"
-    common = ["--config", ROOT / "configs" / "demo.yaml", "--trainer.default_root_dir", root,
+    common = ["--config", ROOT / "configs" / f"{config}.yaml", "--trainer.default_root_dir", root,
               "--trainer.enable_progress_bar", "false"]
-    run_cli("fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-            "--data.val_records", "[56, 58]")
+    run_cli("fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.val_records", val)
     run = root / "lightning_logs" / "version_0"
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 8 and adapter["peft_type"] == "LORA"
     run_cli("predict", *common, "--ckpt_path", run / "adapter", "--model.generation.max_new_tokens", "8")
     rows = [json.loads(line) for line in (root / "lightning_logs" / "version_1" / "predictions.jsonl").open()]
-    assert len(rows) == 8 and all(r["response"] for r in rows)
+    assert len(rows) == answers and all(r["response"] for r in rows)
+    if config == "demo-chat":  # the answer to the last user turn, the conversation kept
+        assert all(r["messages"][-1]["role"] == "user" for r in rows)
 
 
 @pytest.mark.slow
