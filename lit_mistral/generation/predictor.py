@@ -95,7 +95,8 @@ class Predictor:
     def _start(self, prompts: list[list[int]], news: list[int]) -> None:
         """The engine and its stream, at the first batch: as many rows as `max_rows` says, and as many cache
         positions as `max_cache_tokens` says or, unset, as the rows need at the longest prompt + answer of this
-        batch (predict plans its batches longest first, so that is the longest of all)."""
+        batch (predict plans the longest answer limits first; a later prompt too long for the cache is answered in
+        static batches)."""
         if self.session is not None:
             return
         rows = self.max_rows
