@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_mistral.data.records import input_key
 from lit_mistral.errors import LitMistralError
 from lit_mistral.io import check_output_file, write_text
 from lit_mistral.modeling.adapters import save_adapter
@@ -137,7 +138,7 @@ def read_done(path: Path, instructions: list[str]) -> dict[int, str]:
             continue  # the last line of a killed run may be half-written (a whole line ends with a newline)
         if index is None:
             raise LitMistralError(f"{path}:{number}: not a row of predictions. {fix}")
-        key = json.dumps(row["messages"], ensure_ascii=False) if "messages" in row else row.get("instruction")
+        key = input_key(row.get("instruction"), row.get("messages"))
         if not (isinstance(index, int) and 0 <= index < len(instructions)) or key != instructions[index]:
             raise LitMistralError(f"{path}:{number}: this row does not belong to the current inputs (index "
                                   f"{index!r}). Fix: resume with the same --data.predict_path, or write elsewhere.")

@@ -256,9 +256,12 @@ def read_examples(source: str, fields: Fields, key: str, need_response: bool = T
     return read_inputs(source, fields, key, need_response, skip_invalid, format="instruction")[1]
 
 
+def input_key(instruction: str | None, messages: list[dict] | None = None) -> str | None:
+    """What identifies an input among others (a resumed predict run matches its rows by it): a conversation's
+    messages, else the instruction; from an input or from an output row alike."""
+    return json.dumps(messages, ensure_ascii=False) if messages is not None else instruction
+
+
 def example_key(example) -> str:
-    """What identifies an input among others (a resumed predict run matches its rows by it): an instruction
-    record's instruction, a conversation's messages."""
-    if isinstance(example, Example):
-        return example.instruction
-    return json.dumps(example.as_dicts(), ensure_ascii=False)
+    """`input_key` of an instruction record or a conversation."""
+    return input_key(example.instruction, example.as_dicts() if hasattr(example, "messages") else None)

@@ -293,9 +293,8 @@ class Engine:
         """Answer every prompt (token ids, no padding) with up to its own max_new_tokens, greedy or sampled.
         `on_finish(index, answer)` is called as each prompt finishes (in finishing order); the answers are returned
         in input order. Same prompts, settings and seed on the same machine give the same answers."""
-        self._check(prompts, max_new_tokens)
         session = Session(self, eos_token_ids, do_sample, temperature, top_p, top_k, seed)
-        session.add(prompts, max_new_tokens, range(len(prompts)))
+        session.add(prompts, max_new_tokens, range(len(prompts)))  # checks them
         answers = dict(session.run(on_finish=on_finish))
         return [answers[i] for i in range(len(prompts))]
 
