@@ -31,7 +31,9 @@ class QLoRAModule(LightningModule):
         gguf_file: A .gguf file inside `name_or_path` (or an absolute path): dequantized on load, converted once
             into a cached safetensors folder.
         random_init: Initialize the weights randomly from the model's config instead of loading them (dry runs,
-            benchmarks). Only the config and tokenizer of `name_or_path` are needed.
+            benchmarks). Only the config and tokenizer of `name_or_path` are needed. A 4-bit base is built one
+            decoder layer at a time, each quantized as it is made (`modeling/random_base.py`): nothing on disk, and
+            never a 16-bit copy of the whole (a 70B architecture on one GPU).
         trust_remote_code: Let transformers run code shipped with the model. Off unless you trust the source.
         load_on: Where the base is loaded (and quantized): `device`, the GPU of each process (fast); or `cpu`, for
             `--trainer.strategy fsdp_qlora`, which then moves it to the GPU one decoder layer at a time, sharding
@@ -76,6 +78,8 @@ class QLoRAModule(LightningModule):
         self.skipped_batches = 0
         self.val_loss = MeanMetric()  # token-weighted mean over the validation split, synced across processes
         self.model = self.tokenizer = None
+        self.predictor: Predictor | None = None
+        self.kept_adapter: dict[str, torch.Tensor] | None = None  # adapter weights (CPU) while the model is released
 
     # -- the model ---------------------------------------------------------------------------------------------------
 
@@ -91,8 +95,12 @@ class QLoRAModule(LightningModule):
                        sharded=self.sharded)
 
     def build(self, device: torch.device, training: bool = True, sharded: bool = False) -> "QLoRAModule":
-        """Build the model for `device` (`modeling.build.build_model`), outside a Trainer too (scripts, tests)."""
+        """Build the model for `device` (`modeling.build.build_model`), outside a Trainer too (scripts, tests), with
+        the adapter weights an earlier run kept (`release`; a checkpoint Lightning restores next wins over them)."""
         self.model, self.tokenizer = build.build_model(self.spec, device, training=training, sharded=sharded)
+        if self.kept_adapter is not None:
+            self.load_state_dict(self.kept_adapter, strict=False)
+            self.kept_adapter = None
         return self
 
     # -- loss --------------------------------------------------------------------------------------------------------
@@ -227,9 +235,37 @@ class QLoRAModule(LightningModule):
 
     # -- generation --------------------------------------------------------------------------------------------------
 
+    def _keep_adapter(self) -> None:
+        if self.kept_adapter is None:
+            self.kept_adapter = {k: v.to("cpu", copy=True) for k, v in trainable_state(self).items()}
+
+    def release(self) -> None:
+        """Free the model at the end of predict and of a stand-alone validate, keeping the adapter weights on the
+        CPU: Lightning's teardown would next copy the whole model to the CPU (16 s for a merged Mistral-7B,
+        measured), and a module used again rebuilds it (`configure_model`, about as long as one load) with those
+        weights. A randomly initialized base cannot be rebuilt the same, so it stays. (At the end of fit the model
+        stays: the evaluation against the base runs on it next.)"""
+        self.predictor = None  # the engine's KV cache and CUDA graphs
+        if self.model is None or self.spec.random_init:
+            return
+        self._keep_adapter()
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def on_validation_end(self) -> None:
+        if self.trainer.state.fn == "validate":  # not the validations inside fit
+            self.release()
+
+    def on_predict_end(self) -> None:
+        self.release()
+
     def on_predict_start(self) -> None:
-        """Runs after a checkpoint was restored, so the adapter weights are final: fold them in if asked."""
+        """Runs after a checkpoint was restored, so the adapter weights are final: fold them in if asked (the
+        unfolded weights are kept for a later run: `release`)."""
         torch.manual_seed(self.generation.seed)
+        if not self.spec.random_init:
+            self._keep_adapter()
         self.model = for_inference(self.model, self.generation.weights, self.device,
                                    self.spec.compute.torch_dtype(self.device))
         self.model.config.use_cache = True

@@ -93,6 +93,35 @@ def test_tiny_model_trains_and_loss_falls(tiny_model_dir, demo_file, tmp_path):
     val = trainer(tmp_path).validate(module, dm, verbose=False)[0]
     assert val["val/loss"] < 0.6 * 7.6  # from ~ln(vocab) = 7.6 for random weights
     assert val["val/ppl"] == pytest.approx(torch.tensor(val["val/loss"]).exp().item(), rel=1e-5)
+    # a stand-alone validate releases the model at its end and keeps the trained adapter; the next run rebuilds it
+    assert module.model is None and module.kept_adapter is not None
+    again = trainer(tmp_path).validate(module, dm, verbose=False)[0]
+    assert again["val/loss"] == pytest.approx(val["val/loss"], rel=1e-6) and module.kept_adapter is not None
+
+
+def test_predict_releases_the_merged_copy_and_keeps_the_adapter(tiny_model_dir, demo_file, tmp_path):
+    """Predict folds the adapter into a copy of the base and frees it at the end (Lightning's teardown would copy it
+    to the CPU); the module used again rebuilds the base with the same adapter: the same answers, the same loss."""
+    seed_everything(0)
+    module = make(tiny_model_dir).build(torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained-looking adapter (B is zero when fresh)
+    adapter = {k: v.clone() for k, v in module.state_dict().items() if "lora_" in k}
+    dm = data(tiny_model_dir, demo_file, val_records=(0, 8), val_path=str(demo_file), predict_path=str(demo_file),
+              predict_batch_size=4, max_new_tokens=4)
+    answers = []
+    for _ in range(2):
+        rows = trainer(tmp_path).predict(module, dm)
+        answers.append([(r["index"], r["response"]) for batch in rows for r in batch])
+        assert module.model is None and module.predictor is None
+    assert answers[0] == answers[1] and len(answers[0]) == len(dm.predict_set)
+    for key, value in adapter.items():
+        assert torch.equal(module.kept_adapter[key], value), key
+    trainer(tmp_path).validate(module, dm, verbose=False)  # rebuilt with the kept adapter, released again
+    for key, value in adapter.items():
+        assert torch.equal(module.kept_adapter[key], value), key
 
 
 def test_first_losses_pinned(tiny_model_dir, demo_file, tmp_path):
@@ -229,6 +258,7 @@ def test_val_ppl_is_torchmetrics_perplexity_of_the_responses(tiny_model_dir, dem
     module = make(tiny_model_dir)
     dm = data(tiny_model_dir, demo_file, val_records=(40, 52), batch_size=5)
     val = trainer(tmp_path, callbacks=[Evaluation(max_examples=0)]).validate(module, dm, verbose=False)[0]
+    module.build(torch.device("cpu"))  # validate released the model (`QLoRAModule.release`); the same weights again
     reference = Perplexity(ignore_index=-100)
     with torch.no_grad():
         for batch in dm.val_dataloader():  # the full (B, T, V) logits, that the chunked loss never builds
@@ -292,8 +322,8 @@ def test_nonfinite_loss_skipped_when_asked(tiny_model_dir, demo_file, tmp_path):
 @pytest.mark.slow
 def test_packed_fast_path_learns_like_the_padded_path_on_the_real_model(smollm2_gguf, tmp_path):
     """SmolLM2-135M (real weights): the same 3 steps on the same batches, padded or packed into one row with
-    per-example attention, end at the same validation loss (tolerance 1e-4, fp32 on CPU). The base loads once (not
-    quantized: what is compared is the batch layout); each run starts from the same adapter weights."""
+    per-example attention, end at the same validation loss (tolerance 1e-4, fp32 on CPU). The base is not quantized
+    (what is compared is the batch layout); each run starts from the same adapter weights."""
     name, gguf = smollm2_gguf
     seed_everything(3)
     module = make(name, gguf_file=gguf, quantization={"method": None}, optimization={"learning_rate": 1e-3},
@@ -301,6 +331,8 @@ def test_packed_fast_path_learns_like_the_padded_path_on_the_real_model(smollm2_
     start = adapter_state(module)
     results = {}
     for packing in (False, True):
+        if module.model is None:  # the validate before released it: fit rebuilds it with these adapter weights
+            module.kept_adapter = {n: v.clone() for n, v in start.items()}
         with torch.no_grad():
             for n, p in module.named_parameters():
                 if n in start:
