@@ -20,7 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from lit_mistral.errors import LitMistralError
-from lit_mistral.generation.paged_attention import has_triton, paged_decode_attention, prefill_attention
+from lit_mistral.generation.paged_attention import (
+    has_triton,
+    paged_decode_attention,
+    prefill_attention,
+    prefill_bounds,
+)
 from lit_mistral.generation.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -191,8 +196,9 @@ class Engine:
         ids = torch.tensor([t for r in rows for t in r.prompt], device=self.device)
         positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
         write = self._slots(slots.repeat_interleave(torch.tensor(lengths, device=self.device)), positions)
+        bounds = prefill_bounds(lengths, self.device)
         hidden = self._forward(ids[None], positions[None], write,
-                               lambda i, q, k, v: prefill_attention(q, k, v, lengths, self.scale))
+                               lambda i, q, k, v: prefill_attention(q, k, v, lengths, self.scale, bounds))
         last = torch.tensor(lengths).cumsum(0).to(self.device) - 1
         return self.lm_head(hidden[0, last]).float()
 
@@ -315,6 +321,14 @@ class Session:
         self.free_slots = list(range(engine.max_rows - 1, -1, -1))
         self.free_blocks = list(range(engine.num_blocks - 1, 0, -1))
         self.filling = False
+        self.counts = {"steps": 0, "rows": 0, "prefills": 0, "prompt_tokens": 0}  # rows: summed over the steps
+
+    def describe(self) -> str:
+        """The stream so far in numbers: decoding steps and their mean rows, prefills and their prompt tokens."""
+        c = self.counts
+        return (f"{c['steps']} decoding steps of {c['rows'] / max(1, c['steps']):.0f} rows on average (of "
+                f"{self.engine.max_rows}), {c['prefills']} prefills of {c['prompt_tokens'] / max(1, c['prefills']):.0f}"
+                " prompt tokens on average")
 
     def add(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int], keys: Sequence[int]) -> None:
         """Queue prompts (checked with `Engine.problems` by the caller) under their keys."""
@@ -370,9 +384,13 @@ class Session:
                         blocks = [self.free_blocks.pop() for _ in range(engine._blocks_needed(len(prompt), new))]
                         started.append(_Row(key, self.free_slots.pop(), blocks, len(prompt), new, [], prompt))
                         self.running[started[-1].slot] = started[-1]
+                    self.counts["prefills"] += 1
+                    self.counts["prompt_tokens"] += sum(len(r.prompt) for r in started)
                     take(started, self._pick(engine._prefill(started), started))
                 if self.running:
                     rows = list(self.running.values())
+                    self.counts["steps"] += 1
+                    self.counts["rows"] += len(rows)
                     logits = engine._decode(rows)
                     for row in rows:
                         row.position += 1  # the fed token is in the cache now

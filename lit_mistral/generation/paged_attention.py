@@ -13,11 +13,12 @@ launched, so the CPU path never needs it."""
 
 import functools
 import importlib.util
-import inspect
 import os
 
 import torch
 import torch.nn.functional as F
+
+from lit_mistral.modeling.attention import flash_varlen
 
 
 def has_triton() -> bool:
@@ -29,24 +30,20 @@ def _repeat_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t.repeat_interleave(groups, dim=0) if groups > 1 else t
 
 
-def _flash_varlen(q, k, v, cu_seqlens: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
-    from torch.nn.attention.varlen import varlen_attn
-
-    params = inspect.signature(varlen_attn).parameters
-    extra = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}  # >= 2.12 : 2.10/2.11
-    if "enable_gqa" in params and q.shape[1] != k.shape[1]:
-        extra["enable_gqa"] = True  # newer torch asks for it; older flash kernels take grouped heads as they are
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, **extra)
+def prefill_bounds(lengths: list[int], device: torch.device) -> torch.Tensor:
+    """The int32 offsets (0, l1, l1+l2, ...) of packed prompts, for `prefill_attention` (made once per prefill, not
+    once per layer: each is a host-to-device copy)."""
+    return torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
-                      scale: float) -> torch.Tensor:
+                      scale: float, bounds: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention within each prompt of a packed row: q (N, H, D), k/v (N, H_kv, D), `lengths` the prompts'
-    token counts in order (summing to N). Flash varlen on CUDA in 16-bit; one SDPA per prompt otherwise.
-    Returns (N, H, D)."""
+    token counts in order (summing to N), `bounds` their `prefill_bounds` (made here if not given). Flash varlen on
+    CUDA in 16-bit; one SDPA per prompt otherwise. Returns (N, H, D)."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(q.device)
-        return _flash_varlen(q, k, v, bounds, max(lengths), scale)
+        bounds = prefill_bounds(lengths, q.device) if bounds is None else bounds
+        return flash_varlen(q, k, v, bounds, max(lengths), scale)
     groups = q.shape[1] // k.shape[1]
     out, start = [], 0
     for n in lengths:

@@ -8,6 +8,7 @@ finish and the rows of a batch never wait for its longest. The last batch drains
 import logging
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_mistral.config import Generation
 from lit_mistral.generation.batches import context_window, generate, record, row_limits, skipped
@@ -90,6 +91,8 @@ class Predictor:
                 example, n = self.pending.pop(key)
                 text = self.tokenizer.decode(answer.tokens, skip_special_tokens=True).strip()
                 out.append(record(key, example, n, text, len(answer.tokens), answer.finish))
+            if last:
+                rank_zero_info(f"Generation engine: {self.session.describe()}.")
         return out
 
     def _start(self, prompts: list[list[int]], news: list[int]) -> None:

@@ -16,6 +16,7 @@ Everything else (padded training batches, other cache layouts) goes to transform
 Registered with transformers as the attention implementation `lit_varlen` (with SDPA's mask builder) by
 `lit_mistral.registry`."""
 
+import functools
 import inspect
 
 import torch
@@ -30,18 +31,31 @@ def _sliding(window: int | None, longest: int) -> int | None:
     return window if window is not None and longest > window else None
 
 
-def _flash_varlen(q, k, v, cu_seq_lens, max_length, scale, window):
+@functools.cache
+def _varlen_options() -> tuple[bool, bool]:
+    """(takes window_size, takes enable_gqa) for this torch's varlen_attn, read once (inspect is slow, and this runs
+    per layer)."""
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
-    if "window_size" in params:  # torch >= 2.12: causal is a window (left, 0)
+    return "window_size" in params, "enable_gqa" in params
+
+
+def flash_varlen(q, k, v, cu_seq_lens, max_length, scale, window=None):
+    """torch's flash varlen attention, causal (within `window` positions if given), over packed (T, heads, D)
+    16-bit tensors; `cu_seq_lens` the examples' int32 offsets on q's device."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    takes_window, takes_gqa = _varlen_options()
+    if takes_window:  # torch >= 2.12: causal is a window (left, 0)
         extra = {"window_size": (window - 1 if window else -1, 0)}
     elif window is None:  # torch 2.10/2.11
         extra = {"is_causal": True}
     else:
         raise NotImplementedError("sliding-window attention over packed rows needs torch >= 2.12")
-    cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
-    return varlen_attn(q, k, v, cu, cu, max_length, max_length, scale=scale, **extra)
+    if takes_gqa and q.shape[1] != k.shape[1]:
+        extra["enable_gqa"] = True  # newer torch asks for it; older flash kernels take grouped heads as they are
+    return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scale, **extra)
 
 
 def sdpa_per_example(q, k, v, cu_seq_lens, scale, window):
@@ -71,7 +85,8 @@ def packed_attention(q, k, v, cu_seq_lens, max_length, scale, window):
         # flash kernels take bf16/fp16 only; with an fp32 residual stream RoPE hands back fp32 q/k
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
         dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else dtype
-        return _flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seq_lens, max_length, scale, window)
+        cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
+        return flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu, max_length, scale, window)
     return sdpa_per_example(q, k, v, cu_seq_lens, scale, window)
 
 
