@@ -81,10 +81,13 @@ class Compute:
         checkpoint_layers: With gradient checkpointing, recompute only the first this-many decoder layers and keep
             the activations of the rest: spend spare memory on speed. None: all layers.
         kernels: `liger`: Liger-Kernel's fused Triton kernels for RMSNorm, SwiGLU and RoPE (GPU only; pip install
-            liger-kernel), for `fit`. None: transformers' own modules. `predict` and `validate` keep transformers'
-            modules either way: in generation, where a step is a single token per row, the kernels made it slower
-            (1,837 vs 2,861 new tokens/s on one H200, BENCHMARKS.md).
+            liger-kernel), for `fit`, and for `predict`/`validate` on a GPU where Liger is installed (the engine's
+            CUDA graphs remove the launch cost that made them slower in transformers' `generate`). None:
+            transformers' own modules.
         loss_chunk_size: Positions per chunk of the output-layer cross-entropy (bounds logits memory).
+        fused_lora: Add each LoRA adapter's output to its layer's output inside the adapter's second matrix
+            multiply, scale included (`lit_mistral/modeling/fused_lora.py`), instead of peft's copy, scale and add
+            passes over the whole output. The same values (and dropout masks); false: peft's own forward.
     """
 
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -93,6 +96,7 @@ class Compute:
     checkpoint_layers: int | None = None
     kernels: Literal["liger"] | None = None
     loss_chunk_size: int = 4096
+    fused_lora: bool = True
 
     def problems(self, quantized: bool) -> list[str]:
         problems = []

@@ -33,6 +33,43 @@ def test_fp4_and_random_init(tiny_model_dir, tmp_path):
         make_module(config_only).build(torch.device("cpu"))
 
 
+def test_random_4bit_base_is_built_layer_by_layer_like_a_loaded_one(tiny_model_dir, tmp_path, monkeypatch):
+    """`random_init` with a 4-bit base writes nothing to disk (no random checkpoint to load: a 70B base would be 140
+    GB) and builds one decoder layer at a time, quantizing each as it is made; the result is what loading gives —
+    the same module types, parameter names, shapes and dtypes, 4-bit flags — and it trains with LoRA."""
+    import bitsandbytes as bnb
+    from transformers import AutoConfig
+
+    import lit_mistral.modeling.build as build_module
+    import lit_mistral.modeling.random_base as random_base
+
+    monkeypatch.setattr(build_module, "random_init_folder", lambda *a, **k: pytest.fail("wrote a random checkpoint"))
+    made, cls = [], random_base._decoder_layer_class
+    monkeypatch.setattr(random_base, "_decoder_layer_class",
+                        lambda model: (lambda config, i: made.append(i) or cls(model)(config, i)))
+    ours = make_module(tiny_model_dir, random_init=True, compute={"dtype": "float32"}).build(torch.device("cpu"))
+    loaded = make_module(tiny_model_dir, compute={"dtype": "float32"}).build(torch.device("cpu"))
+    assert made == [0, 1] == [layer.self_attn.layer_idx for layer in ours.model.get_base_model().model.layers]
+
+    def layout(module):
+        return ({n: (tuple(p.shape), p.dtype, type(p).__name__) for n, p in module.model.named_parameters()},
+                sorted(type(m).__name__ for m in module.model.modules()))
+
+    assert layout(ours) == layout(loaded)
+    base = ours.model.get_base_model()
+    assert base.is_loaded_in_4bit and base.config.quantization_config.bnb_4bit_quant_type == "nf4"
+    assert base.config.num_hidden_layers == AutoConfig.from_pretrained(tiny_model_dir).num_hidden_layers == 2
+    assert all(m.weight.quant_state is not None for m in base.modules() if isinstance(m, bnb.nn.Linear4bit))
+    weights = base.model.layers[1].mlp.down_proj.weight
+    assert 0.01 < float(bnb.functional.dequantize_4bit(weights.data, weights.quant_state).std()) < 0.04  # std 0.02
+    batch = {"input_ids": torch.tensor([[1, 5, 9, 2, 7, 3]]), "attention_mask": torch.ones(1, 6, dtype=torch.long),
+             "labels": torch.tensor([[-100, 5, 9, 2, 7, 3]])}
+    loss, count = ours.loss_sum(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and count == 5
+    assert all(p.grad is not None for n, p in ours.named_parameters() if "lora_A" in n)
+
+
 def test_unknown_target_module_names_the_choices(tiny_model_dir):
     with pytest.raises(LitMistralError, match=r"\['qkv'\] match no module .* choose among .*'q_proj'"):
         make_module(tiny_model_dir, lora={"target_modules": ["qkv"]}).build(torch.device("cpu"))

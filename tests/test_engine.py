@@ -46,7 +46,7 @@ def workload(n: int = 10, seed: int = 1, longest: int = 30, most_new: int = 40):
 
 def hf_greedy(model, prompt, max_new, eos=None) -> list[int]:
     """transformers' greedy generate with a KV cache, for one prompt; the EOS it stops at is dropped."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
                          use_cache=True, eos_token_id=eos, pad_token_id=0)[0, len(prompt):].tolist()
     return out[:out.index(eos)] if eos in out else out
@@ -298,3 +298,26 @@ def test_cuda_graphs_give_the_eager_answers(quantized, tmp_path):
         assert engine.dtype == torch.bfloat16
     assert runs[True] == runs[False]
     assert [len(a.tokens) for a in runs[True]] == new
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_liger_kernels_in_the_engine_answer_as_generate():
+    """`compute.kernels: liger` applies on a GPU in generation too: the engine (CUDA graphs on) runs Liger's RMSNorm,
+    SwiGLU and RoPE as the model calls them, and its greedy answers (float32; the Triton decode kernel's dot products
+    run in TF32, so one row in six may take another branch at a near-tie) equal transformers' generate on the same
+    patched model."""
+    pytest.importorskip("liger_kernel")
+    from lit_mistral.modeling.build import apply_kernels
+
+    model = tiny("mistral", seed=13).to("cuda")
+    plain = [hf_greedy(model, p, n) for p, n in zip(*workload(n=6, seed=14))]
+    apply_kernels(model)
+    assert model.model.norm._get_name() == "LigerRMSNorm"  # Liger patches instances and their names
+    prompts, new = workload(n=6, seed=14)
+    engine = Engine(model, max_rows=4, max_tokens=2000, block_size=16)
+    answers = engine.generate(prompts, new)
+    assert engine.cuda_graphs and engine.graphs
+    theirs = [hf_greedy(model, p, n) for p, n in zip(prompts, new)]
+    assert sum(a.tokens == b for a, b in zip(answers, theirs)) >= len(theirs) - 1, ([a.tokens for a in answers], theirs)
+    assert sum(a == b for a, b in zip(theirs, plain)) >= len(plain) - 1  # Liger computes what the modules compute

@@ -72,8 +72,8 @@ def test_output_folder_must_exist(tiny_model_dir, adapter_dir, questions, tmp_pa
 
 
 def test_training_kernels_stay_out_of_predict(tiny_model_dir, adapter_dir, questions, tmp_path):
-    """`kernels: liger` is a training setting: a config that has it predicts with transformers' own modules (here on
-    a CPU, where fit refuses it)."""
+    """`kernels: liger` (Liger's Triton kernels, CUDA only) in a config: on a CPU, where fit refuses it, predict
+    runs with transformers' own modules (on a GPU generation uses the kernels)."""
     rows = predict(tiny_model_dir, adapter_dir, questions, tmp_path / "out.jsonl", "--model.compute.kernels", "liger")
     assert len(rows) == len(QUESTIONS) and all(r["finish"] == "length" for r in rows)
 

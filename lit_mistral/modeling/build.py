@@ -13,6 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_mistral.config import DTYPES, Compute, LoRA, Quantization
 from lit_mistral.errors import LitMistralError
 from lit_mistral.modeling.adapters import check_targets, load_adapter
+from lit_mistral.modeling.fused_lora import use_fused_lora
+from lit_mistral.modeling.random_base import random_quantized_model
 from lit_mistral.registry import register
 from lit_mistral.sources import load_tokenizer, model_folder, random_init_folder
 
@@ -45,10 +47,10 @@ class ModelSpec:
 
 def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sharded: bool = False):
     """`(model, tokenizer)`: the base of `spec` loaded for `device` (quantized there, or on the CPU: `load_on`) and
-    wrapped with LoRA adapters (a peft model, in train mode). `training`: apply the training-only kernels
-    (`compute.kernels`); `sharded`: the model will be sharded by `fsdp_qlora` (the 4-bit storage dtype)."""
+    wrapped with LoRA adapters (a peft model, in train mode). `training`: for fit (`compute.kernels` are applied for
+    fit, and on CUDA for generation too); `sharded`: the model will be sharded by `fsdp_qlora` (the 4-bit storage dtype)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     register()
     started = time.perf_counter()
@@ -56,17 +58,24 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
     dtype = spec.compute.torch_dtype(device)
     if spec.load_on == "cpu":  # the strategy moves it (fsdp_qlora: one layer at a time; checks.py)
         device = torch.device("cpu")
-    folder = random_init_folder(spec.name_or_path, dtype, device) if spec.random_init else (
-        model_folder(spec.name_or_path, spec.gguf_file))
-    kwargs = dict(dtype=dtype, device_map={"": device}, trust_remote_code=spec.trust_remote_code,
+    kwargs = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code,
                   attn_implementation=spec.compute.attn_implementation)
     q = spec.quantization
     if q.method:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=q.method, bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=spec.storage_dtype(dtype, sharded))
+    # random weights for a 4-bit base: made and quantized one decoder layer at a time (no 16-bit copy of the whole)
+    layerwise = spec.random_init and q.method is not None
+    folder = None if layerwise else (random_init_folder(spec.name_or_path, dtype, device) if spec.random_init else
+                                     model_folder(spec.name_or_path, spec.gguf_file))
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        if layerwise:
+            config = AutoConfig.from_pretrained(model_folder(spec.name_or_path),
+                                                trust_remote_code=spec.trust_remote_code)
+            model = random_quantized_model(config, device, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": device}, **kwargs)
     except OSError as err:
         raise LitMistralError(f"model.name_or_path: could not load {spec.name_or_path!r} ({err}). Fix: give a "
                               "local folder with weights, or a hub id while online.") from None
@@ -78,14 +87,14 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
         raise LitMistralError(f"model.name_or_path: {spec.name_or_path!r} does not fit on {device} while loading "
                               f"({first}). Fix: {fix}; or a GPU with more memory.") from None
     finally:
-        if spec.random_init:
+        if spec.random_init and folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     model.config.use_cache = False  # training: a KV cache is dead weight (generation turns it back on)
     if q.method and q.fp32_norms:
         # casts norms/embeddings to fp32 (and freezes the base); checkpointing is enabled below
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if spec.compute.kernels and training:
-        apply_kernels(model)
+    if spec.compute.kernels and (training or device.type == "cuda"):
+        apply_kernels(model, required=training)
     if spec.compute.gradient_checkpointing:
         set_checkpointing(model, spec.compute.checkpoint_layers)
     if spec.adapter_path is not None:
@@ -93,6 +102,8 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
     else:
         check_targets(model, spec.lora.target_modules, spec.name_or_path)
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **spec.lora.peft_kwargs()))
+    if spec.compute.fused_lora:
+        use_fused_lora(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rank_zero_info(f"Loaded {spec.name_or_path} ({q.method or 'unquantized'}) in {time.perf_counter() - started:.1f}s; "
                    f"{trainable:,} trainable parameters.")
@@ -101,11 +112,16 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
     return model.train(), tokenizer
 
 
-def apply_kernels(model) -> None:
-    """Swap in Liger's fused kernels (in place; works before or after the LoRA wrapping)."""
+def apply_kernels(model, required: bool = True) -> None:
+    """Swap in Liger's fused kernels (in place; works before or after the LoRA wrapping). Not `required`
+    (generation, where they only save time): without Liger installed, say so and go on."""
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
+        if not required:
+            rank_zero_info("model.compute.kernels=liger: Liger-Kernel is not installed; generating with "
+                           "transformers' own modules (pip install liger-kernel for the fused kernels).")
+            return
         raise LitMistralError("model.compute.kernels=liger needs Liger-Kernel. Fix: pip install liger-kernel (GPU "
                               "only), or set --model.compute.kernels null.") from None
     # the chunked loss replaces the model's head + loss, so Liger's cross-entropy patches stay off
