@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--predict_flags", default="", help="extra flags for the predict run")
     p.add_argument("--work", default="/tmp/bench-cli")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run")
+    p.add_argument("--spy", default=None, help="record the predict run with py-spy (raw stacks, idle included) here")
     args = p.parse_args()
     code, work = Path(args.code).resolve(), Path(args.work) / (args.label or "run")
     shutil.rmtree(work, ignore_errors=True)
@@ -97,6 +98,7 @@ def main() -> None:
                               tokens_per_s=round(statistics.median(speeds)) if speeds else None,
                               steps_measured=len(speeds), peak_gib=round(max(mem), 1) if mem else None,
                               time_to_first_step_s=round(s["train/time_to_first_step_s"][0][1], 1),
+                              losses=[round(v, 4) for _, v in s.get("train/loss", [])],
                               wall_s=round(wall))), flush=True)
     if args.predict:
         questions = Path(args.predict_file) if args.predict_file else work / "questions.jsonl"
@@ -105,7 +107,8 @@ def main() -> None:
             questions.write_text("".join(json.dumps({"instruction": r["instruction"], "context": r["context"]}) + "\n"
                                          for r in records))
         out = work / "predictions.jsonl"
-        cmd = [sys.executable, "-m", "lit_mistral", "predict", "--config",
+        spy = ["py-spy", "record", "--idle", "--threads", "--format", "raw", "-r", "100", "-o", args.spy, "--"]
+        cmd = [*(spy if args.spy else []), sys.executable, "-m", "lit_mistral", "predict", "--config",
                str(code / "configs" / f"{args.predict}.yaml"), "--model.name_or_path", args.model,
                "--data.predict_path", str(questions), "--predictions.path", str(out),
                "--trainer.default_root_dir", str(work / "predict"), "--trainer.enable_progress_bar", "false",

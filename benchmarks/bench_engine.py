@@ -131,13 +131,20 @@ def run(name: str, opts: dict, args, prompts: list[list[int]], lengths: list[int
                       warmup_s=round(warmup_s, 1), graphs_captured=len(engine.graphs), graphs_on=engine.cuda_graphs,
                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None)
         if not sampling and args.check:
-            agree, same = [], 0
+            agree, same, margins = [], 0, []
             for prompt, answer, n in zip(prompts[:args.check], answers, lengths):
                 n = min(n, args.check_tokens)
                 ours, theirs = answer.tokens[:n], hf_greedy(model, prompt, n)
                 same += ours == theirs
                 agree.append(next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), n))
-            result.update(greedy_equal=f"{same}/{len(agree)}", agree_tokens=agree, compared_tokens=args.check_tokens)
+                if ours != theirs:  # how close to a tie the first differing pick was, in the reference's logits
+                    i = agree[-1]
+                    with torch.no_grad():
+                        logits = model(input_ids=torch.tensor([prompt + ours[:i]], device=DEVICE)).logits[0, -1]
+                    logits = logits.float()
+                    margins.append(round(float(logits[theirs[i]] - logits[ours[i]]), 4))
+            result.update(greedy_equal=f"{same}/{len(agree)}", agree_tokens=agree, compared_tokens=args.check_tokens,
+                          differing_margins=margins)
     result["end_to_end_s"] = round(time.perf_counter() - started, 1)
     del engine, model
     return result

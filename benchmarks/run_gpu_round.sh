@@ -4,6 +4,7 @@
 #   .whl/     bitsandbytes 0.50.2, liger-kernel 0.8.5, jsonargparse, docstring_parser, typeshed_client wheels
 #   .bench/   ../shared/bench/{seed_recipe.py,seed_predict.py,dolly_lengths.txt}, dolly-15k-head.jsonl, tokenizer/
 #   .before/  lit_mistral/ and configs/ of the commit to compare with (git archive <commit> lit_mistral configs)
+# PART=probe    profiles: the engine's phases, a training step's kernels, the predict command (py-spy); peers
 # PART=check    the GPU-marked tests, then the engine alone (bench_engine.py: merged with and without CUDA graphs,
 #               4-bit + LoRA) on the dolly-lengths workload
 # PART=train    fit qlora-fast and qlora-24gb through the CLI, .before/ then this checkout, 1 GPU
@@ -13,7 +14,8 @@
 #               transformers' generate_batch, the seed's pipeline loop
 set -uo pipefail
 OUT=${OUT:-$PWD/bench-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# compiled as pip installs them for users (no --no-compile: the first import would compile them, a cold-start cost)
+python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 CKPT=${CKPT:-/tmp/mistral7b-random} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee -a "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft, bitsandbytes, lightning, triton; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, lightning.__version__, triton.__version__)" | tee -a "$OUT/versions.txt"
@@ -21,7 +23,90 @@ if [ ! -f "$CKPT/config.json" ]; then
   (cd .bench && python3 -c "import seed_recipe as s; s.make_checkpoint()") > /dev/null 2>&1 && cp .bench/tokenizer/* "$CKPT/"
 fi
 DATA=.bench/dolly-15k-head.jsonl
+export PATH=/tmp/site/bin:$PATH  # py-spy
 case "${PART:-check}" in
+probe)
+  # where the time goes: the engine's phases and kernels, a training step's kernels by kind, the predict command
+  # sampled by py-spy (start-up included); then the peers on the first 256 dolly-lengths rows
+  PYTHONPATH=/tmp/site:$PWD python3 benchmarks/dolly_lengths.py --tokenizer .bench/tokenizer --data $DATA --n 1000 \
+    --out /tmp/dolly-lengths.jsonl > /dev/null
+  PYTHONPATH=/tmp/site:$PWD timeout 170 python3 benchmarks/probe_engine.py --model "$CKPT" --data $DATA --n 1000 \
+    --rows 200 --tokens 80000 --variants ${PROBE_VARIANTS:-refill_rows=50 prefill_tokens=16384} 2>&1 \
+    | grep '^{' | tee "$OUT/probe-engine.jsonl"
+  PROFILE_OUT=$OUT/profile-qlora-fast.json PYTHONPATH=/tmp/site timeout 130 python3 benchmarks/bench_cli.py \
+    --model "$CKPT" --data $DATA --label profile --fit qlora-fast --steps 9 --warm 5 --timeout 120 \
+    --fit_flags="--trainer.callbacks+=benchmarks.profile_train.ProfileSteps" | tee -a "$OUT/train.jsonl"
+  PYTHONPATH=/tmp/site timeout 110 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label spy \
+    --predict qlora-fast --predict_file /tmp/dolly-lengths.jsonl --spy "$OUT/predict-spy.txt" --timeout 100 \
+    --predict_flags "--model.generation.max_new_tokens 512" | tee -a "$OUT/predict.jsonl"
+  PYTHONPATH=/tmp/site:$PWD timeout 170 python3 benchmarks/bench_generate_peers.py --model "$CKPT" --n 256 \
+    --batch_prompts 200 --batch_timeout 60 --file /tmp/dolly-lengths.jsonl --tokenizer .bench/tokenizer 2>&1 \
+    | grep -v -i warn | tail -4 | tee -a "$OUT/predict.jsonl"
+  ;;
+fused)
+  # the fused LoRA forward against peft's, same checkout, same seed: qlora-fast 50 steps (speed and the loss
+  # curve), qlora-24gb 15 steps; the GPU-marked tests; predict on dolly-lengths (warm, sampled by py-spy) and
+  # forced-256; the peers on the first rows of dolly-lengths
+  PYTHONPATH=/tmp/site:$PWD timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -6 | tee "$OUT/gpu-tests.log"
+  for cfg in "qlora-fast 50" "qlora-24gb 15"; do
+    set -- $cfg
+    for mode in fused peft; do
+      flag=$([ $mode = peft ] && echo "--model.compute.fused_lora false" || echo "")
+      PYTHONPATH=/tmp/site timeout 150 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label $mode \
+        --fit $1 --steps $2 --warm 5 --timeout 140 --fit_flags="$flag" | tee -a "$OUT/train.jsonl"
+    done
+  done
+  PYTHONPATH=/tmp/site:$PWD python3 benchmarks/dolly_lengths.py --tokenizer .bench/tokenizer --data $DATA --n 1000 \
+    --out /tmp/dolly-lengths.jsonl > /dev/null
+  for run in first spy; do
+    PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label $run \
+      --predict qlora-fast --predict_file /tmp/dolly-lengths.jsonl --timeout 95 \
+      $([ $run = spy ] && echo "--spy $OUT/predict-spy.txt") \
+      --predict_flags "--model.generation.max_new_tokens 512" | tee -a "$OUT/predict.jsonl"
+  done
+  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label forced256 \
+    --predict qlora-fast --predict_flags "--model.generation.do_sample true" --timeout 95 | tee -a "$OUT/predict.jsonl"
+  PYTHONPATH=/tmp/site:$PWD timeout 110 python3 benchmarks/bench_generate_peers.py --model "$CKPT" --n 128 \
+    --batch_prompts 100 --batch_timeout 45 --file /tmp/dolly-lengths.jsonl --tokenizer .bench/tokenizer 2>&1 \
+    | grep -v -i warn | tail -4 | tee -a "$OUT/predict.jsonl"
+  ;;
+peers)
+  # one GPU-marked test by name (TEST), then the peers on the first PEERS_N rows of dolly-lengths
+  [ -n "${TEST:-}" ] && PYTHONPATH=/tmp/site:$PWD timeout 60 python3 -m pytest -q -p no:cacheprovider tests/ -k "$TEST" 2>&1 \
+    | grep -E "^E |passed|failed" | head -20 | tee "$OUT/gpu-tests.log"
+  PYTHONPATH=/tmp/site:$PWD python3 benchmarks/dolly_lengths.py --tokenizer .bench/tokenizer --data $DATA --n 1000 \
+    --out /tmp/dolly-lengths.jsonl > /dev/null
+  PYTHONPATH=/tmp/site:$PWD timeout 100 python3 benchmarks/bench_generate_peers.py --model "$CKPT" --n ${PEERS_N:-64} \
+    --batch_prompts ${PEERS_N:-64} --batch_timeout 30 --file /tmp/dolly-lengths.jsonl --tokenizer .bench/tokenizer 2>&1 \
+    | grep -v -i warn | tail -4 | tee -a "$OUT/predict.jsonl"
+  ;;
+lengths)
+  # dolly-lengths through the CLI (qlora-fast merged: a cold first run, then warm runs with and without Liger;
+  # qlora-24gb with the adapter kept apart), the engine's phases with and without Liger, greedy agreement
+  PYTHONPATH=/tmp/site:$PWD python3 benchmarks/dolly_lengths.py --tokenizer .bench/tokenizer --data $DATA --n 1000 \
+    --out /tmp/dolly-lengths.jsonl > /dev/null
+  for run in cold warm; do
+    PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label $run \
+      --predict qlora-fast --predict_file /tmp/dolly-lengths.jsonl --timeout 95 \
+      --predict_flags "--model.generation.max_new_tokens 512" | tee -a "$OUT/predict.jsonl"
+    grep -h "Generation engine\|Loaded\|Merged" /tmp/bench-cli/$run/predict.log | cut -c1-300 >> "$OUT/predict-logs.txt"
+  done
+  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label no-liger \
+    --predict qlora-fast --predict_file /tmp/dolly-lengths.jsonl --timeout 95 \
+    --predict_flags "--model.generation.max_new_tokens 512 --model.compute.kernels null" | tee -a "$OUT/predict.jsonl"
+  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label adapter \
+    --predict qlora-24gb --predict_file /tmp/dolly-lengths.jsonl --timeout 95 \
+    --predict_flags "--model.generation.max_new_tokens 512 --model.generation.weights adapter" | tee -a "$OUT/predict.jsonl"
+  grep -h "Generation engine" /tmp/bench-cli/no-liger/predict.log /tmp/bench-cli/adapter/predict.log | cut -c1-300 >> "$OUT/predict-logs.txt"
+  PYTHONPATH=/tmp/site:$PWD timeout 120 python3 benchmarks/probe_engine.py --model "$CKPT" --data $DATA --n 1000 \
+    --rows 200 --tokens 80000 --variants liger 2>&1 | grep '^{' | tee "$OUT/probe-engine.jsonl"
+  PROFILE_OUT=$OUT/profile-qlora-fast.json PYTHONPATH=/tmp/site timeout 110 python3 benchmarks/bench_cli.py \
+    --model "$CKPT" --data $DATA --label profile --fit qlora-fast --steps 9 --warm 5 --timeout 105 \
+    --fit_flags="--trainer.callbacks+=benchmarks.profile_train.ProfileSteps" | tee -a "$OUT/train.jsonl"
+  PYTHONPATH=/tmp/site:$PWD timeout 100 python3 benchmarks/bench_engine.py --model "$CKPT" --data $DATA --n 200 \
+    --max-rows 200 --max-tokens 80000 --check 16 --check-tokens 48 --variants merged --out "$OUT/engine.jsonl" 2>&1 \
+    | grep '^{' | tail -2
+  ;;
 check)
   PYTHONPATH=/tmp/site:$PWD timeout 240 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/ 2>&1 | tail -25 | tee "$OUT/gpu-tests.log"
   PYTHONPATH=/tmp/site:$PWD timeout 280 python3 benchmarks/bench_engine.py --model "$CKPT" --data $DATA --n 1000 \
