@@ -5,6 +5,10 @@
 #   .bench/   ../shared/bench/{seed_recipe.py,seed_predict.py,dolly_lengths.txt}, dolly-15k-head.jsonl, tokenizer/
 #   .before/  lit_mistral/ and configs/ of the commit to compare with (git archive <commit> lit_mistral configs)
 # PART=probe    profiles: the engine's phases, a training step's kernels, the predict command (py-spy); peers
+# PART=big      Llama-2-70B's architecture (random, built layer by layer in NF4) trained through the CLI
+# PART=peers    one GPU-marked test by name (TEST=...), then the peers on a subset of dolly-lengths
+# PART=fused    the fused LoRA forward against peft's; GPU tests; predict warm and forced-256; peers
+# PART=lengths  predict on dolly-lengths (first/warm, Liger on/off, adapter), the engine's phases, greedy check
 # PART=check    the GPU-marked tests, then the engine alone (bench_engine.py: merged with and without CUDA graphs,
 #               4-bit + LoRA) on the dolly-lengths workload
 # PART=train    fit qlora-fast and qlora-24gb through the CLI, .before/ then this checkout, 1 GPU
@@ -19,7 +23,7 @@ python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 CKPT=${CKPT:-/tmp/mistral7b-random} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee -a "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft, bitsandbytes, lightning, triton; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, lightning.__version__, triton.__version__)" | tee -a "$OUT/versions.txt"
-if [ ! -f "$CKPT/config.json" ]; then
+if [ "${PART:-check}" != big ] && [ ! -f "$CKPT/config.json" ]; then
   (cd .bench && python3 -c "import seed_recipe as s; s.make_checkpoint()") > /dev/null 2>&1 && cp .bench/tokenizer/* "$CKPT/"
 fi
 DATA=.bench/dolly-15k-head.jsonl
@@ -79,6 +83,15 @@ peers)
   PYTHONPATH=/tmp/site:$PWD timeout 100 python3 benchmarks/bench_generate_peers.py --model "$CKPT" --n ${PEERS_N:-64} \
     --batch_prompts ${PEERS_N:-64} --batch_timeout 30 --file /tmp/dolly-lengths.jsonl --tokenizer .bench/tokenizer 2>&1 \
     | grep -v -i warn | tail -4 | tee -a "$OUT/predict.jsonl"
+  ;;
+big)
+  # Llama-2-70B's architecture with random weights, built layer by layer in NF4 (nothing on disk): fit through the
+  # CLI with the qlora-24gb settings (checkpointing, 16,384-token steps)
+  BIG=/tmp/llama-2-70b && mkdir -p $BIG && cp benchmarks/architectures/llama-2-70b/config.json $BIG/ && cp .bench/tokenizer/* $BIG/
+  PYTHONPATH=/tmp/site timeout 560 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label llama-2-70b \
+    --fit ${BIG_CONFIG:-qlora-24gb} --steps ${STEPS:-8} --warm 3 --timeout 540 \
+    --fit_flags="--model.name_or_path $BIG --model.random_init true ${BIG_FLAGS:-}" | tee -a "$OUT/train.jsonl"
+  grep -h "Loaded\|Error\|error" /tmp/bench-cli/llama-2-70b/fit-*.log | cut -c1-300 | tail -5
   ;;
 lengths)
   # dolly-lengths through the CLI (qlora-fast merged: a cold first run, then warm runs with and without Liger;

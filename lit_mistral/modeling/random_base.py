@@ -12,6 +12,7 @@ config's `quantization_config`, so peft, the merge, the checkpoints and `fsdp_ql
 one. Weights follow transformers' initialization of these families: linear and embedding weights normal with the
 config's `initializer_range`, biases zero, norms one."""
 
+import contextlib
 import copy
 import sys
 
@@ -41,6 +42,16 @@ def _quantized(linear: torch.nn.Linear, compute_dtype, quant_type: str, double_q
     return layer
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 @torch.no_grad()
 def random_quantized_model(config, device: torch.device, *, dtype: torch.dtype, quantization_config,
                            attn_implementation: str | None = None, trust_remote_code: bool = False, seed: int = 0):
@@ -68,8 +79,8 @@ def random_quantized_model(config, device: torch.device, *, dtype: torch.dtype, 
     decoder_layer = _decoder_layer_class(model)
     q = quantization_config
     for i in range(layers):
-        with torch.device(device):
-            layer = decoder_layer(config, i).to(dtype)
+        with torch.device(device), _default_dtype(dtype):  # made in 16 bits directly, not in float32 then cast
+            layer = decoder_layer(config, i)
         for name, child in list(layer.named_modules()):
             if isinstance(child, torch.nn.Linear):
                 child.weight.normal_(0, std)
