@@ -79,7 +79,11 @@ class Compute:
             also work.
         gradient_checkpointing: Recompute activations in backward: much less memory, about a third more compute.
         checkpoint_layers: With gradient checkpointing, recompute only the first this-many decoder layers and keep
-            the activations of the rest: spend spare memory on speed. None: all layers.
+            the activations of the rest: spend spare memory on speed. None: all layers. `auto`: as few as fit, found
+            by measuring a few training passes at the start of fit (`modeling/autofit.py`; on a GPU), logged and
+            kept in checkpoints for a resumed run.
+        memory_budget_gib: With `checkpoint_layers: auto`, the GPU memory the run may take (e.g. 24 on a shared
+            or larger GPU). None: what the GPU has.
         kernels: `liger`: Liger-Kernel's fused Triton kernels for RMSNorm, SwiGLU and RoPE (GPU only; pip install
             liger-kernel), for `fit`, and for `predict`/`validate` on a GPU where Liger is installed (the engine's
             CUDA graphs remove the launch cost that made them slower in transformers' `generate`). None:
@@ -93,7 +97,8 @@ class Compute:
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn_implementation: str = "lit_varlen"
     gradient_checkpointing: bool = True
-    checkpoint_layers: int | None = None
+    checkpoint_layers: int | Literal["auto"] | None = None
+    memory_budget_gib: float | None = None
     kernels: Literal["liger"] | None = None
     loss_chunk_size: int = 4096
     fused_lora: bool = True
@@ -103,7 +108,14 @@ class Compute:
         if quantized and self.dtype == "float16":
             problems.append("model.compute.dtype=float16 with 4-bit weights overflows in LoRA training; use bfloat16 "
                             "(or float32 on CPUs without bf16)")
-        if self.checkpoint_layers is not None and (self.checkpoint_layers < 0 or not self.gradient_checkpointing):
+        auto = self.checkpoint_layers == "auto"
+        if auto and not self.gradient_checkpointing:
+            problems.append("model.compute.checkpoint_layers=auto: needs model.compute.gradient_checkpointing=true")
+        if self.memory_budget_gib is not None and (not auto or self.memory_budget_gib <= 0):
+            problems.append(f"model.compute.memory_budget_gib={self.memory_budget_gib}: a positive number, used with "
+                            "model.compute.checkpoint_layers=auto")
+        if not auto and self.checkpoint_layers is not None and (self.checkpoint_layers < 0 or
+                                                                  not self.gradient_checkpointing):
             problems.append(f"model.compute.checkpoint_layers={self.checkpoint_layers}: needs "
                             "model.compute.gradient_checkpointing=true and a count >= 0")
         if self.loss_chunk_size < 1:

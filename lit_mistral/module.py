@@ -8,14 +8,14 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lit_mistral.config import Compute, Generation, LoRA, Optimization, Quantization
 from lit_mistral.errors import LitMistralError, raise_problems
 from lit_mistral.generation.answering import for_inference
 from lit_mistral.generation.predictor import Predictor
-from lit_mistral.modeling import build
+from lit_mistral.modeling import autofit, build
 from lit_mistral.modeling.adapters import check_adapter_folder, trainable_state
 from lit_mistral.modeling.attention import packed_kwargs
 from lit_mistral.modeling.loss import linear_cross_entropy
@@ -80,6 +80,7 @@ class QLoRAModule(LightningModule):
         self.model = self.tokenizer = None
         self.predictor: Predictor | None = None
         self.kept_adapter: dict[str, torch.Tensor] | None = None  # adapter weights (CPU) while the model is released
+        self.auto_checkpoint_layers: int | None = None  # `checkpoint_layers: auto`: measured, or from a checkpoint
 
     # -- the model ---------------------------------------------------------------------------------------------------
 
@@ -187,6 +188,46 @@ class QLoRAModule(LightningModule):
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
+    def on_train_start(self) -> None:
+        if self.spec.compute.checkpoint_layers == "auto" and self.spec.compute.gradient_checkpointing:
+            self._fit_checkpoint_layers()
+
+    def _fit_checkpoint_layers(self) -> None:
+        """`compute.checkpoint_layers: auto` (`modeling.autofit`): measure (or take from the checkpoint resumed) how
+        many layers must recompute their activations, and set it; the same count on every process."""
+        total = len(build.checkpointable_layers(self.model))
+        layers, how = self.auto_checkpoint_layers, "from the checkpoint resumed"
+        if layers is None and not autofit.can_measure(self.device):
+            layers, how = total, "no GPU memory to measure: every layer"
+        elif layers is None:
+            batch = self.trainer.strategy.batch_to_device(self._largest_batch())
+            budget = autofit.budget_bytes(self.device, self.spec.compute.memory_budget_gib)
+            trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+            reserve = 8 * trainable + int(autofit.MARGIN * budget)  # Adam's two float32 moments, and a margin
+            self.model.train()
+            layers, probes = autofit.choose_checkpoint_layers(lambda n: autofit.probe_peak(self, batch, n), total,
+                                                              budget, reserve)
+            shown = ", ".join(f"{n}: {'out of memory' if p is None else f'{p / 2**30:.1f} GiB'}" for n, p in probes)
+            how = f"measured against {budget / 2**30:.1f} GiB ({shown})"
+            if probes and (probes[0][1] is None or probes[0][1] + reserve > budget):
+                rank_zero_warn(f"model.compute.checkpoint_layers=auto: even with every layer recomputed a step of "
+                               f"{batch['input_ids'].numel()} tokens may not fit {budget / 2**30:.1f} GiB. Fix: lower "
+                               "--data.max_tokens (or --data.batch_size).")
+        # every process takes the most cautious count (their batches and free memory differ)
+        layers = int(self.trainer.strategy.reduce(torch.tensor(layers, device=self.device), reduce_op="max"))
+        self.auto_checkpoint_layers = layers
+        build.set_checkpointing(self.model, layers)
+        rank_zero_info(f"model.compute.checkpoint_layers=auto: {layers} of {total} decoder layers recompute their "
+                       f"activations ({how}).")
+
+    def _largest_batch(self) -> dict:
+        """The epoch's largest training batch (its batch plan's), collated; the first one for other loaders."""
+        loader = self.trainer.train_dataloader
+        plan = getattr(loader, "batch_sampler", None)
+        if not hasattr(plan, "largest"):
+            return next(iter(loader))
+        return loader.collate_fn([loader.dataset[i] for i in plan.largest()])
+
     # -- optimizer ---------------------------------------------------------------------------------------------------
 
     def configure_optimizers(self):
@@ -205,6 +246,8 @@ class QLoRAModule(LightningModule):
         trainable = set(trainable_state(self))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["lit_mistral"] = self._signature()
+        if self.auto_checkpoint_layers is not None:
+            checkpoint["lit_mistral"]["checkpoint_layers"] = self.auto_checkpoint_layers
         checkpoint["skipped_batches"] = self.skipped_batches
 
     def checkpoint_problems(self, saved: dict) -> list[str]:
@@ -232,6 +275,8 @@ class QLoRAModule(LightningModule):
             raise_problems(diffs, "Fix: run with the config the checkpoint was trained with (its run folder holds "
                                   "config.yaml).")
         self.skipped_batches = checkpoint.get("skipped_batches", 0)
+        if self.spec.compute.checkpoint_layers == "auto" and saved.get("checkpoint_layers") is not None:
+            self.auto_checkpoint_layers = int(saved["checkpoint_layers"])  # the run's choice, not measured again
 
     # -- generation --------------------------------------------------------------------------------------------------
 

@@ -32,8 +32,8 @@ def logits_and_grads(module, fused: bool, dropout_seed: int | None = None, autoc
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_same_outputs_gradients_and_dropout_as_peft(tiny_model_dir, quantize, dropout):
     """float32: the same logits and adapter gradients; with dropout in train mode, the same masks (same seed)."""
-    settings = dict(quantization={"method": quantize}, lora={"dropout": dropout, "target_modules": [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]})
+    settings = {"quantization": {"method": quantize}, "lora": {"dropout": dropout, "target_modules": [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]}}
     ours = logits_and_grads(adapted(tiny_model_dir, **settings), True, 7 if dropout else None)
     theirs = logits_and_grads(adapted(tiny_model_dir, compute={"dtype": "float32", "gradient_checkpointing": False,
                                                                 "fused_lora": False}, **settings),
@@ -47,7 +47,7 @@ def test_same_outputs_gradients_and_dropout_as_peft(tiny_model_dir, quantize, dr
 def test_under_bf16_autocast_within_bf16_rounding(tiny_model_dir):
     """Under bf16 autocast (Lightning's bf16-mixed) peft rounds the adapter output, its scaled copy and the sum to
     bf16 separately; the fused forward rounds once: the same within bf16 rounding."""
-    settings = dict(quantization={"method": "nf4"})
+    settings = {"quantization": {"method": "nf4"}}
     ours = logits_and_grads(adapted(tiny_model_dir, **settings), True, autocast=True)
     theirs = logits_and_grads(adapted(tiny_model_dir, compute={"dtype": "float32", "gradient_checkpointing": False,
                                                                 "fused_lora": False}, **settings), False, autocast=True)

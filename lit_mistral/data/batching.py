@@ -134,6 +134,15 @@ class BatchPlan(Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self._batches())
 
+    def largest(self) -> list[int]:
+        """The batch of this rank's plan for the epoch that lays out the most tokens (packed: the sum of lengths;
+        padded: examples x longest), for a memory probe; the resume state is left alone."""
+        def laid_out(batch: list[int]) -> int:
+            sizes = [self.lengths[i] for i in batch]
+            return sum(sizes) if self.packed else len(sizes) * max(sizes)
+
+        return max(self._batches(), key=laid_out)
+
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._batches()
         skip, self.skip = self.skip, 0

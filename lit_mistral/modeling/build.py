@@ -96,7 +96,8 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
     if spec.compute.kernels and (training or device.type == "cuda"):
         apply_kernels(model, required=training)
     if spec.compute.gradient_checkpointing:
-        set_checkpointing(model, spec.compute.checkpoint_layers)
+        layers = spec.compute.checkpoint_layers
+        set_checkpointing(model, None if layers == "auto" else layers)  # auto: all until fit measures (autofit.py)
     if spec.adapter_path is not None:
         model = load_adapter(model, spec.adapter_path, spec.name_or_path)
     else:
@@ -129,6 +130,12 @@ def apply_kernels(model, required: bool = True) -> None:
                                     fused_linear_cross_entropy=False)
 
 
+def checkpointable_layers(model) -> list:
+    """The decoder layers whose activations can be recomputed (transformers' GradientCheckpointingLayer), in order."""
+    return [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and
+            type(m).__name__.endswith(("DecoderLayer", "Block"))]
+
+
 def set_checkpointing(model, layers: int | None) -> None:
     """Recompute the activations of the first `layers` decoder layers in backward (all when None)."""
     # transformers >= 5.20 renamed the switch (and warns on the old name); 5.17 has only the old one
@@ -139,9 +146,7 @@ def set_checkpointing(model, layers: int | None) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if layers is not None:
         # per-layer flag of transformers' GradientCheckpointingLayer: the rest keep their activations
-        blocks = [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and
-                  type(m).__name__.endswith(("DecoderLayer", "Block"))]
-        for i, block in enumerate(blocks):
+        for i, block in enumerate(checkpointable_layers(model)):
             block.gradient_checkpointing = i < layers
 
 

@@ -1,0 +1,109 @@
+"""`compute.checkpoint_layers: auto`: the choice from measured peaks, the probe batch, and the run that measures,
+logs, saves and reuses its choice (the CUDA measurement itself is replaced by a memory model on the CPU)."""
+
+import torch
+from conftest import make_module, trainer
+
+from lit_mistral.data.batching import BatchPlan
+from lit_mistral.data.datamodule import InstructionDataModule
+from lit_mistral.modeling import autofit
+
+GIB = 2**30
+
+
+def linear_memory(base: float, per_layer: float, total: int, calls: list | None = None, oom_above: float = 1e9):
+    """A peak (bytes) of `base` GiB with every layer checkpointed, `per_layer` GiB more per layer that keeps its
+    activations; None (out of memory) above `oom_above` GiB."""
+    def measure(layers: int):
+        if calls is not None:
+            calls.append(layers)
+        peak = base + per_layer * (total - layers)
+        return None if peak > oom_above else int(peak * GIB)
+    return measure
+
+
+def test_picks_the_fewest_checkpointed_layers_that_fit():
+    calls = []
+    layers, probes = autofit.choose_checkpoint_layers(linear_memory(10, 1, 32, calls), 32, 20 * GIB, GIB)
+    assert layers == 23  # 9 layers keep their activations: 10 + 9 + 1 (reserve) = 20 GiB
+    assert calls == [32, 30, 23] and [p for _, p in probes] == [10 * GIB, 12 * GIB, 19 * GIB]
+
+
+def test_steps_back_when_the_estimate_was_optimistic():
+    # activations grow faster than the first two layers showed: the estimate (23) does not fit, nor 21; 19 does
+    def measure(layers):
+        kept = 32 - layers
+        return int((10 + kept + 0.2 * max(0, kept - 2) ** 1.5) * GIB)
+
+    layers, probes = autofit.choose_checkpoint_layers(measure, 32, 20 * GIB, GIB)
+    assert all(measure(n) + GIB > 20 * GIB for n, _ in probes[2:-1])
+    assert measure(layers) + GIB <= 20 * GIB and layers > 23
+
+
+def test_every_layer_when_nothing_less_fits_or_memory_runs_out():
+    assert autofit.choose_checkpoint_layers(linear_memory(25, 1, 32), 32, 20 * GIB, 0)[0] == 32  # not even all
+    assert autofit.choose_checkpoint_layers(linear_memory(10, 1, 32, oom_above=11.5), 32, 40 * GIB, 0)[0] == 31
+    assert autofit.choose_checkpoint_layers(linear_memory(10, 20, 32), 32, 20 * GIB, 0)[0] == 32
+    assert autofit.choose_checkpoint_layers(linear_memory(1, 1, 0), 0, 20 * GIB, 0)[0] == 0
+    assert autofit.choose_checkpoint_layers(linear_memory(1, 0.1, 32), 32, 80 * GIB, 0)[0] == 0  # all fit
+
+
+def test_batch_plan_names_its_largest_batch_without_touching_the_resume_state():
+    lengths = [5, 9, 3, 8, 7, 2, 6]
+    packed = BatchPlan(lengths, batch_size=1, max_tokens=16, packed=True, shuffle=True, seed=1)
+    assert sum(lengths[i] for i in packed.largest()) == max(sum(lengths[i] for i in b) for b in packed)
+    padded = BatchPlan(lengths, batch_size=3, shuffle=False)
+    padded.skip = 1
+    assert padded.largest() == [0, 1, 2]  # 3 x 9 positions
+    assert padded.skip == 1 and len(list(padded)) == len(padded) - 1
+
+
+def test_auto_run_measures_logs_saves_and_reuses_its_choice(tiny_model_dir, demo_file, tmp_path, monkeypatch,
+                                                           caplog):
+    """A fit with `checkpoint_layers: auto` (the CUDA measurement replaced by a memory model: 1 GiB with both
+    layers checkpointed, 1 GiB more per layer kept, a 2.5 GiB budget) keeps one layer's activations, says so, and
+    saves the choice; resumed from its checkpoint, the run takes it without measuring."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_mistral.modeling.build import checkpointable_layers
+
+    calls = []
+    monkeypatch.setattr(autofit, "can_measure", lambda device: True)
+    monkeypatch.setattr(autofit, "budget_bytes", lambda device, gib: int(2.5 * GIB))
+    monkeypatch.setattr(autofit, "MARGIN", 0.0)
+    monkeypatch.setattr(autofit, "probe_peak", lambda module, batch, n: calls.append(
+        (n, batch["input_ids"].numel())) or int((1 + (2 - n)) * GIB))
+
+    def run(max_steps, ckpt_path=None):
+        module = make_module(tiny_model_dir, compute={"checkpoint_layers": "auto"})
+        dm = InstructionDataModule(path=str(demo_file), tokenizer=str(tiny_model_dir), max_length=256,
+                                   batch_size=4, train_records=(0, 16), val_records=(16, 20))
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+        trainer(tmp_path, max_steps=max_steps, limit_val_batches=0, enable_checkpointing=True,
+                callbacks=[checkpoints]).fit(module, dm, ckpt_path=ckpt_path)
+        return module, dm
+
+    with caplog.at_level("INFO"):
+        module, dm = run(2)
+    assert module.auto_checkpoint_layers == 1
+    assert [n for n, _ in calls][:2] == [2, 0] and len({tokens for _, tokens in calls}) == 1
+    assert calls[0][1] == max(b["input_ids"].numel() for b in dm.train_dataloader())  # the epoch's largest batch
+    assert "1 of 2 decoder layers recompute their activations (measured against 2.5 GiB" in caplog.text
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["lit_mistral"]["checkpoint_layers"] == 1
+    calls.clear()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        resumed, _ = run(3, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert calls == [] and resumed.auto_checkpoint_layers == 1
+    assert "(from the checkpoint resumed)" in caplog.text
+    assert [b.gradient_checkpointing for b in checkpointable_layers(resumed.model)] == [True, False]
+
+
+def test_auto_needs_checkpointing_and_a_budget_needs_auto():
+    from lit_mistral.config import Compute
+
+    assert "needs model.compute.gradient_checkpointing=true" in Compute(
+        gradient_checkpointing=False, checkpoint_layers="auto").problems(True)[0]
+    assert "memory_budget_gib=24" in Compute(memory_budget_gib=24).problems(True)[0]
+    assert Compute(checkpoint_layers="auto", memory_budget_gib=24).problems(True) == []
