@@ -1,6 +1,7 @@
 """`compute.checkpoint_layers: auto`: the choice from measured peaks, the probe batch, and the run that measures,
 logs, saves and reuses its choice (the CUDA measurement itself is replaced by a memory model on the CPU)."""
 
+import pytest
 import torch
 from conftest import make_module, trainer
 
@@ -107,3 +108,17 @@ def test_auto_needs_checkpointing_and_a_budget_needs_auto():
         gradient_checkpointing=False, checkpoint_layers="auto").problems(True)[0]
     assert "memory_budget_gib=24" in Compute(memory_budget_gib=24).problems(True)[0]
     assert Compute(checkpoint_layers="auto", memory_budget_gib=24).problems(True) == []
+
+
+@pytest.mark.gpu
+def test_auto_measures_on_a_gpu(tiny_model_dir, demo_file, tmp_path):
+    """The real measurement (CUDA's allocator): the tiny model fits a 1 GiB budget with no layer recomputing."""
+    from lightning.pytorch import Trainer
+
+    module = make_module(tiny_model_dir, compute={"checkpoint_layers": "auto", "memory_budget_gib": 1.0,
+                                                  "dtype": "bfloat16"})
+    dm = InstructionDataModule(path=str(demo_file), tokenizer=str(tiny_model_dir), max_length=256, batch_size=4,
+                               train_records=(0, 16), val_records=(16, 20))
+    Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=2, limit_val_batches=0, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path).fit(module, dm)
+    assert module.auto_checkpoint_layers == 0
