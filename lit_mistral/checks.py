@@ -139,4 +139,8 @@ def _sharding_problems(subcommand: str, model, trainer, precision: str) -> list[
     if precision not in ("bf16-mixed", "32-true", "32"):
         problems.append(f"trainer.precision={precision} with trainer.strategy={NAME}: supported are bf16-mixed (GPUs) "
                         "and 32-true. Fix: --trainer.precision bf16-mixed.")
+    if subcommand == "fit" and model.get("compute.checkpoint_layers") == "auto":
+        problems.append(f"model.compute.checkpoint_layers=auto with trainer.strategy={NAME}: the memory probes run "
+                        "each GPU on its own, and FSDP's layers gather their weights from every GPU at once. Fix: a "
+                        "count (--model.compute.checkpoint_layers N), or null for all layers.")
     return problems

@@ -8,10 +8,12 @@ from lit_mistral.checks import check_settings
 from lit_mistral.errors import LitMistralError
 
 
-def model_settings(method="nf4", optimizer="paged_adamw_32bit", kernels=None, storage="auto", load_on="device"):
+def model_settings(method="nf4", optimizer="paged_adamw_32bit", kernels=None, storage="auto", load_on="device",
+                   checkpoint_layers=None):
     """A parsed `model` config, as the CLI hands it to the checks."""
     return Namespace(load_on=load_on, quantization=Namespace(method=method, storage=storage),
-                     optimization=Namespace(optimizer=optimizer), compute=Namespace(kernels=kernels))
+                     optimization=Namespace(optimizer=optimizer),
+                     compute=Namespace(kernels=kernels, checkpoint_layers=checkpoint_layers))
 
 
 def test_a_gpu_machine_is_fine_without_bitsandbytes_in_the_way(monkeypatch):
@@ -26,6 +28,16 @@ def test_fsdp_is_for_training_only(subcommand):
     with pytest.raises(LitMistralError, match=f"trainer.strategy=fsdp_qlora with {subcommand}: FSDP is for training"):
         check_settings(subcommand, model_settings(),
                        Namespace(precision="bf16-mixed", accelerator="cpu", strategy="fsdp_qlora"))
+
+
+def test_measured_checkpoint_layers_are_not_for_fsdp():
+    """The memory probes run each process on its own; FSDP's layers gather weights from all of them at once."""
+    trainer = Namespace(precision="bf16-mixed", accelerator="cpu", strategy="fsdp_qlora")
+    with pytest.raises(LitMistralError, match="checkpoint_layers=auto with trainer.strategy=fsdp_qlora"):
+        check_settings("fit", model_settings(checkpoint_layers="auto"), trainer)
+    check_settings("fit", model_settings(checkpoint_layers=8), trainer)
+    check_settings("fit", model_settings(checkpoint_layers="auto"), Namespace(precision="bf16-mixed",
+                                                                               accelerator="cpu", strategy="ddp"))
 
 
 @pytest.mark.parametrize("strategy", ["auto", "ddp"])
