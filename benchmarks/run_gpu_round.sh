@@ -5,6 +5,7 @@
 #   .bench/   ../shared/bench/{seed_recipe.py,seed_predict.py,dolly_lengths.txt}, dolly-15k-head.jsonl, tokenizer/
 #   .before/  lit_mistral/ and configs/ of the commit to compare with (git archive <commit> lit_mistral configs)
 # PART=probe    profiles: the engine's phases, a training step's kernels, the predict command (py-spy); peers
+# PART=auto     checkpoint_layers auto (24 and 16 GiB budgets) against qlora-24gb, through the CLI
 # PART=big      Llama-2-70B's architecture (random, built layer by layer in NF4) trained through the CLI
 # PART=peers    one GPU-marked test by name (TEST=...), then the peers on a subset of dolly-lengths
 # PART=fused    the fused LoRA forward against peft's; GPU tests; predict warm and forced-256; peers
@@ -83,6 +84,15 @@ peers)
   PYTHONPATH=/tmp/site:$PWD timeout 100 python3 benchmarks/bench_generate_peers.py --model "$CKPT" --n ${PEERS_N:-64} \
     --batch_prompts ${PEERS_N:-64} --batch_timeout 30 --file /tmp/dolly-lengths.jsonl --tokenizer .bench/tokenizer 2>&1 \
     | grep -v -i warn | tail -4 | tee -a "$OUT/predict.jsonl"
+  ;;
+auto)
+  # checkpoint_layers auto against qlora-24gb's all-layers checkpointing, side by side: 24 and 16 GiB budgets
+  for budget in none 24 16; do
+    flags=$([ $budget = none ] && echo "" || echo "--model.compute.checkpoint_layers auto --model.compute.memory_budget_gib $budget")
+    PYTHONPATH=/tmp/site timeout 170 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label auto-$budget \
+      --fit qlora-24gb --steps ${STEPS:-15} --warm 5 --timeout 160 --fit_flags="$flags" | tee -a "$OUT/train.jsonl"
+    grep -h "checkpoint_layers=auto" /tmp/bench-cli/auto-$budget/fit-*.log | cut -c1-400 | tee -a "$OUT/auto.txt"
+  done
   ;;
 big)
   # Llama-2-70B's architecture with random weights, built layer by layer in NF4 (nothing on disk): fit through the
