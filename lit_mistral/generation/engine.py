@@ -195,12 +195,11 @@ class Engine:
         self.tables[slots, :table.shape[1]] = table.to(self.device)
         ids = torch.tensor([t for r in rows for t in r.prompt], device=self.device)
         positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
-        write = self._slots(slots.repeat_interleave(torch.tensor(lengths, device=self.device)), positions)
-        bounds = prefill_bounds(lengths, self.device)
+        bounds = prefill_bounds(lengths, self.device)  # (0, l1, l1+l2, ...): also each prompt's length and end
+        write = self._slots(slots.repeat_interleave(bounds.diff().long()), positions)
         hidden = self._forward(ids[None], positions[None], write,
                                lambda i, q, k, v: prefill_attention(q, k, v, lengths, self.scale, bounds))
-        last = torch.tensor(lengths).cumsum(0).to(self.device) - 1
-        return self.lm_head(hidden[0, last]).float()
+        return self.lm_head(hidden[0, bounds[1:].long() - 1]).float()
 
     def _decode(self, rows: list[_Row]) -> torch.Tensor:
         n = len(rows)

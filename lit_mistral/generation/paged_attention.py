@@ -37,12 +37,11 @@ def prefill_bounds(lengths: list[int], device: torch.device) -> torch.Tensor:
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
-                      scale: float, bounds: torch.Tensor | None = None) -> torch.Tensor:
+                      scale: float, bounds: torch.Tensor) -> torch.Tensor:
     """Causal attention within each prompt of a packed row: q (N, H, D), k/v (N, H_kv, D), `lengths` the prompts'
-    token counts in order (summing to N), `bounds` their `prefill_bounds` (made here if not given). Flash varlen on
-    CUDA in 16-bit; one SDPA per prompt otherwise. Returns (N, H, D)."""
+    token counts in order (summing to N), `bounds` their `prefill_bounds` on q's device. Flash varlen on CUDA in
+    16-bit; one SDPA per prompt otherwise. Returns (N, H, D)."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        bounds = prefill_bounds(lengths, q.device) if bounds is None else bounds
         return flash_varlen(q, k, v, bounds, max(lengths), scale)
     groups = q.shape[1] // k.shape[1]
     out, start = [], 0
