@@ -70,7 +70,7 @@ def check_settings(subcommand: str, model, trainer, data=None, checkpoint=None, 
                         "model.compute.dtype=float16 is refused too). Fix: --trainer.precision bf16-mixed on GPUs with "
                         "bfloat16 (Ampere or newer), 32-true with --model.compute.dtype float32 on older ones, or "
                         "--model.quantization.method null.")
-    if fit and kernels == "liger" and device != "cuda":  # kernels are applied for fit only (see config.Compute)
+    if fit and kernels == "liger" and device != "cuda":  # off a GPU only fit applies them (see config.Compute)
         problems.append("model.compute.kernels=liger: Liger's Triton kernels run on CUDA GPUs only. Fix: set "
                         "--model.compute.kernels null on this machine.")
     elif fit and kernels == "liger" and importlib.util.find_spec("liger_kernel") is None:
