@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--batch_prompts", type=int, default=200)
     p.add_argument("--batch_timeout", type=float, default=120, help="seconds the continuous-batching peer may run")
     p.add_argument("--n", type=int, default=None, help="the first N rows of --file only (static batches are slow)")
+    p.add_argument("--static_rows", type=int, default=None, help="static batches over the first N of those rows only")
     p.add_argument("--peers", nargs="+", default=["static64", "generate_batch"])
     args = p.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -53,7 +54,8 @@ def main() -> None:
     if "static64" in args.peers:
         sync()
         started, generated = time.perf_counter(), 0
-        for s in range(0, len(prompts), args.batch):
+        static = prompts[: args.static_rows]
+        for s in range(0, len(static), args.batch):
             batch, news = prompts[s: s + args.batch], lengths[s: s + args.batch]
             width = max(map(len, batch))
             ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=DEVICE)
@@ -64,7 +66,7 @@ def main() -> None:
             generated += sum(news)
         sync()
         seconds = time.perf_counter() - started
-        print(json.dumps(dict(peer=f"plain generate, static batches of {args.batch}", prompts=len(prompts),
+        print(json.dumps(dict(peer=f"plain generate, static batches of {args.batch}", prompts=len(static),
                               useful_new_tokens=generated, seconds=round(seconds, 1),
                               tokens_per_s=round(generated / seconds, 1),
                               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if DEVICE == 0 else None)), flush=True)

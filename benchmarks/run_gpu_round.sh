@@ -4,6 +4,9 @@
 #   .whl/     bitsandbytes 0.50.2, liger-kernel 0.8.5, jsonargparse, docstring_parser, typeshed_client wheels
 #   .bench/   ../shared/bench/{seed_recipe.py,seed_predict.py,dolly_lengths.txt}, dolly-15k-head.jsonl, tokenizer/
 #   .before/  lit_mistral/ and configs/ of the commit to compare with (git archive <commit> lit_mistral configs)
+# PART=round1   Python bytecode on the image (cold and cached imports), the GPU-marked tests, the seed recipe and
+#               qlora-fast side by side (twice: time to first step with warm Triton and bytecode caches), the peers
+#               and lit_mistral's predict on the first 256 rows of dolly-lengths
 # PART=probe    profiles: the engine's phases, a training step's kernels, the predict command (py-spy); peers
 # PART=auto     checkpoint_layers auto (24 and 16 GiB budgets) against qlora-24gb, through the CLI
 # PART=big      Llama-2-70B's architecture (random, built layer by layer in NF4) trained through the CLI
@@ -21,6 +24,9 @@ set -uo pipefail
 OUT=${OUT:-$PWD/bench-out}; mkdir -p "$OUT"
 # compiled as pip installs them for users (no --no-compile: the first import would compile them, a cold-start cost)
 python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# the image's packages carry no compiled bytecode and their folders may be read-only: without a cache every process
+# would compile torch, sympy, ... again (pip compiles at install on users' machines); this cache stands in for that
+export PYTHONPYCACHEPREFIX=/tmp/pycache
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 CKPT=${CKPT:-/tmp/mistral7b-random} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee -a "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft, bitsandbytes, lightning, triton; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, lightning.__version__, triton.__version__)" | tee -a "$OUT/versions.txt"
@@ -30,6 +36,30 @@ fi
 DATA=.bench/dolly-15k-head.jsonl
 export PATH=/tmp/site/bin:$PATH  # py-spy
 case "${PART:-check}" in
+round1)
+  python3 -c "import torch, os, glob; d = os.path.dirname(torch.__file__); print('torch dir writable', os.access(d, os.W_OK), 'pyc files', len(glob.glob(d + '/**/__pycache__/*.pyc', recursive=True)))" | tee "$OUT/bytecode.txt"
+  IMPORTS="import lit_mistral.cli, peft, bitsandbytes, liger_kernel.transformers, transformers.models.mistral.modeling_mistral"
+  for run in no-cache cache; do  # seconds to import, the interpreter's own start left out
+    ([ $run = no-cache ] && export PYTHONPYCACHEPREFIX=/tmp/pycache-none PYTHONDONTWRITEBYTECODE=1
+     PYTHONPATH=/tmp/site:$PWD python3 -c "import time; t = time.perf_counter(); $IMPORTS; print('imports $run', round(time.perf_counter() - t, 1), 's')") | tee -a "$OUT/bytecode.txt"
+  done
+  PYTHONPATH=/tmp/site:$PWD timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -25 | tee "$OUT/gpu-tests.log"
+  (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  for run in first second; do
+    PYTHONPATH=/tmp/site timeout 120 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label $run \
+      --fit qlora-fast --steps 20 --warm 5 --timeout 110 | tee -a "$OUT/train.jsonl"
+    grep -h "Loaded" /tmp/bench-cli/$run/fit-*.log | cut -c1-300 | tee -a "$OUT/fit-logs.txt"
+  done
+  PYTHONPATH=/tmp/site:$PWD python3 benchmarks/dolly_lengths.py --tokenizer .bench/tokenizer --data $DATA --n 1000 \
+    --out /tmp/dolly-lengths.jsonl > /dev/null && head -256 /tmp/dolly-lengths.jsonl > /tmp/dolly-lengths-256.jsonl
+  PYTHONPATH=/tmp/site timeout 80 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label ours256 \
+    --predict qlora-fast --predict_file /tmp/dolly-lengths-256.jsonl --timeout 75 \
+    --predict_flags "--model.generation.max_new_tokens 512" | tee -a "$OUT/predict.jsonl"
+  grep -h "Generation engine" /tmp/bench-cli/ours256/predict.log | cut -c1-300 | tee -a "$OUT/predict-logs.txt"
+  PYTHONPATH=/tmp/site:$PWD timeout 170 python3 benchmarks/bench_generate_peers.py --model "$CKPT" --n 256 --static_rows 128 \
+    --batch_prompts 256 --batch_timeout 90 --file /tmp/dolly-lengths.jsonl --tokenizer .bench/tokenizer 2>&1 \
+    | grep -v -i warn | tail -4 | tee -a "$OUT/predict.jsonl"
+  ;;
 probe)
   # where the time goes: the engine's phases and kernels, a training step's kernels by kind, the predict command
   # sampled by py-spy (start-up included); then the peers on the first 256 dolly-lengths rows
