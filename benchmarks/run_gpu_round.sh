@@ -7,6 +7,8 @@
 # PART=round1   Python bytecode on the image (cold and cached imports), the GPU-marked tests, the seed recipe and
 #               qlora-fast side by side (twice: time to first step with warm Triton and bytecode caches), the peers
 #               and lit_mistral's predict on the first 256 rows of dolly-lengths
+# PART=round2   where the imports' time goes (python -X importtime), transformers' continuous batching on the first
+#               256 rows of dolly-lengths, checkpoint_layers auto (PART=auto), Llama-2-70B (PART=big)
 # PART=probe    profiles: the engine's phases, a training step's kernels, the predict command (py-spy); peers
 # PART=auto     checkpoint_layers auto (24 and 16 GiB budgets) against qlora-24gb, through the CLI
 # PART=big      Llama-2-70B's architecture (random, built layer by layer in NF4) trained through the CLI
@@ -34,11 +36,12 @@ if [ "${PART:-check}" != big ] && [ ! -f "$CKPT/config.json" ]; then
   (cd .bench && python3 -c "import seed_recipe as s; s.make_checkpoint()") > /dev/null 2>&1 && cp .bench/tokenizer/* "$CKPT/"
 fi
 DATA=.bench/dolly-15k-head.jsonl
+IMPORTS_ALL="import lit_mistral.cli, peft, bitsandbytes, liger_kernel.transformers, transformers.models.mistral.modeling_mistral"
 export PATH=/tmp/site/bin:$PATH  # py-spy
 case "${PART:-check}" in
 round1)
   python3 -c "import torch, os, glob; d = os.path.dirname(torch.__file__); print('torch dir writable', os.access(d, os.W_OK), 'pyc files', len(glob.glob(d + '/**/__pycache__/*.pyc', recursive=True)))" | tee "$OUT/bytecode.txt"
-  IMPORTS="import lit_mistral.cli, peft, bitsandbytes, liger_kernel.transformers, transformers.models.mistral.modeling_mistral"
+  IMPORTS=$IMPORTS_ALL
   for run in no-cache cache; do  # seconds to import, the interpreter's own start left out
     ([ $run = no-cache ] && export PYTHONPYCACHEPREFIX=/tmp/pycache-none PYTHONDONTWRITEBYTECODE=1
      PYTHONPATH=/tmp/site:$PWD python3 -c "import time; t = time.perf_counter(); $IMPORTS; print('imports $run', round(time.perf_counter() - t, 1), 's')") | tee -a "$OUT/bytecode.txt"
@@ -115,6 +118,17 @@ peers)
     --batch_prompts ${PEERS_N:-64} --batch_timeout 30 --file /tmp/dolly-lengths.jsonl --tokenizer .bench/tokenizer 2>&1 \
     | grep -v -i warn | tail -4 | tee -a "$OUT/predict.jsonl"
   ;;
+round2)
+  PYTHONPATH=/tmp/site:$PWD python3 -X importtime -c "$IMPORTS_ALL" 2> "$OUT/importtime.txt"
+  sort -t'|' -k2 -n "$OUT/importtime.txt" | tail -40
+  PYTHONPATH=/tmp/site:$PWD python3 benchmarks/dolly_lengths.py --tokenizer .bench/tokenizer --data $DATA --n 1000 \
+    --out /tmp/dolly-lengths.jsonl > /dev/null
+  PYTHONPATH=/tmp/site:$PWD timeout 130 python3 benchmarks/bench_generate_peers.py --model "$CKPT" --n 256 \
+    --batch_prompts 256 --batch_timeout 90 --peers generate_batch --file /tmp/dolly-lengths.jsonl \
+    --tokenizer .bench/tokenizer 2>&1 | grep -v -i warn | tail -3 | tee -a "$OUT/predict.jsonl"
+  STEPS=12 PART=auto bash "$0"
+  STEPS=8 BIG_TIMEOUT=290 PART=big bash "$0"
+  ;;
 auto)
   # checkpoint_layers auto against qlora-24gb's all-layers checkpointing, side by side: 24 and 16 GiB budgets
   for budget in none 24 16; do
@@ -128,8 +142,8 @@ big)
   # Llama-2-70B's architecture with random weights, built layer by layer in NF4 (nothing on disk): fit through the
   # CLI with the qlora-24gb settings (checkpointing, 16,384-token steps)
   BIG=/tmp/llama-2-70b && mkdir -p $BIG && cp benchmarks/architectures/llama-2-70b/config.json $BIG/ && cp .bench/tokenizer/* $BIG/
-  PYTHONPATH=/tmp/site timeout 560 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label llama-2-70b \
-    --fit ${BIG_CONFIG:-qlora-24gb} --steps ${STEPS:-8} --warm 3 --timeout 540 \
+  PYTHONPATH=/tmp/site timeout ${BIG_TIMEOUT:-560} python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label llama-2-70b \
+    --fit ${BIG_CONFIG:-qlora-24gb} --steps ${STEPS:-8} --warm 3 --timeout $((${BIG_TIMEOUT:-560} - 20)) \
     --fit_flags="--model.name_or_path $BIG --model.random_init true ${BIG_FLAGS:-}" | tee -a "$OUT/train.jsonl"
   grep -h "Loaded\|Error\|error" /tmp/bench-cli/llama-2-70b/fit-*.log | cut -c1-300 | tail -5
   ;;
