@@ -32,7 +32,7 @@ export PYTHONPYCACHEPREFIX=/tmp/pycache
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 CKPT=${CKPT:-/tmp/mistral7b-random} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee -a "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft, bitsandbytes, lightning, triton; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, lightning.__version__, triton.__version__)" | tee -a "$OUT/versions.txt"
-if [ "${PART:-check}" != big ] && [ ! -f "$CKPT/config.json" ]; then
+if [ "${PART:-check}" != big ] && [ "${PART:-check}" != big2 ] && [ ! -f "$CKPT/config.json" ]; then
   (cd .bench && python3 -c "import seed_recipe as s; s.make_checkpoint()") > /dev/null 2>&1 && cp .bench/tokenizer/* "$CKPT/"
 fi
 DATA=.bench/dolly-15k-head.jsonl
@@ -137,6 +137,18 @@ auto)
       --fit qlora-24gb --steps ${STEPS:-15} --warm 5 --timeout 160 --fit_flags="$flags" | tee -a "$OUT/train.jsonl"
     grep -h "checkpoint_layers=auto" /tmp/bench-cli/auto-$budget/fit-*.log | cut -c1-400 | tee -a "$OUT/auto.txt"
   done
+  ;;
+big2)
+  # as big, but the CLI's own output (progress bar included) streamed to $OUT and the TensorBoard events copied
+  # there, so a run cut short still says how far it got
+  BIG=/tmp/llama-2-70b && mkdir -p $BIG /tmp/big && cp benchmarks/architectures/llama-2-70b/config.json $BIG/ && cp .bench/tokenizer/* $BIG/
+  python3 -c "r = open('$DATA').read().splitlines(); open('/tmp/big/train.jsonl', 'w').write(chr(10).join(r[i % 200] for i in range(9000)) + chr(10))"
+  PYTHONPATH=/tmp/site timeout ${BIG_TIMEOUT:-300} python3 -m lit_mistral fit --config configs/qlora-24gb.yaml \
+    --model.name_or_path $BIG --model.random_init true --data.path /tmp/big/train.jsonl --data.train_records null \
+    --data.val_records null --trainer.max_steps ${STEPS:-6} --trainer.default_root_dir /tmp/big \
+    --trainer.enable_progress_bar true 2>&1 | tr '\r' '\n' | grep -v -i warn > "$OUT/big-fit.log"
+  cp -r /tmp/big/lightning_logs "$OUT/big-lightning_logs" 2>/dev/null
+  tail -5 "$OUT/big-fit.log"
   ;;
 big)
   # Llama-2-70B's architecture with random weights, built layer by layer in NF4 (nothing on disk): fit through the
