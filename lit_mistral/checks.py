@@ -143,4 +143,8 @@ def _sharding_problems(subcommand: str, model, trainer, precision: str) -> list[
         problems.append(f"model.compute.checkpoint_layers=auto with trainer.strategy={NAME}: the memory probes run "
                         "each GPU on its own, and FSDP's layers gather their weights from every GPU at once. Fix: a "
                         "count (--model.compute.checkpoint_layers N), or null for all layers.")
+    if subcommand == "fit" and model.get("compute.micro_batch_tokens") is not None:
+        problems.append(f"model.compute.micro_batch_tokens with trainer.strategy={NAME}: FSDP reduces the gradients "
+                        "at the end of every backward pass and expects one per step. Fix: null (whole batches); for "
+                        "less memory, lower --data.max_tokens and raise --trainer.accumulate_grad_batches.")
     return problems

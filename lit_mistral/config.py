@@ -82,8 +82,15 @@ class Compute:
             the activations of the rest: spend spare memory on speed. None: all layers. `auto`: as few as fit, found
             by measuring a few training passes at the start of fit (`modeling/autofit.py`; on a GPU), logged and
             kept in checkpoints for a resumed run.
-        memory_budget_gib: With `checkpoint_layers: auto`, the GPU memory the run may take (e.g. 24 on a shared
-            or larger GPU). None: what the GPU has.
+        memory_budget_gib: With `checkpoint_layers` or `micro_batch_tokens` `auto`, the GPU memory the run may take
+            (e.g. 24 on a shared or larger GPU). None: what the GPU has.
+        micro_batch_tokens: Tokens per forward and backward pass: each training batch (`data.max_tokens` or
+            `data.batch_size`) runs in parts of at most this many tokens (whole examples; packed: their lengths,
+            padded: rows x longest), their gradients summed before the optimizer step, the loss the mean over the
+            whole batch's labelled tokens: the same training as in one pass (dropout draws aside), in less activation
+            memory. None: the whole batch at once. `auto`: the fastest part size that fits, with
+            `checkpoint_layers: auto` together with its layer count, found by measuring a few training passes at
+            the start of fit (`modeling/autofit.py`; on a GPU), logged and kept in checkpoints.
         kernels: `liger`: Liger-Kernel's fused Triton kernels for RMSNorm, SwiGLU and RoPE (GPU only; pip install
             liger-kernel), for `fit`, and for `predict`/`validate` on a GPU where Liger is installed (the engine's
             CUDA graphs remove the launch cost that made them slower in transformers' `generate`). None:
@@ -99,6 +106,7 @@ class Compute:
     gradient_checkpointing: bool = True
     checkpoint_layers: int | Literal["auto"] | None = None
     memory_budget_gib: float | None = None
+    micro_batch_tokens: int | Literal["auto"] | None = None
     kernels: Literal["liger"] | None = None
     loss_chunk_size: int = 4096
     fused_lora: bool = True
@@ -111,9 +119,13 @@ class Compute:
         auto = self.checkpoint_layers == "auto"
         if auto and not self.gradient_checkpointing:
             problems.append("model.compute.checkpoint_layers=auto: needs model.compute.gradient_checkpointing=true")
-        if self.memory_budget_gib is not None and (not auto or self.memory_budget_gib <= 0):
+        measured = auto or self.micro_batch_tokens == "auto"
+        if self.memory_budget_gib is not None and (not measured or self.memory_budget_gib <= 0):
             problems.append(f"model.compute.memory_budget_gib={self.memory_budget_gib}: a positive number, used with "
-                            "model.compute.checkpoint_layers=auto")
+                            "model.compute.checkpoint_layers=auto or model.compute.micro_batch_tokens=auto")
+        if self.micro_batch_tokens not in (None, "auto") and self.micro_batch_tokens < 1:
+            problems.append(f"model.compute.micro_batch_tokens={self.micro_batch_tokens}: expected a count >= 1, auto "
+                            "or null (the whole batch at once)")
         if not auto and self.checkpoint_layers is not None and (self.checkpoint_layers < 0 or
                                                                   not self.gradient_checkpointing):
             problems.append(f"model.compute.checkpoint_layers={self.checkpoint_layers}: needs "

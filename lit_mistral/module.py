@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lit_mistral.config import Compute, Generation, LoRA, Optimization, Quantization
+from lit_mistral.data.batching import split_batch
 from lit_mistral.errors import LitMistralError, raise_problems
 from lit_mistral.generation.answering import for_inference
 from lit_mistral.generation.predictor import Predictor
@@ -81,6 +82,9 @@ class QLoRAModule(LightningModule):
         self.predictor: Predictor | None = None
         self.kept_adapter: dict[str, torch.Tensor] | None = None  # adapter weights (CPU) while the model is released
         self.auto_checkpoint_layers: int | None = None  # `checkpoint_layers: auto`: measured, or from a checkpoint
+        self.auto_micro_tokens: int | None = None  # `micro_batch_tokens: auto`: likewise (None: whole batches)
+        self._micro_restored = False  # auto_micro_tokens came from the checkpoint resumed
+        self._grads_from_parts = False  # this step's first parts left their gradients in .grad (`optimizer_zero_grad`)
 
     # -- the model ---------------------------------------------------------------------------------------------------
 
@@ -145,13 +149,57 @@ class QLoRAModule(LightningModule):
 
     # -- steps -------------------------------------------------------------------------------------------------------
 
+    @property
+    def micro_batch_tokens(self) -> int | None:
+        """The part size batches train in (`compute.micro_batch_tokens`, measured if `auto`); None: whole batches."""
+        size = self.spec.compute.micro_batch_tokens
+        return self.auto_micro_tokens if size == "auto" else size
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        self._grads_from_parts = False
+        parts = [batch] if self.micro_batch_tokens is None else split_batch(batch, self.micro_batch_tokens)
+        if len(parts) > 1:
+            return self._step_in_parts(parts, batch, batch_idx)
         loss_sum, count = self.loss_sum(batch)
         loss = loss_sum / count.clamp(min=1)
         if self._nonfinite(loss, batch_idx):
             return None  # Lightning skips backward and the optimizer update for this batch
         self.log("train/loss", loss, prog_bar=True, batch_size=int(count))
         return loss
+
+    def _step_in_parts(self, parts: list[dict], batch: dict, batch_idx: int) -> torch.Tensor | None:
+        """A batch in parts (`compute.micro_batch_tokens`): backward on each part but the last here, the last by
+        Lightning, each part's token-loss sum divided by the whole batch's labelled-token count, so that the summed
+        gradients are those of the batch's mean loss. Lightning's gradient accumulation would divide each part's own
+        mean by the number of parts instead (wrong when parts hold different numbers of labelled tokens) and takes a
+        fixed number of batches per step, whereas the number of parts varies from batch to batch.
+
+        The earlier parts' backward runs inside the training step, before Lightning zeroes gradients, so this step
+        zeroes them itself at the start of an accumulation window and `optimizer_zero_grad` leaves them. Under DDP
+        the gradient hooks are not armed inside the forward (the training step), so the earlier parts accumulate
+        locally and the last part's backward reduces the sum across processes once, as `no_sync` accumulation does."""
+        accumulate = self.trainer.accumulate_grad_batches
+        if batch_idx % accumulate == 0:
+            self.zero_grad(set_to_none=True)
+            self._grads_from_parts = True
+        count = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)  # position t is labelled with token t+1
+        total = torch.zeros((), device=self.device)
+        for part in parts[:-1]:
+            part_sum, _ = self.loss_sum(part)
+            self.trainer.strategy.backward(part_sum / (count * accumulate), None)
+            total += part_sum.detach()
+        part_sum, _ = self.loss_sum(parts[-1])
+        loss = (total + part_sum.detach()) / count
+        if self._nonfinite(loss, batch_idx):
+            self.zero_grad(set_to_none=True)  # the earlier parts' gradients must not reach the optimizer
+            return None
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(count))
+        return part_sum / count  # Lightning divides by accumulate_grad_batches and runs its backward
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        if self._grads_from_parts:
+            return  # zeroed at the training step's start; its first parts' gradients are in .grad
+        optimizer.zero_grad()
 
     def _nonfinite(self, loss: torch.Tensor, batch_idx: int) -> bool:
         """Stop on a NaN/inf loss (or report it to be skipped) instead of training on garbage gradients."""
@@ -189,36 +237,93 @@ class QLoRAModule(LightningModule):
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def on_train_start(self) -> None:
-        if self.spec.compute.checkpoint_layers == "auto" and self.spec.compute.gradient_checkpointing:
-            self._fit_checkpoint_layers()
+        compute = self.spec.compute
+        if (compute.checkpoint_layers == "auto" and compute.gradient_checkpointing) or \
+                compute.micro_batch_tokens == "auto":
+            self._fit_memory()
 
-    def _fit_checkpoint_layers(self) -> None:
-        """`compute.checkpoint_layers: auto` (`modeling.autofit`): measure (or take from the checkpoint resumed) how
-        many layers must recompute their activations, and set it; the same count on every process."""
+    def _fit_memory(self) -> None:
+        """`compute.checkpoint_layers: auto` and/or `compute.micro_batch_tokens: auto` (`modeling.autofit`): measure
+        (or take from the checkpoint resumed) how many layers must recompute their activations and in how large
+        parts a batch runs, and set them; the same choice on every process."""
+        compute = self.spec.compute
+        auto_layers = compute.checkpoint_layers == "auto" and compute.gradient_checkpointing
+        auto_micro = compute.micro_batch_tokens == "auto"
         total = len(build.checkpointable_layers(self.model))
-        layers, how = self.auto_checkpoint_layers, "from the checkpoint resumed"
-        if layers is None and not autofit.can_measure(self.device):
-            layers, how = total, "no GPU memory to measure: every layer"
-        elif layers is None:
-            batch = self.trainer.strategy.batch_to_device(self._largest_batch())
-            budget = autofit.budget_bytes(self.device, self.spec.compute.memory_budget_gib)
-            trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-            reserve = 8 * trainable + int(autofit.MARGIN * budget)  # Adam's two float32 moments, and a margin
-            self.model.train()
-            layers, probes = autofit.choose_checkpoint_layers(lambda n: autofit.probe_peak(self, batch, n), total,
-                                                              budget, reserve)
-            shown = ", ".join(f"{n}: {'out of memory' if p is None else f'{p / 2**30:.1f} GiB'}" for n, p in probes)
-            how = f"measured against {budget / 2**30:.1f} GiB ({shown})"
-            if probes and (probes[0][1] is None or probes[0][1] + reserve > budget):
-                rank_zero_warn(f"model.compute.checkpoint_layers=auto: even with every layer recomputed a step of "
-                               f"{batch['input_ids'].numel()} tokens may not fit {budget / 2**30:.1f} GiB. Fix: lower "
-                               "--data.max_tokens (or --data.batch_size).")
-        # every process takes the most cautious count (their batches and free memory differ)
-        layers = int(self.trainer.strategy.reduce(torch.tensor(layers, device=self.device), reduce_op="max"))
-        self.auto_checkpoint_layers = layers
-        build.set_checkpointing(self.model, layers)
-        rank_zero_info(f"model.compute.checkpoint_layers=auto: {layers} of {total} decoder layers recompute their "
-                       f"activations ({how}).")
+        # what stays fixed: the configured layer count (None: all; no checkpointing: none), the configured part size
+        layers = (self.auto_checkpoint_layers if auto_layers else
+                  total if compute.gradient_checkpointing and compute.checkpoint_layers is None else
+                  compute.checkpoint_layers if compute.gradient_checkpointing else 0)
+        size = self.auto_micro_tokens if auto_micro else compute.micro_batch_tokens
+        how = "from the checkpoint resumed"
+        if (auto_layers and layers is None) or (auto_micro and not self._micro_restored):
+            if not autofit.can_measure(self.device):
+                layers, size = (total if auto_layers else layers), (None if auto_micro else size)
+                how = "no GPU memory to measure: " + ("every layer, " if auto_layers else "") + "whole batches"
+            else:
+                layers, size, how = self._measure_memory(total, layers, size, auto_layers, auto_micro)
+        # every process takes the most cautious choice (their batches and free memory differ)
+        if auto_layers:
+            layers = int(self.trainer.strategy.reduce(torch.tensor(layers, device=self.device), reduce_op="max"))
+            self.auto_checkpoint_layers = layers
+            build.set_checkpointing(self.model, layers)
+            rank_zero_info(f"model.compute.checkpoint_layers=auto: {layers} of {total} decoder layers recompute their "
+                           f"activations ({how}).")
+        if auto_micro:
+            whole = 2**62  # stands for None (whole batches) in the reduction
+            size = -int(self.trainer.strategy.reduce(torch.tensor(-(size or whole), device=self.device),
+                                                     reduce_op="max"))
+            size = None if size == whole else size
+            self.auto_micro_tokens = size
+            shown = "whole batches" if size is None else f"parts of at most {size:,} tokens"
+            rank_zero_info(f"model.compute.micro_batch_tokens=auto: {shown}, {layers} of {total} decoder layers "
+                           f"recomputing their activations ({how}).")
+
+    def _measure_memory(self, total: int, layers: int | None, size: int | None, auto_layers: bool,
+                        auto_micro: bool) -> tuple[int, int | None, str]:
+        """The measurement behind `_fit_memory`, on the epoch's largest batch: (layers, part size, what was seen)."""
+        batch = self.trainer.strategy.batch_to_device(self._largest_batch())
+        budget = autofit.budget_bytes(self.device, self.spec.compute.memory_budget_gib)
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        reserve = 8 * trainable + int(autofit.MARGIN * budget)  # Adam's two float32 moments, and a margin
+        self.model.train()
+
+        def largest_part(tokens: int | None) -> dict:
+            parts = [batch] if tokens is None else split_batch(batch, tokens)
+            return max(parts, key=lambda part: part["input_ids"].numel())
+
+        def try_size(tokens: int | None) -> autofit.Trial:
+            part = largest_part(tokens)
+            if auto_layers:
+                n, probes = autofit.choose_checkpoint_layers(lambda k: autofit.probe_peak(self, part, k), total,
+                                                             budget, reserve)
+            else:
+                n, probes = layers, [(layers, autofit.probe_peak(self, part, None))]  # as configured
+            fits = any(k == n and peak is not None and peak + reserve <= budget for k, peak in probes)
+            return autofit.Trial(tokens, n, fits, probes)
+
+        def shown(probes) -> str:
+            return ", ".join(f"{n}: {'out of memory' if p is None else f'{p / 2**30:.1f} GiB'}" for n, p in probes)
+
+        laid_out = batch["input_ids"].numel()
+        if not auto_micro:
+            trial = try_size(size)
+            choice, how = trial, f"measured against {budget / 2**30:.1f} GiB ({shown(trial.probes)})"
+        else:
+            longest = batch["max_length"] if "cu_seq_lens" in batch else laid_out // len(batch["input_ids"])
+            speed = (lambda t: autofit.probe_speed(self, largest_part(t.size), t.layers)) if auto_layers else None
+            choice, trials = autofit.choose_micro_tokens(try_size, speed, autofit.part_sizes(laid_out, longest))
+            how = f"measured against {budget / 2**30:.1f} GiB: " + "; ".join(
+                f"{t.size:,} tokens: {shown(t.probes)}" + (f", {t.speed:,.0f} tokens/s" if t.speed else "")
+                for t in trials)
+            if choice.size == laid_out:
+                choice.size = None  # the whole batch fits: no parts
+        if not choice.fits:
+            part = largest_part(choice.size)["input_ids"].numel()
+            rank_zero_warn(f"model.compute: a training pass over {part} tokens with {choice.layers} of {total} decoder "
+                           f"layers recomputing may not fit {budget / 2**30:.1f} GiB (measured: {how}). Fix: lower "
+                           "--data.max_tokens (or --data.batch_size), or set --model.compute.micro_batch_tokens.")
+        return choice.layers, choice.size, how
 
     def _largest_batch(self) -> dict:
         """The epoch's largest training batch (its batch plan's), collated; the first one for other loaders."""
@@ -248,6 +353,8 @@ class QLoRAModule(LightningModule):
         checkpoint["lit_mistral"] = self._signature()
         if self.auto_checkpoint_layers is not None:
             checkpoint["lit_mistral"]["checkpoint_layers"] = self.auto_checkpoint_layers
+        if self.spec.compute.micro_batch_tokens == "auto":
+            checkpoint["lit_mistral"]["micro_batch_tokens"] = self.auto_micro_tokens or 0  # 0: whole batches
         checkpoint["skipped_batches"] = self.skipped_batches
 
     def checkpoint_problems(self, saved: dict) -> list[str]:
@@ -277,6 +384,9 @@ class QLoRAModule(LightningModule):
         self.skipped_batches = checkpoint.get("skipped_batches", 0)
         if self.spec.compute.checkpoint_layers == "auto" and saved.get("checkpoint_layers") is not None:
             self.auto_checkpoint_layers = int(saved["checkpoint_layers"])  # the run's choice, not measured again
+        if self.spec.compute.micro_batch_tokens == "auto" and saved.get("micro_batch_tokens") is not None:
+            self.auto_micro_tokens = int(saved["micro_batch_tokens"]) or None
+            self._micro_restored = True
 
     # -- generation --------------------------------------------------------------------------------------------------
 

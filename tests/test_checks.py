@@ -9,11 +9,12 @@ from lit_mistral.errors import LitMistralError
 
 
 def model_settings(method="nf4", optimizer="paged_adamw_32bit", kernels=None, storage="auto", load_on="device",
-                   checkpoint_layers=None):
+                   checkpoint_layers=None, micro_batch_tokens=None):
     """A parsed `model` config, as the CLI hands it to the checks."""
     return Namespace(load_on=load_on, quantization=Namespace(method=method, storage=storage),
                      optimization=Namespace(optimizer=optimizer),
-                     compute=Namespace(kernels=kernels, checkpoint_layers=checkpoint_layers))
+                     compute=Namespace(kernels=kernels, checkpoint_layers=checkpoint_layers,
+                                       micro_batch_tokens=micro_batch_tokens))
 
 
 def test_a_gpu_machine_is_fine_without_bitsandbytes_in_the_way(monkeypatch):
@@ -38,6 +39,16 @@ def test_measured_checkpoint_layers_are_not_for_fsdp():
     check_settings("fit", model_settings(checkpoint_layers=8), trainer)
     check_settings("fit", model_settings(checkpoint_layers="auto"), Namespace(precision="bf16-mixed",
                                                                                accelerator="cpu", strategy="ddp"))
+
+
+def test_batches_in_parts_are_not_for_fsdp():
+    """FSDP reduces gradients at the end of each backward pass; the parts run one backward each."""
+    trainer = Namespace(precision="bf16-mixed", accelerator="cpu", strategy="fsdp_qlora")
+    for size in (4096, "auto"):
+        with pytest.raises(LitMistralError, match="micro_batch_tokens with trainer.strategy=fsdp_qlora"):
+            check_settings("fit", model_settings(micro_batch_tokens=size), trainer)
+    check_settings("fit", model_settings(micro_batch_tokens=4096), Namespace(precision="bf16-mixed",
+                                                                              accelerator="cpu", strategy="ddp"))
 
 
 @pytest.mark.parametrize("strategy", ["auto", "ddp"])

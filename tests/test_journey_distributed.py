@@ -155,3 +155,23 @@ def test_two_nodes_started_by_torchrun(tiny_model_dir, tmp_path, demo_records):
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3 and checkpoint["InstructionDataModule"] == {"world_size": 2}
     assert "val/loss" in scalars(run) and (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_ddp_batches_in_parts_train_as_whole_batches(tiny_model_dir, tmp_path, demo_records):
+    """Under DDP the parts' gradients are summed locally and reduced once with the last part's: the reduced gradient
+    (its norm, logged) and the losses are those of whole batches."""
+    from conftest import tensorboard
+
+    data = write_jsonl(tmp_path / "demo.jsonl", demo_records)
+    logged = []
+    for name, micro in (("whole", "null"), ("parts", "48")):
+        root = tmp_path / name
+        fit(tiny_model_dir, data, root, "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_steps",
+            "2", "--data.packing", "true", "--data.max_tokens", "256", "--model.lora.dropout", "0",
+            "--model.optimization.lr_scheduler", "constant", "--model.compute.micro_batch_tokens", micro)
+        scalars, _ = tensorboard(root / "lightning_logs" / "version_0")
+        logged.append({tag: [v for _, v in scalars[tag]] for tag in ("train/grad_norm", "train/loss")})
+    whole, parts = logged
+    assert len(whole["train/grad_norm"]) == 2 and min(whole["train/grad_norm"]) > 0
+    for tag in whole:
+        assert parts[tag] == pytest.approx(whole[tag], rel=1e-4), tag

@@ -54,6 +54,50 @@ def collate_packed(items: list[dict], mask_prompt: bool = True) -> dict:
             "index": [it.get("index") for it in items]}
 
 
+
+def split_batch(batch: dict, max_tokens: int) -> list[dict]:
+    """A collated training batch cut into parts of at most `max_tokens` laid-out tokens each, whole examples in
+    order (an example longer than that is a part alone), for `compute.micro_batch_tokens`: packed rows at example
+    boundaries (each part's `cu_seq_lens` rebased), padded batches by rows (a part's cost: rows x its longest row).
+    Labels are untouched: the first token of every example carries none, so no target crosses a cut, and the parts'
+    labelled positions are the batch's. One part (the batch itself) when it fits."""
+    packed = "cu_seq_lens" in batch
+    if (batch["num_tokens"] if packed else batch["input_ids"].numel()) <= max_tokens:
+        return [batch]
+    if packed:
+        bounds = batch["cu_seq_lens"].tolist()  # example i spans bounds[i]:bounds[i + 1]
+        groups, first = [], 0  # examples [first, last) of each part
+        for i in range(len(bounds) - 1):
+            if i > first and bounds[i + 1] - bounds[first] > max_tokens:
+                groups.append((first, i))
+                first = i
+        groups.append((first, len(bounds) - 1))
+        parts = []
+        for first, last in groups:
+            a, b = bounds[first], bounds[last]
+            lengths = [bounds[j + 1] - bounds[j] for j in range(first, last)]
+            parts.append({"input_ids": batch["input_ids"][:, a:b], "position_ids": batch["position_ids"][:, a:b],
+                          "labels": batch["labels"][:, a:b],
+                          "cu_seq_lens": batch["cu_seq_lens"][first : last + 1] - a,
+                          "max_length": max(lengths), "num_tokens": b - a, "index": batch["index"][first:last]})
+        return parts
+    widths = batch["attention_mask"].sum(dim=1).tolist()  # real tokens per row (right-padded)
+    rows, start, longest = [], 0, 0
+    for r, width in enumerate(widths):
+        if r > start and (r - start + 1) * max(longest, width) > max_tokens:
+            rows.append((start, r))
+            start, longest = r, 0
+        longest = max(longest, width)
+    rows.append((start, len(widths)))
+    parts = []
+    for a, b in rows:
+        width = max(widths[a:b])  # the part's own longest row: its padding cut away
+        mask = batch["attention_mask"][a:b, :width]
+        parts.append({"input_ids": batch["input_ids"][a:b, :width], "attention_mask": mask,
+                      "labels": batch["labels"][a:b, :width], "num_tokens": int(sum(widths[a:b])),
+                      "index": batch["index"][a:b]})
+    return parts
+
 class BatchPlan(Sampler[list[int]]):
     """Which examples form each batch, epoch by epoch: deterministic from (seed, epoch), split across ranks, and
     able to skip the batches already trained on when a run resumes mid-epoch.

@@ -1,6 +1,9 @@
 """`--model.compute.checkpoint_layers auto`: how many decoder layers recompute their activations, chosen at the start
 of fit by measuring, so that the run is as fast as the memory allows: every layer that keeps its activations saves
 its share of the recomputation (about a third of its forward), and costs its activations' memory.
+`--model.compute.micro_batch_tokens auto`: in how large parts each batch runs (`data.batching.split_batch`): smaller
+parts take less activation memory, so fewer layers need to recompute, but make smaller matrix multiplies and read
+the 4-bit weights once more per part; the sizes tried and their speeds are measured.
 
 A probe is one forward and backward pass on a real training batch (the largest of the first few) with a given number
 of checkpointed layers, measured by the CUDA allocator's peak. Three to five probes: all layers checkpointed (the
@@ -11,7 +14,9 @@ state (allocated at the first step, outside the probes; the paged optimizers' ou
 margin are kept aside. The choice is logged, saved in checkpoints and reused when a run resumes."""
 
 import math
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -46,29 +51,90 @@ def choose_checkpoint_layers(measure: Callable[[int], int | None], total: int, b
     return layers, probes
 
 
-def probe_peak(module, batch: dict, layers: int) -> int | None:
-    """The CUDA allocator's peak over one forward and backward pass of `module` on `batch` (on its device) with the
-    first `layers` decoder layers checkpointed; None if it ran out of memory. Gradients are dropped after; the random
-    state (dropout) is left as it was."""
+@dataclass
+class Trial:
+    """One part size tried for `micro_batch_tokens: auto`: the layers that must recompute at that size, whether that
+    fits, the peaks measured on the way, (layers, bytes or None), and the measured speed (tokens/s) if it fits."""
+
+    size: int
+    layers: int
+    fits: bool
+    probes: list[tuple[int, int | None]]
+    speed: float | None = None
+
+
+def part_sizes(tokens: int, longest: int, count: int = 5) -> list[int]:
+    """Part sizes to try, largest first: the whole batch (`tokens` laid out), then halves, none below `longest`
+    (the longest example of the batch: a smaller size could not cut it)."""
+    sizes = [tokens]
+    while len(sizes) < count and sizes[-1] // 2 >= longest:
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+def choose_micro_tokens(try_size: Callable[[int], Trial], speed: Callable[[Trial], float] | None,
+                        sizes: list[int]) -> tuple[Trial, list[Trial]]:
+    """The part size to train with, of `sizes` (largest first). `try_size(size)` finds the layers that must
+    recompute at that size and whether it fits. With the layer count fixed (`speed` None), the largest size that
+    fits: larger parts are faster at the same recomputation. Otherwise `speed(trial)` measures each size that fits,
+    going on to smaller sizes while they get faster and some layers still recompute; the fastest wins. If none fits,
+    the smallest size (the caller says so). Returns the choice and every trial."""
+    trials: list[Trial] = []
+    best = None
+    for size in sizes:
+        trial = try_size(size)
+        trials.append(trial)
+        if not trial.fits:
+            continue
+        if speed is None:
+            return trial, trials
+        trial.speed = speed(trial)
+        if best is not None and trial.speed <= best.speed:
+            break
+        best = trial
+        if trial.layers == 0:
+            break  # nothing recomputes any more: smaller parts could only be slower
+    return best or trials[-1], trials
+
+
+def _training_pass(module, batch: dict, layers: int | None) -> tuple[int | None, float]:
+    """One forward and backward pass of `module` on `batch` (on its device) with the first `layers` decoder layers
+    checkpointed (None: as the model is set up): the CUDA allocator's peak (None if it ran out of memory) and the seconds it took. Gradients are
+    dropped after; the random state (dropout) is left as it was."""
     from lit_mistral.modeling.build import set_checkpointing
 
-    set_checkpointing(module.model, layers)
+    if layers is not None:
+        set_checkpointing(module.model, layers)
     device = module.device
     with torch.random.fork_rng(devices=[device]):
         try:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.synchronize(device)
+            started = time.perf_counter()
             with module.trainer.precision_plugin.forward_context():
                 loss, count = module.loss_sum(batch)
             (loss / count.clamp(min=1)).backward()
             torch.cuda.synchronize(device)
-            return torch.cuda.max_memory_allocated(device)
+            return torch.cuda.max_memory_allocated(device), time.perf_counter() - started
         except torch.OutOfMemoryError:
-            return None
+            return None, math.inf
         finally:
             module.zero_grad(set_to_none=True)
             loss = count = None
             torch.cuda.empty_cache()
+
+
+def probe_peak(module, batch: dict, layers: int | None) -> int | None:
+    """The peak memory of a training pass on `batch` with `layers` layers checkpointed (None: as set up); None: out
+    of memory."""
+    return _training_pass(module, batch, layers)[0]
+
+
+def probe_speed(module, batch: dict, layers: int) -> float:
+    """Tokens per second of a training pass on `batch` (laid-out tokens) with `layers` layers checkpointed, timed
+    after the memory probes at the same shapes (so not the first pass of its kind)."""
+    return batch["input_ids"].numel() / _training_pass(module, batch, layers)[1]
 
 
 def can_measure(device: torch.device) -> bool:

@@ -1,0 +1,159 @@
+"""`compute.micro_batch_tokens`: a batch cut into parts (whole examples), trained as one batch, and the `auto` size
+chosen from measured memory and speed (the CUDA measurements replaced by a model on the CPU)."""
+
+import pytest
+import torch
+from conftest import make_module, trainer
+
+from lit_mistral.data.batching import collate_packed, collate_padded, split_batch
+from lit_mistral.data.datamodule import InstructionDataModule
+from lit_mistral.modeling import autofit
+
+GIB = 2**30
+
+
+def items(lengths: list[int]) -> list[dict]:
+    """Examples of these lengths, token ids counting up, loss on the second half of each."""
+    out, token = [], 10
+    for i, n in enumerate(lengths):
+        out.append({"input_ids": list(range(token, token + n)), "spans": [(n // 2, n)], "index": i})
+        token += n
+    return out
+
+
+def test_packed_batches_split_at_example_boundaries():
+    batch = collate_packed(items([5, 9, 3, 8, 7]))
+    parts = split_batch(batch, 12)
+    assert [p["num_tokens"] for p in parts] == [5, 12, 8, 7]  # 5+9 > 12; 9+3; 8+7 > 12
+    assert all(p["num_tokens"] <= 12 for p in parts)
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(torch.cat([p[key] for p in parts], dim=1), batch[key])
+    assert parts[1]["cu_seq_lens"].tolist() == [0, 9, 12] and parts[1]["max_length"] == 9
+    assert [p["index"] for p in parts] == [[0], [1, 2], [3], [4]]
+    assert split_batch(batch, 32) == [batch]
+    lone = split_batch(collate_packed(items([3, 20, 4])), 10)  # an example longer than a part is a part alone
+    assert [p["num_tokens"] for p in lone] == [3, 20, 4]
+
+
+def test_padded_batches_split_by_rows_without_their_padding():
+    batch = collate_padded(items([4, 6, 2, 3]), pad_id=0)
+    parts = split_batch(batch, 12)  # rows x longest: (4, 6) -> 12, then (2, 3) -> 6
+    assert [tuple(p["input_ids"].shape) for p in parts] == [(2, 6), (2, 3)]
+    assert torch.equal(parts[1]["labels"], batch["labels"][2:, :3])
+    assert [p["num_tokens"] for p in parts] == [10, 5] and [p["index"] for p in parts] == [[0, 1], [2, 3]]
+    assert sum(int((p["labels"] != -100).sum()) for p in parts) == int((batch["labels"] != -100).sum())
+
+
+def fit_grads(tiny_model_dir, demo_file, tmp_path, micro, accumulate=1, packing=True):
+    """The adapter's gradients at each of 2 optimizer steps and the logged losses (no dropout: the same draws either
+    way)."""
+    from lightning.pytorch import Callback
+
+    torch.manual_seed(0)
+    module = make_module(tiny_model_dir, lora={"dropout": 0.0}, compute={"micro_batch_tokens": micro},
+                         optimization={"lr_scheduler": "constant", "learning_rate": 0.01})
+    dm = InstructionDataModule(path=str(demo_file), tokenizer=str(tiny_model_dir), max_length=128, batch_size=4,
+                               packing=packing, max_tokens=256 if packing else None, train_records=(0, 24),
+                               val_records=(24, 28))
+    grads, losses = [], []
+
+    class Record(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(trainer.callback_metrics["train/loss"]))
+
+    trainer(tmp_path, max_steps=2, limit_val_batches=0, accumulate_grad_batches=accumulate,
+            callbacks=[Record()]).fit(module, dm)
+    return grads, losses
+
+
+@pytest.mark.parametrize(("packing", "accumulate"), [(True, 1), (True, 2), (False, 1)])
+def test_parts_train_as_the_whole_batch(tiny_model_dir, demo_file, tmp_path, packing, accumulate):
+    """The summed gradients of the parts are the whole batch's (float32 on the CPU), step after step."""
+    whole, whole_losses = fit_grads(tiny_model_dir, demo_file, tmp_path / "whole", None, accumulate, packing)
+    parts, part_losses = fit_grads(tiny_model_dir, demo_file, tmp_path / "parts", 48, accumulate, packing)
+    assert part_losses == pytest.approx(whole_losses, rel=1e-5)
+    assert len(whole) == len(parts) == 2 and len(whole[0]) == 28  # lora_A and lora_B: 7 projections x 2 layers
+    for step_whole, step_parts in zip(whole, parts):
+        assert step_whole.keys() == step_parts.keys()
+        for name, grad in step_whole.items():
+            torch.testing.assert_close(step_parts[name], grad, rtol=1e-4, atol=1e-7)
+
+
+def test_the_part_size_the_memory_allows_and_the_fastest():
+    def trial(fits_from: int, layers_at: dict):
+        return lambda size: autofit.Trial(size, layers_at.get(size, 2), size <= fits_from, [])
+
+    sizes = autofit.part_sizes(4096, 300)
+    assert sizes == [4096, 2048, 1024, 512]
+    assert autofit.part_sizes(4096, 3000) == [4096]
+    # the layer count fixed: the largest size that fits, no timing
+    choice, trials = autofit.choose_micro_tokens(trial(1024, {}), None, sizes)
+    assert choice.size == 1024 and [t.size for t in trials] == [4096, 2048, 1024]
+    # measured: smaller parts need fewer recomputing layers; on while faster, stop at the first slower one
+    speeds = {2048: 100.0, 1024: 120.0, 512: 110.0}
+    choice, trials = autofit.choose_micro_tokens(trial(2048, {2048: 8, 1024: 4, 512: 1}),
+                                                 lambda t: speeds[t.size], sizes)
+    assert choice.size == 1024 and [t.speed for t in trials[1:]] == [100.0, 120.0, 110.0]
+    # no layer recomputes at 2,048: smaller parts are not tried
+    choice, trials = autofit.choose_micro_tokens(trial(2048, {2048: 0}), lambda t: 1.0, sizes)
+    assert choice.size == 2048 and len(trials) == 2
+    # nothing fits: the smallest, for the caller to warn about
+    assert autofit.choose_micro_tokens(trial(0, {}), None, sizes)[0].size == 512
+
+
+def test_auto_run_measures_logs_saves_and_reuses_the_part_size(tiny_model_dir, demo_file, tmp_path, monkeypatch,
+                                                              caplog):
+    """A memory model: 1 GiB per 100 laid-out tokens with both layers recomputing, +0.5 GiB per 100 per layer kept;
+    a budget the whole batch does not fit. The run picks parts that fit, logs and saves them; resumed, it takes them
+    without measuring."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    calls = []
+
+    def peak(module, batch, layers):
+        tokens = batch["input_ids"].numel()
+        calls.append((tokens, layers))
+        return int(tokens / 100 * (1 + 0.5 * (2 - layers)) * GIB)
+
+    monkeypatch.setattr(autofit, "can_measure", lambda device: True)
+    monkeypatch.setattr(autofit, "budget_bytes", lambda device, gib: int(2.2 * GIB))
+    monkeypatch.setattr(autofit, "MARGIN", 0.0)
+    monkeypatch.setattr(autofit, "probe_peak", peak)
+    monkeypatch.setattr(autofit, "probe_speed", lambda module, batch, layers: 1000.0 - 100 * layers)
+
+    def run(max_steps, ckpt_path=None):
+        module = make_module(tiny_model_dir, compute={"checkpoint_layers": "auto", "micro_batch_tokens": "auto"})
+        dm = InstructionDataModule(path=str(demo_file), tokenizer=str(tiny_model_dir), max_length=128, batch_size=4,
+                                   packing=True, max_tokens=256, train_records=(0, 24), val_records=(24, 28))
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+        trainer(tmp_path, max_steps=max_steps, limit_val_batches=0, enable_checkpointing=True,
+                callbacks=[checkpoints]).fit(module, dm, ckpt_path=ckpt_path)
+        return module, dm
+
+    with caplog.at_level("INFO"):
+        module, dm = run(2)
+    largest = max(b["num_tokens"] for b in dm.train_dataloader())
+    assert calls[0] == (largest, 2) and largest > 200  # the whole largest batch first: > 2.2 GiB even recomputing
+    assert module.auto_micro_tokens is not None and module.auto_micro_tokens < largest
+    assert module.micro_batch_tokens == module.auto_micro_tokens
+    assert "model.compute.micro_batch_tokens=auto: parts of at most" in caplog.text
+    assert "tokens/s" in caplog.text
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["lit_mistral"]["micro_batch_tokens"] == module.auto_micro_tokens
+    chosen = module.auto_micro_tokens
+    calls.clear()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        resumed, _ = run(3, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert calls == [] and resumed.auto_micro_tokens == chosen
+    assert "(from the checkpoint resumed)" in caplog.text
+
+
+def test_settings():
+    from lit_mistral.config import Compute
+
+    assert "micro_batch_tokens=0: expected a count >= 1" in Compute(micro_batch_tokens=0).problems(True)[0]
+    assert Compute(micro_batch_tokens="auto", memory_budget_gib=16).problems(True) == []
