@@ -23,7 +23,8 @@ class Telemetry(Callback):
     - `train/tokens_per_s`: non-pad tokens per second over the optimizer steps since the last log, every
       `log_every_n_steps` optimizer steps (so once per step under `accumulate_grad_batches`, not per batch);
     - `train/time_to_first_step_s`: from the start of fit (data set up, model not loaded yet) to the end of the first
-      optimizer step: what a user waits before training really starts;
+      optimizer step: what a user waits before training really starts; the log line at the first step splits it
+      (model built and set up; the loop's start: dataloader, memory probes; the first step itself);
     - on a GPU, `train/peak_mem_gib` (the most allocated so far), `train/model_mem_gib` (what the model takes before
       the first step: a 1/N share of the base under FSDP) and `train/load_peak_mem_gib` (the most it took while
       loading: the whole 4-bit base, unless `load_on` cpu under FSDP).
@@ -39,8 +40,10 @@ class Telemetry(Callback):
         if stage == "fit":
             self._started, self._load_peak, self._window = time.perf_counter(), None, None
             self._step, self._tokens, self._first_done = None, 0, False
+            self._phases: dict[str, float] = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        self._phases["model built and set up"] = time.perf_counter()
         if pl_module.device.type == "cuda":  # the model is loaded and set up (sharded, under FSDP); nothing ran yet
             self._load_peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
 
@@ -53,6 +56,7 @@ class Telemetry(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if self._window is None:
             self._window = time.perf_counter()
+            self._phases["the loop's start"] = self._window
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self._tokens += batch["num_tokens"]
@@ -68,6 +72,11 @@ class Telemetry(Callback):
         if not self._first_done:
             metrics["train/time_to_first_step_s"] = now - self._started
             self._first_done = True
+            self._phases["the first step"] = now
+            marks, spans = [self._started, *self._phases.values()], []
+            for (name, _), before, after in zip(self._phases.items(), marks, marks[1:]):
+                spans.append(f"{name} {after - before:.1f}s")
+            rank_zero_info(f"Time to the first optimizer step: {now - self._started:.1f}s ({', '.join(spans)}).")
         else:  # every process reaches this line at the same step
             tokens = trainer.strategy.reduce(torch.tensor(float(self._tokens), device=pl_module.device),
                                              reduce_op="sum")

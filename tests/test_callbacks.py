@@ -29,9 +29,12 @@ class Recorder(Logger):
         return [step for step, metrics in self.logged if key in metrics]
 
 
-def test_telemetry_logs_once_per_optimizer_step_and_adapter_is_saved(tiny_model_dir, demo_file, tmp_path):
+def test_telemetry_logs_once_per_optimizer_step_and_adapter_is_saved(tiny_model_dir, demo_file, tmp_path, caplog):
     """Under accumulate_grad_batches=2, tokens/s comes once per optimizer step (not per batch) and counts the tokens
-    of both batches; the first step reports the time to it instead; SaveAdapter writes the peft folder."""
+    of both batches; the first step reports the time to it instead, and where it went; SaveAdapter writes the peft
+    folder."""
+    import re
+
     module = make_module(tiny_model_dir, lora={"dropout": 0.0})
     dm = InstructionDataModule(path=str(demo_file), tokenizer=str(tiny_model_dir), max_length=256, batch_size=4,
                                train_records=(0, 24))
@@ -42,9 +45,15 @@ def test_telemetry_logs_once_per_optimizer_step_and_adapter_is_saved(tiny_model_
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             tokens.append(batch["num_tokens"])
 
-    trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, logger=recorder, log_every_n_steps=1,
-            callbacks=[telemetry, Tokens(), SaveAdapter()]).fit(module, dm)
+    with caplog.at_level("INFO"):
+        trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, logger=recorder, log_every_n_steps=1,
+                callbacks=[telemetry, Tokens(), SaveAdapter()]).fit(module, dm)
     assert recorder.steps_of("train/time_to_first_step_s") == [1]
+    spans = re.search(r"Time to the first optimizer step: ([0-9.]+)s \(model built and set up ([0-9.]+)s, the "
+                      r"loop's start ([0-9.]+)s, the first step ([0-9.]+)s\)", caplog.text)
+    assert spans, caplog.text[-2000:]
+    total, *parts = map(float, spans.groups())
+    assert sum(parts) == pytest.approx(total, abs=0.15)
     assert recorder.steps_of("train/tokens_per_s") == [2, 3]  # 6 batches, 3 optimizer steps
     assert telemetry.last["train/tokens_per_s"] > 0 and len(tokens) == 6
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
