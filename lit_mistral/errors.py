@@ -52,8 +52,9 @@ def failure_message(err: BaseException, subcommand: str | None = None) -> tuple[
         return (f"error: out of GPU memory ({first[:200]}). Fix: lower --data.batch_size (or --data.max_tokens "
                 "with packing) and raise --trainer.accumulate_grad_batches to keep the examples per step; lower "
                 "--data.max_length; set --model.compute.gradient_checkpointing true (with --model.compute.checkpoint_layers "
-                "higher, null for all layers, or auto to measure what fits); configs/qlora-24gb.yaml fits a 24 GB GPU. Checkpoints written so far are "
-                "intact: add --ckpt_path last to continue.", 1)
+                "higher, null for all layers, or auto to measure what fits), or --model.compute.micro_batch_tokens auto "
+                "(the same batches in parts that fit); configs/qlora-24gb.yaml fits a 24 GB GPU. Checkpoints written "
+                "so far are intact: add --ckpt_path last to continue.", 1)
     return None
 
 

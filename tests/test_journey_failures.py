@@ -173,7 +173,7 @@ def test_out_of_memory_gives_the_settings_that_lower_it(tiny_model_dir, tmp_path
     assert ("lit_mistral: error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
             "capacity of 23.55 GiB of which 1.02 GiB is free.). Fix: lower --data.batch_size") in err
     for advice in ("--trainer.accumulate_grad_batches", "--data.max_length", "--model.compute.gradient_checkpointing true",
-                   "configs/qlora-24gb.yaml", "--ckpt_path last"):
+                   "--model.compute.micro_batch_tokens auto", "configs/qlora-24gb.yaml", "--ckpt_path last"):
         assert advice in err
     assert not list(tmp_path.glob("lightning_logs/*"))  # the run never started: no run folder
 
