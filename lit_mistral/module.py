@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lit_mistral.config import Compute, Generation, LoRA, Optimization, Quantization
@@ -83,7 +83,7 @@ class QLoRAModule(LightningModule):
         self.kept_adapter: dict[str, torch.Tensor] | None = None  # adapter weights (CPU) while the model is released
         self.auto_checkpoint_layers: int | None = None  # `checkpoint_layers: auto`: measured, or from a checkpoint
         self.auto_micro_tokens: int | None = None  # `micro_batch_tokens: auto`: likewise (None: whole batches)
-        self._micro_restored = False  # auto_micro_tokens came from the checkpoint resumed
+        self.auto_micro_restored = False  # auto_micro_tokens came from the checkpoint resumed
         self._grads_from_parts = False  # this step's first parts left their gradients in .grad (`optimizer_zero_grad`)
 
     # -- the model ---------------------------------------------------------------------------------------------------
@@ -240,98 +240,7 @@ class QLoRAModule(LightningModule):
         compute = self.spec.compute
         if (compute.checkpoint_layers == "auto" and compute.gradient_checkpointing) or \
                 compute.micro_batch_tokens == "auto":
-            self._fit_memory()
-
-    def _fit_memory(self) -> None:
-        """`compute.checkpoint_layers: auto` and/or `compute.micro_batch_tokens: auto` (`modeling.autofit`): measure
-        (or take from the checkpoint resumed) how many layers must recompute their activations and in how large
-        parts a batch runs, and set them; the same choice on every process."""
-        compute = self.spec.compute
-        auto_layers = compute.checkpoint_layers == "auto" and compute.gradient_checkpointing
-        auto_micro = compute.micro_batch_tokens == "auto"
-        total = len(build.checkpointable_layers(self.model))
-        # what stays fixed: the configured layer count (None: all; no checkpointing: none), the configured part size
-        layers = (self.auto_checkpoint_layers if auto_layers else
-                  total if compute.gradient_checkpointing and compute.checkpoint_layers is None else
-                  compute.checkpoint_layers if compute.gradient_checkpointing else 0)
-        size = self.auto_micro_tokens if auto_micro else compute.micro_batch_tokens
-        how = "from the checkpoint resumed"
-        if (auto_layers and layers is None) or (auto_micro and not self._micro_restored):
-            if not autofit.can_measure(self.device):
-                layers, size = (total if auto_layers else layers), (None if auto_micro else size)
-                how = "no GPU memory to measure: " + ("every layer, " if auto_layers else "") + "whole batches"
-            else:
-                layers, size, how = self._measure_memory(total, layers, size, auto_layers, auto_micro)
-        # every process takes the most cautious choice (their batches and free memory differ)
-        if auto_layers:
-            layers = int(self.trainer.strategy.reduce(torch.tensor(layers, device=self.device), reduce_op="max"))
-            self.auto_checkpoint_layers = layers
-            build.set_checkpointing(self.model, layers)
-            rank_zero_info(f"model.compute.checkpoint_layers=auto: {layers} of {total} decoder layers recompute their "
-                           f"activations ({how}).")
-        if auto_micro:
-            whole = 2**62  # stands for None (whole batches) in the reduction
-            size = -int(self.trainer.strategy.reduce(torch.tensor(-(size or whole), device=self.device),
-                                                     reduce_op="max"))
-            size = None if size == whole else size
-            self.auto_micro_tokens = size
-            shown = "whole batches" if size is None else f"parts of at most {size:,} tokens"
-            rank_zero_info(f"model.compute.micro_batch_tokens=auto: {shown}, {layers} of {total} decoder layers "
-                           f"recomputing their activations ({how}).")
-
-    def _measure_memory(self, total: int, layers: int | None, size: int | None, auto_layers: bool,
-                        auto_micro: bool) -> tuple[int, int | None, str]:
-        """The measurement behind `_fit_memory`, on the epoch's largest batch: (layers, part size, what was seen)."""
-        batch = self.trainer.strategy.batch_to_device(self._largest_batch())
-        budget = autofit.budget_bytes(self.device, self.spec.compute.memory_budget_gib)
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        reserve = 8 * trainable + int(autofit.MARGIN * budget)  # Adam's two float32 moments, and a margin
-        self.model.train()
-
-        def largest_part(tokens: int | None) -> dict:
-            parts = [batch] if tokens is None else split_batch(batch, tokens)
-            return max(parts, key=lambda part: part["input_ids"].numel())
-
-        def try_size(tokens: int | None) -> autofit.Trial:
-            part = largest_part(tokens)
-            if auto_layers:
-                n, probes = autofit.choose_checkpoint_layers(lambda k: autofit.probe_peak(self, part, k), total,
-                                                             budget, reserve)
-            else:
-                n, probes = layers, [(layers, autofit.probe_peak(self, part, None))]  # as configured
-            fits = any(k == n and peak is not None and peak + reserve <= budget for k, peak in probes)
-            return autofit.Trial(tokens, n, fits, probes)
-
-        def shown(probes) -> str:
-            return ", ".join(f"{n}: {'out of memory' if p is None else f'{p / 2**30:.1f} GiB'}" for n, p in probes)
-
-        laid_out = batch["input_ids"].numel()
-        if not auto_micro:
-            trial = try_size(size)
-            choice, how = trial, f"measured against {budget / 2**30:.1f} GiB ({shown(trial.probes)})"
-        else:
-            longest = batch["max_length"] if "cu_seq_lens" in batch else laid_out // len(batch["input_ids"])
-            speed = (lambda t: autofit.probe_speed(self, largest_part(t.size), t.layers)) if auto_layers else None
-            choice, trials = autofit.choose_micro_tokens(try_size, speed, autofit.part_sizes(laid_out, longest))
-            how = f"measured against {budget / 2**30:.1f} GiB: " + "; ".join(
-                f"{t.size:,} tokens: {shown(t.probes)}" + (f", {t.speed:,.0f} tokens/s" if t.speed else "")
-                for t in trials)
-            if choice.size == laid_out:
-                choice.size = None  # the whole batch fits: no parts
-        if not choice.fits:
-            part = largest_part(choice.size)["input_ids"].numel()
-            rank_zero_warn(f"model.compute: a training pass over {part} tokens with {choice.layers} of {total} decoder "
-                           f"layers recomputing may not fit {budget / 2**30:.1f} GiB (measured: {how}). Fix: lower "
-                           "--data.max_tokens (or --data.batch_size), or set --model.compute.micro_batch_tokens.")
-        return choice.layers, choice.size, how
-
-    def _largest_batch(self) -> dict:
-        """The epoch's largest training batch (its batch plan's), collated; the first one for other loaders."""
-        loader = self.trainer.train_dataloader
-        plan = getattr(loader, "batch_sampler", None)
-        if not hasattr(plan, "largest"):
-            return next(iter(loader))
-        return loader.collate_fn([loader.dataset[i] for i in plan.largest()])
+            autofit.fit_memory(self)
 
     # -- optimizer ---------------------------------------------------------------------------------------------------
 
@@ -386,7 +295,7 @@ class QLoRAModule(LightningModule):
             self.auto_checkpoint_layers = int(saved["checkpoint_layers"])  # the run's choice, not measured again
         if self.spec.compute.micro_batch_tokens == "auto" and saved.get("micro_batch_tokens") is not None:
             self.auto_micro_tokens = int(saved["micro_batch_tokens"]) or None
-            self._micro_restored = True
+            self.auto_micro_restored = True
 
     # -- generation --------------------------------------------------------------------------------------------------
 

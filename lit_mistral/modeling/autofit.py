@@ -5,13 +5,15 @@ its share of the recomputation (about a third of its forward), and costs its act
 parts take less activation memory, so fewer layers need to recompute, but make smaller matrix multiplies and read
 the 4-bit weights once more per part; the sizes tried and their speeds are measured.
 
-A probe is one forward and backward pass on a real training batch (the largest of the first few) with a given number
-of checkpointed layers, measured by the CUDA allocator's peak. Three to five probes: all layers checkpointed (the
+A probe is one forward and backward pass on a real training batch (the epoch's largest; with parts, its largest part)
+with a given number of checkpointed layers, measured by the CUDA allocator's peak. Three to five probes: all layers checkpointed (the
 least memory; if even that does not fit, all it is), two fewer (the memory one layer's activations take), then the
 count that estimate says fits, checked, and stepped back towards more checkpointing until a probe fits. The budget is
 `--model.compute.memory_budget_gib` or, unset, the memory the process has plus what the GPU has free; the optimizer's
 state (allocated at the first step, outside the probes; the paged optimizers' outside PyTorch's allocator) and a 5%
-margin are kept aside. The choice is logged, saved in checkpoints and reused when a run resumes."""
+margin are kept aside. Part sizes: the whole batch, then halves, each with the layer count it needs; with the layer
+count fixed the largest that fits, else each that fits is timed (one more pass) while smaller parts keep getting
+faster. The choice is logged, saved in checkpoints and reused when a run resumes."""
 
 import math
 import time
@@ -19,6 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lit_mistral.data.batching import split_batch
+from lit_mistral.modeling.build import checkpointable_layers, set_checkpointing
 
 MARGIN = 0.05  # of the budget, kept free: batches larger than the probe's, allocator fragmentation
 
@@ -56,7 +62,7 @@ class Trial:
     """One part size tried for `micro_batch_tokens: auto`: the layers that must recompute at that size, whether that
     fits, the peaks measured on the way, (layers, bytes or None), and the measured speed (tokens/s) if it fits."""
 
-    size: int
+    size: int | None
     layers: int
     fits: bool
     probes: list[tuple[int, int | None]]
@@ -99,10 +105,8 @@ def choose_micro_tokens(try_size: Callable[[int], Trial], speed: Callable[[Trial
 
 def _training_pass(module, batch: dict, layers: int | None) -> tuple[int | None, float]:
     """One forward and backward pass of `module` on `batch` (on its device) with the first `layers` decoder layers
-    checkpointed (None: as the model is set up): the CUDA allocator's peak (None if it ran out of memory) and the seconds it took. Gradients are
-    dropped after; the random state (dropout) is left as it was."""
-    from lit_mistral.modeling.build import set_checkpointing
-
+    checkpointed (None: as the model is set up): the CUDA allocator's peak (None if it ran out of memory) and the
+    seconds it took. Gradients are dropped after; the random state (dropout) is left as it was."""
     if layers is not None:
         set_checkpointing(module.model, layers)
     device = module.device
@@ -148,3 +152,96 @@ def budget_bytes(device: torch.device, gib: float | None) -> int:
         return int(gib * 2**30)
     free, _ = torch.cuda.mem_get_info(device)
     return torch.cuda.memory_allocated(device) + free
+
+
+def fit_memory(module) -> None:
+    """`compute.checkpoint_layers: auto` and/or `compute.micro_batch_tokens: auto` for `module` (a `QLoRAModule` at
+    the start of fit): measure (or take from the checkpoint resumed) how many layers must recompute their activations
+    and in how large parts a batch runs, and set them; the same choice on every process."""
+    compute = module.spec.compute
+    auto_layers = compute.checkpoint_layers == "auto" and compute.gradient_checkpointing
+    auto_micro = compute.micro_batch_tokens == "auto"
+    total = len(checkpointable_layers(module.model))
+    # what stays fixed: the configured layer count (None: all; no checkpointing: none), the configured part size
+    layers = (module.auto_checkpoint_layers if auto_layers else
+              total if compute.gradient_checkpointing and compute.checkpoint_layers is None else
+              compute.checkpoint_layers if compute.gradient_checkpointing else 0)
+    size = module.auto_micro_tokens if auto_micro else compute.micro_batch_tokens
+    how = "from the checkpoint resumed"
+    if (auto_layers and layers is None) or (auto_micro and not module.auto_micro_restored):
+        if not can_measure(module.device):
+            layers, size = (total if auto_layers else layers), (None if auto_micro else size)
+            how = "no GPU memory to measure: " + ("every layer, " if auto_layers else "") + "whole batches"
+        else:
+            layers, size, how = _measure(module, total, layers, size, auto_layers, auto_micro)
+    # every process takes the most cautious choice (their batches and free memory differ)
+    if auto_layers:
+        layers = int(module.trainer.strategy.reduce(torch.tensor(layers, device=module.device), reduce_op="max"))
+        module.auto_checkpoint_layers = layers
+        set_checkpointing(module.model, layers)
+        rank_zero_info(f"model.compute.checkpoint_layers=auto: {layers} of {total} decoder layers recompute their "
+                       f"activations ({how}).")
+    if auto_micro:
+        whole = 2**62  # stands for None (whole batches) in the reduction
+        size = -int(module.trainer.strategy.reduce(torch.tensor(-(size or whole), device=module.device),
+                                                   reduce_op="max"))
+        size = None if size == whole else size
+        module.auto_micro_tokens = size
+        shown = "whole batches" if size is None else f"parts of at most {size:,} tokens"
+        rank_zero_info(f"model.compute.micro_batch_tokens=auto: {shown}, {layers} of {total} decoder layers "
+                       f"recomputing their activations ({how}).")
+
+
+def _measure(module, total: int, layers: int | None, size: int | None, auto_layers: bool,
+             auto_micro: bool) -> tuple[int, int | None, str]:
+    """The measurement behind `fit_memory`, on the epoch's largest batch: (layers, part size, what was seen)."""
+    batch = module.trainer.strategy.batch_to_device(largest_batch(module.trainer))
+    budget = budget_bytes(module.device, module.spec.compute.memory_budget_gib)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    reserve = 8 * trainable + int(MARGIN * budget)  # Adam's two float32 moments, and a margin
+    module.model.train()
+
+    def largest_part(tokens: int | None) -> dict:
+        parts = [batch] if tokens is None else split_batch(batch, tokens)
+        return max(parts, key=lambda part: part["input_ids"].numel())
+
+    def try_size(tokens: int | None) -> Trial:
+        part = largest_part(tokens)
+        if auto_layers:
+            n, probes = choose_checkpoint_layers(lambda k: probe_peak(module, part, k), total, budget, reserve)
+        else:
+            n, probes = layers, [(layers, probe_peak(module, part, None))]  # as configured
+        fits = any(k == n and peak is not None and peak + reserve <= budget for k, peak in probes)
+        return Trial(tokens, n, fits, probes)
+
+    def shown(probes) -> str:
+        return ", ".join(f"{n}: {'out of memory' if p is None else f'{p / 2**30:.1f} GiB'}" for n, p in probes)
+
+    laid_out = batch["input_ids"].numel()
+    if not auto_micro:
+        trial = try_size(size)
+        choice, how = trial, f"measured against {budget / 2**30:.1f} GiB ({shown(trial.probes)})"
+    else:
+        longest = batch["max_length"] if "cu_seq_lens" in batch else laid_out // len(batch["input_ids"])
+        speed = (lambda t: probe_speed(module, largest_part(t.size), t.layers)) if auto_layers else None
+        choice, trials = choose_micro_tokens(try_size, speed, part_sizes(laid_out, longest))
+        how = f"measured against {budget / 2**30:.1f} GiB: " + "; ".join(
+            f"{t.size:,} tokens: {shown(t.probes)}" + (f", {t.speed:,.0f} tokens/s" if t.speed else "")
+            for t in trials)
+        if choice.size == laid_out:
+            choice.size = None  # the whole batch fits: no parts
+    if not choice.fits:
+        part = largest_part(choice.size)["input_ids"].numel()
+        rank_zero_warn(f"model.compute: a training pass over {part} tokens with {choice.layers} of {total} decoder "
+                       f"layers recomputing may not fit {budget / 2**30:.1f} GiB (measured: {how}). Fix: lower "
+                       "--data.max_tokens (or --data.batch_size), or set --model.compute.micro_batch_tokens.")
+    return choice.layers, choice.size, how
+
+
+def largest_batch(trainer) -> dict:
+    """The epoch's largest training batch (its batch plan's), collated; the first one for other loaders."""
+    loader = trainer.train_dataloader
+    plan = getattr(loader, "batch_sampler", None)
+    if not hasattr(plan, "largest"):
+        return next(iter(loader))
+    return loader.collate_fn([loader.dataset[i] for i in plan.largest()])
