@@ -44,10 +44,10 @@ def test_padded_batches_split_by_rows_without_their_padding():
     assert sum(int((p["labels"] != -100).sum()) for p in parts) == int((batch["labels"] != -100).sum())
 
 
-def fit_grads(tiny_model_dir, demo_file, tmp_path, micro, accumulate=1, packing=True):
+def fit_grads(tiny_model_dir, demo_file, tmp_path, micro, accumulate=1, packing=True, gpu=False):
     """The adapter's gradients at each of 2 optimizer steps and the logged losses (no dropout: the same draws either
-    way)."""
-    from lightning.pytorch import Callback
+    way); on the GPU in float32 (flash attention's bf16 inside)."""
+    from lightning.pytorch import Callback, Trainer
 
     torch.manual_seed(0)
     module = make_module(tiny_model_dir, lora={"dropout": 0.0}, compute={"micro_batch_tokens": micro},
@@ -64,8 +64,13 @@ def fit_grads(tiny_model_dir, demo_file, tmp_path, micro, accumulate=1, packing=
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(trainer.callback_metrics["train/loss"]))
 
-    trainer(tmp_path, max_steps=2, limit_val_batches=0, accumulate_grad_batches=accumulate,
-            callbacks=[Record()]).fit(module, dm)
+    if gpu:
+        Trainer(accelerator="gpu", devices=1, precision="32-true", max_steps=2, limit_val_batches=0, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                accumulate_grad_batches=accumulate, callbacks=[Record()]).fit(module, dm)
+    else:
+        trainer(tmp_path, max_steps=2, limit_val_batches=0, accumulate_grad_batches=accumulate,
+                callbacks=[Record()]).fit(module, dm)
     return grads, losses
 
 
@@ -80,6 +85,39 @@ def test_parts_train_as_the_whole_batch(tiny_model_dir, demo_file, tmp_path, pac
         assert step_whole.keys() == step_parts.keys()
         for name, grad in step_whole.items():
             torch.testing.assert_close(step_parts[name], grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_parts_train_as_the_whole_batch_on_a_gpu(tiny_model_dir, demo_file, tmp_path):
+    """Packed parts through flash varlen attention (their offsets rebased) give the whole batch's gradients."""
+    whole, whole_losses = fit_grads(tiny_model_dir, demo_file, tmp_path / "whole", None, gpu=True)
+    parts, part_losses = fit_grads(tiny_model_dir, demo_file, tmp_path / "parts", 48, gpu=True)
+    assert part_losses == pytest.approx(whole_losses, rel=1e-4)
+    for step_whole, step_parts in zip(whole, parts):
+        for name, grad in step_whole.items():
+            torch.testing.assert_close(step_parts[name], grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_auto_parts_measure_on_a_gpu(tiny_model_dir, demo_file, tmp_path):
+    """The real measurement (CUDA's allocator): the tiny model's whole batches fit 1 GiB with no layer recomputing;
+    with a budget below what the model itself takes nothing fits: the smallest parts, every layer recomputing (and a
+    warning)."""
+    from lightning.pytorch import Trainer
+
+    for budget, whole in ((1.0, True), (0.001, False)):
+        module = make_module(tiny_model_dir, compute={"checkpoint_layers": "auto", "micro_batch_tokens": "auto",
+                                                      "memory_budget_gib": budget, "dtype": "bfloat16"})
+        dm = InstructionDataModule(path=str(demo_file), tokenizer=str(tiny_model_dir), max_length=128,
+                                   batch_size=4, packing=True, max_tokens=256, train_records=(0, 24),
+                                   val_records=(24, 28))
+        Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=2, limit_val_batches=0,
+                logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                default_root_dir=tmp_path).fit(module, dm)
+        if whole:
+            assert module.auto_micro_tokens is None and module.auto_checkpoint_layers == 0
+        else:  # the smallest parts tried (None if the longest example allowed no cut), every layer recomputing
+            assert (module.auto_micro_tokens or 0) < 256 and module.auto_checkpoint_layers == 2
 
 
 def test_the_part_size_the_memory_allows_and_the_fastest():
