@@ -9,6 +9,9 @@
 #               and lit_mistral's predict on the first 256 rows of dolly-lengths
 # PART=round2   where the imports' time goes (python -X importtime), transformers' continuous batching on the first
 #               256 rows of dolly-lengths, checkpoint_layers auto (PART=auto), Llama-2-70B (PART=big)
+# PART=parts    batches in parts: the GPU tests of micro_batch_tokens and autofit, then qlora-24gb against
+#               micro_batch_tokens auto + checkpoint_layers auto at 24 and 16 GiB; qlora-fast twice (the time to first
+#               step's split, cold and warm caches)
 # PART=probe    profiles: the engine's phases, a training step's kernels, the predict command (py-spy); peers
 # PART=auto     checkpoint_layers auto (24 and 16 GiB budgets) against qlora-24gb, through the CLI
 # PART=big      Llama-2-70B's architecture (random, built layer by layer in NF4) trained through the CLI
@@ -117,6 +120,21 @@ peers)
   PYTHONPATH=/tmp/site:$PWD timeout 100 python3 benchmarks/bench_generate_peers.py --model "$CKPT" --n ${PEERS_N:-64} \
     --batch_prompts ${PEERS_N:-64} --batch_timeout 30 --file /tmp/dolly-lengths.jsonl --tokenizer .bench/tokenizer 2>&1 \
     | grep -v -i warn | tail -4 | tee -a "$OUT/predict.jsonl"
+  ;;
+parts)
+  PYTHONPATH=/tmp/site:$PWD timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "micro or auto" 2>&1 \
+    | grep -E "^E |passed|failed" | head -20 | tee "$OUT/gpu-tests.log"
+  for budget in none 24 16; do
+    flags=$([ $budget = none ] && echo "" || echo "--model.compute.checkpoint_layers auto --model.compute.micro_batch_tokens auto --model.compute.memory_budget_gib $budget")
+    PYTHONPATH=/tmp/site timeout 170 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label parts-$budget \
+      --fit qlora-24gb --steps ${STEPS:-12} --warm 5 --timeout 160 --fit_flags="$flags" | tee -a "$OUT/train.jsonl"
+    grep -h "=auto\|Time to the first" /tmp/bench-cli/parts-$budget/fit-*.log | cut -c1-600 | tee -a "$OUT/parts.txt"
+  done
+  for run in first second; do
+    PYTHONPATH=/tmp/site timeout 120 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label $run \
+      --fit qlora-fast --steps 12 --warm 5 --timeout 110 | tee -a "$OUT/train.jsonl"
+    grep -h "Loaded\|Time to the first" /tmp/bench-cli/$run/fit-*.log | cut -c1-300 | tee -a "$OUT/fit-logs.txt"
+  done
   ;;
 round2)
   PYTHONPATH=/tmp/site:$PWD python3 -X importtime -c "$IMPORTS_ALL" 2> "$OUT/importtime.txt"
