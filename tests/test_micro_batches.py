@@ -195,3 +195,29 @@ def test_settings():
 
     assert "micro_batch_tokens=0: expected a count >= 1" in Compute(micro_batch_tokens=0).problems(True)[0]
     assert Compute(micro_batch_tokens="auto", memory_budget_gib=16).problems(True) == []
+
+
+def test_a_skipped_batch_in_parts_leaves_no_gradient_behind(tiny_model_dir, demo_file, tmp_path):
+    """`nonfinite: skip` with a NaN in the last part: the earlier parts' gradients are dropped, not stepped on."""
+    module = make_module(tiny_model_dir, compute={"micro_batch_tokens": 48},
+                         optimization={"nonfinite": "skip", "lr_scheduler": "constant"})
+    dm = InstructionDataModule(path=str(demo_file), tokenizer=str(tiny_model_dir), max_length=128, batch_size=4,
+                               packing=True, max_tokens=256, train_records=(0, 24), val_records=(24, 28))
+    loss_sum, calls, before = module.loss_sum, [], {}
+
+    def poisoned(batch):
+        total, count = loss_sum(batch)
+        calls.append(batch["num_tokens"])
+        return (total * float("nan"), count) if len(calls) == 3 else (total, count)  # the first batch's 3rd part
+
+    module.loss_sum = poisoned
+
+    class Before(__import__("lightning").pytorch.Callback):
+        def on_train_start(self, trainer, pl_module):
+            before.update({k: v.detach().clone() for k, v in pl_module.state_dict().items() if "lora_" in k})
+
+    trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[Before()]).fit(module, dm)
+    assert len(calls) == 3  # the step's batch came in three parts (the seeded plan's first batch), the last poisoned
+    assert module.skipped_batches == 1
+    after = {k: v for k, v in module.state_dict().items() if "lora_" in k}
+    assert all(torch.equal(after[k], v) for k, v in before.items())
