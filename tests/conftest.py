@@ -191,6 +191,17 @@ def trainer(root, **kw):
                    use_distributed_sampler=False, **kw)
 
 
+def fit_checkpointed(root, module, datamodule, max_steps: int, ckpt_path=None):
+    """Fit on the CPU (no validation) with a checkpoint at every step in `root/ckpt` (`last.ckpt` the newest),
+    resuming from `ckpt_path` if given."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpoints = ModelCheckpoint(dirpath=Path(root) / "ckpt", save_last=True, every_n_train_steps=1)
+    trainer(root, max_steps=max_steps, limit_val_batches=0, enable_checkpointing=True,
+            callbacks=[checkpoints]).fit(module, datamodule, ckpt_path=ckpt_path)
+    return module, datamodule
+
+
 def tensorboard(run: Path) -> tuple[dict, dict]:
     """(scalar tag -> [(step, value)], text tag -> [(step, text)]) of a run's TensorBoard events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -3,7 +3,7 @@ logs, saves and reuses its choice (the CUDA measurement itself is replaced by a 
 
 import pytest
 import torch
-from conftest import make_module, trainer
+from conftest import fit_checkpointed, make_module
 
 from lit_mistral.data.batching import BatchPlan
 from lit_mistral.data.datamodule import InstructionDataModule
@@ -64,8 +64,6 @@ def test_auto_run_measures_logs_saves_and_reuses_its_choice(tiny_model_dir, demo
     """A fit with `checkpoint_layers: auto` (the CUDA measurement replaced by a memory model: 1 GiB with both
     layers checkpointed, 1 GiB more per layer kept, a 2.5 GiB budget) keeps one layer's activations, says so, and
     saves the choice; resumed from its checkpoint, the run takes it without measuring."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from lit_mistral.modeling.build import checkpointable_layers
 
     calls = []
@@ -79,10 +77,7 @@ def test_auto_run_measures_logs_saves_and_reuses_its_choice(tiny_model_dir, demo
         module = make_module(tiny_model_dir, compute={"checkpoint_layers": "auto"})
         dm = InstructionDataModule(path=str(demo_file), tokenizer=str(tiny_model_dir), max_length=256,
                                    batch_size=4, train_records=(0, 16), val_records=(16, 20))
-        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
-        trainer(tmp_path, max_steps=max_steps, limit_val_batches=0, enable_checkpointing=True,
-                callbacks=[checkpoints]).fit(module, dm, ckpt_path=ckpt_path)
-        return module, dm
+        return fit_checkpointed(tmp_path, module, dm, max_steps, ckpt_path)
 
     with caplog.at_level("INFO"):
         module, dm = run(2)

@@ -3,7 +3,7 @@ chosen from measured memory and speed (the CUDA measurements replaced by a model
 
 import pytest
 import torch
-from conftest import make_module, trainer
+from conftest import fit_checkpointed, make_module, trainer
 
 from lit_mistral.data.batching import collate_packed, collate_padded, split_batch
 from lit_mistral.data.datamodule import InstructionDataModule
@@ -147,8 +147,6 @@ def test_auto_run_measures_logs_saves_and_reuses_the_part_size(tiny_model_dir, d
     """A memory model: 1 GiB per 100 laid-out tokens with both layers recomputing, +0.5 GiB per 100 per layer kept;
     a budget the whole batch does not fit. The run picks parts that fit, logs and saves them; resumed, it takes them
     without measuring."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     calls = []
 
     def peak(module, batch, layers):
@@ -166,10 +164,7 @@ def test_auto_run_measures_logs_saves_and_reuses_the_part_size(tiny_model_dir, d
         module = make_module(tiny_model_dir, compute={"checkpoint_layers": "auto", "micro_batch_tokens": "auto"})
         dm = InstructionDataModule(path=str(demo_file), tokenizer=str(tiny_model_dir), max_length=128, batch_size=4,
                                    packing=True, max_tokens=256, train_records=(0, 24), val_records=(24, 28))
-        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
-        trainer(tmp_path, max_steps=max_steps, limit_val_batches=0, enable_checkpointing=True,
-                callbacks=[checkpoints]).fit(module, dm, ckpt_path=ckpt_path)
-        return module, dm
+        return fit_checkpointed(tmp_path, module, dm, max_steps, ckpt_path)
 
     with caplog.at_level("INFO"):
         module, dm = run(2)
