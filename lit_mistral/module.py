@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 
 from lit_mistral.config import Compute, Generation, LoRA, Optimization, Quantization
 from lit_mistral.data.batching import split_batch
+from lit_mistral.data.tokenize import IGNORE_INDEX
 from lit_mistral.errors import LitMistralError, raise_problems
 from lit_mistral.generation.answering import for_inference
 from lit_mistral.generation.predictor import Predictor
@@ -21,6 +22,12 @@ from lit_mistral.modeling.adapters import check_adapter_folder, trainable_state
 from lit_mistral.modeling.attention import packed_kwargs
 from lit_mistral.modeling.loss import linear_cross_entropy
 from lit_mistral.sources import check_model_location
+
+
+def targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's (B, T-1) next-token labels (position t predicts token t+1) and the mask of those that count."""
+    labels = batch["labels"][:, 1:]
+    return labels, labels != IGNORE_INDEX
 
 
 class QLoRAModule(LightningModule):
@@ -112,8 +119,7 @@ class QLoRAModule(LightningModule):
 
     def _token_losses(self, batch: dict, reduction: Literal["sum", "none"]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token cross-entropies over labelled positions (summed, or (N,) row-major), and the (B, T-1) mask of them."""
-        labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-        selected = labels != -100
+        labels, selected = targets(batch)
         layout = packed_kwargs(batch, self.model.config._attn_implementation)
         if not build.plain_head(self.model):
             logits = self.model(input_ids=batch["input_ids"], use_cache=False, **layout).logits
@@ -157,7 +163,8 @@ class QLoRAModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         self._grads_from_parts = False
-        parts = [batch] if self.micro_batch_tokens is None else split_batch(batch, self.micro_batch_tokens)
+        size = self.micro_batch_tokens
+        parts = [batch] if size is None else split_batch(batch, size)
         if len(parts) > 1:
             return self._step_in_parts(parts, batch, batch_idx)
         loss_sum, count = self.loss_sum(batch)
@@ -182,7 +189,7 @@ class QLoRAModule(LightningModule):
         if batch_idx % accumulate == 0:
             self.zero_grad(set_to_none=True)
             self._grads_from_parts = True
-        count = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)  # position t is labelled with token t+1
+        count = targets(batch)[1].sum().clamp(min=1)
         total = torch.zeros((), device=self.device)
         for part in parts[:-1]:
             part_sum, _ = self.loss_sum(part)

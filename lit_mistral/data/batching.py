@@ -2,6 +2,7 @@
 batch plan (fixed size or token budget, length grouping, shuffled per epoch, split across processes, resumable
 mid-epoch)."""
 
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -54,6 +55,21 @@ def collate_packed(items: list[dict], mask_prompt: bool = True) -> dict:
             "index": [it.get("index") for it in items]}
 
 
+def budget_groups(sizes: Sequence[int], budget: int, packed: bool) -> list[tuple[int, int]]:
+    """`sizes` (example lengths, in order) cut greedily into consecutive runs [start, stop) that each lay out at most
+    `budget` tokens (packed: the sum of lengths; padded: count x longest); a size above the budget is a run alone.
+    Batches under a token budget (`BatchPlan`) and the parts of a batch (`split_batch`) are both cut so."""
+    groups, start, total, longest = [], 0, 0, 0
+    for i, n in enumerate(sizes):
+        cost = total + n if packed else (i - start + 1) * max(longest, n)
+        if i > start and cost > budget:
+            groups.append((start, i))
+            start, total, longest = i, 0, 0
+        total, longest = total + n, max(longest, n)
+    if sizes:
+        groups.append((start, len(sizes)))
+    return groups
+
 
 def split_batch(batch: dict, max_tokens: int) -> list[dict]:
     """A collated training batch cut into parts of at most `max_tokens` laid-out tokens each, whole examples in
@@ -66,37 +82,25 @@ def split_batch(batch: dict, max_tokens: int) -> list[dict]:
         return [batch]
     if packed:
         bounds = batch["cu_seq_lens"].tolist()  # example i spans bounds[i]:bounds[i + 1]
-        groups, first = [], 0  # examples [first, last) of each part
-        for i in range(len(bounds) - 1):
-            if i > first and bounds[i + 1] - bounds[first] > max_tokens:
-                groups.append((first, i))
-                first = i
-        groups.append((first, len(bounds) - 1))
+        lengths = [b - a for a, b in itertools.pairwise(bounds)]
         parts = []
-        for first, last in groups:
+        for first, last in budget_groups(lengths, max_tokens, packed=True):
             a, b = bounds[first], bounds[last]
-            lengths = [bounds[j + 1] - bounds[j] for j in range(first, last)]
             parts.append({"input_ids": batch["input_ids"][:, a:b], "position_ids": batch["position_ids"][:, a:b],
                           "labels": batch["labels"][:, a:b],
                           "cu_seq_lens": batch["cu_seq_lens"][first : last + 1] - a,
-                          "max_length": max(lengths), "num_tokens": b - a, "index": batch["index"][first:last]})
+                          "max_length": max(lengths[first:last]), "num_tokens": b - a,
+                          "index": batch["index"][first:last]})
         return parts
     widths = batch["attention_mask"].sum(dim=1).tolist()  # real tokens per row (right-padded)
-    rows, start, longest = [], 0, 0
-    for r, width in enumerate(widths):
-        if r > start and (r - start + 1) * max(longest, width) > max_tokens:
-            rows.append((start, r))
-            start, longest = r, 0
-        longest = max(longest, width)
-    rows.append((start, len(widths)))
     parts = []
-    for a, b in rows:
+    for a, b in budget_groups(widths, max_tokens, packed=False):
         width = max(widths[a:b])  # the part's own longest row: its padding cut away
-        mask = batch["attention_mask"][a:b, :width]
-        parts.append({"input_ids": batch["input_ids"][a:b, :width], "attention_mask": mask,
-                      "labels": batch["labels"][a:b, :width], "num_tokens": int(sum(widths[a:b])),
-                      "index": batch["index"][a:b]})
+        parts.append({"input_ids": batch["input_ids"][a:b, :width],
+                      "attention_mask": batch["attention_mask"][a:b, :width], "labels": batch["labels"][a:b, :width],
+                      "num_tokens": int(sum(widths[a:b])), "index": batch["index"][a:b]})
     return parts
+
 
 class BatchPlan(Sampler[list[int]]):
     """Which examples form each batch, epoch by epoch: deterministic from (seed, epoch), split across ranks, and
@@ -155,17 +159,8 @@ class BatchPlan(Sampler[list[int]]):
         if self.max_tokens is None:
             batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         else:
-            batches, current, longest = [], [], 0
-            for i in order:
-                n = self.lengths[i]
-                cost = (sum(self.lengths[j] for j in current) + n) if self.packed else (len(current) + 1) * max(longest, n)
-                if current and cost > self.max_tokens:
-                    batches.append(current)
-                    current, longest = [], 0
-                current.append(i)
-                longest = max(longest, n)
-            if current:
-                batches.append(current)
+            groups = budget_groups([self.lengths[i] for i in order], self.max_tokens, self.packed)
+            batches = [order[a:b] for a, b in groups]
         if self.shuffle and (self.length_grouped or self.max_tokens is not None):
             g = torch.Generator().manual_seed(self.seed + self.epoch + 1_000_003)
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]

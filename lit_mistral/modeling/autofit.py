@@ -5,15 +5,15 @@ its share of the recomputation (about a third of its forward), and costs its act
 parts take less activation memory, so fewer layers need to recompute, but make smaller matrix multiplies and read
 the 4-bit weights once more per part; the sizes tried and their speeds are measured.
 
-A probe is one forward and backward pass on a real training batch (the epoch's largest; with parts, its largest part)
-with a given number of checkpointed layers, measured by the CUDA allocator's peak. Three to five probes: all layers checkpointed (the
-least memory; if even that does not fit, all it is), two fewer (the memory one layer's activations take), then the
-count that estimate says fits, checked, and stepped back towards more checkpointing until a probe fits. The budget is
-`--model.compute.memory_budget_gib` or, unset, the memory the process has plus what the GPU has free; the optimizer's
-state (allocated at the first step, outside the probes; the paged optimizers' outside PyTorch's allocator) and a 5%
-margin are kept aside. Part sizes: the whole batch, then halves, each with the layer count it needs; with the layer
-count fixed the largest that fits, else each that fits is timed (one more pass) while smaller parts keep getting
-faster. The choice is logged, saved in checkpoints and reused when a run resumes."""
+A probe is one forward and backward pass on a real training batch (the epoch's largest; with parts, its largest
+part) with a given number of checkpointed layers, measured by the CUDA allocator's peak. Three to five probes: all
+layers checkpointed (the least memory; if even that does not fit, all it is), two fewer (the memory one layer's
+activations take), then the count that estimate says fits, checked, and stepped back towards more checkpointing until
+a probe fits. The budget is `--model.compute.memory_budget_gib` or, unset, the memory the process has plus what the
+GPU has free; the optimizer's state (allocated at the first step, outside the probes; the paged optimizers' outside
+PyTorch's allocator) and a 5% margin are kept aside. Part sizes: the whole batch, then halves, each with the layer
+count it needs; with the layer count fixed the largest that fits, else each that fits is timed (one more pass) while
+smaller parts keep getting faster. The choice is logged, saved in checkpoints and reused when a run resumes."""
 
 import math
 import time
