@@ -99,6 +99,12 @@ class Compute:
         fused_lora: Add each LoRA adapter's output to its layer's output inside the adapter's second matrix
             multiply, scale included (`lit_mistral/modeling/fused_lora.py`), instead of peft's copy, scale and add
             passes over the whole output. The same values (and dropout masks); false: peft's own forward.
+        dropout_masks: What LoRA dropout keeps for backward. `keep`: its output and mask, one of each per adapter
+            (autograd's way; for Mistral-7B at 16,384 tokens ~1.8 GiB per decoder layer that keeps its activations).
+            `regenerate`: the random generator's state; backward draws the same mask again (one more dropout pass
+            per adapter; the same masks, so the same training). `auto`: regenerate where memory decides the speed -
+            with `checkpoint_layers` a count or `auto`, or `micro_batch_tokens: auto` - else keep. Needs
+            `fused_lora`.
     """
 
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -110,6 +116,7 @@ class Compute:
     kernels: Literal["liger"] | None = None
     loss_chunk_size: int = 4096
     fused_lora: bool = True
+    dropout_masks: Literal["auto", "keep", "regenerate"] = "auto"
 
     def problems(self, quantized: bool) -> list[str]:
         problems = []
@@ -130,9 +137,19 @@ class Compute:
                                                                   not self.gradient_checkpointing):
             problems.append(f"model.compute.checkpoint_layers={self.checkpoint_layers}: needs "
                             "model.compute.gradient_checkpointing=true and a count >= 0")
+        if self.dropout_masks == "regenerate" and not self.fused_lora:
+            problems.append("model.compute.dropout_masks=regenerate: needs model.compute.fused_lora=true (the fused "
+                            "forward draws the masks again); set it, or dropout_masks keep")
         if self.loss_chunk_size < 1:
             problems.append(f"model.compute.loss_chunk_size={self.loss_chunk_size}: expected >= 1")
         return problems
+
+    def regenerate_dropout(self) -> bool:
+        """Whether LoRA dropout draws its masks again in backward (`dropout_masks`, `auto` resolved)."""
+        if self.dropout_masks != "auto":
+            return self.dropout_masks == "regenerate"
+        some_layers_keep = self.gradient_checkpointing and self.checkpoint_layers is not None
+        return self.fused_lora and (some_layers_keep or self.micro_batch_tokens == "auto")
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":

@@ -20,6 +20,20 @@ def test_each_group_names_what_is_wrong_with_it():
     assert Generation(max_new_tokens=0).problems() == ["model.generation.max_new_tokens=0: expected >= 1"]
 
 
+def test_dropout_masks_are_drawn_again_where_memory_decides_the_speed():
+    assert not Compute(gradient_checkpointing=False).regenerate_dropout()  # the throughput mode: keep them
+    assert not Compute().regenerate_dropout()  # every layer recomputes: a layer's masks live only in its backward
+    assert Compute(checkpoint_layers="auto").regenerate_dropout()
+    assert Compute(checkpoint_layers=20).regenerate_dropout()
+    assert Compute(gradient_checkpointing=False, micro_batch_tokens="auto").regenerate_dropout()
+    assert not Compute(checkpoint_layers="auto", dropout_masks="keep").regenerate_dropout()
+    assert Compute(gradient_checkpointing=False, dropout_masks="regenerate").regenerate_dropout()
+    assert not Compute(checkpoint_layers="auto", fused_lora=False).regenerate_dropout()
+    assert Compute(fused_lora=False, dropout_masks="regenerate").problems(quantized=True) == [
+        ("model.compute.dropout_masks=regenerate: needs model.compute.fused_lora=true (the fused forward draws the "
+         "masks again); set it, or dropout_masks keep")]
+
+
 def test_lora_settings_are_peft_arguments():
     from peft import LoraConfig
 
