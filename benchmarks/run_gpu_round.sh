@@ -12,6 +12,10 @@
 # PART=parts    batches in parts: the GPU tests of micro_batch_tokens and autofit, then qlora-24gb against
 #               micro_batch_tokens auto + checkpoint_layers auto at 24 and 16 GiB; qlora-fast twice (the time to first
 #               step's split, cold and warm caches)
+# PART=regen    LoRA dropout masks drawn again in backward: the GPU tests (theirs, batches in parts, autofit), then
+#               qlora-24gb with micro_batch_tokens auto + checkpoint_layers auto at 16 GiB, and Llama-2-70B with both
+#               auto on the whole GPU (PART=big2 with BIG_FLAGS)
+# PART=final    the profile of a qlora-fast step (fused LoRA forward), then PART=regen's Llama-2-70B with the masks kept
 # PART=probe    profiles: the engine's phases, a training step's kernels, the predict command (py-spy); peers
 # PART=auto     checkpoint_layers auto (24 and 16 GiB budgets) against qlora-24gb, through the CLI
 # PART=big      Llama-2-70B's architecture (random, built layer by layer in NF4) trained through the CLI
@@ -136,6 +140,28 @@ parts)
     grep -h "Loaded\|Time to the first" /tmp/bench-cli/$run/fit-*.log | cut -c1-300 | tee -a "$OUT/fit-logs.txt"
   done
   ;;
+final)
+  # the profile of a qlora-fast step after the fused LoRA forward; Llama-2-70B as PART=regen but the masks kept
+  PROFILE_OUT=$OUT/profile-qlora-fast.json PYTHONPATH=/tmp/site timeout 130 python3 benchmarks/bench_cli.py \
+    --model "$CKPT" --data $DATA --label profile --fit qlora-fast --steps 9 --warm 5 --timeout 120 \
+    --fit_flags="--trainer.callbacks+=benchmarks.profile_train.ProfileSteps" | tee -a "$OUT/train.jsonl"
+  STEPS=4 BIG_TIMEOUT=${BIG_TIMEOUT:-280} PART=big2 \
+    BIG_FLAGS="--model.compute.checkpoint_layers auto --model.compute.micro_batch_tokens auto --model.compute.dropout_masks keep" bash "$0"
+  grep -h "=auto\|Time to the first\|Loaded" "$OUT/big-fit.log" | cut -c1-900
+  ;;
+regen)
+  PYTHONPATH=/tmp/site:$PWD timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "micro or auto or regenerat" 2>&1 \
+    | grep -E "^E |passed|failed" | head -20 | tee "$OUT/gpu-tests.log"
+  auto="--model.compute.checkpoint_layers auto --model.compute.micro_batch_tokens auto"
+  for budget in 16; do
+    PYTHONPATH=/tmp/site timeout 170 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label regen-$budget \
+      --fit qlora-24gb --steps ${STEPS:-12} --warm 5 --timeout 160 --fit_flags="$auto --model.compute.memory_budget_gib $budget" \
+      | tee -a "$OUT/train.jsonl"
+    grep -h "=auto\|Time to the first\|Loaded" /tmp/bench-cli/regen-$budget/fit-*.log | cut -c1-700 | tee -a "$OUT/parts.txt"
+  done
+  STEPS=6 BIG_TIMEOUT=${BIG_TIMEOUT:-330} BIG_FLAGS="$auto" PART=big2 bash "$0"
+  grep -h "=auto\|Time to the first\|Loaded" "$OUT/big-fit.log" | cut -c1-900
+  ;;
 round2)
   PYTHONPATH=/tmp/site:$PWD python3 -X importtime -c "$IMPORTS_ALL" 2> "$OUT/importtime.txt"
   sort -t'|' -k2 -n "$OUT/importtime.txt" | tail -40
@@ -164,7 +190,7 @@ big2)
   PYTHONPATH=/tmp/site timeout ${BIG_TIMEOUT:-300} python3 -m lit_mistral fit --config configs/qlora-24gb.yaml \
     --model.name_or_path $BIG --model.random_init true --data.path /tmp/big/train.jsonl --data.train_records null \
     --data.val_records null --trainer.max_steps ${STEPS:-6} --trainer.default_root_dir /tmp/big \
-    --trainer.enable_progress_bar true 2>&1 | tr '\r' '\n' | grep -v -i warn > "$OUT/big-fit.log"
+    --trainer.enable_progress_bar true ${BIG_FLAGS:-} 2>&1 | tr '\r' '\n' | grep -v -i warn > "$OUT/big-fit.log"
   cp -r /tmp/big/lightning_logs "$OUT/big-lightning_logs" 2>/dev/null
   tail -5 "$OUT/big-fit.log"
   ;;
