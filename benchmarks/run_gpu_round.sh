@@ -15,6 +15,10 @@
 # PART=regen    LoRA dropout masks drawn again in backward: the GPU tests (theirs, batches in parts, autofit), then
 #               qlora-24gb with micro_batch_tokens auto + checkpoint_layers auto at 16 GiB, and Llama-2-70B with both
 #               auto on the whole GPU (PART=big2 with BIG_FLAGS)
+# PART=idle     where the ~90 ms per qlora-fast step with no kernel running and the first step's extra ~1.4 s may go:
+#               qlora-fast as it is, then one change at a time: torch's AdamW (a few multi-tensor kernels) instead of
+#               bitsandbytes' paged AdamW (one Python call per parameter); telemetry every 10 steps (one device
+#               synchronization per step less); CUDA's expandable segments (the first step's thousands of allocations)
 # PART=final    the profile of a qlora-fast step (fused LoRA forward), then PART=regen's Llama-2-70B with the masks kept
 # PART=probe    profiles: the engine's phases, a training step's kernels, the predict command (py-spy); peers
 # PART=auto     checkpoint_layers auto (24 and 16 GiB budgets) against qlora-24gb, through the CLI
@@ -138,6 +142,16 @@ parts)
     PYTHONPATH=/tmp/site timeout 120 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label $run \
       --fit qlora-fast --steps 12 --warm 5 --timeout 110 | tee -a "$OUT/train.jsonl"
     grep -h "Loaded\|Time to the first" /tmp/bench-cli/$run/fit-*.log | cut -c1-300 | tee -a "$OUT/fit-logs.txt"
+  done
+  ;;
+idle)
+  for variant in as-is "adamw --model.optimization.optimizer adamw" "log10 --trainer.log_every_n_steps 10" expandable; do
+    set -- $variant
+    label=$1; shift
+    (if [ $label = expandable ]; then export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; fi
+     PYTHONPATH=/tmp/site timeout 120 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label idle-$label \
+       --fit qlora-fast --steps ${STEPS:-20} --warm 5 --timeout 110 --fit_flags="$*" | tee -a "$OUT/train.jsonl")
+    grep -h "Time to the first" /tmp/bench-cli/idle-$label/fit-*.log | cut -c1-300 | tee -a "$OUT/fit-logs.txt"
   done
   ;;
 final)
