@@ -27,18 +27,38 @@ def test_picks_the_fewest_checkpointed_layers_that_fit():
     calls = []
     layers, probes = autofit.choose_checkpoint_layers(linear_memory(10, 1, 32, calls), 32, 20 * GIB, GIB)
     assert layers == 23  # 9 layers keep their activations: 10 + 9 + 1 (reserve) = 20 GiB
-    assert calls == [32, 30, 23] and [p for _, p in probes] == [10 * GIB, 12 * GIB, 19 * GIB]
+    # all, an eighth kept, where the line meets the budget, and the next (the line says it does not fit: checked)
+    assert calls == [32, 28, 23, 22] and [p for _, p in probes] == [10 * GIB, 14 * GIB, 19 * GIB, 20 * GIB]
 
 
 def test_steps_back_when_the_estimate_was_optimistic():
-    # activations grow faster than the first two layers showed: the estimate (23) does not fit, nor 21; 19 does
+    # activations grow faster than the first layers showed: the first estimate does not fit; the line through it
+    # and the last count that fits finds the fewest checkpointed layers that fit
     def measure(layers):
         kept = 32 - layers
         return int((10 + kept + 0.2 * max(0, kept - 2) ** 1.5) * GIB)
 
     layers, probes = autofit.choose_checkpoint_layers(measure, 32, 20 * GIB, GIB)
-    assert all(measure(n) + GIB > 20 * GIB for n, _ in probes[2:-1])
-    assert measure(layers) + GIB <= 20 * GIB and layers > 23
+    assert measure(layers) + GIB <= 20 * GIB < measure(layers - 1) + GIB
+    assert measure(probes[2][0]) + GIB > 20 * GIB and len(probes) == 4
+
+
+@pytest.mark.parametrize(("tokens", "first", "rest", "base", "chosen"),
+                         [(16_384, 1.95, 3.85, 64.6, 62), (8_192, 1.05, 1.95, 50.8, 38)])
+def test_few_probes_on_the_memory_a_70b_showed(tokens, first, rest, base, chosen):
+    """Llama-2-70B's peaks on an H200 (2026-12-02, 80 layers, 139.1 GiB, out of memory above): the first two layers
+    kept cost less than the rest, which made the earlier search's first estimates run out of memory 3 and 8 times
+    (7 and 10 probes). Now: at most 5 probes, none out of memory, and the best count."""
+    def measure(layers):
+        kept = 80 - layers
+        peak = base + (first * kept if kept <= 2 else first * 2 + rest * (kept - 2))
+        return None if peak > 139.1 else int(peak * GIB)
+
+    budget = int(139.1 * GIB)
+    reserve = int(8 * 103.5e6 + autofit.MARGIN * budget)
+    layers, probes = autofit.choose_checkpoint_layers(measure, 80, budget, reserve)
+    assert layers == chosen and measure(layers) + reserve <= budget < measure(layers - 1) + reserve
+    assert len(probes) <= 5 and all(peak is not None for _, peak in probes)
 
 
 def test_every_layer_when_nothing_less_fits_or_memory_runs_out():
