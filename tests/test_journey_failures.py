@@ -84,10 +84,15 @@ def start_paused_at(args: list[str], root: Path, pause: str, **where) -> subproc
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     with open(root / "stdout", "w") as out, open(root / "stderr", "w") as err:
         # Ctrl+C's default in the child, as in a terminal: a suite started in the background of a shell without job
-        # control inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
-        process = subprocess.Popen([sys.executable, "-m", "lit_mistral", *args,
-                                    f"--trainer.callbacks=[{json.dumps(callback)}]"], stdout=out, stderr=err, env=env,
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        # control has SIGINT ignored, which a child inherits (and Python then never raises KeyboardInterrupt); a
+        # signal caught here is reset to its default in the child
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            process = subprocess.Popen([sys.executable, "-m", "lit_mistral", *args,
+                                        f"--trainer.callbacks=[{json.dumps(callback)}]"], stdout=out, stderr=err,
+                                       env=env)
+        finally:
+            signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 300
     while not marker.exists():
         if process.poll() is not None or time.monotonic() > deadline:
