@@ -28,20 +28,6 @@ import torch
 import torch.nn.functional as F
 
 
-class _RngState:
-    """Run a block with the random generator of `device` set to `state`, and put its own state back after."""
-
-    def __init__(self, device: torch.device, state: torch.Tensor):
-        self.device, self.state = device, state
-
-    def __enter__(self):
-        self.saved = _get_rng(self.device)
-        _set_rng(self.device, self.state)
-
-    def __exit__(self, *exc):
-        _set_rng(self.device, self.saved)
-
-
 def _get_rng(device: torch.device) -> torch.Tensor:
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
@@ -68,7 +54,9 @@ class _DroppedA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor):
         x, weight = ctx.saved_tensors
-        with _RngState(x.device, ctx.state), torch.enable_grad():
+        cuda = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"), torch.enable_grad():  # their states put back
+            _set_rng(x.device, ctx.state)
             leaf = x.detach().requires_grad_(ctx.needs_input_grad[0])
             dropped = F.dropout(leaf, ctx.p, True)  # the forward's draw again: same state, same call, same mask
         grad_h = grad_h.reshape(-1, grad_h.shape[-1]).to(ctx.dtype)
