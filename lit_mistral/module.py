@@ -244,10 +244,7 @@ class QLoRAModule(LightningModule):
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def on_train_start(self) -> None:
-        compute = self.spec.compute
-        if (compute.checkpoint_layers == "auto" and compute.gradient_checkpointing) or \
-                compute.micro_batch_tokens == "auto":
-            autofit.fit_memory(self)
+        autofit.fit_memory(self)
 
     # -- optimizer ---------------------------------------------------------------------------------------------------
 

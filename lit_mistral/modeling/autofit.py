@@ -184,11 +184,13 @@ def budget_bytes(device: torch.device, gib: float | None) -> int:
 
 def fit_memory(module) -> None:
     """`compute.checkpoint_layers: auto` and/or `compute.micro_batch_tokens: auto` for `module` (a `QLoRAModule` at
-    the start of fit): measure (or take from the checkpoint resumed) how many layers must recompute their activations
+    the start of fit; nothing if neither is asked for): measure (or take from the checkpoint resumed) how many layers must recompute their activations
     and in how large parts a batch runs, and set them; the same choice on every process."""
     compute = module.spec.compute
     auto_layers = compute.checkpoint_layers == "auto" and compute.gradient_checkpointing
     auto_micro = compute.micro_batch_tokens == "auto"
+    if not (auto_layers or auto_micro):
+        return  # nothing to choose: the settings say it all
     total = len(checkpointable_layers(module.model))
     # what stays fixed: the configured layer count (None: all; no checkpointing: none), the configured part size
     layers = (module.auto_checkpoint_layers if auto_layers else
