@@ -103,11 +103,12 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
     else:
         check_targets(model, spec.lora.target_modules, spec.name_or_path)
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **spec.lora.peft_kwargs()))
+    regenerate = spec.compute.regenerate_dropout()
     if spec.compute.fused_lora:
-        use_fused_lora(model, spec.compute.regenerate_dropout())
+        use_fused_lora(model, regenerate)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    regenerated = "; LoRA dropout masks drawn again in backward" if training and spec.compute.regenerate_dropout() and (
-        spec.lora.dropout > 0) else ""
+    regenerated = "; LoRA dropout masks drawn again in backward" if training and regenerate and spec.lora.dropout > 0 \
+        else ""
     rank_zero_info(f"Loaded {spec.name_or_path} ({q.method or 'unquantized'}) in {time.perf_counter() - started:.1f}s; "
                    f"{trainable:,} trainable parameters{regenerated}.")
     # from_pretrained hands back eval mode; Lightning keeps submodule modes, and checkpointing and LoRA dropout act
