@@ -49,6 +49,12 @@ fi
 DATA=.bench/dolly-15k-head.jsonl
 IMPORTS_ALL="import lit_mistral.cli, peft, bitsandbytes, liger_kernel.transformers, transformers.models.mistral.modeling_mistral"
 export PATH=/tmp/site/bin:$PATH  # py-spy
+fit_logged() {  # LABEL CONFIG STEPS FLAGS LOG: one fit through bench_cli (its figures to train.jsonl), then its log's
+                # auto choices, load and time-to-first-step lines to $OUT/LOG
+  PYTHONPATH=/tmp/site timeout 170 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label $1 \
+    --fit $2 --steps $3 --warm 5 --timeout 160 --fit_flags="$4" | tee -a "$OUT/train.jsonl"
+  grep -h "=auto\|Time to the first\|Loaded" /tmp/bench-cli/$1/fit-*.log | cut -c1-900 | tee -a "$OUT/$5"
+}
 case "${PART:-check}" in
 round1)
   python3 -c "import torch, os, glob; d = os.path.dirname(torch.__file__); print('torch dir writable', os.access(d, os.W_OK), 'pyc files', len(glob.glob(d + '/**/__pycache__/*.pyc', recursive=True)))" | tee "$OUT/bytecode.txt"
@@ -134,14 +140,10 @@ parts)
     | grep -E "^E |passed|failed" | head -20 | tee "$OUT/gpu-tests.log"
   for budget in none 24 16; do
     flags=$([ $budget = none ] && echo "" || echo "--model.compute.checkpoint_layers auto --model.compute.micro_batch_tokens auto --model.compute.memory_budget_gib $budget")
-    PYTHONPATH=/tmp/site timeout 170 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label parts-$budget \
-      --fit qlora-24gb --steps ${STEPS:-12} --warm 5 --timeout 160 --fit_flags="$flags" | tee -a "$OUT/train.jsonl"
-    grep -h "=auto\|Time to the first" /tmp/bench-cli/parts-$budget/fit-*.log | cut -c1-600 | tee -a "$OUT/parts.txt"
+    fit_logged parts-$budget qlora-24gb ${STEPS:-12} "$flags" parts.txt
   done
   for run in first second; do
-    PYTHONPATH=/tmp/site timeout 120 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label $run \
-      --fit qlora-fast --steps 12 --warm 5 --timeout 110 | tee -a "$OUT/train.jsonl"
-    grep -h "Loaded\|Time to the first" /tmp/bench-cli/$run/fit-*.log | cut -c1-300 | tee -a "$OUT/fit-logs.txt"
+    fit_logged $run qlora-fast 12 "" fit-logs.txt
   done
   ;;
 idle)
@@ -149,9 +151,7 @@ idle)
     set -- $variant
     label=$1; shift
     (if [ $label = expandable ]; then export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; fi
-     PYTHONPATH=/tmp/site timeout 120 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label idle-$label \
-       --fit qlora-fast --steps ${STEPS:-20} --warm 5 --timeout 110 --fit_flags="$*" | tee -a "$OUT/train.jsonl")
-    grep -h "Time to the first" /tmp/bench-cli/idle-$label/fit-*.log | cut -c1-300 | tee -a "$OUT/fit-logs.txt"
+     fit_logged idle-$label qlora-fast ${STEPS:-20} "$*" fit-logs.txt)
   done
   ;;
 final)
@@ -167,12 +167,7 @@ regen)
   PYTHONPATH=/tmp/site:$PWD timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "micro or auto or regenerat" 2>&1 \
     | grep -E "^E |passed|failed" | head -20 | tee "$OUT/gpu-tests.log"
   auto="--model.compute.checkpoint_layers auto --model.compute.micro_batch_tokens auto"
-  for budget in 16; do
-    PYTHONPATH=/tmp/site timeout 170 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label regen-$budget \
-      --fit qlora-24gb --steps ${STEPS:-12} --warm 5 --timeout 160 --fit_flags="$auto --model.compute.memory_budget_gib $budget" \
-      | tee -a "$OUT/train.jsonl"
-    grep -h "=auto\|Time to the first\|Loaded" /tmp/bench-cli/regen-$budget/fit-*.log | cut -c1-700 | tee -a "$OUT/parts.txt"
-  done
+  fit_logged regen-16 qlora-24gb ${STEPS:-12} "$auto --model.compute.memory_budget_gib 16" parts.txt
   STEPS=6 BIG_TIMEOUT=${BIG_TIMEOUT:-330} BIG_FLAGS="$auto" PART=big2 bash "$0"
   grep -h "=auto\|Time to the first\|Loaded" "$OUT/big-fit.log" | cut -c1-900
   ;;
@@ -191,9 +186,7 @@ auto)
   # checkpoint_layers auto against qlora-24gb's all-layers checkpointing, side by side: 24 and 16 GiB budgets
   for budget in none 24 16; do
     flags=$([ $budget = none ] && echo "" || echo "--model.compute.checkpoint_layers auto --model.compute.memory_budget_gib $budget")
-    PYTHONPATH=/tmp/site timeout 170 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label auto-$budget \
-      --fit qlora-24gb --steps ${STEPS:-15} --warm 5 --timeout 160 --fit_flags="$flags" | tee -a "$OUT/train.jsonl"
-    grep -h "checkpoint_layers=auto" /tmp/bench-cli/auto-$budget/fit-*.log | cut -c1-400 | tee -a "$OUT/auto.txt"
+    fit_logged auto-$budget qlora-24gb ${STEPS:-15} "$flags" auto.txt
   done
   ;;
 big2)
