@@ -69,6 +69,7 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/bench-cli")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run")
     p.add_argument("--spy", default=None, help="record the predict run with py-spy (raw stacks, idle included) here")
+    p.add_argument("--spy_fit", default=None, help="record the fit runs with py-spy (raw stacks, idle included) here")
     args = p.parse_args()
     code, work = Path(args.code).resolve(), Path(args.work) / (args.label or "run")
     shutil.rmtree(work, ignore_errors=True)
@@ -80,7 +81,9 @@ def main() -> None:
     adapter = None
     for name in args.fit:
         root = work / f"fit-{name}"
-        cmd = [sys.executable, "-m", "lit_mistral", "fit", "--config", str(code / "configs" / f"{name}.yaml"),
+        spy = ["py-spy", "record", "--idle", "--threads", "--format", "raw", "-r", "200", "-o", args.spy_fit, "--"]
+        cmd = [*(spy if args.spy_fit else []), sys.executable, "-m", "lit_mistral", "fit", "--config",
+               str(code / "configs" / f"{name}.yaml"),
                "--model.name_or_path", args.model, "--data.path", str(train), "--data.val_path", str(val),
                "--data.train_records", "null", "--data.val_records", "null", "--trainer.max_steps", str(args.steps),
                "--trainer.val_check_interval", str(args.steps + 1), "--trainer.default_root_dir", str(root),

@@ -34,7 +34,8 @@ GEMM = ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitK", "Kernel2")
 
 
 def _innermost_ops(events: list[dict]) -> dict[int, dict]:
-    """correlation id -> the innermost aten op (cpu_op event) that launched the kernel."""
+    """correlation id -> the innermost aten op (cpu_op event) that launched the kernel, its enclosing ops' names
+    (outermost first) under "chain"."""
     ops, launches = defaultdict(list), defaultdict(list)
     for e in events:
         if e.get("ph") != "X":
@@ -56,7 +57,7 @@ def _innermost_ops(events: list[dict]) -> dict[int, dict]:
             while stack and stack[-1]["ts"] + stack[-1]["dur"] < r["ts"]:
                 stack.pop()
             if stack:
-                found[r["args"]["correlation"]] = stack[-1]
+                found[r["args"]["correlation"]] = dict(stack[-1], chain=[e["name"] for e in stack])
     return found
 
 
@@ -81,10 +82,12 @@ def summarize(trace: dict, steps: int, rank: int) -> dict:
     events = trace["traceEvents"]
     kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     launched_by = _innermost_ops(events)
-    by_kind, by_name = defaultdict(float), defaultdict(float)
+    by_kind, by_name, by_chain = defaultdict(float), defaultdict(float), defaultdict(lambda: defaultdict(float))
     for k in kernels:
-        by_kind[kind_of(k, launched_by.get(k.get("args", {}).get("correlation")), rank)] += k["dur"]
+        op = launched_by.get(k.get("args", {}).get("correlation"))
+        by_kind[kind_of(k, op, rank)] += k["dur"]
         by_name[k["name"][:100]] += k["dur"]
+        by_chain[k["name"][:100]][" > ".join((op or {}).get("chain", [])[-3:])] += k["dur"]
     spans = sorted((k["ts"], k["ts"] + k["dur"]) for k in kernels)
     busy, end = 0.0, float("-inf")
     for s, e in spans:
@@ -92,6 +95,12 @@ def summarize(trace: dict, steps: int, rank: int) -> dict:
             busy += e - max(s, end)
             end = e
     window = spans[-1][1] - spans[0][0]
+    gaps, end = defaultdict(float), spans[0][1]  # idle time by the length of each gap: launch-bound or stalled
+    for s, e in spans:
+        if s > end:
+            gap = s - end
+            gaps["<10us" if gap < 10 else "10-100us" if gap < 100 else "0.1-1ms" if gap < 1000 else ">1ms"] += gap
+        end = max(end, e)
     per_step = 1 / (1000 * steps)  # us over all steps -> ms per step
     kinds = sorted(by_kind.items(), key=lambda kv: -kv[1])
     other = sum(v for k, v in kinds if k.startswith("elementwise/other"))
@@ -102,7 +111,11 @@ def summarize(trace: dict, steps: int, rank: int) -> dict:
                 elementwise_other=[round(other * per_step, 2), f"{100 * other / window:.1f}%"],
                 elementwise_by_op={k.split(": ", 1)[1]: round(v * per_step, 2) for k, v in kinds[:60]
                                    if k.startswith("elementwise/other")},
-                top_kernels=[[n, round(v * per_step, 3)] for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]])
+                idle_by_gap={k: round(v * per_step, 2) for k, v in gaps.items()},
+                top_kernels=[[n, round(v * per_step, 3)] for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]],
+                top_kernels_by_ops={n: {c: round(v * per_step, 2) for c, v in sorted(by_chain[n].items(),
+                                                                                    key=lambda kv: -kv[1])[:4]}
+                                    for n, _ in sorted(by_name.items(), key=lambda kv: -kv[1])[:16]})
 
 
 class ProfileSteps(L.Callback):

@@ -19,6 +19,9 @@
 #               qlora-fast as it is, then one change at a time: torch's AdamW (a few multi-tensor kernels) instead of
 #               bitsandbytes' paged AdamW (one Python call per parameter); telemetry every 10 steps (one device
 #               synchronization per step less); CUDA's expandable segments (the first step's thousands of allocations)
+# PART=lever    the LoRA layer as one autograd function (in-place adds in forward and backward): its GPU tests, then
+#               qlora-fast with .before/ and this checkout side by side, the profile of this checkout's step, the idle
+#               levers of PART=idle against it, and a one-step fit sampled by py-spy (where the start-up goes)
 # PART=final    the profile of a qlora-fast step (fused LoRA forward), then PART=regen's Llama-2-70B with the masks kept
 # PART=probe    profiles: the engine's phases, a training step's kernels, the predict command (py-spy); peers
 # PART=auto     checkpoint_layers auto (24 and 16 GiB budgets) against qlora-24gb, through the CLI
@@ -146,8 +149,24 @@ parts)
     fit_logged $run qlora-fast 12 "" fit-logs.txt
   done
   ;;
+lever)
+  PYTHONPATH=/tmp/site:$PWD timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "micro or regenerat or fused" 2>&1 \
+    | grep -E "^E |passed|failed" | head -20 | tee "$OUT/gpu-tests.log"
+  for code in .before .; do
+    label=$([ $code = . ] && echo after || echo before)
+    PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label $label \
+      --code $code --fit qlora-fast --steps 20 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
+  done
+  PROFILE_OUT=$OUT/profile-qlora-fast.json PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py \
+    --model "$CKPT" --data $DATA --label profile --fit qlora-fast --steps 9 --warm 5 --timeout 95 \
+    --fit_flags="--trainer.callbacks+=benchmarks.profile_train.ProfileSteps" | tee -a "$OUT/train.jsonl"
+  PYTHONPATH=/tmp/site timeout 60 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label spy \
+    --fit qlora-fast --steps 1 --warm 0 --timeout 55 --spy_fit "$OUT/fit-spy.txt" | tee -a "$OUT/train.jsonl"
+  grep -h "Time to the first\|Loaded" /tmp/bench-cli/spy/fit-*.log | cut -c1-400 | tee -a "$OUT/fit-logs.txt"
+  IDLE_VARIANTS= STEPS=20 PART=idle bash "$0"
+  ;;
 idle)
-  for variant in as-is "adamw --model.optimization.optimizer adamw" "log10 --trainer.log_every_n_steps 10" expandable; do
+  for variant in ${IDLE_VARIANTS-as-is} "adamw --model.optimization.optimizer adamw" "log10 --trainer.log_every_n_steps 10" expandable; do
     set -- $variant
     label=$1; shift
     (if [ $label = expandable ]; then export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; fi
