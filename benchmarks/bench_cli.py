@@ -81,7 +81,8 @@ def main() -> None:
     adapter = None
     for name in args.fit:
         root = work / f"fit-{name}"
-        spy = ["py-spy", "record", "--idle", "--threads", "--format", "raw", "-r", "200", "-o", args.spy_fit, "--"]
+        spy = ["py-spy", "record", "--idle", "--threads", "--nonblocking", "--format", "raw", "-r", "100", "-o",
+               args.spy_fit, "--"]
         cmd = [*(spy if args.spy_fit else []), sys.executable, "-m", "lit_mistral", "fit", "--config",
                str(code / "configs" / f"{name}.yaml"),
                "--model.name_or_path", args.model, "--data.path", str(train), "--data.val_path", str(val),

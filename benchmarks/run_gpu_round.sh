@@ -16,12 +16,16 @@
 #               qlora-24gb with micro_batch_tokens auto + checkpoint_layers auto at 16 GiB, and Llama-2-70B with both
 #               auto on the whole GPU (PART=big2 with BIG_FLAGS)
 # PART=idle     where the ~90 ms per qlora-fast step with no kernel running and the first step's extra ~1.4 s may go:
-#               qlora-fast as it is, then one change at a time: torch's AdamW (a few multi-tensor kernels) instead of
-#               bitsandbytes' paged AdamW (one Python call per parameter); telemetry every 10 steps (one device
-#               synchronization per step less); CUDA's expandable segments (the first step's thousands of allocations)
+#               qlora-fast as it is (IDLE_VARIANTS: its label), then one change at a time: telemetry every 10 steps
+#               (one device synchronization per step less); CUDA's expandable segments (the first step's thousands of
+#               allocations). (torch's fused AdamW against bitsandbytes' paged one, measured here first, is now
+#               qlora-fast's optimizer.)
 # PART=lever    the LoRA layer as one autograd function (in-place adds in forward and backward): its GPU tests, then
 #               qlora-fast with .before/ and this checkout side by side, the profile of this checkout's step, the idle
 #               levers of PART=idle against it, and a one-step fit sampled by py-spy (where the start-up goes)
+# PART=start    where a fit's start goes: loading a 16-bit folder quantized on the way against an already quantized one
+#               (probe_load.py), a one-step fit sampled by py-spy (not pausing the process); then qlora-fast as is and
+#               PART=idle's levers not measured yet; qlora-24gb and its 16 GiB auto mode
 # PART=final    the profile of a qlora-fast step (fused LoRA forward), then PART=regen's Llama-2-70B with the masks kept
 # PART=probe    profiles: the engine's phases, a training step's kernels, the predict command (py-spy); peers
 # PART=auto     checkpoint_layers auto (24 and 16 GiB budgets) against qlora-24gb, through the CLI
@@ -165,8 +169,19 @@ lever)
   grep -h "Time to the first\|Loaded" /tmp/bench-cli/spy/fit-*.log | cut -c1-400 | tee -a "$OUT/fit-logs.txt"
   IDLE_VARIANTS= STEPS=20 PART=idle bash "$0"
   ;;
+start)
+  PYTHONPATH=/tmp/site timeout 150 python3 benchmarks/probe_load.py --model "$CKPT" --out /tmp/mistral7b-nf4 2>&1 \
+    | grep '^{' | tee "$OUT/probe-load.jsonl"
+  rm -rf /tmp/mistral7b-nf4
+  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label spy \
+    --fit qlora-fast --steps 2 --warm 0 --timeout 95 --spy_fit "$OUT/fit-spy.txt" | tee -a "$OUT/train.jsonl"
+  grep -h "Time to the first\|Loaded" /tmp/bench-cli/spy/fit-*.log | cut -c1-400 | tee -a "$OUT/fit-logs.txt"
+  IDLE_VARIANTS=as-is-adamw-fused STEPS=20 PART=idle bash "$0"
+  fit_logged 24gb qlora-24gb 12 "" parts.txt
+  fit_logged 24gb-auto16 qlora-24gb 12 "--model.compute.checkpoint_layers auto --model.compute.micro_batch_tokens auto --model.compute.memory_budget_gib 16" parts.txt
+  ;;
 idle)
-  for variant in ${IDLE_VARIANTS-as-is} "adamw --model.optimization.optimizer adamw" "log10 --trainer.log_every_n_steps 10" expandable; do
+  for variant in ${IDLE_VARIANTS-as-is} "log10 --trainer.log_every_n_steps 10" expandable; do
     set -- $variant
     label=$1; shift
     (if [ $label = expandable ]; then export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; fi

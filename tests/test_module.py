@@ -379,3 +379,22 @@ def test_paged_optimizer_steps_on_a_gpu(tiny_model_dir):
     assert all(not torch.equal(a, p) for a, p in zip(before, params))
     state = config["optimizer"].state[big]["state1"]  # a view of CUDA managed memory, paged by the driver
     assert getattr(state, "is_paged", False) and state.page_deviceid == 0
+
+
+@pytest.mark.gpu
+def test_torch_adamw_is_fused_on_a_gpu():
+    """`adamw` on CUDA parameters is torch's fused AdamW (one kernel for all of them), and steps as the unfused one."""
+    results = []
+    for device in ("cuda", "cpu"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(16, 8, device=device)) for _ in range(3)]
+        optimizer = optimizer_and_schedule(params, Optimization(optimizer="adamw", learning_rate=1e-2,
+                                                                weight_decay=0.1), total_steps=4)["optimizer"]
+        assert optimizer.defaults["fused"] is (True if device == "cuda" else None)
+        for step in range(3):
+            for p in params:
+                p.grad = torch.full_like(p, 0.5 + step)
+            optimizer.step()
+        results.append([p.detach().cpu() for p in params])
+    for fused, plain in zip(*results):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)

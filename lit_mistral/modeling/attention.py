@@ -145,7 +145,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
                                       sliding_window=sliding_window, **kwargs)
     if query.shape[0] != 1:
         raise ValueError("packed attention expects one row (batch size 1) holding all examples")
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
+    # (T, H, D); squeeze, not [0]: indexing's backward writes the gradient into a zeroed copy of the whole tensor
+    q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))
     window = _sliding(sliding_window, max_length_q)
     return packed_attention(q, k, v, cu_seq_lens_q, max_length_q, scale, window)[None], None
 
