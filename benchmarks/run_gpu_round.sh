@@ -170,6 +170,8 @@ lever)
   IDLE_VARIANTS= STEPS=20 PART=idle bash "$0"
   ;;
 start)
+  PYTHONPATH=/tmp/site:$PWD timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "adamw or micro" 2>&1 \
+    | grep -E "^E |passed|failed" | head -20 | tee "$OUT/gpu-tests.log"
   PYTHONPATH=/tmp/site timeout 150 python3 benchmarks/probe_load.py --model "$CKPT" --out /tmp/mistral7b-nf4 2>&1 \
     | grep '^{' | tee "$OUT/probe-load.jsonl"
   rm -rf /tmp/mistral7b-nf4
