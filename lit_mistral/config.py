@@ -25,12 +25,17 @@ class Quantization:
         fp32_norms: With a quantized base, keep its norms and embeddings - and so the residual stream - in float32,
             as peft's `prepare_model_for_kbit_training` does (the QLoRA recipe). False keeps them in the compute
             dtype: less memory and memory traffic, slightly coarser residual sums.
+        cache: Keep a copy of the base as quantized (in `$LIT_MISTRAL_CACHE`, else `~/.cache/lit_mistral`; ~30% of
+            the 16-bit weights' size) and load that on later runs with the same weights and settings: Mistral-7B
+            reads 4.5 GB instead of 14.5 and skips quantizing (BENCHMARKS.md). Written once, by the first run.
+            Not for random or sharded (`fsdp_qlora`) bases, nor with `trust_remote_code`.
     """
 
     method: Literal["nf4", "fp4"] | None = "nf4"
     double_quant: bool = False
     storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
     fp32_norms: bool = True
+    cache: bool = True
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Where model weights and tokenizers come from: a hub id, a local folder, a folder inside an installed Python
-package (`pkg://name/sub/dir`), a GGUF file (dequantized once into a cached safetensors folder), or a random
-initialization from a model config (dry runs and benchmarks, where no weights exist)."""
+package (`pkg://name/sub/dir`), a GGUF file (dequantized once into a cached safetensors folder), a random
+initialization from a model config (dry runs and benchmarks, where no weights exist), or the 4-bit copy of a base
+kept from an earlier run (`quantized_copy`)."""
 
 import functools
 import hashlib
@@ -8,7 +9,9 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +23,8 @@ log = logging.getLogger(__name__)
 
 PKG_SCHEME = "pkg://"
 CONVERSION_VERSION = 2  # part of the cache key: bump when the converted folder's layout changes
+QUANTIZED_VERSION = 1  # part of the 4-bit copies' key, likewise
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def cache_dir() -> Path:
@@ -97,6 +102,57 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "lit_mistral_source.json").write_text(json.dumps({"gguf_file": str(gguf.resolve())}))
+
+
+def _weights_folder(location: str) -> Path | None:
+    """The local folder holding the weights of `location`: the folder itself, or for a hub id its snapshot in the
+    hub's cache; None when there is none yet (not downloaded)."""
+    if Path(location).is_dir():
+        return Path(location)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(location, "config.json")
+    except ValueError:  # not a hub id either (huggingface_hub's validation error; the load reports it)
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def quantized_copy(location: str, settings: str) -> tuple[Path, int] | None:
+    """Where a copy of the base at `location`, quantized with `settings` (a text naming the format, the dtypes and
+    the library versions), is kept in `cache_dir()`, and the bytes of the weights it is made from: the key is their
+    files' names, sizes and modification times, so a changed base gets a new copy. None when the weights are not
+    local files (a hub id not downloaded yet)."""
+    folder = _weights_folder(location)
+    files = sorted(f for f in folder.iterdir() if f.name.endswith(WEIGHT_SUFFIXES)) if folder else []
+    if not files:
+        return None
+    stats = [(f.name, f.stat()) for f in files]
+    identity = "|".join(f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in stats)
+    digest = hashlib.sha256(f"{QUANTIZED_VERSION}|{folder.resolve()}|{identity}|{settings}".encode()).hexdigest()[:12]
+    name = Path(location.rstrip("/")).name or "model"
+    return cache_dir() / f"quantized-{name}-{digest}", sum(st.st_size for _, st in stats)
+
+
+def save_quantized_copy(model, target: Path, source_bytes: int) -> None:
+    """Write `model` (just loaded and quantized, nothing changed yet) to `target` with `save_pretrained`, for later
+    runs to load instead of quantizing the 16-bit weights again; skipped, with a note, where the disk lacks room
+    (the copy is ~30% of the 16-bit weights' size)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    need = int(source_bytes * 0.35) + 2**30
+    free = shutil.disk_usage(target.parent).free
+    if free < need:
+        log.info("Not keeping a 4-bit copy of the base in %s: %.1f GB free, ~%.1f GB needed (it would make later "
+                 "loads faster; --model.quantization.cache false stops this note)", target.parent, free / 1e9,
+                 need / 1e9)
+        return
+    started = time.perf_counter()
+    with writing_folder(target, keep_existing=True) as tmp:  # DDP ranks may write at once: the first one wins
+        model.save_pretrained(tmp)
+    size = sum(f.stat().st_size for f in target.iterdir() if f.is_file()) if target.is_dir() else 0
+    log.info("Kept a 4-bit copy of the base in %s (%.1f GB, written in %.1fs): later runs load it instead of "
+             "quantizing the 16-bit weights (--model.quantization.cache false: do not keep one).", target, size / 1e9,
+             time.perf_counter() - started)
 
 
 def drop_quantization_config(folder: Path) -> None:

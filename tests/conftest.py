@@ -7,6 +7,8 @@ import importlib.util
 import json
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,21 @@ CHAT_TEMPLATE = (
     "{% if m['role'] == 'assistant' %}</s>{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+
+def pytest_configure(config) -> None:
+    """Converted GGUF models and kept 4-bit copies (`sources.cache_dir`) go to a folder of this session, not the
+    user's cache, unless LIT_MISTRAL_CACHE names one (the CLI journeys' processes inherit it)."""
+    if "LIT_MISTRAL_CACHE" not in os.environ:
+        config._cache_made = tempfile.mkdtemp(prefix="lit-mistral-cache-")
+        os.environ["LIT_MISTRAL_CACHE"] = config._cache_made
+
+
+def pytest_unconfigure(config) -> None:
+    made = getattr(config, "_cache_made", None)
+    if made:
+        shutil.rmtree(made, ignore_errors=True)
+        del os.environ["LIT_MISTRAL_CACHE"]
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -1,9 +1,12 @@
 """Building the model: NF4/FP4 base with LoRA adapters, random initialization, and the errors a bad base, target
 or adapter gets."""
 
+import os
+import shutil
+
 import pytest
 import torch
-from conftest import make_module
+from conftest import adapted, make_module
 
 from lit_mistral.errors import LitMistralError
 
@@ -97,3 +100,63 @@ def test_a_base_too_large_for_the_gpu_names_the_way_to_shard_it(tiny_model_dir, 
         "allocate 448.00 MiB.). Fix: --trainer.strategy fsdp_qlora --model.load_on cpu on several GPUs "
         "(configs/qlora-fsdp.yaml): each then holds 1/N of the base, and never the whole of it; or a GPU with more "
         "memory.")
+
+
+def test_a_quantized_base_is_kept_and_loaded_again(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """The first build quantizes the 16-bit weights and keeps the 4-bit copy; the next loads that copy: the same 4-bit
+    weights and logits. A changed base gets a copy of its own; `cache: false` neither writes nor reads one; only
+    process 0 writes."""
+    from lightning.pytorch.utilities import rank_zero_only
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("LIT_MISTRAL_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    loads = []
+    load = AutoModelForCausalLM.from_pretrained.__func__
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, folder, **kw: loads.append(str(folder)) or load(cls, folder, **kw)))
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+
+    def build_and_run(**settings):
+        module = adapted(base, **settings)
+        with torch.no_grad():
+            logits = module.model(input_ids=ids).logits
+        return module, logits
+
+    first, logits = build_and_run()
+    copies = sorted((tmp_path / "cache").glob("quantized-base-*"))
+    assert len(copies) == 1 and (copies[0] / "config.json").is_file() and loads == [str(base)]
+    with caplog.at_level("INFO"):
+        second, again = build_and_run()
+    assert loads[1:] == [str(copies[0])] and f"from its 4-bit copy kept in {copies[0]}" in caplog.text
+    torch.testing.assert_close(again, logits, rtol=0, atol=0)
+    packed = {n: p for n, p in first.model.named_parameters() if p.dtype == torch.uint8}
+    assert len(packed) == 14 and all(torch.equal(p, dict(second.model.named_parameters())[n])
+                                     for n, p in packed.items())
+
+    weights = base / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # the base changed
+    build_and_run()
+    assert loads[2:] == [str(base)] and len(list((tmp_path / "cache").glob("quantized-base-*"))) == 2
+    build_and_run(quantization={"cache": False})
+    assert loads[3:] == [str(base)]
+
+    shutil.rmtree(tmp_path / "cache")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    build_and_run()
+    assert not list((tmp_path / "cache").glob("quantized-*"))
+
+
+def test_no_copy_kept_without_room_on_disk(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    import collections
+
+    import lit_mistral.sources as sources
+
+    monkeypatch.setenv("LIT_MISTRAL_CACHE", str(tmp_path / "cache"))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sources.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**6, 10**6))
+    with caplog.at_level("INFO"):
+        adapted(tiny_model_dir)
+    assert "Not keeping a 4-bit copy of the base" in caplog.text and "--model.quantization.cache false" in caplog.text
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("quantized-")]

@@ -387,7 +387,7 @@ def test_torch_adamw_is_fused_on_a_gpu():
     results = []
     for device in ("cuda", "cpu"):
         torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(16, 8, device=device)) for _ in range(3)]
+        params = [torch.nn.Parameter(torch.randn(16, 8).to(device)) for _ in range(3)]
         optimizer = optimizer_and_schedule(params, Optimization(optimizer="adamw", learning_rate=1e-2,
                                                                 weight_decay=0.1), total_steps=4)["optimizer"]
         assert optimizer.defaults["fused"] is (True if device == "cuda" else None)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lit_mistral.config import DTYPES, Compute, LoRA, Quantization
 from lit_mistral.errors import LitMistralError
@@ -16,7 +16,7 @@ from lit_mistral.modeling.adapters import check_targets, load_adapter
 from lit_mistral.modeling.fused_lora import use_fused_lora
 from lit_mistral.modeling.random_base import random_quantized_model
 from lit_mistral.registry import register
-from lit_mistral.sources import load_tokenizer, model_folder, random_init_folder
+from lit_mistral.sources import load_tokenizer, model_folder, quantized_copy, random_init_folder, save_quantized_copy
 
 
 @dataclass
@@ -69,13 +69,25 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
     layerwise = spec.random_init and q.method is not None
     folder = None if layerwise else (random_init_folder(spec.name_or_path, dtype, device) if spec.random_init else
                                      model_folder(spec.name_or_path, spec.gguf_file))
+    # a 4-bit copy kept by an earlier run (Quantization.cache)
+    copying = bool(q.method and q.cache and not spec.random_init and not sharded and spec.load_on == "device"
+                   and not spec.trust_remote_code)
+    copy = quantized_copy(folder, quantized_settings(kwargs["quantization_config"])) if copying else None
+    source = "its 4-bit copy kept in " + str(copy[0]) if copy and (copy[0] / "config.json").is_file() else None
     try:
         if layerwise:
             config = AutoConfig.from_pretrained(model_folder(spec.name_or_path),
                                                 trust_remote_code=spec.trust_remote_code)
             model = random_quantized_model(config, device, **kwargs)
+        elif source:
+            load = {k: v for k, v in kwargs.items() if k != "quantization_config"}  # the copy's config says it
+            model = AutoModelForCausalLM.from_pretrained(copy[0], device_map={"": device}, **load)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": device}, **kwargs)
+            if copying and rank_zero_only.rank == 0:
+                copy = copy or quantized_copy(folder, quantized_settings(kwargs["quantization_config"]))
+                if copy:  # (None: a hub download's files were not local before the load)
+                    save_quantized_copy(model, *copy)
     except OSError as err:
         raise LitMistralError(f"model.name_or_path: could not load {spec.name_or_path!r} ({err}). Fix: give a "
                               "local folder with weights, or a hub id while online.") from None
@@ -109,11 +121,23 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     regenerated = "; LoRA dropout masks drawn again in backward" if training and regenerate and spec.lora.dropout > 0 \
         else ""
-    rank_zero_info(f"Loaded {spec.name_or_path} ({q.method or 'unquantized'}) in {time.perf_counter() - started:.1f}s; "
-                   f"{trainable:,} trainable parameters{regenerated}.")
+    via = f" from {source}" if source else ""
+    rank_zero_info(f"Loaded {spec.name_or_path} ({q.method or 'unquantized'}){via} in "
+                   f"{time.perf_counter() - started:.1f}s; {trainable:,} trainable parameters{regenerated}.")
     # from_pretrained hands back eval mode; Lightning keeps submodule modes, and checkpointing and LoRA dropout act
     # only in train mode (Lightning switches to eval for validation and predict, and back)
     return model.train(), tokenizer
+
+
+def quantized_settings(config) -> str:
+    """What decides the bytes of a quantized base besides its weights: the bitsandbytes settings and the versions of
+    the libraries that quantize and serialize it (part of the key of its kept copy)."""
+    import bitsandbytes
+    import transformers
+
+    return (f"{config.bnb_4bit_quant_type}|{config.bnb_4bit_use_double_quant}|{config.bnb_4bit_compute_dtype}|"
+            f"{config.bnb_4bit_quant_storage}|transformers {transformers.__version__}|"
+            f"bitsandbytes {bitsandbytes.__version__}")
 
 
 def apply_kernels(model, required: bool = True) -> None:
