@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_mistral.errors import LitMistralError
 from lit_mistral.io import writing_folder
@@ -142,17 +143,21 @@ def save_quantized_copy(model, target: Path, source_bytes: int) -> None:
     need = int(source_bytes * 0.35) + 2**30
     free = shutil.disk_usage(target.parent).free
     if free < need:
-        log.info("Not keeping a 4-bit copy of the base in %s: %.1f GB free, ~%.1f GB needed (it would make later "
-                 "loads faster; --model.quantization.cache false stops this note)", target.parent, free / 1e9,
-                 need / 1e9)
+        rank_zero_info(f"Not keeping a 4-bit copy of the base in {target.parent}: {free / 1e9:.1f} GB free, "
+                       f"~{need / 1e9:.1f} GB needed (it would make later loads faster; --model.quantization.cache "
+                       "false stops this note)")
         return
     started = time.perf_counter()
-    with writing_folder(target, keep_existing=True) as tmp:  # DDP ranks may write at once: the first one wins
-        model.save_pretrained(tmp)
+    try:
+        with writing_folder(target, keep_existing=True) as tmp:  # another run may write it too: the first one wins
+            model.save_pretrained(tmp)
+    except OSError as err:  # the copy only saves time: training goes on without it
+        rank_zero_info(f"Could not keep a 4-bit copy of the base in {target} ({err}); the next run quantizes again.")
+        return
     size = sum(f.stat().st_size for f in target.iterdir() if f.is_file()) if target.is_dir() else 0
-    log.info("Kept a 4-bit copy of the base in %s (%.1f GB, written in %.1fs): later runs load it instead of "
-             "quantizing the 16-bit weights (--model.quantization.cache false: do not keep one).", target, size / 1e9,
-             time.perf_counter() - started)
+    rank_zero_info(f"Kept a 4-bit copy of the base in {target} ({size / 1e9:.1f} GB, written in "
+                   f"{time.perf_counter() - started:.1f}s): later runs load it instead of quantizing the 16-bit "
+                   "weights (--model.quantization.cache false: do not keep one).")
 
 
 def drop_quantization_config(folder: Path) -> None:
