@@ -26,8 +26,8 @@
 # PART=start    where a fit's start goes: loading a 16-bit folder quantized on the way against an already quantized one
 #               (probe_load.py), a one-step fit sampled by py-spy (not pausing the process); then qlora-fast as is and
 #               PART=idle's levers not measured yet; qlora-24gb and its 16 GiB auto mode
-# PART=copy     the 4-bit copy of the base (Quantization.cache): the GPU tests of this round, then qlora-fast three
-#               times: the first fit quantizes and keeps the copy, the next two load it (time to the first step)
+# PART=copy     the 4-bit copy of the base (Quantization.cache): the GPU tests of this round (TESTS=1), then qlora-fast
+#               three times: the first fit quantizes and keeps the copy, the next two load it (time to the first step)
 # PART=final    the profile of a qlora-fast step (fused LoRA forward), then PART=regen's Llama-2-70B with the masks kept
 # PART=probe    profiles: the engine's phases, a training step's kernels, the predict command (py-spy); peers
 # PART=auto     checkpoint_layers auto (24 and 16 GiB budgets) against qlora-24gb, through the CLI
@@ -172,10 +172,10 @@ lever)
   IDLE_VARIANTS= STEPS=20 PART=idle bash "$0"
   ;;
 copy)
-  PYTHONPATH=/tmp/site:$PWD timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "adamw or regenerat or fused" 2>&1 \
-    | grep -E "^E |passed|failed" | head -20 | tee "$OUT/gpu-tests.log"
+  [ -n "${TESTS:-}" ] && PYTHONPATH=/tmp/site:$PWD timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ \
+    -k "adamw or regenerat or fused" 2>&1 | grep -E "^E |passed|failed" | head -20 | tee "$OUT/gpu-tests.log"
   for run in writes reads reads-again; do
-    fit_logged copy-$run qlora-fast $([ $run = reads-again ] && echo 12 || echo 20) "" fit-logs.txt
+    fit_logged copy-$run qlora-fast ${STEPS:-8} "" fit-logs.txt
     grep -h "4-bit copy" /tmp/bench-cli/copy-$run/fit-*.log | cut -c1-400 | tee -a "$OUT/fit-logs.txt"
   done
   ;;
