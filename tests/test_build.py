@@ -134,6 +134,10 @@ def test_a_quantized_base_is_kept_and_loaded_again(tiny_model_dir, tmp_path, mon
     packed = {n: p for n, p in first.model.named_parameters() if p.dtype == torch.uint8}
     assert len(packed) == 14 and all(torch.equal(p, dict(second.model.named_parameters())[n])
                                      for n, p in packed.items())
+    from lit_mistral.modeling.merge import merge_adapter
+
+    merge_adapter(second.model, torch.float32).save_pretrained(tmp_path / "merged")  # export saves what it loaded
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
 
     weights = base / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # the base changed

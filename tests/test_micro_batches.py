@@ -135,6 +135,11 @@ def test_the_part_size_the_memory_allows_and_the_fastest():
     choice, trials = autofit.choose_micro_tokens(trial(2048, {2048: 8, 1024: 4, 512: 1}),
                                                  lambda t: speeds[t.size], sizes)
     assert choice.size == 1024 and [t.speed for t in trials[1:]] == [100.0, 120.0, 110.0]
+    # smaller parts within 2% of the larger ones' speed: the larger ones
+    speeds = {2048: 100.0, 1024: 101.5, 512: 130.0}
+    choice, trials = autofit.choose_micro_tokens(trial(2048, {2048: 8, 1024: 4, 512: 1}),
+                                                 lambda t: speeds[t.size], sizes)
+    assert choice.size == 2048 and [t.size for t in trials] == [4096, 2048, 1024]
     # no layer recomputes at 2,048: smaller parts are not tried
     choice, trials = autofit.choose_micro_tokens(trial(2048, {2048: 0}), lambda t: 1.0, sizes)
     assert choice.size == 2048 and len(trials) == 2

@@ -13,7 +13,7 @@ fits and the one that does not are neighbours (`choose_checkpoint_layers`). The 
 GPU has free; the optimizer's state (allocated at the first step, outside the probes; the paged optimizers' outside
 PyTorch's allocator) and a 5% margin are kept aside. Part sizes: the whole batch, then halves, each with the layer
 count it needs; with the layer count fixed the largest that fits, else each that fits is timed (one more pass) while
-smaller parts keep getting faster. The choice is logged, saved in checkpoints and reused when a run resumes."""
+smaller parts keep getting faster (by 2% at least). The choice is logged, saved in checkpoints and reused when a run resumes."""
 
 import math
 import time
@@ -27,6 +27,9 @@ from lit_mistral.data.batching import split_batch
 from lit_mistral.modeling.build import checkpointable_layers, set_checkpointing
 
 MARGIN = 0.05  # of the budget, kept free: batches larger than the probe's, allocator fragmentation
+# how much faster (one timed pass each) smaller parts must be to be chosen: on an H200 at 16 GiB, parts of 8,191 tokens
+# probed 0.3% above whole batches and then trained 1.9% below them (BENCHMARKS.md, 2026-12-02, second session)
+PARTS_GAIN = 0.02
 
 
 def choose_checkpoint_layers(measure: Callable[[int], int | None], total: int, budget: int,
@@ -112,7 +115,9 @@ def choose_micro_tokens(try_size: Callable[[int], Trial], speed: Callable[[Trial
     recompute at that size and whether it fits. With the layer count fixed (`speed` None), the largest size that
     fits: larger parts are faster at the same recomputation. Otherwise `speed(trial)` measures each size that fits,
     going on to smaller sizes while they get faster and some layers still recompute; the fastest wins. If none fits,
-    the smallest size (the caller says so). Returns the choice and every trial."""
+    the smallest size (the caller says so). Smaller parts must be faster by `PARTS_GAIN` to be chosen: at equal speed
+    the larger parts are the safer choice (fewer launches; one timed pass is noisy). Returns the choice and every
+    trial."""
     trials: list[Trial] = []
     best = None
     for size in sizes:
@@ -123,7 +128,7 @@ def choose_micro_tokens(try_size: Callable[[int], Trial], speed: Callable[[Trial
         if speed is None:
             return trial, trials
         trial.speed = speed(trial)
-        if best is not None and trial.speed <= best.speed:
+        if best is not None and trial.speed <= best.speed * (1 + PARTS_GAIN):
             break
         best = trial
         if trial.layers == 0:

@@ -82,6 +82,7 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
         elif source:
             load = {k: v for k, v in kwargs.items() if k != "quantization_config"}  # the copy's config says it
             model = AutoModelForCausalLM.from_pretrained(copy[0], device_map={"": device}, **load)
+            _forget_4bit_deserialization(model)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": device}, **kwargs)
             if copying and rank_zero_only.rank == 0:
@@ -127,6 +128,17 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
     # from_pretrained hands back eval mode; Lightning keeps submodule modes, and checkpointing and LoRA dropout act
     # only in train mode (Lightning switches to eval for validation and predict, and back)
     return model.train(), tokenizer
+
+
+def _forget_4bit_deserialization(model) -> None:
+    """Make a base loaded from its 4-bit copy look like one quantized while loading: transformers (5.x) keeps the
+    conversions it applied on load (`_weight_conversions`) to reverse them in `save_pretrained`, and the 4-bit
+    deserialization has no reverse, so saving the merged model (`export`) would fail; a base quantized while loading
+    carries none."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if not any(
+            type(op).__name__ == "Bnb4bitDeserialize" for op in getattr(c, "operations", []))]
 
 
 def quantized_settings(config) -> str:
