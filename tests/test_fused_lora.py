@@ -161,6 +161,16 @@ def test_regenerated_dropout_masks_keep_less_for_backward(tiny_model_dir):
     assert kept - regenerated >= layers * tokens * hidden * (3 * 4 + 3 * 1 - 4)
 
 
+def test_keeps_no_more_for_backward_than_peft(tiny_model_dir):
+    """The one-function layer keeps what autograd would through peft's forward (dropout output and mask, the
+    rank-r intermediate), less what peft adds: the base output's copy. Fails if it kept, say, the input as well."""
+    settings = {"lora": {"dropout": 0.1}}
+    ours = saved_bytes(adapted(tiny_model_dir, **settings), False)
+    peft = adapted(tiny_model_dir, compute={"dtype": "float32", "gradient_checkpointing": False, "fused_lora": False},
+                   **settings)
+    assert ours <= saved_bytes(peft, False)
+
+
 @pytest.mark.gpu
 def test_regenerated_dropout_masks_on_a_gpu(tiny_model_dir):
     """CUDA's dropout (its own generator, fused kernel) drawn again in backward under bf16 autocast: the same
