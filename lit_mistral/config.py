@@ -101,9 +101,11 @@ class Compute:
             CUDA graphs remove the launch cost that made them slower in transformers' `generate`). None:
             transformers' own modules.
         loss_chunk_size: Positions per chunk of the output-layer cross-entropy (bounds logits memory).
-        fused_lora: Add each LoRA adapter's output to its layer's output inside the adapter's second matrix
-            multiply, scale included (`lit_mistral/modeling/fused_lora.py`), instead of peft's copy, scale and add
-            passes over the whole output. The same values (and dropout masks); false: peft's own forward.
+        fused_lora: Each LoRA-adapted layer as one autograd function (`lit_mistral/modeling/fused_lora.py`): the
+            adapter's scaled output added to the base output in place inside its second matrix multiply, and in
+            backward the base's input gradient accumulated into the adapter's inside the base's matrix multiply,
+            instead of peft's copy, scale and add and autograd's separate gradients and sum. The same values (and
+            dropout masks); false: peft's own forward.
         dropout_masks: What LoRA dropout keeps for backward. `keep`: its output and mask, one of each per adapter
             (autograd's way; for Mistral-7B at 16,384 tokens ~1.8 GiB per decoder layer that keeps its activations).
             `regenerate`: the random generator's state; backward draws the same mask again (one more dropout pass
