@@ -58,6 +58,10 @@ fi
 DATA=.bench/dolly-15k-head.jsonl
 IMPORTS_ALL="import lit_mistral.cli, peft, bitsandbytes, liger_kernel.transformers, transformers.models.mistral.modeling_mistral"
 export PATH=/tmp/site/bin:$PATH  # py-spy
+gpu_tests() {  # K [SECONDS]: the GPU-marked tests selected by -k K, their failures and totals to $OUT/gpu-tests.log
+  PYTHONPATH=/tmp/site:$PWD timeout ${2:-100} python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "$1" 2>&1 \
+    | grep -E "^E |passed|failed" | head -20 | tee "$OUT/gpu-tests.log"
+}
 fit_logged() {  # LABEL CONFIG STEPS FLAGS LOG: one fit through bench_cli (its figures to train.jsonl), then its log's
                 # auto choices, load and time-to-first-step lines to $OUT/LOG
   PYTHONPATH=/tmp/site timeout 170 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label $1 \
@@ -145,8 +149,7 @@ peers)
     | grep -v -i warn | tail -4 | tee -a "$OUT/predict.jsonl"
   ;;
 parts)
-  PYTHONPATH=/tmp/site:$PWD timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "micro or auto" 2>&1 \
-    | grep -E "^E |passed|failed" | head -20 | tee "$OUT/gpu-tests.log"
+  gpu_tests "micro or auto" 120
   for budget in none 24 16; do
     flags=$([ $budget = none ] && echo "" || echo "--model.compute.checkpoint_layers auto --model.compute.micro_batch_tokens auto --model.compute.memory_budget_gib $budget")
     fit_logged parts-$budget qlora-24gb ${STEPS:-12} "$flags" parts.txt
@@ -156,8 +159,7 @@ parts)
   done
   ;;
 lever)
-  PYTHONPATH=/tmp/site:$PWD timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "micro or regenerat or fused" 2>&1 \
-    | grep -E "^E |passed|failed" | head -20 | tee "$OUT/gpu-tests.log"
+  gpu_tests "micro or regenerat or fused"
   for code in .before .; do
     label=$([ $code = . ] && echo after || echo before)
     PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label $label \
@@ -172,16 +174,14 @@ lever)
   IDLE_VARIANTS= STEPS=20 PART=idle bash "$0"
   ;;
 copy)
-  [ -n "${TESTS:-}" ] && PYTHONPATH=/tmp/site:$PWD timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ \
-    -k "adamw or regenerat or fused" 2>&1 | grep -E "^E |passed|failed" | head -20 | tee "$OUT/gpu-tests.log"
+  [ -n "${TESTS:-}" ] && gpu_tests "adamw or regenerat or fused"
   for run in writes reads reads-again; do
     fit_logged copy-$run qlora-fast ${STEPS:-8} "" fit-logs.txt
     grep -h "4-bit copy" /tmp/bench-cli/copy-$run/fit-*.log | cut -c1-400 | tee -a "$OUT/fit-logs.txt"
   done
   ;;
 start)
-  PYTHONPATH=/tmp/site:$PWD timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "adamw or micro" 2>&1 \
-    | grep -E "^E |passed|failed" | head -20 | tee "$OUT/gpu-tests.log"
+  gpu_tests "adamw or micro"
   PYTHONPATH=/tmp/site timeout 150 python3 benchmarks/probe_load.py --model "$CKPT" --out /tmp/mistral7b-nf4 2>&1 \
     | grep '^{' | tee "$OUT/probe-load.jsonl"
   rm -rf /tmp/mistral7b-nf4
@@ -210,8 +210,7 @@ final)
   grep -h "=auto\|Time to the first\|Loaded" "$OUT/big-fit.log" | cut -c1-900
   ;;
 regen)
-  PYTHONPATH=/tmp/site:$PWD timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "micro or auto or regenerat" 2>&1 \
-    | grep -E "^E |passed|failed" | head -20 | tee "$OUT/gpu-tests.log"
+  gpu_tests "micro or auto or regenerat"
   auto="--model.compute.checkpoint_layers auto --model.compute.micro_batch_tokens auto"
   fit_logged regen-16 qlora-24gb ${STEPS:-12} "$auto --model.compute.memory_budget_gib 16" parts.txt
   STEPS=6 BIG_TIMEOUT=${BIG_TIMEOUT:-330} BIG_FLAGS="$auto" PART=big2 bash "$0"

@@ -155,7 +155,7 @@ def test_a_quantized_base_is_kept_and_loaded_again(tiny_model_dir, tmp_path, mon
 def test_no_copy_kept_without_room_on_disk(tiny_model_dir, tmp_path, monkeypatch, caplog):
     import collections
 
-    import lit_mistral.sources as sources
+    from lit_mistral import sources
 
     monkeypatch.setenv("LIT_MISTRAL_CACHE", str(tmp_path / "cache"))
     usage = collections.namedtuple("usage", "total used free")

@@ -9,11 +9,12 @@ A probe is one forward and backward pass on a real training batch (the epoch's l
 part) with a given number of checkpointed layers, measured by the CUDA allocator's peak. Three to six probes: all
 layers checkpointed (the least memory; if even that does not fit, all it is), an eighth fewer (the memory a layer's
 activations take), then counts where the line through the measured peaks meets the budget, until the count that
-fits and the one that does not are neighbours (`choose_checkpoint_layers`). The budget is `--model.compute.memory_budget_gib` or, unset, the memory the process has plus what the
-GPU has free; the optimizer's state (allocated at the first step, outside the probes; the paged optimizers' outside
-PyTorch's allocator) and a 5% margin are kept aside. Part sizes: the whole batch, then halves, each with the layer
-count it needs; with the layer count fixed the largest that fits, else each that fits is timed (one more pass) while
-smaller parts keep getting faster (by 2% at least). The choice is logged, saved in checkpoints and reused when a run resumes."""
+fits and the one that does not are neighbours (`choose_checkpoint_layers`). The budget is
+`--model.compute.memory_budget_gib` or, unset, the memory the process has plus what the GPU has free; the optimizer's
+state (allocated at the first step, outside the probes; the paged optimizers' outside PyTorch's allocator) and a 5%
+margin are kept aside. Part sizes: the whole batch, then halves, each with the layer count it needs; with the layer
+count fixed the largest that fits, else each that fits is timed (one more pass) while smaller parts keep getting
+faster (by 2% at least). The choice is logged, saved in checkpoints and reused when a run resumes."""
 
 import math
 import time
@@ -189,8 +190,9 @@ def budget_bytes(device: torch.device, gib: float | None) -> int:
 
 def fit_memory(module) -> None:
     """`compute.checkpoint_layers: auto` and/or `compute.micro_batch_tokens: auto` for `module` (a `QLoRAModule` at
-    the start of fit; nothing if neither is asked for): measure (or take from the checkpoint resumed) how many layers must recompute their activations
-    and in how large parts a batch runs, and set them; the same choice on every process."""
+    the start of fit; nothing if neither is asked for): measure (or take from the checkpoint resumed) how many layers
+    must recompute their activations and in how large parts a batch runs, and set them; the same choice on every
+    process."""
     compute = module.spec.compute
     auto_layers = compute.checkpoint_layers == "auto" and compute.gradient_checkpointing
     auto_micro = compute.micro_batch_tokens == "auto"

@@ -72,21 +72,22 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
     # a 4-bit copy kept by an earlier run (Quantization.cache)
     copying = bool(q.method and q.cache and not spec.random_init and not sharded and spec.load_on == "device"
                    and not spec.trust_remote_code)
-    copy = quantized_copy(folder, quantized_settings(kwargs["quantization_config"])) if copying else None
-    source = "its 4-bit copy kept in " + str(copy[0]) if copy and (copy[0] / "config.json").is_file() else None
+    settings = quantized_settings(kwargs["quantization_config"]) if copying else None
+    copy = quantized_copy(folder, settings) if copying else None
+    kept = copy[0] if copy and (copy[0] / "config.json").is_file() else None  # the copy, if written already
     try:
         if layerwise:
             config = AutoConfig.from_pretrained(model_folder(spec.name_or_path),
                                                 trust_remote_code=spec.trust_remote_code)
             model = random_quantized_model(config, device, **kwargs)
-        elif source:
+        elif kept:
             load = {k: v for k, v in kwargs.items() if k != "quantization_config"}  # the copy's config says it
-            model = AutoModelForCausalLM.from_pretrained(copy[0], device_map={"": device}, **load)
+            model = AutoModelForCausalLM.from_pretrained(kept, device_map={"": device}, **load)
             _forget_4bit_deserialization(model)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": device}, **kwargs)
             if copying and rank_zero_only.rank == 0:
-                copy = copy or quantized_copy(folder, quantized_settings(kwargs["quantization_config"]))
+                copy = copy or quantized_copy(folder, settings)
                 if copy:  # (None: a hub download's files were not local before the load)
                     save_quantized_copy(model, *copy)
     except OSError as err:
@@ -122,7 +123,7 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     regenerated = "; LoRA dropout masks drawn again in backward" if training and regenerate and spec.lora.dropout > 0 \
         else ""
-    via = f" from {source}" if source else ""
+    via = f" from its 4-bit copy kept in {kept}" if kept else ""
     rank_zero_info(f"Loaded {spec.name_or_path} ({q.method or 'unquantized'}){via} in "
                    f"{time.perf_counter() - started:.1f}s; {trainable:,} trainable parameters{regenerated}.")
     # from_pretrained hands back eval mode; Lightning keeps submodule modes, and checkpointing and LoRA dropout act
