@@ -11,13 +11,13 @@ IDS = torch.tensor([[1, 5, 9, 2, 7, 3, 11, 4], [2, 8, 6, 1, 3, 3, 12, 5]])
 
 
 def logits_and_grads(module, fused: bool, dropout_seed: int | None = None, autocast: bool = False,
-                     regenerate: bool = False):
+                     regenerate: bool = False, shared: bool = False):
     for layer in module.model.modules():
         if "_peft_forward" in layer.__dict__ and not fused:
             layer.forward = layer._peft_forward
             del layer._peft_forward
     if fused:
-        assert use_fused_lora(module.model, regenerate) > 0
+        assert use_fused_lora(module.model, regenerate, shared) > 0
     module.model.zero_grad()
     if dropout_seed is not None:
         module.model.train()
@@ -135,14 +135,16 @@ def test_regenerated_dropout_masks_train_as_kept_ones(tiny_model_dir, quantize, 
     assert len(nonzero) == 14  # the A gradients depend on the masks: the comparison is not of zeros
 
 
-def saved_bytes(module, regenerate: bool) -> int:
-    """Bytes autograd keeps for backward in one training forward (each storage once)."""
+def saved_bytes(module, regenerate: bool, rows: int | None = None) -> int:
+    """Bytes autograd keeps for backward in one training forward (each storage once); with `rows`, of the 2-D
+    tensors of that many rows only (the flattened activations)."""
     set_dropout_masks(module, regenerate)
     module.model.train()
     storages = {}
 
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if rows is None or (t.dim() == 2 and t.shape[0] == rows and t.shape[1] > 32):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -171,6 +173,117 @@ def test_keeps_no_more_for_backward_than_peft(tiny_model_dir):
     assert ours <= saved_bytes(peft, False)
 
 
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class SharedDropout(torch.nn.Module):
+    """peft's dropout, one mask per input tensor: the layers after the first that drop the same tensor get the first's
+    output (the reference for `shared_dropout`)."""
+
+    def __init__(self, p: float, seen: dict) -> None:
+        super().__init__()
+        self.p, self.seen = p, seen
+
+    def forward(self, x):
+        if self.seen.get("input") is not x:
+            self.seen.update(input=x, output=torch.nn.functional.dropout(x, self.p, self.training))
+        return self.seen["output"]
+
+
+def one_mask_per_input(module, p: float) -> None:
+    """Give peft's q/k/v and gate/up of each block one dropout mask per input (`SharedDropout`)."""
+    for block in module.model.modules():
+        children = dict(block.named_children())
+        for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            seen = {}
+            for name in names:
+                if name in children and hasattr(children[name], "lora_dropout"):
+                    children[name].lora_dropout["default"] = SharedDropout(p, seen)
+
+
+@pytest.mark.parametrize(("quantize", "dropout", "autocast"),
+                         [(None, 0.3, False), ("nf4", 0.3, False), ("nf4", 0.0, False), ("nf4", 0.3, True)])
+def test_shared_dropout_is_one_mask_per_input(tiny_model_dir, quantize, dropout, autocast):
+    """`shared_dropout`: q/k/v and gate/up as one function each give what peft gives with one dropout mask per
+    input: the same logits and adapter gradients (float32; under bf16 autocast within bf16 rounding); without
+    dropout, what peft gives."""
+    settings = {"quantization": {"method": quantize}, "lora": {"dropout": dropout, "target_modules": ALL}}
+    module = adapted(tiny_model_dir, **settings)
+    ours = logits_and_grads(module, True, dropout_seed=5, autocast=autocast, shared=True)
+    groups = {id(m._lora_group) for m in module.model.modules() if m.__dict__.get("_lora_group") is not None}
+    assert len(groups) == 2 * 2  # q/k/v and gate/up of 2 blocks
+    reference = adapted(tiny_model_dir, compute={"dtype": "float32", "gradient_checkpointing": False,
+                                                 "fused_lora": False}, **settings)
+    one_mask_per_input(reference, dropout)
+    theirs = logits_and_grads(reference, False, dropout_seed=5, autocast=autocast)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(ours[0], theirs[0], **tol)
+    assert set(ours[1]) == set(theirs[1]) and len(ours[1]) == 7 * 2 * 2
+    for name in ours[1]:
+        torch.testing.assert_close(ours[1][name], theirs[1][name], **(
+            {"rtol": 5e-2, "atol": 1e-4} if autocast else {"rtol": 1e-4, "atol": 1e-6}))
+    if dropout:  # the masks matter here: one mask per adapter (peft's) gives other gradients
+        independent = logits_and_grads(adapted(tiny_model_dir, **settings), True, dropout_seed=5, autocast=autocast)
+        assert not torch.allclose(independent[1][next(n for n in ours[1] if "k_proj.lora_A" in n)],
+                                  ours[1][next(n for n in ours[1] if "k_proj.lora_A" in n)])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_dropout_masks_drawn_again_and_recomputed(tiny_model_dir, checkpointing):
+    """Shared masks drawn again in backward (`dropout_masks: regenerate`), and inside recomputed layers: the same
+    logits and gradients as kept ones; every member takes the output its group computed for it (nothing held after
+    the forward), and outside training each layer runs alone."""
+    from lit_mistral.modeling.build import set_checkpointing
+
+    results = []
+    for regenerate in (False, True):
+        module = adapted(tiny_model_dir, quantization={"method": "nf4"}, lora={"dropout": 0.3})
+        if checkpointing:
+            set_checkpointing(module.model, None)
+        results.append(logits_and_grads(module, True, dropout_seed=3, regenerate=regenerate, shared=True))
+        groups = [m._lora_group for m in module.model.modules() if m.__dict__.get("_lora_group") is not None]
+        assert groups and all(g.input is None and not g.pending for g in groups)
+        module.model.eval()
+        with torch.no_grad():
+            module.model(input_ids=IDS)
+        assert all(g.input is None for g in groups)
+    (kept_logits, kept), (regen_logits, regen) = results
+    torch.testing.assert_close(regen_logits, kept_logits, rtol=0, atol=0)
+    for name in kept:
+        torch.testing.assert_close(regen[name], kept[name], rtol=1e-6, atol=1e-7)
+    if checkpointing:
+        plain = logits_and_grads(adapted(tiny_model_dir, quantization={"method": "nf4"}, lora={"dropout": 0.3}), True,
+                                 dropout_seed=3, shared=True)
+        for name in kept:
+            torch.testing.assert_close(plain[1][name], kept[name], rtol=1e-5, atol=1e-7)
+
+
+def test_shared_dropout_keeps_less_for_backward(tiny_model_dir):
+    """One dropout output and mask per shared input instead of one per adapter: of the (tokens x features) tensors
+    kept for backward, two of each fewer for q/k/v and one for gate/up, per block. (The stacked A matrices it keeps
+    too are of the rank's size, not the tokens'.)"""
+    module = adapted(tiny_model_dir, lora={"dropout": 0.1, "target_modules": ALL, "r": 4})  # no A stack of 16 rows
+    tokens, hidden = IDS.numel(), module.model.config.hidden_size
+    use_fused_lora(module.model)
+    per_adapter = saved_bytes(module, False, rows=tokens)
+    use_fused_lora(module.model, shared_dropout=True)
+    shared = saved_bytes(module, False, rows=tokens)
+    layers = module.model.config.num_hidden_layers
+    assert per_adapter - shared == layers * tokens * hidden * 3 * (4 + 1)  # float32 outputs, bool masks
+
+
+def test_shared_dropout_option_reaches_the_model(tiny_model_dir):
+    """`--model.compute.shared_dropout true` groups the layers; it needs `fused_lora`."""
+    from lit_mistral.config import Compute
+
+    module = adapted(tiny_model_dir, lora={"dropout": 0.1},
+                     compute={"dtype": "float32", "gradient_checkpointing": False, "shared_dropout": True})
+    attention = module.model.get_base_model().model.layers[1].self_attn
+    assert attention.q_proj._lora_group is attention.v_proj._lora_group is not None
+    assert attention.o_proj._lora_group is None
+    assert any("shared_dropout" in p for p in Compute(shared_dropout=True, fused_lora=False).problems(True))
+
+
 @pytest.mark.gpu
 def test_regenerated_dropout_masks_on_a_gpu(tiny_model_dir):
     """CUDA's dropout (its own generator, fused kernel) drawn again in backward under bf16 autocast: the same
@@ -193,3 +306,31 @@ def test_regenerated_dropout_masks_on_a_gpu(tiny_model_dir):
     assert set(regen) == set(kept) and len(kept) == 28
     for name in kept:
         torch.testing.assert_close(regen[name], kept[name], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_shared_dropout_on_a_gpu(tiny_model_dir):
+    """CUDA's dropout, one mask per shared input, NF4 under bf16 autocast: the logits and gradients of peft's forward
+    with one mask per input, within bf16 rounding."""
+    results = []
+    for shared in (True, False):
+        module = adapted(tiny_model_dir, device="cuda", quantization={"method": "nf4"},
+                         lora={"dropout": 0.3, "target_modules": ALL},
+                         compute={"dtype": "bfloat16", "gradient_checkpointing": False, "fused_lora": shared})
+        if shared:
+            use_fused_lora(module.model, shared_dropout=True)
+        else:
+            one_mask_per_input(module, 0.3)
+        module.model.zero_grad()
+        module.model.train()
+        torch.manual_seed(3)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = module.model(input_ids=IDS.cuda()).logits.float()
+        logits.square().mean().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in module.model.named_parameters()
+                                          if p.grad is not None}))
+    (ours_logits, ours), (ref_logits, ref) = results
+    torch.testing.assert_close(ours_logits, ref_logits, rtol=2e-2, atol=2e-2)
+    assert set(ours) == set(ref) and len(ref) == 28
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=5e-2, atol=1e-4)

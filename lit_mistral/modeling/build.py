@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lit_mistral.config import DTYPES, Compute, LoRA, Quantization
 from lit_mistral.errors import LitMistralError
+from lit_mistral.modeling import prefetch
 from lit_mistral.modeling.adapters import check_targets, load_adapter
 from lit_mistral.modeling.fused_lora import use_fused_lora
 from lit_mistral.modeling.random_base import random_quantized_model
@@ -49,6 +50,7 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
     """`(model, tokenizer)`: the base of `spec` loaded for `device` (quantized there, or on the CPU: `load_on`) and
     wrapped with LoRA adapters (a peft model, in train mode). `training`: for fit (`compute.kernels` are applied for
     fit, and on CUDA for generation too); `sharded`: the model will be sharded by `fsdp_qlora` (the 4-bit storage dtype)."""
+    prefetch.wait()  # imports started before the data's setup (modeling/prefetch.py) are done before ours
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -119,13 +121,15 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **spec.lora.peft_kwargs()))
     regenerate = spec.compute.regenerate_dropout()
     if spec.compute.fused_lora:
-        use_fused_lora(model, regenerate)
+        use_fused_lora(model, regenerate, spec.compute.shared_dropout)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    regenerated = "; LoRA dropout masks drawn again in backward" if training and regenerate and spec.lora.dropout > 0 \
-        else ""
+    dropout = training and spec.lora.dropout > 0
+    notes = "; LoRA dropout masks drawn again in backward" if dropout and regenerate else ""
+    if dropout and spec.compute.fused_lora and spec.compute.shared_dropout:
+        notes += "; one LoRA dropout mask per shared input (q/k/v, gate/up)"
     via = f" from its 4-bit copy kept in {kept}" if kept else ""
     rank_zero_info(f"Loaded {spec.name_or_path} ({q.method or 'unquantized'}){via} in "
-                   f"{time.perf_counter() - started:.1f}s; {trainable:,} trainable parameters{regenerated}.")
+                   f"{time.perf_counter() - started:.1f}s; {trainable:,} trainable parameters{notes}.")
     # from_pretrained hands back eval mode; Lightning keeps submodule modes, and checkpointing and LoRA dropout act
     # only in train mode (Lightning switches to eval for validation and predict, and back)
     return model.train(), tokenizer

@@ -28,7 +28,17 @@ again.
 Used where it computes what peft computes: one active adapter, plain LoRA (no DoRA or other variant), not merged, no
 per-row adapter names, B without bias, a frozen `torch.nn.Linear` or `bitsandbytes.nn.Linear4bit` base (not the
 CPU-packed inference layout bitsandbytes converts to on AVX512-BF16 machines), and either autocast on (as Lightning's
-bf16-mixed runs) or the input in the adapter's dtype. Anything else takes peft's own forward."""
+bf16-mixed runs) or the input in the adapter's dtype. Anything else takes peft's own forward.
+
+With `shared_dropout`, the adapted layers that read one input (q/k/v of an attention block, gate/up of an MLP:
+`GROUPS`) run in training as one autograd function: one dropout mask for the input they share (LitGPT's way for its
+fused qkv; peft draws one per adapter: each adapter still sees its input dropped with probability p, but the three
+masks are one), one multiply by the stacked A matrices (scales folded in), and in backward one multiply back through
+them, one dropout backward and the bases' input gradients accumulated into it: the input is read, dropped and kept
+once instead of once per adapter, and autograd sums no gradients of the shared input. The first member called with
+an input computes every member's output and hands the others theirs when they are called with that same input
+(transformers' modules call q, k, v and gate, up one after another on one tensor); called with another input, a
+member computes its group anew. Outside training each layer runs alone, as above."""
 
 import sys
 import types
@@ -116,37 +126,166 @@ class _LoRALinear(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    adapters = [a for a in self.active_adapters if a in self.lora_A]
-    if (self.disable_adapters or self.merged or args or kwargs or len(adapters) != 1
-            or adapters[0] in getattr(self, "lora_variant", {}) or self.lora_B[adapters[0]].bias is not None
-            or self.lora_A[adapters[0]].bias is not None):
-        return self._peft_forward(x, *args, **kwargs)
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # sibling layers that read one input
+
+
+class _LoRAGroup(torch.autograd.Function):
+    """`base_i(x) + scale_i * dropout(x) @ A_i.T @ B_i.T` for the members i of a group, one dropout mask for all;
+    `members` holds (base, kind, scale) per member, `weights` their A and B in turn. See the module's docstring."""
+
+    @staticmethod
+    def forward(ctx, x, members: tuple, p: float, regenerate: bool, *weights):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        mask = None
+        if p > 0:
+            ctx.state = _get_rng(x.device) if regenerate else None
+            dropped, mask = torch.native_dropout(flat, p, True)
+        else:
+            dropped = flat
+        a_s, b_s = weights[0::2], weights[1::2]
+        ranks = [a.shape[0] for a in a_s]
+        # the stacked A's, each times its scale (in A's dtype, then cast): the scales cost nothing on (tokens, r)
+        stacked = torch.cat([(a * scale).to(dtype) for a, (_, _, scale) in zip(a_s, members)])  # (sum of r, in)
+        h = dropped.to(dtype) @ stacked.t()  # (tokens, sum of r)
+        results, start = [], 0
+        for (base, _, _), b, r in zip(members, b_s, ranks):
+            result = base(x).contiguous()
+            out = result.view(-1, result.shape[-1])
+            out.addmm_(h[:, start:start + r].to(out.dtype), b.to(out.dtype).t())
+            results.append(result)
+            start += r
+        ctx.weights = [(base.weight, getattr(base.weight, "quant_state", None) if kind == "4bit" else None, kind)
+                       for base, kind, _ in members]
+        ctx.scales, ctx.ranks, ctx.dtype, ctx.p = [m[2] for m in members], ranks, dtype, p
+        ctx.x_shape, ctx.x_dtype, ctx.regenerate = x.shape, x.dtype, p > 0 and regenerate
+        ctx.save_for_backward(flat if ctx.regenerate else dropped, None if ctx.regenerate else mask, h, stacked,
+                              *a_s, *b_s)
+        return tuple(results)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        kept, mask, h, stacked, *weights = ctx.saved_tensors
+        n = len(ctx.ranks)
+        a_s, b_s = weights[:n], weights[n:]
+        dtype = ctx.dtype
+        if ctx.regenerate:
+            cuda = [kept.device] if kept.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+                _set_rng(kept.device, ctx.state)
+                kept, mask = torch.native_dropout(kept, ctx.p, True)
+        gs = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]  # (tokens, out_i)
+        grad_w, dhs, start = [None] * (2 * n), [], 0
+        for i, (g, b, r) in enumerate(zip(gs, b_s, ctx.ranks)):
+            if ctx.needs_input_grad[5 + 2 * i]:
+                grad_w[2 * i + 1] = (g.t() @ h[:, start:start + r]).to(b.dtype)
+            dhs.append(g @ b.to(dtype))  # (tokens, r), before the scale (it is in `stacked`)
+            start += r
+        dh = torch.cat(dhs, dim=1)  # (tokens, sum of r)
+        if any(ctx.needs_input_grad[4::2]):
+            grad_stacked = dh.t() @ kept.to(dtype)  # (sum of r, in)
+            start = 0
+            for i, (a, r, scale) in enumerate(zip(a_s, ctx.ranks, ctx.scales)):
+                if ctx.needs_input_grad[4 + 2 * i]:
+                    grad_w[2 * i] = (grad_stacked[start:start + r].to(a.dtype) * scale)
+                start += r
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gx = dh @ stacked  # (tokens, in): the gradient of the dropout's output
+            if mask is not None:
+                gx = torch.ops.aten.native_dropout_backward(gx, mask, 1 / (1 - ctx.p))
+            for g, (weight, quant_state, kind) in zip(gs, ctx.weights):
+                w = _dequantized(weight, quant_state) if kind == "4bit" else weight
+                gx.addmm_(g, w.to(dtype))  # + each base path's grad @ W, in the multiply's epilogue
+            grad_x = gx.view(ctx.x_shape).to(ctx.x_dtype)
+        return grad_x, None, None, None, *grad_w
+
+
+class _Group:
+    """The adapted layers of one `GROUPS` entry in one block, and the outputs computed for members not called yet."""
+
+    def __init__(self, members: list) -> None:
+        self.members = members
+        self.pending: dict[int, torch.Tensor] = {}
+        self.input: tuple[torch.Tensor, int] | None = None  # the input those outputs are of, and its version
+
+    def take(self, member, x: torch.Tensor) -> torch.Tensor | None:
+        """`member`'s output computed with its group's, if that was for this very `x` (unchanged since)."""
+        if self.input is None or self.input[0] is not x or self.input[1] != x._version:
+            return None
+        out = self.pending.pop(id(member), None)
+        if not self.pending:
+            self.input = None  # the last member took its output: hold nothing
+        return out
+
+
+def _plan(layer, x: torch.Tensor, args: tuple, kwargs: dict):
+    """(A, B, base, base kind, scale, p) for the one-function forward of `layer` on `x`, or None: peft's forward."""
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+    if (layer.disable_adapters or layer.merged or args or kwargs or len(adapters) != 1
+            or adapters[0] in getattr(layer, "lora_variant", {}) or layer.lora_B[adapters[0]].bias is not None
+            or layer.lora_A[adapters[0]].bias is not None):
+        return None
     name = adapters[0]
-    base, dropout = self.get_base_layer(), self.lora_dropout[name]
+    base, dropout = layer.get_base_layer(), layer.lora_dropout[name]
     kind = _base_kind(base)
     if kind is None or not isinstance(dropout, torch.nn.Dropout | torch.nn.Identity):
-        return self._peft_forward(x, *args, **kwargs)
-    if not torch.is_autocast_enabled(x.device.type) and x.dtype != self.lora_A[name].weight.dtype:
-        return self._peft_forward(x, *args, **kwargs)  # peft casts between dtypes here; keep its exact arithmetic
+        return None
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != layer.lora_A[name].weight.dtype:
+        return None  # peft casts between dtypes here; keep its exact arithmetic
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+    return layer.lora_A[name].weight, layer.lora_B[name].weight, base, kind, layer.scaling[name], p
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    plan = _plan(self, x, args, kwargs)
+    if plan is None:
+        return self._peft_forward(x, *args, **kwargs)
     regenerate = self._regenerate_dropout and x.device.type in ("cpu", "cuda")
-    return _LoRALinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base, kind, self.scaling[name],
-                             p, regenerate)
+    group = self.__dict__.get("_lora_group")
+    if group is not None and self.training:
+        out = group.take(self, x)
+        if out is not None:
+            return out
+        plans = [plan if m is self else _plan(m, x, (), {}) for m in group.members]
+        if all(q is not None for q in plans) and len({q[5] for q in plans}) == 1 and all(
+                m.training for m in group.members):
+            weights = [w for q in plans for w in q[:2]]
+            outs = _LoRAGroup.apply(x, tuple((q[2], q[3], q[4]) for q in plans), plan[5], regenerate, *weights)
+            group.pending = {id(m): o for m, o in zip(group.members, outs) if m is not self}
+            group.input = (x, x._version)
+            return outs[group.members.index(self)]
+    a, b, base, kind, scale, p = plan
+    return _LoRALinear.apply(x, a, b, base, kind, scale, p, regenerate)
 
 
-def use_fused_lora(model: torch.nn.Module, regenerate_dropout: bool = False) -> int:
+def use_fused_lora(model: torch.nn.Module, regenerate_dropout: bool = False, shared_dropout: bool = False) -> int:
     """Give every peft LoRA linear layer of `model` the fused forward (in place; peft's stays as the fallback), its
-    dropout regenerating its mask in backward if `regenerate_dropout`. Returns how many layers got it."""
+    dropout regenerating its mask in backward if `regenerate_dropout`; with `shared_dropout`, the layers of each
+    `GROUPS` entry within one module run together in training, one dropout mask for their shared input. Returns how
+    many layers got the fused forward."""
     from peft.tuners.lora.layer import LoraLayer
+
+    def adapted(module) -> bool:
+        return isinstance(module, LoraLayer) and isinstance(module, torch.nn.Module) and hasattr(module, "lora_A") \
+            and isinstance(module.get_base_layer(), torch.nn.Linear)
 
     count = 0
     for module in model.modules():
-        if isinstance(module, LoraLayer) and isinstance(module, torch.nn.Module) and hasattr(module, "lora_A") and (
-                isinstance(module.get_base_layer(), torch.nn.Linear)):
+        if adapted(module):
             if "_peft_forward" not in module.__dict__:
                 module._peft_forward = module.forward
                 module.forward = types.MethodType(_fused_forward, module)
             module._regenerate_dropout = regenerate_dropout
+            module._lora_group = None
             count += 1
+    if shared_dropout:
+        for module in model.modules():
+            children = dict(module.named_children())
+            for names in GROUPS:
+                members = [children[n] for n in names if n in children and adapted(children[n])]
+                if len(members) > 1:
+                    group = _Group(members)
+                    for member in members:
+                        member._lora_group = group
     return count
