@@ -12,6 +12,7 @@ from typing import Literal
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -27,6 +28,7 @@ from lit_mistral.data.datamodule import InstructionDataModule
 from lit_mistral.errors import LitMistralError, failure_message, raise_problems
 from lit_mistral.evaluation.callback import Evaluation
 from lit_mistral.io import check_output_file, check_output_folder, claim_numbered_folder
+from lit_mistral.modeling import prefetch
 from lit_mistral.module import QLoRAModule
 from lit_mistral.registry import register
 
@@ -277,7 +279,21 @@ class LitMistralCLI(LightningCLI):
                            "Fix: run with the settings the checkpoint was trained with (its run folder holds "
                            "config.yaml); nothing was loaded yet.")
 
+    def start_prefetch(self, training: bool) -> None:
+        """Start importing what the model's build needs, in the background, before Lightning sets up the data: the
+        imports overlap the tokenizing (`modeling/prefetch.py`)."""
+        spec = self.model.spec
+        prefetch.start(spec.compute.kernels, spec.quantization.method is not None,
+                       isinstance(self.trainer.accelerator, CUDAAccelerator), training)
+
+    def before_validate(self) -> None:
+        self.start_prefetch(training=False)
+
+    def before_predict(self) -> None:
+        self.start_prefetch(training=False)
+
     def before_fit(self) -> None:
+        self.start_prefetch(training=True)
         if self.resumed_run is None:
             return
         # `--ckpt_path last` resumes in the same run folder, so the curves and checkpoints of the run stay together
