@@ -14,7 +14,11 @@ the kernels, not from code ranges:
 - matrix multiplies, split by the aten op that launched them: "LoRA matmul" when one of its operands has a
   dimension equal to the LoRA rank (PROFILE_RANK, default 8), else "matmul";
 - dropout (in these models only LoRA's dropout is active);
-- the remaining elementwise kernels by the aten op that launched them (add, mul, copy, ...).
+- the remaining elementwise kernels by the aten op that launched them (add, mul, copy, ...);
+- idle time by gap length, and (`idle_before`: ms per step, gaps per step) by the ops that launched the kernel ending
+  each gap of 10 us or more: where the CPU was when the GPU ran dry.
+
+PROFILE_START=0 PROFILE_STEPS=1 profiles the first step (its kernels loaded and tuned, its memory allocated).
 """
 
 import json
@@ -95,12 +99,19 @@ def summarize(trace: dict, steps: int, rank: int) -> dict:
             busy += e - max(s, end)
             end = e
     window = spans[-1][1] - spans[0][0]
-    gaps, end = defaultdict(float), spans[0][1]  # idle time by the length of each gap: launch-bound or stalled
-    for s, e in spans:
-        if s > end:
+    # idle time by the length of each gap (launch-bound or stalled), and by what launched the kernel that ended it:
+    # the CPU was busy elsewhere until that op ran (its chain of enclosing ops names where)
+    gaps, after_gap, end = defaultdict(float), defaultdict(lambda: [0.0, 0]), None
+    for k in sorted(kernels, key=lambda k: k["ts"]):
+        s, e = k["ts"], k["ts"] + k["dur"]
+        if end is not None and s > end:
             gap = s - end
             gaps["<10us" if gap < 10 else "10-100us" if gap < 100 else "0.1-1ms" if gap < 1000 else ">1ms"] += gap
-        end = max(end, e)
+            if gap >= 10:
+                op = launched_by.get(k.get("args", {}).get("correlation")) or {}
+                entry = after_gap[" > ".join(op.get("chain", [])[-3:]) or k["name"][:60]]
+                entry[0], entry[1] = entry[0] + gap, entry[1] + 1
+        end = e if end is None else max(end, e)
     per_step = 1 / (1000 * steps)  # us over all steps -> ms per step
     kinds = sorted(by_kind.items(), key=lambda kv: -kv[1])
     other = sum(v for k, v in kinds if k.startswith("elementwise/other"))
@@ -112,6 +123,8 @@ def summarize(trace: dict, steps: int, rank: int) -> dict:
                 elementwise_by_op={k.split(": ", 1)[1]: round(v * per_step, 2) for k, v in kinds[:60]
                                    if k.startswith("elementwise/other")},
                 idle_by_gap={k: round(v * per_step, 2) for k, v in gaps.items()},
+                idle_before={c: [round(v * per_step, 2), round(n / steps, 1)] for c, (v, n) in
+                             sorted(after_gap.items(), key=lambda kv: -kv[1][0])[:20]},
                 top_kernels=[[n, round(v * per_step, 3)] for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]],
                 top_kernels_by_ops={n: {c: round(v * per_step, 2) for c, v in sorted(by_chain[n].items(),
                                                                                     key=lambda kv: -kv[1])[:4]}

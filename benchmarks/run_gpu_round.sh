@@ -20,6 +20,14 @@
 #               (one device synchronization per step less); CUDA's expandable segments (the first step's thousands of
 #               allocations). (torch's fused AdamW against bitsandbytes' paged one, measured here first, is now
 #               qlora-fast's optimizer.)
+# PART=shared   one LoRA dropout mask per shared input (compute.shared_dropout) and the prefetch of the build's imports:
+#               the GPU tests, .before/ qlora-fast (the machine's first fit: keeps the 4-bit copy), this checkout's
+#               qlora-fast per-adapter masks and shared masks (STEPS, the losses side by side), .before/ again (the
+#               time to the first step before the prefetch, warm), the profile of a shared-masks step
+# PART=shared16 the 16 GiB mode with shared masks: qlora-24gb with and without, and its auto mode within 16 GiB
+# PART=base     this session's start: the GPU tests of the last round, the seed recipe and qlora-fast side by side (the
+#               first fit keeps the 4-bit copy), profiles of qlora-fast's first step and of steps 6-8 (idle time by what
+#               launched the kernel after each gap), a one-step fit sampled by py-spy (the time to the first step)
 # PART=lever    the LoRA layer as one autograd function (in-place adds in forward and backward): its GPU tests, then
 #               qlora-fast with .before/ and this checkout side by side, the profile of this checkout's step, the idle
 #               levers of PART=idle against it, and a one-step fit sampled by py-spy (where the start-up goes)
@@ -157,6 +165,37 @@ parts)
   for run in first second; do
     fit_logged $run qlora-fast 12 "" fit-logs.txt
   done
+  ;;
+shared)
+  gpu_tests "shared or fused or regenerat or adamw" 120
+  SHARED="--model.compute.shared_dropout true"
+  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before-cold \
+    --code .before --fit qlora-fast --steps 8 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
+  fit_logged per-adapter qlora-fast ${STEPS:-40} "" fit-logs.txt
+  fit_logged shared qlora-fast ${STEPS:-40} "$SHARED" fit-logs.txt
+  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before-warm \
+    --code .before --fit qlora-fast --steps 8 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
+  grep -h "Time to the first" /tmp/bench-cli/before-*/fit-*.log | cut -c1-300 | tee -a "$OUT/fit-logs.txt"
+  PROFILE_OUT=$OUT/profile-shared.json fit_logged profile qlora-fast 9 \
+    "$SHARED --trainer.callbacks+=benchmarks.profile_train.ProfileSteps" fit-logs.txt
+  ;;
+shared16)
+  SHARED="--model.compute.shared_dropout true"
+  fit_logged 24gb qlora-24gb ${STEPS:-12} "" parts.txt
+  fit_logged 24gb-shared qlora-24gb ${STEPS:-12} "$SHARED" parts.txt
+  fit_logged 24gb-shared-auto16 qlora-24gb ${STEPS:-12} "$SHARED --model.compute.checkpoint_layers auto --model.compute.micro_batch_tokens auto --model.compute.memory_budget_gib 16" parts.txt
+  ;;
+base)
+  gpu_tests "adamw or regenerat or fused or micro" 150
+  (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  fit_logged base qlora-fast ${STEPS:-15} "" fit-logs.txt
+  for start in 0 6; do
+    PROFILE_START=$start PROFILE_STEPS=$([ $start = 0 ] && echo 1 || echo 3) PROFILE_OUT=$OUT/profile-start$start.json \
+      fit_logged profile$start qlora-fast 9 "--trainer.callbacks+=benchmarks.profile_train.ProfileSteps" fit-logs.txt
+  done
+  PYTHONPATH=/tmp/site timeout 60 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label spy \
+    --fit qlora-fast --steps 1 --warm 0 --timeout 55 --spy_fit "$OUT/fit-spy.txt" | tee -a "$OUT/train.jsonl"
+  grep -h "Time to the first\|Loaded\|4-bit copy" /tmp/bench-cli/spy/fit-*.log | cut -c1-400 | tee -a "$OUT/fit-logs.txt"
   ;;
 lever)
   gpu_tests "micro or regenerat or fused"
