@@ -74,6 +74,27 @@ def _dequantized(weight: torch.Tensor, quant_state) -> torch.Tensor:
     return bnbf.dequantize_4bit(weight.view(-1, 1), quant_state)  # (out, in), as bitsandbytes' backward takes it
 
 
+def _base_plus(x: torch.Tensor, flat: torch.Tensor, base, kind: str, dtype: torch.dtype, h: torch.Tensor,
+               b: torch.Tensor) -> torch.Tensor:
+    """`base(x) + h @ B.T` (h: the scaled (tokens, r) adapter intermediate), as the base returns it (shape, dtype).
+
+    Without a bias, and in the dtype the base computes in: the adapter's output first (a rank-r multiply writing
+    (tokens, out)), then `addmm_` adds x @ W.T to it (W dequantized, as bitsandbytes' own forward does), the adapter
+    output read in the big multiply's epilogue: one pass over the output less than adding it afterwards. Otherwise
+    the base's own forward, and the adapter output added to it in place."""
+    compute = getattr(base, "compute_dtype", None) if kind == "4bit" else dtype
+    if base.bias is None and compute in (None, dtype):
+        w = _dequantized(base.weight, base.weight.quant_state) if kind == "4bit" else base.weight
+        out = h.to(dtype) @ b.to(dtype).t()  # (tokens, out)
+        out.addmm_(flat.to(dtype), w.to(dtype).t())
+        out = out.view(*x.shape[:-1], out.shape[-1])
+        return out.to(x.dtype) if kind == "4bit" else out  # bitsandbytes hands back the input's dtype, Linear its own
+    result = base(x).contiguous()
+    out = result.view(-1, result.shape[-1])  # (tokens, out)
+    out.addmm_(h.to(out.dtype), b.to(out.dtype).t())
+    return result
+
+
 class _LoRALinear(torch.autograd.Function):
     """`base(x) + scale * dropout(x) @ A.T @ B.T` over a frozen base; see the module's docstring."""
 
@@ -89,9 +110,7 @@ class _LoRALinear(torch.autograd.Function):
         else:
             dropped = flat
         h = (dropped.to(dtype) @ a.to(dtype).t()) * scale  # (tokens, r): the scale costs nothing here
-        result = base(x).contiguous()  # autograd is off in here: the base keeps nothing for backward
-        out = result.view(-1, result.shape[-1])  # (tokens, out)
-        out.addmm_(h.to(out.dtype), b.to(out.dtype).t())
+        result = _base_plus(x, flat, base, kind, dtype, h, b)  # autograd is off in here: the base keeps nothing
         weight = base.weight
         ctx.weight, ctx.quant_state = weight, getattr(weight, "quant_state", None) if kind == "4bit" else None
         ctx.kind, ctx.dtype, ctx.scale, ctx.p, ctx.x_shape, ctx.x_dtype = kind, dtype, scale, p, x.shape, x.dtype
@@ -149,11 +168,8 @@ class _LoRAGroup(torch.autograd.Function):
         stacked = torch.cat([(a * scale).to(dtype) for a, (_, _, scale) in zip(a_s, members)])  # (sum of r, in)
         h = dropped.to(dtype) @ stacked.t()  # (tokens, sum of r)
         results, start = [], 0
-        for (base, _, _), b, r in zip(members, b_s, ranks):
-            result = base(x).contiguous()
-            out = result.view(-1, result.shape[-1])
-            out.addmm_(h[:, start:start + r].to(out.dtype), b.to(out.dtype).t())
-            results.append(result)
+        for (base, kind, _), b, r in zip(members, b_s, ranks):
+            results.append(_base_plus(x, flat, base, kind, dtype, h[:, start:start + r], b))
             start += r
         ctx.weights = [(base.weight, getattr(base.weight, "quant_state", None) if kind == "4bit" else None, kind)
                        for base, kind, _ in members]
