@@ -20,6 +20,8 @@
 #               (one device synchronization per step less); CUDA's expandable segments (the first step's thousands of
 #               allocations). (torch's fused AdamW against bitsandbytes' paged one, measured here first, is now
 #               qlora-fast's optimizer.)
+# PART=epilogue the base's product added onto the adapter's output (fused_lora._base_plus): the GPU tests of the fused
+#               layers, then qlora-fast with .before/ (the machine's first fit) and this checkout, and qlora-24gb
 # PART=shared   one LoRA dropout mask per shared input (compute.shared_dropout) and the prefetch of the build's imports:
 #               the GPU tests, .before/ qlora-fast (the machine's first fit: keeps the 4-bit copy), this checkout's
 #               qlora-fast per-adapter masks and shared masks (STEPS, the losses side by side), .before/ again (the
@@ -165,6 +167,13 @@ parts)
   for run in first second; do
     fit_logged $run qlora-fast 12 "" fit-logs.txt
   done
+  ;;
+epilogue)
+  gpu_tests "shared or fused or regenerat" 90
+  PYTHONPATH=/tmp/site timeout 90 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
+    --code .before --fit qlora-fast --steps 12 --warm 5 --timeout 85 | tee -a "$OUT/train.jsonl"
+  fit_logged after qlora-fast ${STEPS:-15} "" fit-logs.txt
+  fit_logged 24gb qlora-24gb 10 "" fit-logs.txt
   ;;
 shared)
   gpu_tests "shared or fused or regenerat or adamw" 120
