@@ -107,7 +107,8 @@ class Compute:
             instead of peft's copy, scale and add and autograd's separate gradients and sum. The same values (and
             dropout masks); false: peft's own forward.
         dropout_masks: What LoRA dropout keeps for backward. `keep`: its output and mask, one of each per adapter
-            (autograd's way; for Mistral-7B at 16,384 tokens ~1.8 GiB per decoder layer that keeps its activations).
+            (per shared input with `shared_dropout`; autograd's way; for Mistral-7B at 16,384 tokens ~1.8 GiB per
+            decoder layer that keeps its activations).
             `regenerate`: the random generator's state; backward draws the same mask again (one more dropout pass
             per adapter; the same masks, so the same training). `auto`: regenerate where memory decides the speed -
             with `checkpoint_layers` a count or `auto`, or `micro_batch_tokens: auto` - else keep. Needs

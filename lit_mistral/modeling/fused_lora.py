@@ -5,15 +5,18 @@ Written by hand because peft's forward (0.21) and autograd's bookkeeping make fu
 features) tensors of every adapted layer that do no arithmetic worth the memory traffic:
 - forward: a defensive copy of the 4-bit base output (`result.clone()`), the multiplication of the adapter output by
   its scale, and the addition to the base output (and the scale again in backward). Here the scale is applied to the
-  rank-r intermediate and `out.addmm_(h, B.T)` adds the adapter's output to the base output in place, inside the B
-  matrix multiply's epilogue;
+  rank-r intermediate, the adapter's output `h @ B.T` is written first and the base's `x @ W.T` (W dequantized, as
+  bitsandbytes' own forward does) is added onto it inside that big multiply's epilogue (`addmm_`; with a bias, or a
+  base computing in another dtype: the base's own forward, and `out.addmm_(h, B.T)` in place after it);
 - backward: the input's gradient of the base path and of the adapter path written separately and then added by
   autograd. Here the base's `grad @ W` (W dequantized, as bitsandbytes' own backward does) is accumulated into the
   adapter path's gradient inside that matrix multiply (`addmm_`);
 - one autograd node per adapted layer instead of five or six (dropout, A, scale, B, add, the base), so less Python
   per step.
 In a Mistral-7B QLoRA step on an H200 peft's copy, scale and add were ~100 ms of a ~1,130 ms step (BENCHMARKS.md, the
-profile of #17); the out-of-place `addmm` that replaced them still copied each base output once (21 ms).
+profile of #17); the out-of-place `addmm` that replaced them still copied each base output once (21 ms), and adding
+the adapter's output after the base's took one more pass over each output than adding the base's onto it (+2.4%
+tokens/s for `qlora-fast` on 2026-12-02).
 
 Dropout is the call peft makes: `F.dropout` runs `torch.native_dropout` on CUDA, and on the CPU both draw `bernoulli_`
 on a tensor like the input, so the masks are the same for a given seed. What it keeps for backward, per adapter: its
