@@ -258,6 +258,26 @@ def test_shared_dropout_masks_drawn_again_and_recomputed(tiny_model_dir, checkpo
             torch.testing.assert_close(plain[1][name], kept[name], rtol=1e-5, atol=1e-7)
 
 
+def test_a_group_drops_outputs_no_member_took_before_computing_again(tiny_model_dir, monkeypatch):
+    """A forward cut short (an out-of-memory error in autofit's probes, say) leaves outputs for members never called;
+    the group's next computation lets them go first, so they never add to its peak."""
+    import weakref
+
+    from lit_mistral.modeling import fused_lora
+
+    module = adapted(tiny_model_dir, lora={"dropout": 0.1, "target_modules": ALL})
+    use_fused_lora(module.model, shared_dropout=True)
+    module.model.train()
+    attention = module.model.get_base_model().model.layers[0].self_attn
+    hidden = module.model.config.hidden_size
+    attention.q_proj(torch.randn(1, 4, hidden))  # k and v never called
+    stale = weakref.ref(attention.q_proj._lora_group.pending[id(attention.k_proj)])
+    freed, apply = [], fused_lora._LoRAGroup.apply
+    monkeypatch.setattr(fused_lora._LoRAGroup, "apply", lambda *args: (freed.append(stale() is None), apply(*args))[1])
+    attention.q_proj(torch.randn(1, 4, hidden))
+    assert freed == [True]
+
+
 def test_shared_dropout_keeps_less_for_backward(tiny_model_dir):
     """One dropout output and mask per shared input instead of one per adapter: of the (tokens x features) tensors
     kept for backward, two of each fewer for q/k/v and one for gate/up, per block. (The stacked A matrices it keeps

@@ -266,6 +266,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = group.take(self, x)
         if out is not None:
             return out
+        group.pending, group.input = {}, None  # outputs of an earlier input no member took (a forward cut short)
         plans = [plan if m is self else _plan(m, x, (), {}) for m in group.members]
         if all(q is not None for q in plans) and len({q[5] for q in plans}) == 1 and all(
                 m.training for m in group.members):
