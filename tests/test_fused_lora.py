@@ -304,6 +304,18 @@ def test_shared_dropout_option_reaches_the_model(tiny_model_dir):
     assert any("shared_dropout" in p for p in Compute(shared_dropout=True, fused_lora=False).problems(True))
 
 
+def bf16_pass(module, device: str = "cuda") -> tuple:
+    """One training forward and backward of `module`'s model under bf16 autocast on `device`, dropout seeded:
+    (logits, the gradients by name)."""
+    module.model.zero_grad()
+    module.model.train()
+    torch.manual_seed(3)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        logits = module.model(input_ids=IDS.to(device)).logits.float()
+    logits.square().mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.gpu
 def test_regenerated_dropout_masks_on_a_gpu(tiny_model_dir):
     """CUDA's dropout (its own generator, fused kernel) drawn again in backward under bf16 autocast: the same
@@ -312,15 +324,8 @@ def test_regenerated_dropout_masks_on_a_gpu(tiny_model_dir):
     for regenerate in (False, True):
         module = adapted(tiny_model_dir, device="cuda", quantization={"method": "nf4"}, lora={"dropout": 0.3},
                          compute={"dtype": "bfloat16", "gradient_checkpointing": False})
-        module.model.zero_grad()
         use_fused_lora(module.model, regenerate)
-        module.model.train()
-        torch.manual_seed(3)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = module.model(input_ids=IDS.cuda()).logits.float()
-        logits.square().mean().backward()
-        results.append((logits.detach(), {n: p.grad.clone() for n, p in module.model.named_parameters()
-                                          if p.grad is not None}))
+        results.append(bf16_pass(module))
     (kept_logits, kept), (regen_logits, regen) = results
     torch.testing.assert_close(regen_logits, kept_logits, rtol=0, atol=0)
     assert set(regen) == set(kept) and len(kept) == 28
@@ -341,14 +346,7 @@ def test_shared_dropout_on_a_gpu(tiny_model_dir):
             use_fused_lora(module.model, shared_dropout=True)
         else:
             one_mask_per_input(module, 0.3)
-        module.model.zero_grad()
-        module.model.train()
-        torch.manual_seed(3)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = module.model(input_ids=IDS.cuda()).logits.float()
-        logits.square().mean().backward()
-        results.append((logits.detach(), {n: p.grad.clone() for n, p in module.model.named_parameters()
-                                          if p.grad is not None}))
+        results.append(bf16_pass(module))
     (ours_logits, ours), (ref_logits, ref) = results
     torch.testing.assert_close(ours_logits, ref_logits, rtol=2e-2, atol=2e-2)
     assert set(ours) == set(ref) and len(ref) == 28

@@ -60,6 +60,29 @@ def _set_rng(device: torch.device, state: torch.Tensor) -> None:
         torch.set_rng_state(state)
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast runs the matrix multiplies in (bf16-mixed), else x's (equal to A's: see `_plan`)."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def _dropout(ctx, flat: torch.Tensor, p: float, regenerate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dropped, mask) as peft's `F.dropout` draws them (mask None without dropout); with `regenerate`, the random
+    generator's state kept on `ctx` for `_redraw`."""
+    if p <= 0:
+        return flat, None
+    ctx.state = _get_rng(flat.device) if regenerate else None
+    return torch.native_dropout(flat, p, True)
+
+
+def _redraw(ctx, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's (dropped, mask) of `flat` drawn again from the state `_dropout` kept; the generators' states
+    are put back after."""
+    cuda = [flat.device] if flat.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        _set_rng(flat.device, ctx.state)
+        return torch.native_dropout(flat, ctx.p, True)
+
+
 def _base_kind(base: torch.nn.Module) -> str | None:
     """How backward gets the frozen base's (out, in) weight: "4bit" (dequantized), "linear", or None (unsupported)."""
     if any(p.requires_grad for p in base.parameters()):
@@ -103,15 +126,9 @@ class _LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, b, base, kind: str, scale: float, p: float, regenerate: bool):
-        # the dtype autocast runs the matrix multiplies in (bf16-mixed), else x's (equal to A's: see the caller)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = _compute_dtype(x)
         flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        mask = None
-        if p > 0:
-            ctx.state = _get_rng(x.device) if regenerate else None
-            dropped, mask = torch.native_dropout(flat, p, True)
-        else:
-            dropped = flat
+        dropped, mask = _dropout(ctx, flat, p, regenerate)
         h = (dropped.to(dtype) @ a.to(dtype).t()) * scale  # (tokens, r): the scale costs nothing here
         result = _base_plus(x, flat, base, kind, dtype, h, b)  # autograd is off in here: the base keeps nothing
         weight = base.weight
@@ -127,10 +144,7 @@ class _LoRALinear(torch.autograd.Function):
         kept, mask, h, a, b = ctx.saved_tensors
         dtype = ctx.dtype
         if ctx.regenerate:
-            cuda = [kept.device] if kept.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda, device_type="cuda"):  # the generators' states put back
-                _set_rng(kept.device, ctx.state)
-                kept, mask = torch.native_dropout(kept, ctx.p, True)  # the forward's draw again: same state, same mask
+            kept, mask = _redraw(ctx, kept)  # the forward's draw again: same state, same mask
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (tokens, out)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[2]:
@@ -157,14 +171,9 @@ class _LoRAGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, members: tuple, p: float, regenerate: bool, *weights):
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = _compute_dtype(x)
         flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        mask = None
-        if p > 0:
-            ctx.state = _get_rng(x.device) if regenerate else None
-            dropped, mask = torch.native_dropout(flat, p, True)
-        else:
-            dropped = flat
+        dropped, mask = _dropout(ctx, flat, p, regenerate)
         a_s, b_s = weights[0::2], weights[1::2]
         ranks = [a.shape[0] for a in a_s]
         # the stacked A's, each times its scale (in A's dtype, then cast): the scales cost nothing on (tokens, r)
@@ -189,10 +198,7 @@ class _LoRAGroup(torch.autograd.Function):
         a_s, b_s = weights[:n], weights[n:]
         dtype = ctx.dtype
         if ctx.regenerate:
-            cuda = [kept.device] if kept.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-                _set_rng(kept.device, ctx.state)
-                kept, mask = torch.native_dropout(kept, ctx.p, True)
+            kept, mask = _redraw(ctx, kept)  # the forward's draw again: same state, same mask
         gs = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]  # (tokens, out_i)
         grad_w, dhs, start = [None] * (2 * n), [], 0
         for i, (g, b, r) in enumerate(zip(gs, b_s, ctx.ranks)):
