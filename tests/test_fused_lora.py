@@ -57,6 +57,20 @@ def test_under_bf16_autocast_within_bf16_rounding(tiny_model_dir):
         torch.testing.assert_close(ours[1][name], theirs[1][name], rtol=5e-2, atol=1e-4)
 
 
+def test_a_4bit_weight_that_lost_its_quant_state_gets_it_back(tiny_model_dir):
+    """FSDP's flat parameters hand the 4-bit layers a weight without its quantization state; bitsandbytes' forward
+    puts it back from the layer before using it, and so does the fused forward (it dequantizes the weight itself):
+    the same output as before."""
+    module = adapted(tiny_model_dir, quantization={"method": "nf4"}, lora={"dropout": 0.0})
+    module.model.train()
+    x = torch.randn(1, 5, module.model.config.hidden_size)
+    layer = module.model.get_base_model().model.layers[0].self_attn.q_proj
+    expected = layer(x)
+    base = layer.get_base_layer()
+    base.weight = torch.nn.Parameter(base.weight.data, requires_grad=False)  # as FSDP leaves it: a plain tensor
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+
+
 def test_gives_way_to_peft_where_it_does_not_apply(tiny_model_dir):
     """Adapters disabled, two active adapters, merged weights: peft's own forward answers, and the fused forward
     is back in use once they are over."""

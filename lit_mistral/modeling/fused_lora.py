@@ -100,6 +100,18 @@ def _dequantized(weight: torch.Tensor, quant_state) -> torch.Tensor:
     return bnbf.dequantize_4bit(weight.view(-1, 1), quant_state)  # (out, in), as bitsandbytes' backward takes it
 
 
+def _quant_state_on_weight(base) -> bool:
+    """Whether `base`'s 4-bit weight carries its quantization state, putting it back from the layer first as the
+    layer's own forward does (bitsandbytes keeps it there too: FSDP's flat parameters lose it from the weight)."""
+    if getattr(base.weight, "quant_state", None) is None and getattr(base, "quant_state", None) is not None:
+        try:
+            from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+        except ImportError:  # another bitsandbytes: its own forward will do it
+            return False
+        fix_4bit_weight_quant_state_from_module(base)
+    return getattr(base.weight, "quant_state", None) is not None
+
+
 def _base_plus(x: torch.Tensor, flat: torch.Tensor, base, kind: str, dtype: torch.dtype, h: torch.Tensor,
                b: torch.Tensor) -> torch.Tensor:
     """`base(x) + h @ B.T` (h: the scaled (tokens, r) adapter intermediate), as the base returns it (shape, dtype).
@@ -109,7 +121,7 @@ def _base_plus(x: torch.Tensor, flat: torch.Tensor, base, kind: str, dtype: torc
     output read in the big multiply's epilogue: one pass over the output less than adding it afterwards. Otherwise
     the base's own forward, and the adapter output added to it in place."""
     compute = getattr(base, "compute_dtype", None) if kind == "4bit" else dtype
-    if base.bias is None and compute in (None, dtype):
+    if base.bias is None and compute in (None, dtype) and (kind != "4bit" or _quant_state_on_weight(base)):
         w = _dequantized(base.weight, base.weight.quant_state) if kind == "4bit" else base.weight
         out = h.to(dtype) @ b.to(dtype).t()  # (tokens, out)
         out.addmm_(flat.to(dtype), w.to(dtype).t())
