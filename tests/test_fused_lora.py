@@ -286,8 +286,8 @@ def test_a_group_drops_outputs_no_member_took_before_computing_again(tiny_model_
     hidden = module.model.config.hidden_size
     attention.q_proj(torch.randn(1, 4, hidden))  # k and v never called
     stale = weakref.ref(attention.q_proj._lora_group.pending[id(attention.k_proj)])
-    freed, apply = [], fused_lora._LoRAGroup.apply
-    monkeypatch.setattr(fused_lora._LoRAGroup, "apply", lambda *args: (freed.append(stale() is None), apply(*args))[1])
+    freed, apply = [], fused_lora._LoRALinear.apply
+    monkeypatch.setattr(fused_lora._LoRALinear, "apply", lambda *args: (freed.append(stale() is None), apply(*args))[1])
     attention.q_proj(torch.randn(1, 4, hidden))
     assert freed == [True]
 

@@ -36,9 +36,10 @@ bf16-mixed runs) or the input in the adapter's dtype. Anything else takes peft's
 With `shared_dropout`, the adapted layers that read one input (q/k/v of an attention block, gate/up of an MLP:
 `GROUPS`) run in training as one autograd function: one dropout mask for the input they share (LitGPT's way for its
 fused qkv; peft draws one per adapter: each adapter still sees its input dropped with probability p, but the three
-masks are one), one multiply by the stacked A matrices (scales folded in), and in backward one multiply back through
-them, one dropout backward and the bases' input gradients accumulated into it: the input is read, dropped and kept
-once instead of once per adapter, and autograd sums no gradients of the shared input. The first member called with
+masks are one), one multiply by the stacked A matrices, and in backward one multiply back through them, one dropout
+backward and the bases' input gradients accumulated into it: the input is read, dropped and kept once instead of
+once per adapter, and autograd sums no gradients of the shared input. (A single adapted layer is the same function
+with one member.) The first member called with
 an input computes every member's output and hands the others theirs when they are called with that same input
 (transformers' modules call q, k, v and gate, up one after another on one tensor); called with another input, a
 member computes its group anew. Outside training each layer runs alone, as above."""
@@ -133,53 +134,13 @@ def _base_plus(x: torch.Tensor, flat: torch.Tensor, base, kind: str, dtype: torc
     return result
 
 
-class _LoRALinear(torch.autograd.Function):
-    """`base(x) + scale * dropout(x) @ A.T @ B.T` over a frozen base; see the module's docstring."""
-
-    @staticmethod
-    def forward(ctx, x, a, b, base, kind: str, scale: float, p: float, regenerate: bool):
-        dtype = _compute_dtype(x)
-        flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        dropped, mask = _dropout(ctx, flat, p, regenerate)
-        h = (dropped.to(dtype) @ a.to(dtype).t()) * scale  # (tokens, r): the scale costs nothing here
-        result = _base_plus(x, flat, base, kind, dtype, h, b)  # autograd is off in here: the base keeps nothing
-        weight = base.weight
-        ctx.weight, ctx.quant_state = weight, getattr(weight, "quant_state", None) if kind == "4bit" else None
-        ctx.kind, ctx.dtype, ctx.scale, ctx.p, ctx.x_shape, ctx.x_dtype = kind, dtype, scale, p, x.shape, x.dtype
-        ctx.regenerate = p > 0 and regenerate
-        # regenerating: the input (shared by the adapters of one layer input); else the dropout's output and mask
-        ctx.save_for_backward(flat if ctx.regenerate else dropped, None if ctx.regenerate else mask, h, a, b)
-        return result
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        kept, mask, h, a, b = ctx.saved_tensors
-        dtype = ctx.dtype
-        if ctx.regenerate:
-            kept, mask = _redraw(ctx, kept)  # the forward's draw again: same state, same mask
-        g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (tokens, out)
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[2]:
-            grad_b = (g.t() @ h.to(dtype)).to(b.dtype)
-        dh = (g @ b.to(dtype)) * ctx.scale  # (tokens, r)
-        if ctx.needs_input_grad[1]:
-            grad_a = (dh.t() @ kept.to(dtype)).to(a.dtype)
-        if ctx.needs_input_grad[0]:
-            gx = dh @ a.to(dtype)  # (tokens, in): the gradient of the dropout's output
-            if mask is not None:
-                gx = torch.ops.aten.native_dropout_backward(gx, mask, 1 / (1 - ctx.p))
-            w = _dequantized(ctx.weight, ctx.quant_state) if ctx.kind == "4bit" else ctx.weight
-            gx.addmm_(g, w.to(dtype))  # + the base path's grad @ W, in the multiply's epilogue
-            grad_x = gx.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None, None
-
-
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # sibling layers that read one input
 
 
-class _LoRAGroup(torch.autograd.Function):
-    """`base_i(x) + scale_i * dropout(x) @ A_i.T @ B_i.T` for the members i of a group, one dropout mask for all;
-    `members` holds (base, kind, scale) per member, `weights` their A and B in turn. See the module's docstring."""
+class _LoRALinear(torch.autograd.Function):
+    """`base_i(x) + scale_i * dropout(x) @ A_i.T @ B_i.T` over frozen bases for the members i of a group sharing x
+    and one dropout mask - one adapted layer, or a `GROUPS` entry with `shared_dropout`; `members` holds (base,
+    kind, scale) per member, `weights` their A and B in turn. See the module's docstring."""
 
     @staticmethod
     def forward(ctx, x, members: tuple, p: float, regenerate: bool, *weights):
@@ -187,25 +148,25 @@ class _LoRAGroup(torch.autograd.Function):
         flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
         dropped, mask = _dropout(ctx, flat, p, regenerate)
         a_s, b_s = weights[0::2], weights[1::2]
-        ranks = [a.shape[0] for a in a_s]
-        # the stacked A's, each times its scale (in A's dtype, then cast): the scales cost nothing on (tokens, r)
-        stacked = torch.cat([(a * scale).to(dtype) for a, (_, _, scale) in zip(a_s, members)])  # (sum of r, in)
-        h = dropped.to(dtype) @ stacked.t()  # (tokens, sum of r)
+        ranks, scales = [a.shape[0] for a in a_s], [scale for _, _, scale in members]
+        h = dropped.to(dtype) @ _stacked(a_s, dtype).t()  # (tokens, sum of r)
         results, start = [], 0
-        for (base, kind, _), b, r in zip(members, b_s, ranks):
-            results.append(_base_plus(x, flat, base, kind, dtype, h[:, start:start + r], b))
+        for (base, kind, _), b, r, scale in zip(members, b_s, ranks, scales):
+            block = h[:, start:start + r]
+            block.mul_(scale)  # the scale costs nothing on (tokens, r)
+            results.append(_base_plus(x, flat, base, kind, dtype, block, b))  # autograd is off: the bases keep nothing
             start += r
         ctx.weights = [(base.weight, getattr(base.weight, "quant_state", None) if kind == "4bit" else None, kind)
                        for base, kind, _ in members]
-        ctx.scales, ctx.ranks, ctx.dtype, ctx.p = [m[2] for m in members], ranks, dtype, p
+        ctx.scales, ctx.ranks, ctx.dtype, ctx.p = scales, ranks, dtype, p
         ctx.x_shape, ctx.x_dtype, ctx.regenerate = x.shape, x.dtype, p > 0 and regenerate
-        ctx.save_for_backward(flat if ctx.regenerate else dropped, None if ctx.regenerate else mask, h, stacked,
-                              *a_s, *b_s)
+        # regenerating: the input (shared by the adapters of one layer input); else the dropout's output and mask
+        ctx.save_for_backward(flat if ctx.regenerate else dropped, None if ctx.regenerate else mask, h, *a_s, *b_s)
         return tuple(results)
 
     @staticmethod
     def backward(ctx, *grads):
-        kept, mask, h, stacked, *weights = ctx.saved_tensors
+        kept, mask, h, *weights = ctx.saved_tensors
         n = len(ctx.ranks)
         a_s, b_s = weights[:n], weights[n:]
         dtype = ctx.dtype
@@ -213,22 +174,22 @@ class _LoRAGroup(torch.autograd.Function):
             kept, mask = _redraw(ctx, kept)  # the forward's draw again: same state, same mask
         gs = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]  # (tokens, out_i)
         grad_w, dhs, start = [None] * (2 * n), [], 0
-        for i, (g, b, r) in enumerate(zip(gs, b_s, ctx.ranks)):
+        for i, (g, b, r, scale) in enumerate(zip(gs, b_s, ctx.ranks, ctx.scales)):
             if ctx.needs_input_grad[5 + 2 * i]:
                 grad_w[2 * i + 1] = (g.t() @ h[:, start:start + r]).to(b.dtype)
-            dhs.append(g @ b.to(dtype))  # (tokens, r), before the scale (it is in `stacked`)
+            dhs.append((g @ b.to(dtype)) * scale)  # (tokens, r)
             start += r
-        dh = torch.cat(dhs, dim=1)  # (tokens, sum of r)
+        dh = torch.cat(dhs, dim=1) if n > 1 else dhs[0]  # (tokens, sum of r)
         if any(ctx.needs_input_grad[4::2]):
             grad_stacked = dh.t() @ kept.to(dtype)  # (sum of r, in)
             start = 0
-            for i, (a, r, scale) in enumerate(zip(a_s, ctx.ranks, ctx.scales)):
+            for i, (a, r) in enumerate(zip(a_s, ctx.ranks)):
                 if ctx.needs_input_grad[4 + 2 * i]:
-                    grad_w[2 * i] = (grad_stacked[start:start + r].to(a.dtype) * scale)
+                    grad_w[2 * i] = grad_stacked[start:start + r].to(a.dtype)
                 start += r
         grad_x = None
         if ctx.needs_input_grad[0]:
-            gx = dh @ stacked  # (tokens, in): the gradient of the dropout's output
+            gx = dh @ _stacked(a_s, dtype)  # (tokens, in): the gradient of the dropout's output
             if mask is not None:
                 gx = torch.ops.aten.native_dropout_backward(gx, mask, 1 / (1 - ctx.p))
             for g, (weight, quant_state, kind) in zip(gs, ctx.weights):
@@ -236,6 +197,11 @@ class _LoRAGroup(torch.autograd.Function):
                 gx.addmm_(g, w.to(dtype))  # + each base path's grad @ W, in the multiply's epilogue
             grad_x = gx.view(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, None, None, None, *grad_w
+
+
+def _stacked(a_s, dtype: torch.dtype) -> torch.Tensor:
+    """The A matrices of a group one above the other, in `dtype`: (sum of r, in)."""
+    return torch.cat([a.to(dtype) for a in a_s]) if len(a_s) > 1 else a_s[0].to(dtype)
 
 
 class _Group:
@@ -289,12 +255,12 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if all(q is not None for q in plans) and len({q[5] for q in plans}) == 1 and all(
                 m.training for m in group.members):
             weights = [w for q in plans for w in q[:2]]
-            outs = _LoRAGroup.apply(x, tuple((q[2], q[3], q[4]) for q in plans), plan[5], regenerate, *weights)
+            outs = _LoRALinear.apply(x, tuple((q[2], q[3], q[4]) for q in plans), plan[5], regenerate, *weights)
             group.pending = {id(m): o for m, o in zip(group.members, outs) if m is not self}
             group.input = (x, x._version)
             return outs[group.members.index(self)]
     a, b, base, kind, scale, p = plan
-    return _LoRALinear.apply(x, a, b, base, kind, scale, p, regenerate)
+    return _LoRALinear.apply(x, ((base, kind, scale),), p, regenerate, a, b)[0]
 
 
 def use_fused_lora(model: torch.nn.Module, regenerate_dropout: bool = False, shared_dropout: bool = False) -> int:
