@@ -26,6 +26,15 @@
 #               the GPU tests, .before/ qlora-fast (the machine's first fit: keeps the 4-bit copy), this checkout's
 #               qlora-fast per-adapter masks and shared masks (STEPS, the losses side by side), .before/ again (the
 #               time to the first step before the prefetch, warm), the profile of a shared-masks step
+# PART=kernel   LoRA dropout inside the multiply by A (compute.dropout_kernel) and a step without waits on the GPU
+#               (the loss gathered at positions found while collating, pinned batches, the NaN check after backward):
+#               the GPU tests, the kernels against torch's dropout and multiplies (bench_lora_kernels.py), qlora-fast
+#               .before/ (the machine's first fit), this checkout without and with the kernels, the profile of a
+#               step with them
+# PART=kernel2  the GPU tests after call 1's, the seed recipe, qlora-fast with the kernels over 50 steps against peft's
+#               own forward (one mask per adapter, torch's dropout: the loss comparison), with 2 DataLoader workers,
+#               and qlora-24gb without and with the kernels, and its auto mode within 16 GiB
+# PART=auto16k  qlora-24gb's auto mode within 16 GiB with and without the kernels (PART=kernel2 ran out of time there)
 # PART=shared16 the 16 GiB mode with shared masks: qlora-24gb with and without, and its auto mode within 16 GiB
 # PART=base     this session's start: the GPU tests of the last round, the seed recipe and qlora-fast side by side (the
 #               first fit keeps the 4-bit copy), profiles of qlora-fast's first step and of steps 6-8 (idle time by what
@@ -167,6 +176,34 @@ parts)
   for run in first second; do
     fit_logged $run qlora-fast 12 "" fit-logs.txt
   done
+  ;;
+kernel)
+  gpu_tests "lora_kernels or shared or fused or regenerat" 150
+  PYTHONPATH=/tmp/site:$PWD timeout 150 python3 benchmarks/bench_lora_kernels.py | tee "$OUT/kernels.jsonl"
+  KERNEL="--model.compute.dropout_kernel true"
+  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
+    --code .before --fit qlora-fast --steps 12 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
+  fit_logged no-sync qlora-fast ${STEPS:-15} "" fit-logs.txt
+  fit_logged kernel qlora-fast ${STEPS:-15} "$KERNEL" fit-logs.txt
+  PROFILE_OUT=$OUT/profile-kernel.json fit_logged profile qlora-fast 9 \
+    "$KERNEL --trainer.callbacks+=benchmarks.profile_train.ProfileSteps" fit-logs.txt
+  ;;
+kernel2)
+  gpu_tests "lora_kernels or shared or fused or regenerat" 150
+  (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  KERNEL="--model.compute.dropout_kernel true"
+  fit_logged kernel50 qlora-fast 50 "$KERNEL" fit-logs.txt
+  fit_logged peft50 qlora-fast 50 "--model.compute.fused_lora false --model.compute.shared_dropout false" fit-logs.txt
+  fit_logged workers qlora-fast 15 "$KERNEL --data.num_workers 2" fit-logs.txt
+  fit_logged 24gb qlora-24gb 12 "" parts.txt
+  fit_logged 24gb-kernel qlora-24gb 12 "$KERNEL" parts.txt
+  fit_logged 24gb-kernel-auto16 qlora-24gb 12 "$KERNEL --model.compute.checkpoint_layers auto --model.compute.micro_batch_tokens auto --model.compute.memory_budget_gib 16" parts.txt
+  ;;
+auto16k)
+  KERNEL="--model.compute.dropout_kernel true"
+  AUTO16="--model.compute.checkpoint_layers auto --model.compute.micro_batch_tokens auto --model.compute.memory_budget_gib 16"
+  fit_logged 24gb-kernel-auto16 qlora-24gb 12 "$KERNEL $AUTO16" parts.txt
+  fit_logged 24gb-auto16 qlora-24gb 12 "$AUTO16" parts.txt
   ;;
 epilogue)
   gpu_tests "shared or fused or regenerat" 90

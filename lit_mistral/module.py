@@ -30,6 +30,18 @@ def targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return labels, labels != IGNORE_INDEX
 
 
+def at_labels(states: torch.Tensor, batch: dict, labels: torch.Tensor, selected: torch.Tensor):
+    """(n, ...) rows of (B, T, ...) `states` at the positions whose next token is labelled, in row-major order, and
+    those (n,) labels: gathered at the positions the collate found on the CPU (`labelled`), which leaves the CPU
+    free to queue the rest of the step; a batch without them (a part of one, one made elsewhere) by its mask
+    `selected`, which makes the CPU wait for the GPU (a nonzero)."""
+    index = batch.get("labelled")
+    if index is None:
+        return states[:, :-1][selected], labels[selected]
+    index = index.to(states.device, non_blocking=True)
+    return states.reshape(-1, *states.shape[2:]).index_select(0, index), batch["labels"].reshape(-1)[index + 1]
+
+
 class QLoRAModule(LightningModule):
     """A causal LM with LoRA adapters on a (4-bit) frozen base.
 
@@ -92,6 +104,7 @@ class QLoRAModule(LightningModule):
         self.auto_micro_tokens: int | None = None  # `micro_batch_tokens: auto`: likewise (None: whole batches)
         self.auto_micro_restored = False  # auto_micro_tokens came from the checkpoint resumed
         self._grads_from_parts = False  # this step's first parts left their gradients in .grad (`optimizer_zero_grad`)
+        self._undecided: tuple | None = None  # a whole batch's loss whose finiteness `on_after_backward` decides
 
     # -- the model ---------------------------------------------------------------------------------------------------
 
@@ -123,12 +136,13 @@ class QLoRAModule(LightningModule):
         layout = packed_kwargs(batch, self.model.config._attn_implementation)
         if not build.plain_head(self.model):
             logits = self.model(input_ids=batch["input_ids"], use_cache=False, **layout).logits
-            logits = logits[:, :-1][selected].float()
-            return torch.nn.functional.cross_entropy(logits, labels[selected], reduction=reduction), selected
+            logits, wanted = at_labels(logits, batch, labels, selected)
+            return torch.nn.functional.cross_entropy(logits.float(), wanted, reduction=reduction), selected
         hidden = build.decoder(self.model)(input_ids=batch["input_ids"], use_cache=False,
                                            **layout).last_hidden_state  # (B, T, H)
-        loss = linear_cross_entropy(hidden[:, :-1][selected], build.lm_head(self.model), labels[selected],
-                                    self.spec.compute.loss_chunk_size, reduction)
+        hidden, wanted = at_labels(hidden, batch, labels, selected)
+        loss = linear_cross_entropy(hidden, build.lm_head(self.model), wanted, self.spec.compute.loss_chunk_size,
+                                    reduction)
         return loss, selected
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,17 +176,35 @@ class QLoRAModule(LightningModule):
         return self.auto_micro_tokens if size == "auto" else size
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        self._grads_from_parts = False
+        self._grads_from_parts, self._undecided = False, None
         size = self.micro_batch_tokens
         parts = [batch] if size is None else split_batch(batch, size)
         if len(parts) > 1:
             return self._step_in_parts(parts, batch, batch_idx)
         loss_sum, count = self.loss_sum(batch)
-        loss = loss_sum / count.clamp(min=1)
-        if self._nonfinite(loss, batch_idx):
+        count = int(batch.get("num_labels", count))  # counted by the collate: no wait for the GPU
+        loss = loss_sum / max(count, 1)
+        if self.trainer.accumulate_grad_batches == 1:
+            # decided after backward (`on_after_backward`): deciding here would make the CPU wait for the forward
+            # to finish and the GPU wait, idle, for the backward's first kernels
+            self._undecided = (loss.detach(), batch_idx, count)
+            return loss
+        if self._nonfinite(loss, batch_idx):  # other batches' gradients are in .grad: this one's must not join them
             return None  # Lightning skips backward and the optimizer update for this batch
-        self.log("train/loss", loss, prog_bar=True, batch_size=int(count))
+        self.log("train/loss", loss, prog_bar=True, batch_size=count)
         return loss
+
+    def on_after_backward(self) -> None:
+        """A whole batch's finite loss logged, or (NaN/inf) training stopped or the batch's gradients dropped before
+        the optimizer steps on them: the decision `training_step` left (its gradients alone are in .grad)."""
+        if self._undecided is None:
+            return
+        loss, batch_idx, count = self._undecided
+        self._undecided = None
+        if self._nonfinite(loss, batch_idx):
+            self.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient: no update
+            return
+        self.log("train/loss", loss, prog_bar=True, batch_size=count)
 
     def _step_in_parts(self, parts: list[dict], batch: dict, batch_idx: int) -> torch.Tensor | None:
         """A batch in parts (`compute.micro_batch_tokens`): backward on each part but the last here, the last by

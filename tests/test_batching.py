@@ -28,6 +28,22 @@ def test_collate_packed_keeps_examples_apart():
     assert collate_packed(items, mask_prompt=False)["labels"].tolist() == [[-100, 5, 6, 7, 2, -100, 8, 2]]
 
 
+def test_collates_find_the_labelled_positions():
+    """`labelled`: the flat positions b * T + t whose next token carries a label, in the order a boolean mask of
+    them gives; `num_labels` their count (what the loss gathers at, without a wait for the GPU)."""
+    items = [{"input_ids": [1, 5, 6, 7, 2], "spans": [(3, 5)]}, {"input_ids": [1, 8, 2], "spans": [(2, 3)]}]
+    padded, packed = collate_padded(items, pad_id=0), collate_packed(items)
+    assert padded["labelled"].tolist() == [2, 3, 6] and padded["num_labels"] == 3  # rows of 5: (0, 2), (0, 3), (1, 1)
+    assert packed["labelled"].tolist() == [2, 3, 6] and packed["num_labels"] == 3
+    for batch in (padded, packed):
+        labels = batch["labels"]
+        mask = labels[:, 1:] != -100
+        width = labels.shape[1]
+        rows, cols = mask.nonzero().unbind(1)
+        assert batch["labelled"].tolist() == (rows * width + cols).tolist()
+        assert labels.reshape(-1)[batch["labelled"] + 1].tolist() == labels[:, 1:][mask].tolist()
+
+
 def test_batch_plan_token_budget_and_ranks():
     lengths = [100, 300, 50, 400, 250, 120, 80, 500, 60, 90]
     plan = BatchPlan(lengths, batch_size=4, max_tokens=600, packed=True, seed=1)

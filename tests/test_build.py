@@ -164,3 +164,25 @@ def test_no_copy_kept_without_room_on_disk(tiny_model_dir, tmp_path, monkeypatch
         adapted(tiny_model_dir)
     assert "Not keeping a 4-bit copy of the base" in caplog.text and "--model.quantization.cache false" in caplog.text
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("quantized-")]
+
+
+def test_a_validation_leaves_the_4bit_layout_and_the_gradients_alone(tiny_model_dir):
+    """On CPUs with AVX512-BF16 bitsandbytes would repack 4-bit weights at the first eval forward without
+    gradients, for a bf16 kernel with no backward (seen here: no gradient reached the input afterwards). The build
+    turns that off: a training step after a validation gets the gradients of one without it."""
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    grads = []
+    for validate_first in (False, True):
+        module = adapted(tiny_model_dir, quantization={"method": "nf4"})
+        layers = [m for m in module.model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+        assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+        if validate_first:
+            module.model.eval()
+            with torch.no_grad():
+                module.model(input_ids=ids)
+        module.model.train()
+        module.model(input_ids=ids).logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in module.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0)

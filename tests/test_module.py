@@ -221,6 +221,9 @@ def test_adapter_loads_with_plain_peft_and_gives_the_same_logits(tiny_model_dir,
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_compute_dtype=torch.float32))
     plain = PeftModel.from_pretrained(base, folder).eval()
+    for layer in plain.modules():  # on CPUs with AVX512-BF16 bitsandbytes repacks 4-bit weights for inference and
+        if hasattr(layer, "support_avx512bf16_for_cpu"):  # multiplies in another precision: compare like with like
+            layer.support_avx512bf16_for_cpu = False
     ids = torch.tensor([[1, 10, 20, 30, 40, 50]])
     module.model.eval()
     with torch.no_grad():
@@ -343,6 +346,37 @@ def test_packed_fast_path_learns_like_the_padded_path_on_the_real_model(smollm2_
         trainer(tmp_path / str(packing), max_steps=3, limit_val_batches=0).fit(module, dm)
         results[packing] = trainer(tmp_path / str(packing)).validate(module, dm, verbose=False)[0]["val/loss"]
     assert results[True] == pytest.approx(results[False], abs=1e-4)
+
+
+def test_loss_at_collated_positions_equals_the_masked_loss(tiny_model_dir, demo_file):
+    """The loss gathered at the positions the collate found (`labelled`) is the one a boolean mask of the labels
+    selects (the path of batches without them, such as a batch's parts), padded and packed."""
+    dm = data(tiny_model_dir, demo_file)
+    dm.setup("fit")
+    items = [dm.train_set[i] for i in range(5)]
+    module = make(tiny_model_dir, compute={"dtype": "float32", "gradient_checkpointing": False}).build(
+        torch.device("cpu"))
+    for batch in (collate_padded(items, dm.tokenizer.pad_token_id), collate_packed(items)):
+        plain = {k: v for k, v in batch.items() if k not in ("labelled", "num_labels")}
+        with torch.no_grad():
+            (gathered, n), (masked, m) = module.loss_sum(batch), module.loss_sum(plain)
+        assert int(n) == int(m) == batch["num_labels"] > 0
+        torch.testing.assert_close(gathered, masked, rtol=0, atol=0)
+
+
+def test_batches_pinned_for_a_gpu(tiny_model_dir, demo_file):
+    """Batches for a CUDA device are collated into pinned memory (their copies then queue behind the running step);
+    for the CPU they are not."""
+    from types import SimpleNamespace
+
+    dm = data(tiny_model_dir, demo_file, train_records=(0, 20), val_records=(20, 24))
+    dm.setup("fit")
+    assert not dm.train_dataloader().pin_memory and not dm.val_dataloader().pin_memory and not dm._to_gpu()
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    assert dm._to_gpu()
+    dm.trainer = None
+    dm._to_gpu = lambda: True
+    assert dm.train_dataloader().pin_memory and dm.val_dataloader().pin_memory
 
 
 @pytest.mark.gpu

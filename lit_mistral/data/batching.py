@@ -18,6 +18,17 @@ def _loss_spans(item: dict, mask_prompt: bool) -> list[tuple[int, int]]:
     return item["spans"] if mask_prompt or not item["spans"] else [(1, len(item["input_ids"]))]
 
 
+def labelled(labels: torch.Tensor) -> dict:
+    """Where a (B, T) batch's labels are, worked out on the CPU while collating: `labelled`, the flat positions
+    b * T + t whose next token t + 1 carries a label (row-major, as a boolean mask of them selects), and their count
+    `num_labels`. The loss gathers with these instead of a boolean mask on the GPU, which would make the CPU wait for
+    the GPU in the middle of each step (a nonzero) and let the GPU run dry while the CPU catches up."""
+    width = labels.shape[1]
+    positions = (labels[:, 1:] != IGNORE_INDEX).nonzero()  # (n, 2): row, t
+    flat = positions[:, 0] * width + positions[:, 1]
+    return {"labelled": flat, "num_labels": int(flat.numel())}
+
+
 def collate_padded(items: list[dict], pad_id: int, mask_prompt: bool = True) -> dict:
     """Right-pad to the longest example. Labels are the tokens inside each item's loss spans (response and EOS, or
     assistant turns), -100 elsewhere: prompt, padding; all but the first token without `mask_prompt`."""
@@ -32,7 +43,7 @@ def collate_padded(items: list[dict], pad_id: int, mask_prompt: bool = True) -> 
         for start, end in _loss_spans(it, mask_prompt):
             labels[row, start:end] = ids[start:end]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "num_tokens": int(attention_mask.sum()), "index": [it.get("index") for it in items]}
+            "num_tokens": int(attention_mask.sum()), "index": [it.get("index") for it in items], **labelled(labels)}
 
 
 def collate_packed(items: list[dict], mask_prompt: bool = True) -> dict:
@@ -52,7 +63,7 @@ def collate_packed(items: list[dict], mask_prompt: bool = True) -> dict:
     position_ids = torch.cat([torch.arange(int(n)) for n in lengths])
     return {"input_ids": ids[None], "position_ids": position_ids[None], "labels": labels[None],
             "cu_seq_lens": cu_seq_lens, "max_length": int(lengths.max()), "num_tokens": int(lengths.sum()),
-            "index": [it.get("index") for it in items]}
+            "index": [it.get("index") for it in items], **labelled(labels[None])}
 
 
 def budget_groups(sizes: Sequence[int], budget: int, packed: bool) -> list[tuple[int, int]]:

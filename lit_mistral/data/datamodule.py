@@ -322,16 +322,24 @@ class InstructionDataModule(LightningDataModule):
         # LoRA dropout uses (a resumed run creates its iterator at another point than the uninterrupted one; and
         # it skips the validation that ran after the checkpoint it resumes from: so the other loaders too)
         return DataLoader(self.train_set, batch_sampler=plan, num_workers=self.num_workers,
-                          collate_fn=self._collate(self.mask_prompt), generator=self._own_generator())
+                          collate_fn=self._collate(self.mask_prompt), generator=self._own_generator(),
+                          pin_memory=self._to_gpu())
 
     def _own_generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
+
+    def _to_gpu(self) -> bool:
+        """Whether batches go to a CUDA device: then they are collated into pinned memory, so that their copy to the
+        GPU is queued behind the running step (from pageable memory CUDA waits for the step to finish first, and
+        the GPU idles while the CPU catches up: ~6 ms per qlora-fast step, BENCHMARKS.md 2026-12-02)."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
             return []
         return DataLoader(self.val_set, batch_sampler=self._plan(self.val_set, training=False),
-                          num_workers=self.num_workers, collate_fn=self._collate(True), generator=self._own_generator())
+                          num_workers=self.num_workers, collate_fn=self._collate(True), generator=self._own_generator(),
+                          pin_memory=self._to_gpu())
 
     def predict_dataloader(self) -> DataLoader:
         # longest prompts first (little padding per batch; the memory peak comes at once), done rows left out;

@@ -106,6 +106,8 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
         if spec.random_init and folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     model.config.use_cache = False  # training: a KV cache is dead weight (generation turns it back on)
+    if q.method:
+        keep_4bit_layout(model)
     if q.method and q.fp32_norms:
         # casts norms/embeddings to fp32 (and freezes the base); checkpointing is enabled below
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -121,18 +123,32 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **spec.lora.peft_kwargs()))
     regenerate = spec.compute.regenerate_dropout()
     if spec.compute.fused_lora:
-        use_fused_lora(model, regenerate, spec.compute.shared_dropout)
+        use_fused_lora(model, regenerate, spec.compute.shared_dropout, spec.compute.dropout_kernel)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dropout = training and spec.lora.dropout > 0
-    notes = "; LoRA dropout masks drawn again in backward" if dropout and regenerate else ""
+    kernel = dropout and spec.compute.fused_lora and spec.compute.dropout_kernel and device.type == "cuda"
+    notes = "; LoRA dropout masks drawn again in backward" if dropout and regenerate and not kernel else ""
     if dropout and spec.compute.fused_lora and spec.compute.shared_dropout:
         notes += "; one LoRA dropout mask per shared input (q/k/v, gate/up)"
+    if kernel:
+        notes += "; LoRA dropout inside the multiply by A (Triton kernels), its masks kept as bits"
     via = f" from its 4-bit copy kept in {kept}" if kept else ""
     rank_zero_info(f"Loaded {spec.name_or_path} ({q.method or 'unquantized'}){via} in "
                    f"{time.perf_counter() - started:.1f}s; {trainable:,} trainable parameters{notes}.")
     # from_pretrained hands back eval mode; Lightning keeps submodule modes, and checkpointing and LoRA dropout act
     # only in train mode (Lightning switches to eval for validation and predict, and back)
     return model.train(), tokenizer
+
+
+def keep_4bit_layout(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes from repacking the 4-bit weights on CPUs with AVX512-BF16. It does so in place at the
+    first forward in eval mode without gradients (a validation), for a kernel that multiplies in bf16 whatever the
+    compute dtype and has no backward: training after a validation would then lose the gradient through every base
+    layer, and validation numbers would depend on the CPU and on what ran before. The weights stay as loaded and
+    multiply as on any other machine (dequantized, in the compute dtype)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _forget_4bit_deserialization(model) -> None:

@@ -42,12 +42,17 @@ once per adapter, and autograd sums no gradients of the shared input. (A single 
 with one member.) The first member called with
 an input computes every member's output and hands the others theirs when they are called with that same input
 (transformers' modules call q, k, v and gate, up one after another on one tensor); called with another input, a
-member computes its group anew. Outside training each layer runs alone, as above."""
+member computes its group anew. Outside training each layer runs alone, as above.
+
+With `dropout_kernel`, on CUDA the dropout and the multiply by A run as one Triton kernel (`lora_kernels.py`), which
+keeps the input and the mask as bits for backward, and backward writes the input's gradient masked in one pass."""
 
 import sys
 import types
 
 import torch
+
+from lit_mistral.modeling import lora_kernels
 
 
 def _get_rng(device: torch.device) -> torch.Tensor:
@@ -143,13 +148,19 @@ class _LoRALinear(torch.autograd.Function):
     kind, scale) per member, `weights` their A and B in turn. See the module's docstring."""
 
     @staticmethod
-    def forward(ctx, x, members: tuple, p: float, regenerate: bool, *weights):
+    def forward(ctx, x, members: tuple, p: float, regenerate: bool, kernel: bool, *weights):
         dtype = _compute_dtype(x)
         flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        dropped, mask = _dropout(ctx, flat, p, regenerate)
         a_s, b_s = weights[0::2], weights[1::2]
         ranks, scales = [a.shape[0] for a in a_s], [scale for _, _, scale in members]
-        h = dropped.to(dtype) @ _stacked(a_s, dtype).t()  # (tokens, sum of r)
+        ctx.kernel = kernel
+        if kernel:  # the dropout drawn inside the multiply: only the (tokens, sum of r) result and the mask's bits
+            flat = flat.contiguous()
+            h, mask = lora_kernels.dropout_a(flat, _stacked(a_s, dtype).contiguous(), p)
+            dropped = flat  # kept for backward, which rebuilds the dropped values from it and the bits
+        else:
+            dropped, mask = _dropout(ctx, flat, p, regenerate)
+            h = dropped.to(dtype) @ _stacked(a_s, dtype).t()  # (tokens, sum of r)
         results, start = [], 0
         for (base, kind, _), b, r, scale in zip(members, b_s, ranks, scales):
             block = h[:, start:start + r]
@@ -159,7 +170,7 @@ class _LoRALinear(torch.autograd.Function):
         ctx.weights = [(base.weight, getattr(base.weight, "quant_state", None) if kind == "4bit" else None, kind)
                        for base, kind, _ in members]
         ctx.scales, ctx.ranks, ctx.dtype, ctx.p = scales, ranks, dtype, p
-        ctx.x_shape, ctx.x_dtype, ctx.regenerate = x.shape, x.dtype, p > 0 and regenerate
+        ctx.x_shape, ctx.x_dtype, ctx.regenerate = x.shape, x.dtype, p > 0 and regenerate and not kernel
         # regenerating: the input (shared by the adapters of one layer input); else the dropout's output and mask
         ctx.save_for_backward(flat if ctx.regenerate else dropped, None if ctx.regenerate else mask, h, *a_s, *b_s)
         return tuple(results)
@@ -175,28 +186,34 @@ class _LoRALinear(torch.autograd.Function):
         gs = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]  # (tokens, out_i)
         grad_w, dhs, start = [None] * (2 * n), [], 0
         for i, (g, b, r, scale) in enumerate(zip(gs, b_s, ctx.ranks, ctx.scales)):
-            if ctx.needs_input_grad[5 + 2 * i]:
+            if ctx.needs_input_grad[6 + 2 * i]:
                 grad_w[2 * i + 1] = (g.t() @ h[:, start:start + r]).to(b.dtype)
             dhs.append((g @ b.to(dtype)) * scale)  # (tokens, r)
             start += r
         dh = torch.cat(dhs, dim=1) if n > 1 else dhs[0]  # (tokens, sum of r)
-        if any(ctx.needs_input_grad[4::2]):
-            grad_stacked = dh.t() @ kept.to(dtype)  # (sum of r, in)
+        if any(ctx.needs_input_grad[5::2]):
+            if ctx.kernel:
+                grad_stacked = lora_kernels.dh_t_dropped(dh, kept, mask, ctx.p)  # (sum of r, in), float32
+            else:
+                grad_stacked = dh.t() @ kept.to(dtype)  # (sum of r, in)
             start = 0
             for i, (a, r) in enumerate(zip(a_s, ctx.ranks)):
-                if ctx.needs_input_grad[4 + 2 * i]:
+                if ctx.needs_input_grad[5 + 2 * i]:
                     grad_w[2 * i] = grad_stacked[start:start + r].to(a.dtype)
                 start += r
         grad_x = None
         if ctx.needs_input_grad[0]:
-            gx = dh @ _stacked(a_s, dtype)  # (tokens, in): the gradient of the dropout's output
-            if mask is not None:
-                gx = torch.ops.aten.native_dropout_backward(gx, mask, 1 / (1 - ctx.p))
+            if ctx.kernel:  # (tokens, in): the gradient of the dropout's input, masked as it is written
+                gx = lora_kernels.masked_dh_a(dh, _stacked(a_s, dtype).contiguous(), mask, ctx.p)
+            else:
+                gx = dh @ _stacked(a_s, dtype)  # (tokens, in): the gradient of the dropout's output
+                if mask is not None:
+                    gx = torch.ops.aten.native_dropout_backward(gx, mask, 1 / (1 - ctx.p))
             for g, (weight, quant_state, kind) in zip(gs, ctx.weights):
                 w = _dequantized(weight, quant_state) if kind == "4bit" else weight
                 gx.addmm_(g, w.to(dtype))  # + each base path's grad @ W, in the multiply's epilogue
             grad_x = gx.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, None, None, None, *grad_w
+        return grad_x, None, None, None, None, *grad_w
 
 
 def _stacked(a_s, dtype: torch.dtype) -> torch.Tensor:
@@ -255,15 +272,23 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if all(q is not None for q in plans) and len({q[5] for q in plans}) == 1 and all(
                 m.training for m in group.members):
             weights = [w for q in plans for w in q[:2]]
-            outs = _LoRALinear.apply(x, tuple((q[2], q[3], q[4]) for q in plans), plan[5], regenerate, *weights)
+            outs = _LoRALinear.apply(x, tuple((q[2], q[3], q[4]) for q in plans), plan[5], regenerate,
+                                     _kernel(self, x, plan[5]), *weights)
             group.pending = {id(m): o for m, o in zip(group.members, outs) if m is not self}
             group.input = (x, x._version)
             return outs[group.members.index(self)]
     a, b, base, kind, scale, p = plan
-    return _LoRALinear.apply(x, ((base, kind, scale),), p, regenerate, a, b)[0]
+    return _LoRALinear.apply(x, ((base, kind, scale),), p, regenerate, _kernel(self, x, p), a, b)[0]
 
 
-def use_fused_lora(model: torch.nn.Module, regenerate_dropout: bool = False, shared_dropout: bool = False) -> int:
+def _kernel(layer, x: torch.Tensor, p: float) -> bool:
+    """Whether the dropout runs inside the multiply by A (`lora_kernels`): asked for, dropout on, on CUDA (or in
+    Triton's interpreter, for tests)."""
+    return layer._dropout_kernel and p > 0 and lora_kernels.available(x)
+
+
+def use_fused_lora(model: torch.nn.Module, regenerate_dropout: bool = False, shared_dropout: bool = False,
+                   dropout_kernel: bool = False) -> int:
     """Give every peft LoRA linear layer of `model` the fused forward (in place; peft's stays as the fallback), its
     dropout regenerating its mask in backward if `regenerate_dropout`; with `shared_dropout`, the layers of each
     `GROUPS` entry within one module run together in training, one dropout mask for their shared input. Returns how
@@ -281,6 +306,7 @@ def use_fused_lora(model: torch.nn.Module, regenerate_dropout: bool = False, sha
                 module._peft_forward = module.forward
                 module.forward = types.MethodType(_fused_forward, module)
             module._regenerate_dropout = regenerate_dropout
+            module._dropout_kernel = dropout_kernel
             module._lora_group = None
             count += 1
     if shared_dropout:

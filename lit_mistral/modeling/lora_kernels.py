@@ -1,0 +1,211 @@
+"""LoRA dropout inside the multiply by A: Triton kernels for `fused_lora` on CUDA (`compute.dropout_kernel`).
+
+The adapter branch starts with `dropout(x) @ A.T`: x is (tokens, in), A is (r, in) with r of 8 to 24, so the
+multiply reads x once and does little arithmetic. torch's dropout before it reads x and writes the dropped copy
+(2 bytes per element) and its mask (1 byte), which the multiply and backward then read again: per Mistral-7B step of
+16K tokens ~14G elements of layer inputs, ~42 ms of the ~950 (BENCHMARKS.md, 2026-12-02). Here:
+- `dropout_a`: one pass reads x, draws the mask in the kernel (Philox, counter-based: one call gives the 16-bit
+  draws of 8 elements), multiplies the dropped tile by A on the tensor cores, and writes only the (tokens, r) result
+  and the mask packed one bit per element (1/16 of x's bytes);
+- backward, `masked_dh_a`: the input's gradient `mask * (dh @ A) / (1 - p)` in one pass (torch: the product written,
+  then read with the mask and written again);
+- backward, `dh_t_dropped`: A's gradient `dh.T @ dropout(x)`, the dropped tile rebuilt from x and the bits.
+The dropped values are those torch computes (x * 1/(1 - p) in float32, rounded to the compute dtype); the drop
+probability is p rounded to a multiple of 1/65536 (0.05: 3277/65536, 0.050003) and the scale 1/(1 - that). Each
+call's Philox key comes from the CUDA generator's seed and offset (the offset then advanced), so
+`torch.cuda.get/set_rng_state` and activation checkpointing's recompute reproduce the masks; they are not the masks
+torch's dropout would draw.
+
+Written by hand because neither torch (dropout and matmul are separate kernels; torch.compile does not fuse a
+matmul's input with random draws) nor peft, Liger or bitsandbytes offer a dropout fused into the LoRA multiply."""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU build of torch comes without Triton: `available()` says so
+    triton = None
+
+BM, BK = 32, 128  # rows x input features per tile (BK a multiple of 32: one bit word per 32 features)
+ROWS_PER_SPLIT = 1024  # `dh_t_dropped`: rows each program sums over (a multiple of BM)
+STREAM = 0x5DEECE66D  # mixed into the generator's seed: these draws never share a Philox key with torch's own
+GOLDEN = 0x9E3779B97F4A7C15  # odd: spreads consecutive generator offsets over the keys
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether these kernels can run on `x` (CUDA and Triton; or Triton's interpreter, for tests)."""
+    import os
+
+    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def threshold(p: float) -> int:
+    """The 16-bit draw below which an element is dropped: p rounded to a multiple of 1/65536."""
+    return min(65535, max(0, round(p * 65536)))
+
+
+def drop_scale(p: float) -> float:
+    """What kept elements are multiplied by: 1 / (1 - the probability actually drawn)."""
+    return 1.0 / (1.0 - threshold(p) / 65536)
+
+
+def draw_philox(x: torch.Tensor) -> int:
+    """The Philox key of one kernel call, from the generator of x's device: its seed and offset, the offset then
+    advanced (each call its own key; counters run from 0 within it). A CPU tensor (the interpreter): the CPU
+    generator's next draw. Always in [2^62, 2^63), so that Triton passes it as one 64-bit type (no recompile)."""
+    if x.is_cuda:
+        gen = torch.cuda.default_generators[x.device.index if x.device.index is not None else
+                                            torch.cuda.current_device()]
+        offset = gen.get_offset()
+        gen.set_offset(offset + 4)  # torch moves it in steps of 4
+        key = (gen.initial_seed() ^ STREAM) * GOLDEN + offset
+    else:
+        key = int(torch.randint(0, 2**62, ())) ^ STREAM
+    return key % 2**62 | 2**62
+
+
+def unpack(bits: torch.Tensor, features: int) -> torch.Tensor:
+    """The (tokens, features) bool keep-mask of packed (tokens, words) int32 bits (bit j of word w: feature
+    32 w + j)."""
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+    kept = (bits[:, :, None] >> shifts) & 1
+    return kept.reshape(bits.shape[0], -1)[:, :features].bool()
+
+
+def _precision(t: torch.Tensor) -> str:
+    """`tl.dot`'s input precision: float32 multiplied exactly ("ieee"; Triton would take TF32), 16-bit as is."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def _pad_rank(r: int) -> int:
+    """The rank padded for `tl.dot` (>= 16): 32 up to rank 32, so that ranks 8 to 32 share one compiled kernel."""
+    return max(32, triton.next_power_of_2(r))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _keep_tile(seed, rows, k0, groups_per_row, thr, BM: tl.constexpr, BK: tl.constexpr):
+        """(BM, BK) keep-mask of rows x features k0..k0+BK: the 16-bit halves of one Philox call's four words
+        cover 8 consecutive features."""
+        groups = k0 // 8 + tl.arange(0, BK // 8)
+        counter = rows[:, None].to(tl.int64) * groups_per_row + groups[None, :]
+        r0, r1, r2, r3 = tl.randint4x(seed, counter)
+        pairs = tl.join(tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16)),
+                        tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16)))  # (BM, BK/8, 2, 2, 2)
+        return tl.reshape(pairs, (BM, BK)).to(tl.int32) >= thr
+
+    @triton.jit
+    def _words_to_keep(words, BM: tl.constexpr, BK: tl.constexpr):
+        shifts = tl.arange(0, 32)
+        return tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 1, (BM, BK)) != 0
+
+    @triton.jit(do_not_specialize=["n"])  # the token count changes from batch to batch: one compiled kernel
+    def _dropout_a_kernel(x_ptr, a_ptr, h_ptr, bits_ptr, n, k: tl.constexpr, r, sx, sa, sh, sb, seed, thr, scale,
+                          BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr):
+        # k, the features, a compile-time constant: a layer's width is fixed, and Triton 3.6's interpreter (the
+        # tests) cannot take a run-time value as a range() bound under numpy >= 2.4
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        in_rows = rows < n
+        ranks = tl.arange(0, RP)
+        groups_per_row = (k + 7) // 8
+        words = (k + 31) // 32
+        acc = tl.zeros((BM, RP), dtype=tl.float32)
+        for k0 in range(0, k, BK):
+            cols = k0 + tl.arange(0, BK)
+            in_cols = cols < k
+            x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=in_rows[:, None] & in_cols[None, :],
+                        other=0.0)
+            keep = _keep_tile(seed, rows, k0, groups_per_row, thr, BM, BK) & in_cols[None, :]
+            a = tl.load(a_ptr + ranks[None, :] * sa + cols[:, None], mask=(ranks[None, :] < r) & in_cols[:, None],
+                        other=0.0)  # (BK, RP): A transposed
+            dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(a.dtype)
+            acc += tl.dot(dropped, a, input_precision=PRECISION)
+            shifts = tl.arange(0, 32)
+            packed = tl.sum(tl.reshape(keep.to(tl.int32), (BM, BK // 32, 32)) << shifts[None, None, :], axis=2)
+            w = k0 // 32 + tl.arange(0, BK // 32)
+            tl.store(bits_ptr + rows[:, None] * sb + w[None, :], packed, mask=in_rows[:, None] & (w[None, :] < words))
+        tl.store(h_ptr + rows[:, None] * sh + ranks[None, :], acc.to(h_ptr.dtype.element_ty),
+                 mask=in_rows[:, None] & (ranks[None, :] < r))
+
+    @triton.jit(do_not_specialize=["n"])
+    def _masked_dh_a_kernel(dh_ptr, a_ptr, bits_ptr, out_ptr, n, k: tl.constexpr, r, sd, sa, sb, so, scale,
+                            BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BK + tl.arange(0, BK)
+        ranks = tl.arange(0, RP)
+        in_rows, in_cols = rows < n, cols < k
+        dh = tl.load(dh_ptr + rows[:, None] * sd + ranks[None, :], mask=in_rows[:, None] & (ranks[None, :] < r),
+                     other=0.0)
+        a = tl.load(a_ptr + ranks[:, None] * sa + cols[None, :], mask=(ranks[:, None] < r) & in_cols[None, :],
+                    other=0.0)
+        w = tl.program_id(1) * (BK // 32) + tl.arange(0, BK // 32)
+        words = tl.load(bits_ptr + rows[:, None] * sb + w[None, :], mask=in_rows[:, None] & (w[None, :] * 32 < k),
+                        other=0)
+        keep = _words_to_keep(words, BM, BK)
+        out = tl.where(keep, tl.dot(dh, a, input_precision=PRECISION) * scale, 0.0)
+        tl.store(out_ptr + rows[:, None] * so + cols[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=in_rows[:, None] & in_cols[None, :])
+
+    @triton.jit(do_not_specialize=["n"])
+    def _dh_t_dropped_kernel(dh_ptr, x_ptr, bits_ptr, part_ptr, n, k: tl.constexpr, r, sd, sx, sb, sp0, sp1, scale,
+                             ROWS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+                             PRECISION: tl.constexpr):
+        cols = tl.program_id(0) * BK + tl.arange(0, BK)
+        in_cols = cols < k
+        ranks = tl.arange(0, RP)
+        w = tl.program_id(0) * (BK // 32) + tl.arange(0, BK // 32)
+        start = tl.program_id(1) * ROWS
+        acc = tl.zeros((RP, BK), dtype=tl.float32)
+        for i in range(ROWS // BM):  # rows past n (the last split's) are masked
+            rows = start + i * BM + tl.arange(0, BM)
+            in_rows = rows < n
+            dh = tl.load(dh_ptr + rows[:, None] * sd + ranks[None, :], mask=in_rows[:, None] & (ranks[None, :] < r),
+                         other=0.0)
+            x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=in_rows[:, None] & in_cols[None, :],
+                        other=0.0)
+            words = tl.load(bits_ptr + rows[:, None] * sb + w[None, :],
+                            mask=in_rows[:, None] & (w[None, :] * 32 < k), other=0)
+            dropped = tl.where(_words_to_keep(words, BM, BK), x.to(tl.float32) * scale, 0.0).to(dh.dtype)
+            acc += tl.dot(tl.trans(dh), dropped, input_precision=PRECISION)
+        tl.store(part_ptr + tl.program_id(1) * sp0 + ranks[:, None] * sp1 + cols[None, :], acc,
+                 mask=(ranks[:, None] < r) & in_cols[None, :])
+
+
+def dropout_a(x: torch.Tensor, a: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`dropout(x) @ a.T` in a's dtype, the packed keep bits) for x (tokens, in) of any float dtype (the dropped
+    values rounded to a's dtype, as autocast's multiply would take them) and a (r, in) in the compute dtype."""
+    n, k = x.shape
+    r = a.shape[0]
+    seed = draw_philox(x)
+    h = torch.empty(n, r, device=x.device, dtype=a.dtype)
+    bits = torch.empty(n, (k + 31) // 32, device=x.device, dtype=torch.int32)
+    _dropout_a_kernel[(triton.cdiv(n, BM),)](
+        x, a, h, bits, n, k, r, x.stride(0), a.stride(0), h.stride(0), bits.stride(0), seed, threshold(p),
+        drop_scale(p), BM=BM, BK=BK, RP=_pad_rank(r), PRECISION=_precision(a), num_warps=4, num_stages=3)
+    return h, bits
+
+
+def masked_dh_a(dh: torch.Tensor, a: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Tensor:
+    """`keep * (dh @ a) / (1 - p)`, (tokens, in) in dh's dtype: the gradient of the dropout's input."""
+    n, r = dh.shape
+    k = a.shape[1]
+    out = torch.empty(n, k, device=dh.device, dtype=dh.dtype)
+    _masked_dh_a_kernel[(triton.cdiv(n, BM * 2), triton.cdiv(k, BK))](
+        dh, a, bits, out, n, k, r, dh.stride(0), a.stride(0), bits.stride(0), out.stride(0), drop_scale(p),
+        BM=BM * 2, BK=BK, RP=_pad_rank(r), PRECISION=_precision(dh), num_warps=4)
+    return out
+
+
+def dh_t_dropped(dh: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Tensor:
+    """`dh.T @ dropout(x)`, (r, in) in float32: A's gradient, the dropped values rebuilt from x and the bits."""
+    n, r = dh.shape
+    k = x.shape[1]
+    splits = triton.cdiv(n, ROWS_PER_SPLIT)
+    parts = torch.empty(splits, r, k, device=dh.device, dtype=torch.float32)
+    _dh_t_dropped_kernel[(triton.cdiv(k, BK), splits)](
+        dh, x, bits, parts, n, k, r, dh.stride(0), x.stride(0), bits.stride(0), parts.stride(0), parts.stride(1),
+        drop_scale(p), ROWS=ROWS_PER_SPLIT, BM=BM * 2, BK=BK, RP=_pad_rank(r), PRECISION=_precision(dh), num_warps=4,
+        num_stages=3)
+    return parts.sum(0) if splits > 1 else parts[0]
