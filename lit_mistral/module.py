@@ -186,7 +186,8 @@ class QLoRAModule(LightningModule):
         loss = loss_sum / max(count, 1)
         if self.trainer.accumulate_grad_batches == 1:
             # decided after backward (`on_after_backward`): deciding here would make the CPU wait for the forward
-            # to finish and the GPU wait, idle, for the backward's first kernels
+            # to finish and the GPU wait, idle, for the backward's first kernels. A batch in parts decides there too:
+            # the decision is a collective, which every process must reach at the same point
             self._undecided = (loss.detach(), batch_idx, count)
             return loss
         if self._nonfinite(loss, batch_idx):  # other batches' gradients are in .grad: this one's must not join them
@@ -204,7 +205,7 @@ class QLoRAModule(LightningModule):
         if self._nonfinite(loss, batch_idx):
             self.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient: no update
             return
-        self.log("train/loss", loss, prog_bar=True, batch_size=count)
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(count))
 
     def _step_in_parts(self, parts: list[dict], batch: dict, batch_idx: int) -> torch.Tensor | None:
         """A batch in parts (`compute.micro_batch_tokens`): backward on each part but the last here, the last by
@@ -229,6 +230,9 @@ class QLoRAModule(LightningModule):
             total += part_sum.detach()
         part_sum, _ = self.loss_sum(parts[-1])
         loss = (total + part_sum.detach()) / count
+        if accumulate == 1:  # as for a whole batch: every process decides at the same point, after backward
+            self._undecided = (loss, batch_idx, count)
+            return part_sum / count
         if self._nonfinite(loss, batch_idx):
             self.zero_grad(set_to_none=True)  # the earlier parts' gradients must not reach the optimizer
             return None
