@@ -104,7 +104,7 @@ class QLoRAModule(LightningModule):
         self.auto_micro_tokens: int | None = None  # `micro_batch_tokens: auto`: likewise (None: whole batches)
         self.auto_micro_restored = False  # auto_micro_tokens came from the checkpoint resumed
         self._grads_from_parts = False  # this step's first parts left their gradients in .grad (`optimizer_zero_grad`)
-        self._undecided: tuple | None = None  # a whole batch's loss whose finiteness `on_after_backward` decides
+        self._undecided: tuple | None = None  # a batch's loss whose finiteness `on_after_backward` decides
 
     # -- the model ---------------------------------------------------------------------------------------------------
 
@@ -196,8 +196,9 @@ class QLoRAModule(LightningModule):
         return loss
 
     def on_after_backward(self) -> None:
-        """A whole batch's finite loss logged, or (NaN/inf) training stopped or the batch's gradients dropped before
-        the optimizer steps on them: the decision `training_step` left (its gradients alone are in .grad)."""
+        """A batch's finite loss logged, or (NaN/inf) training stopped or the batch's gradients (of all its parts)
+        dropped before the optimizer steps on them: the decision `training_step` left when no other batch's
+        gradients are in .grad (no gradient accumulation)."""
         if self._undecided is None:
             return
         loss, batch_idx, count = self._undecided

@@ -91,12 +91,14 @@ def run_layers(device: str, dtype: torch.dtype, p: float) -> dict:
         return h, bits
 
     lora_kernels.dropout_a = recording
-    model.train()
-    x = torch.randn(2, 5, 64, device=device, requires_grad=True)
-    with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-        out = model(x).float()
-    out.square().sum().backward()
-    lora_kernels.dropout_a = draw
+    try:
+        model.train()
+        x = torch.randn(2, 5, 64, device=device, requires_grad=True)
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            out = model(x).float()
+        out.square().sum().backward()
+    finally:
+        lora_kernels.dropout_a = draw
     state = {n: p.detach().cpu() for n, p in model.named_parameters()}
     grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
     return {"x": x.detach().cpu(), "out": out.detach().cpu(), "x_grad": x.grad.cpu(), "state": state,

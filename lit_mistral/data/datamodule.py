@@ -330,8 +330,9 @@ class InstructionDataModule(LightningDataModule):
 
     def _to_gpu(self) -> bool:
         """Whether batches go to a CUDA device: then they are collated into pinned memory, so that their copy to the
-        GPU is queued behind the running step (from pageable memory CUDA waits for the step to finish first, and
-        the GPU idles while the CPU catches up: ~6 ms per qlora-fast step, BENCHMARKS.md 2026-12-02)."""
+        GPU is queued behind the running step (from pageable memory CUDA waits for the step to finish first; a
+        qlora-fast profile put ~6 ms of idle GPU per step before the copies. Pinning measured no change in tokens/s:
+        BENCHMARKS.md, 2026-12-02, fourth session)."""
         return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     def val_dataloader(self) -> DataLoader:

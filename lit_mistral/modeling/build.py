@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lit_mistral.config import DTYPES, Compute, LoRA, Quantization
 from lit_mistral.errors import LitMistralError
-from lit_mistral.modeling import prefetch
+from lit_mistral.modeling import lora_kernels, prefetch
 from lit_mistral.modeling.adapters import check_targets, load_adapter
 from lit_mistral.modeling.fused_lora import use_fused_lora
 from lit_mistral.modeling.random_base import random_quantized_model
@@ -126,7 +126,7 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
         use_fused_lora(model, regenerate, spec.compute.shared_dropout, spec.compute.dropout_kernel)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dropout = training and spec.lora.dropout > 0
-    kernel = dropout and spec.compute.fused_lora and spec.compute.dropout_kernel and device.type == "cuda"
+    kernel = dropout and spec.compute.fused_lora and spec.compute.dropout_kernel and lora_kernels.available(device)
     notes = "; LoRA dropout masks drawn again in backward" if dropout and regenerate and not kernel else ""
     if dropout and spec.compute.fused_lora and spec.compute.shared_dropout:
         notes += "; one LoRA dropout mask per shared input (q/k/v, gate/up)"

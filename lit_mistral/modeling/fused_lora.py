@@ -156,11 +156,13 @@ class _LoRALinear(torch.autograd.Function):
         ctx.kernel = kernel
         if kernel:  # the dropout drawn inside the multiply: only the (tokens, sum of r) result and the mask's bits
             flat = flat.contiguous()
-            h, mask = lora_kernels.dropout_a(flat, _stacked(a_s, dtype).contiguous(), p)
-            dropped = flat  # kept for backward, which rebuilds the dropped values from it and the bits
+            h, mask = lora_kernels.dropout_a(flat, _stacked(a_s, dtype), p)
+            kept = flat  # backward rebuilds the dropped values from the input and the bits
         else:
             dropped, mask = _dropout(ctx, flat, p, regenerate)
             h = dropped.to(dtype) @ _stacked(a_s, dtype).t()  # (tokens, sum of r)
+            # regenerating: the input (shared by the adapters of one layer input); else the dropout's output and mask
+            kept, mask = (flat, None) if p > 0 and regenerate else (dropped, mask)
         results, start = [], 0
         for (base, kind, _), b, r, scale in zip(members, b_s, ranks, scales):
             block = h[:, start:start + r]
@@ -171,8 +173,7 @@ class _LoRALinear(torch.autograd.Function):
                        for base, kind, _ in members]
         ctx.scales, ctx.ranks, ctx.dtype, ctx.p = scales, ranks, dtype, p
         ctx.x_shape, ctx.x_dtype, ctx.regenerate = x.shape, x.dtype, p > 0 and regenerate and not kernel
-        # regenerating: the input (shared by the adapters of one layer input); else the dropout's output and mask
-        ctx.save_for_backward(flat if ctx.regenerate else dropped, None if ctx.regenerate else mask, h, *a_s, *b_s)
+        ctx.save_for_backward(kept, mask, h, *a_s, *b_s)
         return tuple(results)
 
     @staticmethod
@@ -204,7 +205,7 @@ class _LoRALinear(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             if ctx.kernel:  # (tokens, in): the gradient of the dropout's input, masked as it is written
-                gx = lora_kernels.masked_dh_a(dh, _stacked(a_s, dtype).contiguous(), mask, ctx.p)
+                gx = lora_kernels.masked_dh_a(dh, _stacked(a_s, dtype), mask, ctx.p)
             else:
                 gx = dh @ _stacked(a_s, dtype)  # (tokens, in): the gradient of the dropout's output
                 if mask is not None:
@@ -284,7 +285,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 def _kernel(layer, x: torch.Tensor, p: float) -> bool:
     """Whether the dropout runs inside the multiply by A (`lora_kernels`): asked for, dropout on, on CUDA (or in
     Triton's interpreter, for tests)."""
-    return layer._dropout_kernel and p > 0 and lora_kernels.available(x)
+    return layer._dropout_kernel and p > 0 and lora_kernels.available(x.device)
 
 
 def use_fused_lora(model: torch.nn.Module, regenerate_dropout: bool = False, shared_dropout: bool = False,

@@ -19,6 +19,8 @@ torch's dropout would draw.
 Written by hand because neither torch (dropout and matmul are separate kernels; torch.compile does not fuse a
 matmul's input with random draws) nor peft, Liger or bitsandbytes offer a dropout fused into the LoRA multiply."""
 
+import os
+
 import torch
 
 try:
@@ -31,13 +33,12 @@ BM, BK = 32, 128  # rows x input features per tile (BK a multiple of 32: one bit
 ROWS_PER_SPLIT = 1024  # `dh_t_dropped`: rows each program sums over (a multiple of BM)
 STREAM = 0x5DEECE66D  # mixed into the generator's seed: these draws never share a Philox key with torch's own
 GOLDEN = 0x9E3779B97F4A7C15  # odd: spreads consecutive generator offsets over the keys
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as Triton itself does at its import
 
 
-def available(x: torch.Tensor) -> bool:
-    """Whether these kernels can run on `x` (CUDA and Triton; or Triton's interpreter, for tests)."""
-    import os
-
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+def available(device: torch.device) -> bool:
+    """Whether these kernels can run on `device` (CUDA and Triton; or Triton's interpreter, for tests)."""
+    return triton is not None and (device.type == "cuda" or INTERPRETED)
 
 
 def threshold(p: float) -> int:
