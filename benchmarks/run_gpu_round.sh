@@ -26,6 +26,8 @@
 #               the GPU tests, .before/ qlora-fast (the machine's first fit: keeps the 4-bit copy), this checkout's
 #               qlora-fast per-adapter masks and shared masks (STEPS, the losses side by side), .before/ again (the
 #               time to the first step before the prefetch, warm), the profile of a shared-masks step
+# PART=offload decoder layers that keep their activations in CPU memory (compute.offload_layers): the GPU tests, the
+#               link's copy rates, the 16 GiB mode with OFFLOADS layers offloaded
 # PART=kernel   LoRA dropout inside the multiply by A (compute.dropout_kernel) and a step without waits on the GPU
 #               (the loss gathered at positions found while collating, pinned batches, the NaN check after backward):
 #               the GPU tests, the kernels against torch's dropout and multiplies (bench_lora_kernels.py), qlora-fast
@@ -88,6 +90,17 @@ fit_logged() {  # LABEL CONFIG STEPS FLAGS LOG: one fit through bench_cli (its f
   grep -h "=auto\|Time to the first\|Loaded" /tmp/bench-cli/$1/fit-*.log | cut -c1-900 | tee -a "$OUT/$5"
 }
 case "${PART:-check}" in
+offload)
+  # decoder layers that keep their activations in CPU memory (compute.offload_layers): the GPU tests, the link's
+  # copy rates (probe_link.py), then qlora-24gb's 16 GiB mode with 8, 12, 16 layers offloaded (the rest auto) and a
+  # fixed layout
+  gpu_tests "offload or lora_kernels" 120
+  python3 benchmarks/probe_link.py --gib 1 | tee -a "$OUT/link.jsonl"
+  AUTO16="--model.compute.checkpoint_layers auto --model.compute.memory_budget_gib 16"
+  for n in ${OFFLOADS:-12 8 16}; do
+    fit_logged off$n-auto16 qlora-24gb ${STEPS:-12} "$AUTO16 --model.compute.offload_layers $n" offload.txt
+  done
+  ;;
 round1)
   python3 -c "import torch, os, glob; d = os.path.dirname(torch.__file__); print('torch dir writable', os.access(d, os.W_OK), 'pyc files', len(glob.glob(d + '/**/__pycache__/*.pyc', recursive=True)))" | tee "$OUT/bytecode.txt"
   IMPORTS=$IMPORTS_ALL

@@ -87,6 +87,14 @@ class Compute:
             the activations of the rest: spend spare memory on speed. None: all layers. `auto`: as few as fit, found
             by measuring a few training passes at the start of fit (`modeling/autofit.py`; on a GPU), logged and
             kept in checkpoints for a resumed run.
+        offload_layers: With gradient checkpointing, this many decoder layers keep their activations in the CPU's
+            (pinned) memory instead of recomputing them: copied out during forward and back before their backward, on
+            CUDA streams of their own, alongside the computation (`lit_mistral/modeling/offload.py`). They are spread
+            among the first `checkpoint_layers + offload_layers` layers, whose recomputation hides the copies; the
+            rest keep their activations on the GPU. Each takes about its activations' size in CPU memory (Mistral-7B
+            at 16,384 tokens per step: ~1.5 GiB) and the link's time to copy them twice: worth it while that hides
+            behind the other layers' work. `checkpoint_layers` counts the layers that recompute (`auto`: of those not
+            offloaded). 0: none.
         memory_budget_gib: With `checkpoint_layers` or `micro_batch_tokens` `auto`, the GPU memory the run may take
             (e.g. 24 on a shared or larger GPU). None: what the GPU has.
         micro_batch_tokens: Tokens per forward and backward pass: each training batch (`data.max_tokens` or
@@ -130,6 +138,7 @@ class Compute:
     attn_implementation: str = "lit_varlen"
     gradient_checkpointing: bool = True
     checkpoint_layers: int | Literal["auto"] | None = None
+    offload_layers: int = 0
     memory_budget_gib: float | None = None
     micro_batch_tokens: int | Literal["auto"] | None = None
     kernels: Literal["liger"] | None = None
@@ -158,6 +167,9 @@ class Compute:
                                                                   not self.gradient_checkpointing):
             problems.append(f"model.compute.checkpoint_layers={self.checkpoint_layers}: needs "
                             "model.compute.gradient_checkpointing=true and a count >= 0")
+        if self.offload_layers and (self.offload_layers < 0 or not self.gradient_checkpointing):
+            problems.append(f"model.compute.offload_layers={self.offload_layers}: needs "
+                            "model.compute.gradient_checkpointing=true and a count >= 0")
         if self.dropout_masks == "regenerate" and not self.fused_lora:
             problems.append("model.compute.dropout_masks=regenerate: needs model.compute.fused_lora=true (the fused "
                             "forward draws the masks again); set it, or dropout_masks keep")
@@ -175,7 +187,8 @@ class Compute:
         """Whether LoRA dropout draws its masks again in backward (`dropout_masks`, `auto` resolved)."""
         if self.dropout_masks != "auto":
             return self.dropout_masks == "regenerate"
-        some_layers_keep = self.gradient_checkpointing and self.checkpoint_layers is not None
+        some_layers_keep = self.gradient_checkpointing and (self.checkpoint_layers is not None or
+                                                            self.offload_layers > 0)
         return self.fused_lora and (some_layers_keep or self.micro_batch_tokens == "auto")
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:

@@ -142,7 +142,7 @@ def _training_pass(module, batch: dict, layers: int | None) -> tuple[int | None,
     checkpointed (None: as the model is set up): the CUDA allocator's peak (None if it ran out of memory) and the
     seconds it took. Gradients are dropped after; the random state (dropout) is left as it was."""
     if layers is not None:
-        set_checkpointing(module.model, layers)
+        set_checkpointing(module.model, layers, module.spec.compute.offload_layers)
     device = module.device
     with torch.random.fork_rng(devices=[device]):
         try:
@@ -198,7 +198,8 @@ def fit_memory(module) -> None:
     auto_micro = compute.micro_batch_tokens == "auto"
     if not (auto_layers or auto_micro):
         return  # nothing to choose: the settings say it all
-    total = len(checkpointable_layers(module.model))
+    count = len(checkpointable_layers(module.model))
+    total = count - min(compute.offload_layers, count)  # the layers that may recompute: all but the offloaded ones
     # what stays fixed: the configured layer count (None: all; no checkpointing: none), the configured part size
     layers = (module.auto_checkpoint_layers if auto_layers else
               total if compute.gradient_checkpointing and compute.checkpoint_layers is None else
@@ -215,9 +216,9 @@ def fit_memory(module) -> None:
     if auto_layers:
         layers = int(module.trainer.strategy.reduce(torch.tensor(layers, device=module.device), reduce_op="max"))
         module.auto_checkpoint_layers = layers
-        set_checkpointing(module.model, layers)
-        rank_zero_info(f"model.compute.checkpoint_layers=auto: {layers} of {total} decoder layers recompute their "
-                       f"activations ({how}).")
+        set_checkpointing(module.model, layers, compute.offload_layers)
+        rank_zero_info(f"model.compute.checkpoint_layers=auto: {layers} of {_shown_total(module)} decoder layers "
+                       f"recompute their activations ({how}).")
     if auto_micro:
         whole = 2**62  # stands for None (whole batches) in the reduction
         size = -int(module.trainer.strategy.reduce(torch.tensor(-(size or whole), device=module.device),
@@ -225,8 +226,15 @@ def fit_memory(module) -> None:
         size = None if size == whole else size
         module.auto_micro_tokens = size
         shown = "whole batches" if size is None else f"parts of at most {size:,} tokens"
-        rank_zero_info(f"model.compute.micro_batch_tokens=auto: {shown}, {layers} of {total} decoder layers "
-                       f"recomputing their activations ({how}).")
+        rank_zero_info(f"model.compute.micro_batch_tokens=auto: {shown}, {layers} of {_shown_total(module)} decoder "
+                       f"layers recomputing their activations ({how}).")
+
+
+def _shown_total(module) -> str:
+    """The decoder layers' count, and how many of them offload their activations, for the log."""
+    total = len(checkpointable_layers(module.model))
+    offload = min(module.spec.compute.offload_layers, total)
+    return f"{total} ({offload} offloading theirs to CPU memory)" if offload else str(total)
 
 
 def _measure(module, total: int, layers: int | None, size: int | None, auto_layers: bool,

@@ -15,6 +15,7 @@ from lit_mistral.errors import LitMistralError
 from lit_mistral.modeling import lora_kernels, prefetch
 from lit_mistral.modeling.adapters import check_targets, load_adapter
 from lit_mistral.modeling.fused_lora import use_fused_lora
+from lit_mistral.modeling.offload import ActivationOffload
 from lit_mistral.modeling.random_base import random_quantized_model
 from lit_mistral.registry import register
 from lit_mistral.sources import load_tokenizer, model_folder, quantized_copy, random_init_folder, save_quantized_copy
@@ -115,7 +116,8 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
         apply_kernels(model, required=training)
     if spec.compute.gradient_checkpointing:
         layers = spec.compute.checkpoint_layers
-        set_checkpointing(model, None if layers == "auto" else layers)  # auto: all until fit measures (autofit.py)
+        # auto: all but the offloaded until fit measures (autofit.py)
+        set_checkpointing(model, None if layers == "auto" else layers, spec.compute.offload_layers)
     if spec.adapter_path is not None:
         model = load_adapter(model, spec.adapter_path, spec.name_or_path)
     else:
@@ -196,18 +198,31 @@ def checkpointable_layers(model) -> list:
             type(m).__name__.endswith(("DecoderLayer", "Block"))]
 
 
-def set_checkpointing(model, layers: int | None) -> None:
-    """Recompute the activations of the first `layers` decoder layers in backward (all when None)."""
+def set_checkpointing(model, layers: int | None, offload: int = 0) -> None:
+    """Recompute the activations of `layers` decoder layers in backward (None: all but the offloaded ones), keep
+    those of `offload` layers in CPU memory (`offload.py`), and those of the rest on the GPU. The offloaded layers are
+    spread evenly among the first `layers + offload`, which recompute otherwise (their work hides the copies); the
+    last layers keep their activations on the GPU (their backward follows forward at once)."""
     # transformers >= 5.20 renamed the switch (and warns on the old name); 5.17 has only the old one
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if layers is not None:
+    blocks = checkpointable_layers(model)
+    if layers is None and not offload:
+        return  # every layer recomputes (transformers' switch above)
+    offload = min(offload, len(blocks))
+    layers = len(blocks) - offload if layers is None else min(layers, len(blocks) - offload)
+    spread = layers + offload
+    offloaded = {k * spread // offload for k in range(offload)}
+    if offload:
+        ActivationOffload.install(model, blocks)
+    for i, block in enumerate(blocks):
         # per-layer flag of transformers' GradientCheckpointingLayer: the rest keep their activations
-        for i, block in enumerate(checkpointable_layers(model)):
-            block.gradient_checkpointing = i < layers
+        block.gradient_checkpointing = i < spread and i not in offloaded
+        if offload or hasattr(block, "offload_activations"):
+            block.offload_activations = i in offloaded
 
 
 def decoder(model) -> torch.nn.Module:

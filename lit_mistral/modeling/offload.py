@@ -1,0 +1,203 @@
+"""`--model.compute.offload_layers`: decoder layers that keep the activations their backward needs in the CPU's
+memory, instead of recomputing them (`checkpoint_layers`) or holding them on the GPU.
+
+In training, every tensor such a layer saves for backward (of `MIN_BYTES` or more, not a parameter) is copied during
+forward into pinned CPU memory on a stream of its own, overlapping the layers computed after it; its GPU memory is
+let go once the copy is done. When a decoder layer's backward begins (the gradient of its output arrives), the
+nearest offloaded layer below it is copied back on another stream, so that it is on the GPU when its own backward
+comes. `build.set_checkpointing` spreads the offloaded layers among the recomputing ones, whose work (their forward;
+in backward, their recomputation) hides the copies; the last layers, whose backward follows forward at once, keep
+their activations on the GPU.
+
+Written by hand because torch's `torch.autograd.graph.save_on_cpu` copies on the computing stream: in forward each
+copy waits, and in backward each tensor comes back only when its node runs. At a PCIe link's tens of GB/s, a
+Mistral-7B layer's ~1.5 GiB at 16,384 tokens would stall the GPU tens of ms each way. On the CPU (tests) the same
+bookkeeping runs, with copies in the same memory."""
+
+import weakref
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from lit_mistral.errors import LitMistralError
+
+MIN_BYTES = 1 << 20  # smaller saved tensors stay where they are (a norm's statistics): not worth a copy
+
+
+class _Entry:
+    """One span of memory a layer saved: in CPU memory (`cpu`) until fetched for backward, then on its device again
+    (`gpu`, with the event that marks the copy done); flat, laid out as on the device, so views come back with their
+    strides."""
+
+    def __init__(self, cpu: torch.Tensor) -> None:
+        self.cpu: torch.Tensor | None = cpu
+        self.gpu: torch.Tensor | None = None
+        self.arrived: torch.cuda.Event | None = None
+
+
+@dataclass
+class _Handle:
+    """What autograd keeps of a saved tensor of an offloaded layer: the entry and the tensor's view of it."""
+
+    layer: int
+    entry: _Entry
+    size: torch.Size
+    stride: tuple
+
+
+@dataclass
+class _Pass:
+    """An offloaded layer's state in one training pass: its entries by span while its forward runs, with the tensors
+    they were copied from (held until the forward's end, so that no other tensor of it takes their address and is
+    mistaken for them), then weak references to the entries (autograd's handles own them, and let go of them after
+    the layer's backward); the event that marks the copies to the CPU done (CUDA)."""
+
+    entries: dict = field(default_factory=dict)
+    kept: list = field(default_factory=list)
+    copied: torch.cuda.Event | None = None
+
+
+class ActivationOffload:
+    """Offloads the activations of the decoder layers flagged `offload_activations` (`build.set_checkpointing` sets
+    the flags); installed once per model by `install`, acting in training passes only."""
+
+    def __init__(self, model: torch.nn.Module, layers: list[torch.nn.Module]) -> None:
+        self.model, self.layers = model, layers
+        self.passes: dict[int, _Pass] = {}  # offloaded layer -> its state, from its forward until it is fetched
+        self.contexts: dict[int, torch.autograd.graph.saved_tensors_hooks] = {}
+        self.params: set[int] = set()  # the parameters' memory, never copied
+        self.streams: tuple | None = None  # (to the CPU, back to the GPU), made at the first CUDA copy
+        self.device: torch.device | None = None
+
+    @classmethod
+    def install(cls, model: torch.nn.Module, layers: list[torch.nn.Module]) -> "ActivationOffload":
+        """The offloader of `model` (hooks on each of `layers`, its decoder layers in order), made at the first call."""
+        existing = getattr(model, "_activation_offload", None)
+        if existing is not None:
+            return existing
+        offload = cls(model, layers)
+        for i, layer in enumerate(layers):
+            layer.offload_activations = getattr(layer, "offload_activations", False)
+            layer.register_forward_pre_hook(partial(offload._enter, i))
+            layer.register_forward_hook(partial(offload._exit, i), always_call=True)
+        model._activation_offload = offload
+        return offload
+
+    def offloaded(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if layer.offload_activations]
+
+    # -- forward: copy out -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _training(layer: torch.nn.Module) -> bool:
+        return layer.training and torch.is_grad_enabled()
+
+    def _enter(self, i: int, layer: torch.nn.Module, args) -> None:
+        if not (layer.offload_activations and self._training(layer)):
+            return
+        if i == self.offloaded()[0]:  # a new pass
+            self.params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        self.passes[i] = _Pass()
+        hooks = torch.autograd.graph.saved_tensors_hooks(partial(self._pack, i), self._unpack)
+        hooks.__enter__()
+        self.contexts[i] = hooks
+
+    def _exit(self, i: int, layer: torch.nn.Module, args, output) -> None:
+        hooks = self.contexts.pop(i, None)
+        if hooks is not None:
+            hooks.__exit__(None, None, None)
+            state = self.passes[i]
+            state.kept = [weakref.ref(e) for e, _ in state.entries.values()]
+            state.entries = {}
+            if self.streams is not None:
+                state.copied = self.streams[0].record_event()
+        if not self._training(layer) or not self.passes:
+            return
+        out = output[0] if isinstance(output, tuple) else output
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(partial(self._backward_reached, i))
+
+    def _pack(self, i: int, t: torch.Tensor):
+        nbytes = t.numel() * t.element_size()
+        if nbytes < MIN_BYTES or not _dense(t) or t.untyped_storage().data_ptr() in self.params:
+            return t
+        entries = self.passes[i].entries
+        key = (t.data_ptr(), nbytes, t.dtype)  # views of one span (a reshape of it) share one copy
+        if key not in entries:
+            entries[key] = (_Entry(self._copy_out(_span(t))), t)
+        entry = entries[key][0]
+        return _Handle(i, entry, t.size(), t.stride())
+
+    def _copy_out(self, span: torch.Tensor) -> torch.Tensor:
+        if span.device.type != "cuda":
+            return span.clone()
+        if self.streams is None:
+            self.streams, self.device = (torch.cuda.Stream(span.device), torch.cuda.Stream(span.device)), span.device
+        try:
+            cpu = torch.empty(span.shape, dtype=span.dtype, pin_memory=True)
+        except RuntimeError as err:
+            raise LitMistralError(
+                f"model.compute.offload_layers: could not pin {span.numel() * span.element_size():,} bytes of CPU "
+                f"memory for a layer's activations ({str(err).strip().splitlines()[0][:200]}). Fix: fewer "
+                "--model.compute.offload_layers (each takes ~its activations' size in CPU memory), or 0.") from None
+        out_stream = self.streams[0]
+        out_stream.wait_stream(torch.cuda.current_stream(span.device))  # after the kernels that wrote it
+        with torch.cuda.stream(out_stream):
+            cpu.copy_(span, non_blocking=True)
+        span.record_stream(out_stream)  # its memory is not handed out again before the copy is done
+        return cpu
+
+    # -- backward: copy back -----------------------------------------------------------------------------------------
+    def _backward_reached(self, i: int, grad: torch.Tensor) -> None:
+        """Layer `i`'s backward begins: fetch the nearest offloaded layer at or below it not yet fetched, and the
+        next one below too if that is layer `i` itself (its backward is now)."""
+        below = sorted((j for j in self.passes if j <= i), reverse=True)
+        for j in below[:2 if below and below[0] == i else 1]:
+            self._fetch(j)
+
+    def _fetch(self, i: int) -> None:
+        """Bring layer `i`'s entries that autograd still holds back to their device (CUDA: on the copy stream, after
+        their copies out are done)."""
+        state = self.passes.pop(i, None)
+        if state is None:
+            return
+        entries = [e for e in (ref() for ref in state.kept) if e is not None and e.gpu is None]
+        if self.streams is None or not entries:
+            for e in entries:
+                e.gpu, e.cpu = e.cpu.clone(), None
+            return
+        back = self.streams[1]
+        if state.copied is not None:
+            back.wait_event(state.copied)
+        with torch.cuda.stream(back):
+            for e in entries:
+                e.gpu, e.cpu = e.cpu.to(self.device, non_blocking=True), None
+            arrived = back.record_event()
+        for e in entries:
+            e.arrived = arrived
+
+    def _unpack(self, handle):
+        if not isinstance(handle, _Handle):
+            return handle
+        entry = handle.entry
+        if entry.gpu is None:  # no backward hook fetched it ahead (a backward not through the layer's output)
+            self._fetch(handle.layer)
+        if entry.arrived is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(entry.arrived)
+            entry.gpu.record_stream(current)  # allocated on the copy stream, read on this one
+        return entry.gpu.as_strided(handle.size, handle.stride)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether `t`'s elements fill one span of memory without gaps (contiguous, or a permutation of contiguous
+    dimensions): the span is copied as it lies."""
+    if t.is_contiguous():
+        return True
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True) if n > 1)
+    return all(s > 0 for s in t.stride()) and span == t.numel()
+
+
+def _span(t: torch.Tensor) -> torch.Tensor:
+    """The memory `t` covers, as a flat tensor in storage order (no copy)."""
+    return t.detach().as_strided((t.numel(),), (1,))

@@ -1,0 +1,169 @@
+"""`compute.offload_layers`: decoder layers that keep their activations in CPU memory. Where the layers go
+(recompute, offload, keep), the same loss and gradients as keeping everything on the device (on the CPU the copies
+are in the same memory: the bookkeeping is what is tested; on a GPU the streams and pinned copies too), views that
+come back with their strides, and the settings' checks."""
+
+import pytest
+import torch
+
+from lit_mistral.config import Compute
+from lit_mistral.modeling import offload as offload_module
+from lit_mistral.modeling.build import checkpointable_layers, set_checkpointing
+from tests.conftest import make_module
+
+
+def tiny_mistral(layers: int = 6, hidden: int = 64, device: str = "cpu"):
+    """A random Mistral with only the down projections training (a gradient per layer to compare)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=100, use_cache=False)
+    model = MistralForCausalLM(config).to(device).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_("down_proj" in name)
+    return model
+
+
+def loss_and_grads(model, ids, layers, offload):
+    set_checkpointing(model, layers, offload)
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), [b.mlp.down_proj.weight.grad.clone() for b in checkpointable_layers(model)]
+
+
+def layout(model) -> str:
+    """Each layer as r (recomputes), o (offloads) or k (keeps on the device)."""
+    return "".join("o" if getattr(b, "offload_activations", False) else "r" if b.gradient_checkpointing else "k"
+                   for b in checkpointable_layers(model))
+
+
+def test_layers_are_spread_and_the_gradients_are_the_same(monkeypatch):
+    """Offloaded layers spread among the recomputing ones, the last layers keeping theirs; every layout gives the
+    loss and gradients of keeping all activations (the copies made, and let go after backward)."""
+    monkeypatch.setattr(offload_module, "MIN_BYTES", 1)  # the tiny model's tensors are small
+    copies = []
+    copy_out = offload_module.ActivationOffload._copy_out
+    monkeypatch.setattr(offload_module.ActivationOffload, "_copy_out",
+                        lambda self, span: copies.append(span.numel()) or copy_out(self, span))
+    model = tiny_mistral()
+    ids = torch.randint(0, 100, (2, 16))
+    ref_loss, ref_grads = loss_and_grads(model, ids, 0, 0)
+    for layers, offload, expected in [(None, 0, "rrrrrr"), (0, 6, "oooooo"), (2, 3, "oorork"), (None, 2, "orrorr"),
+                                      (3, 1, "orrrkk"), (0, 2, "ookkkk")]:
+        copies.clear()
+        loss, grads = loss_and_grads(model, ids, layers, offload)
+        assert layout(model) == expected
+        assert bool(copies) == (offload > 0)
+        assert torch.equal(loss, ref_loss)
+        for got, ref in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        assert getattr(model, "_activation_offload", None) is None or model._activation_offload.passes == {}
+
+
+def test_views_come_back_with_their_strides_and_gapped_ones_stay(monkeypatch):
+    """A transposed (dense) tensor is copied as it lies and comes back transposed; a slice with gaps is not copied;
+    two views of one span share one copy; small tensors stay."""
+    monkeypatch.setattr(offload_module, "MIN_BYTES", 64)
+    seen = []
+
+    class Save(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            wide = x @ x.T  # (n, n)
+            ctx.save_for_backward(wide.T, wide[:, ::2], wide.reshape(-1), wide, x[:1, :1])
+            return wide.sum(dim=1)
+
+        @staticmethod
+        def backward(ctx, grad):
+            transposed, gapped, flat, wide, small = ctx.saved_tensors
+            seen.extend([transposed, gapped, flat, wide, small])
+            return grad[:, None].expand_as(wide).clone()
+
+    class DecoderLayer(torch.nn.Module):
+        gradient_checkpointing = False
+
+        def forward(self, x):
+            return Save.apply(x)
+
+    layer = DecoderLayer()
+    model = torch.nn.Sequential(layer)
+    copies = []
+    copy_out = offload_module.ActivationOffload._copy_out
+    monkeypatch.setattr(offload_module.ActivationOffload, "_copy_out",
+                        lambda self, span: copies.append(span.numel()) or copy_out(self, span))
+    offload = offload_module.ActivationOffload.install(model, [layer])
+    layer.offload_activations = True
+    x = torch.randn(8, 8, requires_grad=True)
+    model(x).sum().backward()
+    transposed, gapped, flat, wide, small = seen
+    expected = x.detach() @ x.detach().T
+    assert torch.equal(transposed, expected.T) and transposed.stride() == (1, 8)
+    assert torch.equal(gapped, expected[:, ::2]) and torch.equal(flat, expected.reshape(-1))
+    assert torch.equal(wide, expected) and small.shape == (1, 1)
+    assert copies == [64]  # wide, its transpose and its reshape: one span, one copy; the slice with gaps stays
+    assert offload.passes == {}
+
+
+def test_a_module_built_with_offloading(tiny_model_dir, monkeypatch):
+    """Through the QLoRA build (4-bit base, fused LoRA, dropout): the flags, and the loss and the adapters'
+    gradients of the same pass with every layer keeping its activations."""
+    monkeypatch.setattr(offload_module, "MIN_BYTES", 1)
+
+    def run(offload):
+        torch.manual_seed(0)  # the same adapters
+        module = make_module(tiny_model_dir, compute={"dtype": "float32", "checkpoint_layers": 0,
+                                                      "offload_layers": offload}).build(torch.device("cpu"))
+        with torch.no_grad():  # B nonzero: gradients reach A and the layers' inputs through the adapters
+            for name, p in module.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        ids = torch.randint(5, 50, (2, 24), generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(1)
+        loss = module.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in module.model.named_parameters() if p.requires_grad}
+        return module, loss.detach(), grads
+
+    module, loss, grads = run(1)
+    assert layout(module.model) == "ok"
+    _, ref_loss, ref_grads = run(0)
+    assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()
+    assert all(grad.abs().sum() > 0 for grad in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=0, msg=name)
+
+
+def test_the_settings_are_checked():
+    assert "offload_layers=2: needs model.compute.gradient_checkpointing=true" in Compute(
+        gradient_checkpointing=False, offload_layers=2).problems(True)[0]
+    assert "a count >= 0" in Compute(offload_layers=-1).problems(True)[0]
+    assert Compute(checkpoint_layers="auto", offload_layers=8, memory_budget_gib=16).problems(True) == []
+    assert Compute(offload_layers=4).regenerate_dropout()  # layers keep activations: the masks are drawn again
+
+
+@pytest.mark.gpu
+def test_offloading_on_a_gpu():
+    """On CUDA: pinned copies on side streams, the same gradients as keeping the activations (float32), and less
+    peak memory than keeping them."""
+    device = "cuda"
+    model = tiny_mistral(layers=8, hidden=512, device=device)
+    ids = torch.randint(0, 100, (4, 1024), device=device)
+
+    def peak(layers, offload):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = loss_and_grads(model, ids, layers, offload)
+        torch.cuda.synchronize()
+        return result, torch.cuda.max_memory_allocated() - before
+
+    (ref_loss, ref_grads), kept = peak(0, 0)
+    (loss, grads), offloaded = peak(0, 6)
+    assert layout(model) == "ooooookk"
+    assert model._activation_offload.streams is not None and model._activation_offload.passes == {}
+    assert torch.equal(loss, ref_loss)
+    for got, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert offloaded < 0.6 * kept, (offloaded, kept)
