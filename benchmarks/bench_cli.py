@@ -98,9 +98,11 @@ def main() -> None:
         s = scalars(run)
         speeds = [v for step, v in s.get("train/tokens_per_s", []) if step > args.warm]
         mem = [v for _, v in s.get("train/peak_mem_gib", [])]
+        recent = [v for step, v in s.get("train/recent_peak_mem_gib", []) if step > args.warm]
         print(json.dumps(dict(kind="fit", label=args.label, config=name, steps=args.steps,
                               tokens_per_s=round(statistics.median(speeds)) if speeds else None,
                               steps_measured=len(speeds), peak_gib=round(max(mem), 1) if mem else None,
+                              steps_peak_gib=round(max(recent), 1) if recent else None,
                               time_to_first_step_s=round(s["train/time_to_first_step_s"][0][1], 1),
                               losses=[round(v, 4) for _, v in s.get("train/loss", [])],
                               wall_s=round(wall))), flush=True)

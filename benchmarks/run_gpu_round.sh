@@ -28,6 +28,7 @@
 #               time to the first step before the prefetch, warm), the profile of a shared-masks step
 # PART=offload decoder layers that keep their activations in CPU memory (compute.offload_layers): the GPU tests, the
 #               link's copy rates, the 16 GiB mode with OFFLOADS layers offloaded
+# PART=offload2 the offloaded layers' memory pass by pass (probe_offload.py), the seed recipe, the 16 GiB mode again
 # PART=kernel   LoRA dropout inside the multiply by A (compute.dropout_kernel) and a step without waits on the GPU
 #               (the loss gathered at positions found while collating, pinned batches, the NaN check after backward):
 #               the GPU tests, the kernels against torch's dropout and multiplies (bench_lora_kernels.py), qlora-fast
@@ -90,6 +91,17 @@ fit_logged() {  # LABEL CONFIG STEPS FLAGS LOG: one fit through bench_cli (its f
   grep -h "=auto\|Time to the first\|Loaded" /tmp/bench-cli/$1/fit-*.log | cut -c1-900 | tee -a "$OUT/$5"
 }
 case "${PART:-check}" in
+offload2)
+  # the offloaded layers' memory pass by pass on the real build (probe_offload.py: which tensors stay alive, bounded
+  # against unbounded copies), the seed recipe, then the 16 GiB mode with OFFLOADS layers offloaded (steps' own peaks)
+  PYTHONPATH=/tmp/site:$PWD timeout 200 python3 benchmarks/probe_offload.py --model "$CKPT" \
+    --layouts ${LAYOUTS:-24,0 16,8 16,8,unbounded 20,12} 2>&1 | grep '^{' | tee -a "$OUT/probe-offload.jsonl"
+  (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  AUTO16="--model.compute.checkpoint_layers auto --model.compute.memory_budget_gib 16"
+  for n in ${OFFLOADS:-12 8}; do
+    fit_logged off$n-auto16 qlora-24gb ${STEPS:-12} "$AUTO16 --model.compute.offload_layers $n" offload.txt
+  done
+  ;;
 offload)
   # decoder layers that keep their activations in CPU memory (compute.offload_layers): the GPU tests, the link's
   # copy rates (probe_link.py), then qlora-24gb's 16 GiB mode with 8, 12, 16 layers offloaded (the rest auto) and a

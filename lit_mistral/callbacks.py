@@ -25,7 +25,8 @@ class Telemetry(Callback):
     - `train/time_to_first_step_s`: from the start of fit (data set up, model not loaded yet) to the end of the first
       optimizer step: what a user waits before training really starts; the log line at the first step splits it
       (model built and set up; the loop's start: dataloader, memory probes; the first step itself);
-    - on a GPU, `train/peak_mem_gib` (the most allocated so far), `train/model_mem_gib` (what the model takes before
+    - on a GPU, `train/peak_mem_gib` (the most allocated so far), `train/recent_peak_mem_gib` (the most allocated
+      since the last log: the steps alone, without the start's memory probes), `train/model_mem_gib` (what the model takes before
       the first step: a 1/N share of the base under FSDP) and `train/load_peak_mem_gib` (the most it took while
       loading: the whole 4-bit base, unless `load_on` cpu under FSDP).
 
@@ -39,7 +40,7 @@ class Telemetry(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
             self._started, self._load_peak, self._window = time.perf_counter(), None, None
-            self._step, self._tokens, self._first_done = None, 0, False
+            self._step, self._tokens, self._first_done, self._peak = None, 0, False, 0.0
             self._phases: dict[str, float] = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -82,7 +83,10 @@ class Telemetry(Callback):
                                              reduce_op="sum")
             metrics["train/tokens_per_s"] = float(tokens) / (now - self._window)
         if pl_module.device.type == "cuda":
-            metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            recent = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            self._peak = max(self._peak, recent)
+            metrics["train/peak_mem_gib"], metrics["train/recent_peak_mem_gib"] = self._peak, recent
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
         self._window, self._tokens = now, 0
         self._log(trainer, metrics)
 

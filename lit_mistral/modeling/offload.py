@@ -69,6 +69,8 @@ class ActivationOffload:
         self.params: set[int] = set()  # the parameters' memory, never copied
         self.streams: tuple | None = None  # (to the CPU, back to the GPU), made at the first CUDA copy
         self.device: torch.device | None = None
+        self.bytes_out = 0  # copied to the CPU in the latest training pass
+        self.bounded = True  # wait for an offloaded layer's copies before the next one's forward (see `_enter`)
 
     @classmethod
     def install(cls, model: torch.nn.Module, layers: list[torch.nn.Module]) -> "ActivationOffload":
@@ -95,8 +97,19 @@ class ActivationOffload:
     def _enter(self, i: int, layer: torch.nn.Module, args) -> None:
         if not (layer.offload_activations and self._training(layer)):
             return
-        if i == self.offloaded()[0]:  # a new pass
+        offloaded = self.offloaded()
+        if i == offloaded[0]:  # a new pass
             self.params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+            self.bytes_out = 0
+        elif self.bounded:
+            # The CPU runs ahead of the GPU; an offloaded tensor's memory can be handed out again only once its copy
+            # has run on the GPU, so without a bound every offloaded layer's activations would sit in GPU memory
+            # until the copies catch up. Waiting here for the previous offloaded layer's copies keeps at most about
+            # one layer's in flight; the GPU has the layers in between queued, so it does not wait if the link keeps
+            # up.
+            previous = self.passes.get(offloaded[offloaded.index(i) - 1])
+            if previous is not None and previous.copied is not None:
+                previous.copied.synchronize()
         self.passes[i] = _Pass()
         hooks = torch.autograd.graph.saved_tensors_hooks(partial(self._pack, i), self._unpack)
         hooks.__enter__()
@@ -125,6 +138,7 @@ class ActivationOffload:
         key = (t.data_ptr(), nbytes, t.dtype)  # views of one span (a reshape of it) share one copy
         if key not in entries:
             entries[key] = (_Entry(self._copy_out(_span(t))), t)
+            self.bytes_out += nbytes
         entry = entries[key][0]
         return _Handle(i, entry, t.size(), t.stride())
 
