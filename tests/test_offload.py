@@ -167,3 +167,26 @@ def test_offloading_on_a_gpu():
     for got, ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
     assert offloaded < 0.6 * kept, (offloaded, kept)
+
+
+def test_each_offloaded_layer_comes_back_just_ahead_of_its_backward(monkeypatch):
+    """An offloaded layer is fetched when backward reaches the layer `AHEAD` above it (or earlier layers' topmost
+    ones at once): not all of them at the start of backward, which would bring every activation back at once."""
+    monkeypatch.setattr(offload_module, "MIN_BYTES", 1)
+    events = []
+    reached, fetch = offload_module.ActivationOffload._backward_reached, offload_module.ActivationOffload._fetch
+    monkeypatch.setattr(offload_module.ActivationOffload, "_backward_reached",
+                        lambda self, i, grad: events.append(("reached", i)) or reached(self, i, grad))
+    monkeypatch.setattr(offload_module.ActivationOffload, "_fetch",
+                        lambda self, i: (events.append(("fetch", i)) if i in self.passes else None) or fetch(self, i))
+    model = tiny_mistral(layers=8)
+    ids = torch.randint(0, 100, (2, 16))
+    loss_and_grads(model, ids, 4, 3)
+    assert layout(model) == "orororrk"
+    fetched, at = {}, None
+    for kind, i in events:
+        if kind == "reached":
+            at = i
+        else:
+            fetched[i] = at
+    assert fetched == {4: 6, 2: 4, 0: 2}  # each when backward reached the layer AHEAD above it
