@@ -96,7 +96,7 @@ offload2)
   # against unbounded copies), the seed recipe, then the 16 GiB mode with OFFLOADS layers offloaded (steps' own peaks)
   PYTHONPATH=/tmp/site:$PWD timeout 200 python3 benchmarks/probe_offload.py --model "$CKPT" \
     --layouts ${LAYOUTS:-24,0 16,8 16,8,unbounded 20,12} 2>&1 | grep '^{' | tee -a "$OUT/probe-offload.jsonl"
-  (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  [ "${SEED:-1}" = 1 ] && (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
   AUTO16="--model.compute.checkpoint_layers auto --model.compute.memory_budget_gib 16"
   for n in ${OFFLOADS:-12 8}; do
     fit_logged off$n-auto16 qlora-24gb ${STEPS:-12} "$AUTO16 --model.compute.offload_layers $n" offload.txt
