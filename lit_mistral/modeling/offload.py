@@ -107,10 +107,10 @@ class ActivationOffload:
             self.bytes_out = 0
         elif self.bounded:
             # The CPU runs ahead of the GPU; an offloaded tensor's memory can be handed out again only once its copy
-            # has run on the GPU, so without a bound every offloaded layer's activations would sit in GPU memory
-            # until the copies catch up. Waiting here for the previous offloaded layer's copies keeps at most about
-            # one layer's in flight; the GPU has the layers in between queued, so it does not wait if the link keeps
-            # up.
+            # has run on the GPU, so with a link slower than the layers between, the offloaded activations would
+            # pile up in GPU memory (reserved, not reusable) until the copies catch up. Waiting here for the previous
+            # offloaded layer's copies keeps about one layer's in flight; the GPU has the layers in between queued,
+            # so it does not wait while the link keeps up (on an H200 at 55 GB/s: no measurable change).
             previous = self.passes.get(offloaded[offloaded.index(i) - 1])
             if previous is not None and previous.copied is not None:
                 previous.copied.synchronize()
