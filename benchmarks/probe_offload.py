@@ -15,7 +15,7 @@ import torch
 
 from lit_mistral import config
 from lit_mistral.modeling import offload as offload_module
-from lit_mistral.modeling.build import decoder
+from lit_mistral.modeling.build import decoder, set_checkpointing
 from lit_mistral.module import QLoRAModule
 
 
@@ -42,8 +42,6 @@ def main() -> None:
                          quantization=config.Quantization(fp32_norms=False)).build(torch.device("cuda"))
     body = decoder(module.model)
     ids = torch.randint(5, 30000, (1, args.tokens), device="cuda")
-    from lit_mistral.modeling.build import set_checkpointing
-
     for layout in args.layouts:
         parts = layout.split(",")
         layers, offload = int(parts[0]), int(parts[1])
