@@ -51,7 +51,7 @@ def test_layers_are_spread_and_the_gradients_are_the_same(monkeypatch):
     ids = torch.randint(0, 100, (2, 16))
     ref_loss, ref_grads = loss_and_grads(model, ids, 0, 0)
     for layers, offload, expected in [(None, 0, "rrrrrr"), (0, 6, "oooooo"), (2, 3, "oorork"), (None, 2, "orrorr"),
-                                      (3, 1, "orrrkk"), (0, 2, "ookkkk")]:
+                                      (3, 1, "orrrkk"), (0, 2, "ookkkk"), (None, 0, "rrrrrr")]:
         copies.clear()
         loss, grads = loss_and_grads(model, ids, layers, offload)
         assert layout(model) == expected

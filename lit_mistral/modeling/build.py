@@ -210,8 +210,6 @@ def set_checkpointing(model, layers: int | None, offload: int = 0) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     blocks = checkpointable_layers(model)
-    if layers is None and not offload:
-        return  # every layer recomputes (transformers' switch above)
     offload = min(offload, len(blocks))
     layers = len(blocks) - offload if layers is None else min(layers, len(blocks) - offload)
     spread = layers + offload
