@@ -26,9 +26,9 @@ class Telemetry(Callback):
       optimizer step: what a user waits before training really starts; the log line at the first step splits it
       (model built and set up; the loop's start: dataloader, memory probes; the first step itself);
     - on a GPU, `train/peak_mem_gib` (the most allocated so far), `train/recent_peak_mem_gib` (the most allocated
-      since the last log: the steps alone, without the start's memory probes), `train/model_mem_gib` (what the model takes before
-      the first step: a 1/N share of the base under FSDP) and `train/load_peak_mem_gib` (the most it took while
-      loading: the whole 4-bit base, unless `load_on` cpu under FSDP).
+      since the last log: the steps alone, without the start's memory probes), `train/model_mem_gib` (what the
+      model takes before the first step: a 1/N share of the base under FSDP) and `train/load_peak_mem_gib` (the
+      most it took while loading: the whole 4-bit base, unless `load_on` cpu under FSDP).
 
     Lightning's `ThroughputMonitor` counts samples per process and multiplies by the process count, which is wrong
     when processes get batches of different token counts (token budgets); here each process's tokens are summed.

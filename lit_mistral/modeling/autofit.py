@@ -199,7 +199,9 @@ def fit_memory(module) -> None:
     if not (auto_layers or auto_micro):
         return  # nothing to choose: the settings say it all
     count = len(checkpointable_layers(module.model))
-    total = count - min(compute.offload_layers, count)  # the layers that may recompute: all but the offloaded ones
+    offload = min(compute.offload_layers, count)
+    total = count - offload  # the layers that may recompute: all but the offloaded ones
+    of = f"{count} ({offload} offloading theirs to CPU memory)" if offload else str(count)  # for the log
     # what stays fixed: the configured layer count (None: all; no checkpointing: none), the configured part size
     layers = (module.auto_checkpoint_layers if auto_layers else
               total if compute.gradient_checkpointing and compute.checkpoint_layers is None else
@@ -217,8 +219,8 @@ def fit_memory(module) -> None:
         layers = int(module.trainer.strategy.reduce(torch.tensor(layers, device=module.device), reduce_op="max"))
         module.auto_checkpoint_layers = layers
         set_checkpointing(module.model, layers, compute.offload_layers)
-        rank_zero_info(f"model.compute.checkpoint_layers=auto: {layers} of {_shown_total(module)} decoder layers "
-                       f"recompute their activations ({how}).")
+        rank_zero_info(f"model.compute.checkpoint_layers=auto: {layers} of {of} decoder layers recompute their "
+                       f"activations ({how}).")
     if auto_micro:
         whole = 2**62  # stands for None (whole batches) in the reduction
         size = -int(module.trainer.strategy.reduce(torch.tensor(-(size or whole), device=module.device),
@@ -226,15 +228,8 @@ def fit_memory(module) -> None:
         size = None if size == whole else size
         module.auto_micro_tokens = size
         shown = "whole batches" if size is None else f"parts of at most {size:,} tokens"
-        rank_zero_info(f"model.compute.micro_batch_tokens=auto: {shown}, {layers} of {_shown_total(module)} decoder "
-                       f"layers recomputing their activations ({how}).")
-
-
-def _shown_total(module) -> str:
-    """The decoder layers' count, and how many of them offload their activations, for the log."""
-    total = len(checkpointable_layers(module.model))
-    offload = min(module.spec.compute.offload_layers, total)
-    return f"{total} ({offload} offloading theirs to CPU memory)" if offload else str(total)
+        rank_zero_info(f"model.compute.micro_batch_tokens=auto: {shown}, {layers} of {of} decoder layers "
+                       f"recomputing their activations ({how}).")
 
 
 def _measure(module, total: int, layers: int | None, size: int | None, auto_layers: bool,
