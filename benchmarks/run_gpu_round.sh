@@ -29,6 +29,9 @@
 # PART=offload decoder layers that keep their activations in CPU memory (compute.offload_layers): the GPU tests, the
 #               link's copy rates, the 16 GiB mode with OFFLOADS layers offloaded
 # PART=offload2 the offloaded layers' memory pass by pass (probe_offload.py), the seed recipe, the 16 GiB mode again
+# PART=syncfree a step that never makes the CPU wait for the GPU (step_scalars.py): the GPU tests, qlora-fast at
+#               the commit before (.before/) and now, where steps still wait (probe_syncs.py), the profile of a step
+# PART=syncfree2 the seed recipe, the 16 GiB mode (qlora-16gb) before and now, qlora-fast over 50 steps
 # PART=kernel   LoRA dropout inside the multiply by A (compute.dropout_kernel) and a step without waits on the GPU
 #               (the loss gathered at positions found while collating, pinned batches, the NaN check after backward):
 #               the GPU tests, the kernels against torch's dropout and multiplies (bench_lora_kernels.py), qlora-fast
@@ -91,6 +94,23 @@ fit_logged() {  # LABEL CONFIG STEPS FLAGS LOG: one fit through bench_cli (its f
   grep -h "=auto\|Time to the first\|Loaded" /tmp/bench-cli/$1/fit-*.log | cut -c1-900 | tee -a "$OUT/$5"
 }
 case "${PART:-check}" in
+syncfree)
+  gpu_tests "step_scalars or offload" 150
+  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
+    --code .before --fit qlora-fast --steps 12 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
+  fit_logged syncfree qlora-fast 15 "" fit-logs.txt
+  SYNCS_OUT=$OUT/syncs.json fit_logged syncs qlora-fast 8 "--trainer.callbacks+=benchmarks.probe_syncs.SyncProbe" \
+    fit-logs.txt
+  PROFILE_OUT=$OUT/profile-syncfree.json fit_logged profile qlora-fast 9 \
+    "--trainer.callbacks+=benchmarks.profile_train.ProfileSteps" fit-logs.txt
+  ;;
+syncfree2)
+  (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  PYTHONPATH=/tmp/site timeout 150 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
+    --code .before --fit qlora-16gb --steps 12 --warm 5 --timeout 145 | tee -a "$OUT/train.jsonl"
+  fit_logged syncfree-16gb qlora-16gb 12 "" fit-logs.txt
+  fit_logged syncfree50 qlora-fast 50 "" fit-logs.txt
+  ;;
 offload2)
   # the offloaded layers' memory pass by pass on the real build (probe_offload.py: which tensors stay alive, bounded
   # against unbounded copies), the seed recipe, then the 16 GiB mode with OFFLOADS layers offloaded (steps' own peaks)

@@ -15,6 +15,7 @@ from lit_mistral.data.records import input_key
 from lit_mistral.errors import LitMistralError
 from lit_mistral.io import check_output_file, write_text
 from lit_mistral.modeling.adapters import save_adapter
+from lit_mistral.step_scalars import StepScalars
 
 
 class Telemetry(Callback):
@@ -41,6 +42,7 @@ class Telemetry(Callback):
         if stage == "fit":
             self._started, self._load_peak, self._window = time.perf_counter(), None, None
             self._step, self._tokens, self._first_done, self._peak = None, 0, False, 0.0
+            self._mark, self._windows = None, StepScalars()  # the window's start on the GPU; windows not read yet
             self._phases: dict[str, float] = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -52,7 +54,7 @@ class Telemetry(Callback):
         self._step = trainer.global_step
         if self._load_peak is not None:
             self._log(trainer, {"train/model_mem_gib": torch.cuda.memory_allocated(pl_module.device) / 2**30,
-                                "train/load_peak_mem_gib": self._load_peak})
+                                "train/load_peak_mem_gib": self._load_peak}, trainer.global_step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if self._window is None:
@@ -66,36 +68,69 @@ class Telemetry(Callback):
         self._step = trainer.global_step
         if self._first_done and trainer.global_step % trainer.log_every_n_steps:
             return
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        metrics = {}
+        device = pl_module.device
+        cuda = device.type == "cuda"
         if not self._first_done:
-            metrics["train/time_to_first_step_s"] = now - self._started
+            if cuda:
+                torch.cuda.synchronize()  # once: the wall-clock time a user waited
+            now = time.perf_counter()
             self._first_done = True
             self._phases["the first step"] = now
             marks, spans = [self._started, *self._phases.values()], []
             for (name, _), before, after in zip(self._phases.items(), marks, marks[1:]):
                 spans.append(f"{name} {after - before:.1f}s")
             rank_zero_info(f"Time to the first optimizer step: {now - self._started:.1f}s ({', '.join(spans)}).")
-        else:  # every process reaches this line at the same step
-            tokens = trainer.strategy.reduce(torch.tensor(float(self._tokens), device=pl_module.device),
+            metrics = {"train/time_to_first_step_s": now - self._started, **self._memory(device)}
+            self._log(trainer, metrics, trainer.global_step)
+            self._window, self._mark, self._tokens = now, self._event(cuda), 0
+            return
+        # every process reaches this line at the same step. On a GPU the window is timed by events on its clock and
+        # read a step or so later (`StepScalars`): reading it now would make the CPU wait for the GPU
+        tokens = torch.tensor(float(self._tokens))
+        if trainer.world_size > 1:
+            tokens = trainer.strategy.reduce(tokens.pin_memory().to(device, non_blocking=True) if cuda else tokens,
                                              reduce_op="sum")
-            metrics["train/tokens_per_s"] = float(tokens) / (now - self._window)
-        if pl_module.device.type == "cuda":
-            recent = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
-            self._peak = max(self._peak, recent)
-            metrics["train/peak_mem_gib"], metrics["train/recent_peak_mem_gib"] = self._peak, recent
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
-        self._window, self._tokens = now, 0
-        self._log(trainer, metrics)
+        now, end = time.perf_counter(), self._event(cuda)
+        meta = {"step": trainer.global_step, "start": (self._window, self._mark), "end": (now, end),
+                "memory": self._memory(device)}
+        self._windows.push(meta, device, tokens=tokens)
+        self._window, self._mark, self._tokens = now, end, 0
+        self._settle(trainer, self._windows.ready())
 
-    def _log(self, trainer, metrics: dict[str, float]) -> None:
-        """Log `metrics` at this step from process 0 (LightningModule.log would repeat them at every later step)."""
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._settle(trainer, self._windows.flush())
+
+    def _settle(self, trainer, windows: list) -> None:
+        for meta, values in windows:
+            (began, start), (ended, end) = meta["start"], meta["end"]
+            seconds = start.elapsed_time(end) / 1000 if start is not None else ended - began
+            self._log(trainer, {"train/tokens_per_s": values["tokens"] / seconds, **meta["memory"]}, meta["step"])
+
+    @staticmethod
+    def _event(cuda: bool) -> torch.cuda.Event | None:
+        """A timing mark in the GPU's queue (None on the CPU, where the wall clock is the compute's)."""
+        if not cuda:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _memory(self, device: torch.device) -> dict[str, float]:
+        """On a GPU, the peaks allocated since the last log and since the start (the allocator's own counts, on the
+        CPU: no wait), the former then reset."""
+        if device.type != "cuda":
+            return {}
+        recent = torch.cuda.max_memory_allocated(device) / 2**30
+        self._peak = max(self._peak, recent)
+        torch.cuda.reset_peak_memory_stats(device)
+        return {"train/peak_mem_gib": self._peak, "train/recent_peak_mem_gib": recent}
+
+    def _log(self, trainer, metrics: dict[str, float], step: int) -> None:
+        """Log `metrics` at `step` from process 0 (LightningModule.log would repeat them at every later step)."""
         self.last.update(metrics)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=step)
 
 
 class SaveAdapter(Callback):

@@ -6,6 +6,9 @@ job; `tests/test_lightning_internals.py` fails loudly, naming the part, when a L
   dtype, nor give FSDP the CPU as a device).
 - What that method does after wrapping, which the override must do too: moving torchmetrics states to the device and
   applying the strategy's activation-checkpointing settings.
+- The step a training batch's metrics are logged at (the fit loop's `_batches_that_stepped`) and whether Lightning
+  logs at this step (`log_every_n_steps`: the logger connector's `should_update_logs`): the module logs the loss
+  read back from the GPU a step later (`step_scalars.py`) at the step `self.log` would have used.
 """
 
 from lightning.fabric.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
@@ -17,3 +20,13 @@ def finish_fsdp_setup(strategy, model, device) -> None:
     """What Lightning's `FSDPStrategy._setup_model` does after wrapping `model`."""
     _move_torchmetrics_to_device(model, device)
     _setup_activation_checkpointing(model, strategy._activation_checkpointing_kwargs)
+
+
+def log_step(trainer) -> int:
+    """The step Lightning logs the metrics a training batch gives `self.log` at."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def logs_this_step(trainer) -> bool:
+    """Whether Lightning writes this training batch's metrics to the loggers (`log_every_n_steps`)."""
+    return trainer._logger_connector.should_update_logs

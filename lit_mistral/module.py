@@ -17,11 +17,13 @@ from lit_mistral.data.tokenize import IGNORE_INDEX
 from lit_mistral.errors import LitMistralError, raise_problems
 from lit_mistral.generation.answering import for_inference
 from lit_mistral.generation.predictor import Predictor
+from lit_mistral.lightning_internals import log_step, logs_this_step
 from lit_mistral.modeling import autofit, build
 from lit_mistral.modeling.adapters import check_adapter_folder, trainable_state
 from lit_mistral.modeling.attention import packed_kwargs
 from lit_mistral.modeling.loss import linear_cross_entropy
 from lit_mistral.sources import check_model_location
+from lit_mistral.step_scalars import StepScalars
 
 
 def targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +107,8 @@ class QLoRAModule(LightningModule):
         self.auto_micro_restored = False  # auto_micro_tokens came from the checkpoint resumed
         self._grads_from_parts = False  # this step's first parts left their gradients in .grad (`optimizer_zero_grad`)
         self._undecided: tuple | None = None  # a batch's loss whose finiteness `on_after_backward` decides
+        self._deciding: dict | None = None  # that loss and its flag, when the optimizer decides on the GPU
+        self._scalars = StepScalars()  # the steps' losses and flags, read once the GPU has computed them
 
     # -- the model ---------------------------------------------------------------------------------------------------
 
@@ -198,15 +202,63 @@ class QLoRAModule(LightningModule):
     def on_after_backward(self) -> None:
         """A batch's finite loss logged, or (NaN/inf) training stopped or the batch's gradients (of all its parts)
         dropped before the optimizer steps on them: the decision `training_step` left when no other batch's
-        gradients are in .grad (no gradient accumulation)."""
+        gradients are in .grad (no gradient accumulation). With torch's fused AdamW the optimizer itself skips the
+        update of a non-finite batch on the GPU, told by a flag tensor (its `found_inf`, as `GradScaler` uses it),
+        and the CPU reads the loss and the flag a step later (`StepScalars`, `_settle`) without waiting for the
+        backward to finish."""
         if self._undecided is None:
             return
         loss, batch_idx, count = self._undecided
         self._undecided = None
+        optimizer = self._skips_on_device()
+        if optimizer is not None:
+            # every process's flag is the largest of all: they all skip the batch or none does
+            bad = self.trainer.strategy.reduce((~torch.isfinite(loss)).float(), reduce_op="max")
+            optimizer.found_inf = bad
+            self._deciding = {"loss": loss, "bad": bad, "batch_idx": batch_idx}
+            return
         if self._nonfinite(loss, batch_idx):
             self.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient: no update
             return
         self.log("train/loss", loss, prog_bar=True, batch_size=int(count))
+
+    def _skips_on_device(self) -> torch.optim.Optimizer | None:
+        """The optimizer, if it skips an update itself when its `found_inf` flag is set (torch's fused Adam and
+        AdamW) and one decision covers one optimizer step (no gradient accumulation; not sharded: FSDP's
+        parameters and a plain flag tensor do not mix in its kernel)."""
+        optimizers = self.trainer.strategy.optimizers
+        if self.trainer.accumulate_grad_batches != 1 or self.sharded or len(optimizers) != 1:
+            return None
+        optimizer = optimizers[0]
+        fused = isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and optimizer.defaults.get("fused")
+        return optimizer if fused else None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._settle(self._scalars.ready(), in_step=True)
+
+    def on_train_epoch_end(self) -> None:
+        self._settle(self._scalars.flush())
+
+    def _settle(self, entries: list, in_step: bool = False) -> None:
+        """What the steps' scalars read back from the GPU say: a non-finite loss stops training or is counted as
+        skipped (its update was skipped on the GPU already); finite ones are logged at their own step."""
+        latest = None
+        for meta, values in entries:
+            if values["bad"]:
+                self._report_nonfinite(values["loss"], meta["where"], meta["step"])
+                continue
+            metrics = {"train/loss": values["loss"]}
+            if "grad_norm" in values:
+                metrics["train/grad_norm"] = values["grad_norm"]
+            self._to_loggers(metrics, meta["step"], meta["log"])
+            latest = values["loss"]
+        if in_step and latest is not None:  # the progress bar's and monitors' value: a CPU tensor, read without a wait
+            self.log("train/loss", torch.tensor(latest), prog_bar=True, logger=False)
+
+    def _to_loggers(self, metrics: dict[str, float], step: int, log: bool) -> None:
+        if log and self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(metrics, step=step)
 
     def _step_in_parts(self, parts: list[dict], batch: dict, batch_idx: int) -> torch.Tensor | None:
         """A batch in parts (`compute.micro_batch_tokens`): backward on each part but the last here, the last by
@@ -250,18 +302,23 @@ class QLoRAModule(LightningModule):
         # all processes decide together, so that they all skip or all stop
         if not self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
             return False
-        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx} of the epoch)"
+        self._report_nonfinite(loss.item(), self._where(batch_idx), log_step(self.trainer))
+        return True
+
+    def _where(self, batch_idx: int) -> str:
+        return f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx} of the epoch)"
+
+    def _report_nonfinite(self, value: float, where: str, step: int) -> None:
         if self.optimization.nonfinite == "stop":
             raise LitMistralError(
-                f"the training loss is {loss.item()} at {where}. Checkpoints written so far hold finite weights. "
+                f"the training loss is {value} at {where}. Checkpoints written so far hold finite weights. "
                 "Fix: lower --model.optimization.learning_rate or add --model.optimization.warmup_steps; train in "
                 "bf16-mixed or 32-true rather than float16; then continue with --ckpt_path last. Or set "
                 "--model.optimization.nonfinite skip to skip such batches.")
         self.skipped_batches += 1
-        rank_zero_warn(f"the training loss is {loss.item()} at {where}: batch skipped (model.optimization.nonfinite="
+        rank_zero_warn(f"the training loss is {value} at {where}: batch skipped (model.optimization.nonfinite="
                        f"skip; {self.skipped_batches} so far).")
-        self.log("train/skipped_batches", float(self.skipped_batches))
-        return True
+        self._to_loggers({"train/skipped_batches": float(self.skipped_batches)}, step, log=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         """The loss of each example of the batch (what evaluation breaks down by category); logs `val/loss`."""
@@ -277,8 +334,15 @@ class QLoRAModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        if self._deciding is not None:  # read back with the loss and its flag (`on_after_backward`)
+            deciding, self._deciding = self._deciding, None
+            log = logs_this_step(self.trainer)
+            meta = {"where": self._where(deciding["batch_idx"]), "step": log_step(self.trainer), "log": log}
+            extra = {} if norm is None else {"grad_norm": norm}
+            self._scalars.push(meta, self.device, loss=deciding["loss"], bad=deciding["bad"], **extra)
+        elif norm is not None:
+            self.log("train/grad_norm", norm)
 
     def on_train_start(self) -> None:
         autofit.fit_memory(self)
@@ -298,6 +362,7 @@ class QLoRAModule(LightningModule):
                 "lora": spec.lora.peft_kwargs()}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._settle(self._scalars.flush())  # the skipped-batch count up to date (or a NaN found first: stop)
         trainable = set(trainable_state(self))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["lit_mistral"] = self._signature()

@@ -28,3 +28,11 @@ def test_what_setup_model_does_after_wrapping_is_still_there():
         assert list(inspect.signature(function).parameters) == params, name
     strategy = QLoRAFSDPStrategy()
     assert isinstance(strategy._activation_checkpointing_kwargs, dict), "the strategy's checkpointing settings moved"
+
+
+def test_the_step_metrics_are_logged_at_and_whether_this_step_logs_are_still_there(tmp_path):
+    import lightning as L
+
+    trainer = L.Trainer(default_root_dir=tmp_path, log_every_n_steps=2, logger=False)
+    assert lightning_internals.log_step(trainer) == 0, "fit_loop.epoch_loop._batches_that_stepped moved"
+    assert isinstance(lightning_internals.logs_this_step(trainer), bool), "_logger_connector.should_update_logs moved"

@@ -1,0 +1,64 @@
+"""A training step's scalars (its loss, gradient norm, whether the loss was finite, its time) read on the CPU once
+the GPU has computed them, a step or so later, instead of at once.
+
+Reading a GPU tensor's value at once (`.item()`, `float()`, `bool()`, `torch.cuda.synchronize()`; Lightning does it
+for every tensor given to `self.log` when it updates the progress bar and the loggers) makes the CPU wait for all the
+work queued before it; the GPU then idles while the CPU runs what comes next (the end of the step's loop, the next
+batch, its first kernels). In a Mistral-7B QLoRA step on an H200 that was ~56 ms of a ~956 ms step in gaps of over
+0.1 ms (BENCHMARKS.md, 2026-12-02 fourth session). Here each scalar is copied into pinned CPU memory behind the work
+that makes it (`non_blocking`) and a CUDA event marks when it arrived; the CPU reads it when the event has passed,
+and waits only for entries more than `behind` steps old, by which time the GPU has newer steps queued. Lightning's
+loop has no such mode, and torch's `GradScaler` reads its inf flag at once too."""
+
+from collections import deque
+
+import torch
+
+
+class StepScalars:
+    """Entries of named scalars with what they belong to (`meta`), read back in the order they were pushed."""
+
+    def __init__(self) -> None:
+        self._pending: deque = deque()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def push(self, meta: dict, device: torch.device, **values: torch.Tensor | float) -> None:
+        """Queue `values` (0-d tensors or numbers) of the step `meta` describes. On CUDA the tensors are copied to
+        pinned memory behind the work queued so far, and an event marks when they, and that work, are done (CUDA
+        events recorded before this call, e.g. a step's timing, are passed too when it is); elsewhere they are read
+        at once (no queue runs ahead of a CPU)."""
+        tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+        numbers = {k: float(v) for k, v in values.items() if k not in tensors}
+        event = None
+        if device.type == "cuda":
+            host = None
+            if tensors:
+                stacked = torch.stack([t.detach().reshape(()).float() for t in tensors.values()])
+                host = torch.empty(stacked.shape, dtype=torch.float32, pin_memory=True)
+                host.copy_(stacked, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = torch.stack([t.detach().reshape(()).float() for t in tensors.values()]) if tensors else None
+        self._pending.append((meta, list(tensors), host, numbers, event))
+
+    def ready(self, behind: int = 1) -> list[tuple[dict, dict[str, float]]]:
+        """The entries whose values have arrived, oldest first, with every entry but the newest `behind` waited for
+        (the GPU passed those a step or more ago, or is busy with what came after): `(meta, {name: value})`."""
+        out = []
+        while self._pending:
+            meta, names, host, numbers, event = self._pending[0]
+            if event is not None and not event.query():
+                if len(self._pending) <= behind:
+                    break
+                event.synchronize()
+            self._pending.popleft()
+            values = dict(zip(names, host.tolist())) if host is not None else {}
+            out.append((meta, {**values, **numbers}))
+        return out
+
+    def flush(self) -> list[tuple[dict, dict[str, float]]]:
+        """Every entry, waiting for the GPU as needed (the end of an epoch, a checkpoint)."""
+        return self.ready(behind=0)
