@@ -4,7 +4,11 @@ stacked, gate/up's with two, o's alone, down's 14,336 features), bf16 on one GPU
 25 after 5 warm-up calls, CUDA events), forward and backward, for a few tile sizes. One JSON line per shape and
 tiling.
 
-    python benchmarks/bench_lora_kernels.py [--tokens 16384] [--tiles 32x128,64x64,...]
+    python benchmarks/bench_lora_kernels.py [--tokens 16384] [--tiles 32x128,64x64,...] [--forward 32x1024,...]
+
+`--tiles`: rows x features per tile of the backward kernels (and of the forward where it still takes them: a checkout
+before the forward's slabs); `--forward`: the forward's rows per program x features per program (`BM`,
+`FEATURES_PER_PROGRAM`), timed forward only.
 """
 
 import argparse
@@ -37,9 +41,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--p", type=float, default=0.05)
     parser.add_argument("--tiles", default="32x128,64x128,32x64,64x64,32x256")
+    parser.add_argument("--forward", default="", help="forward only: BM x FEATURES_PER_PROGRAM settings")
     args = parser.parse_args()
     for label, (k, r) in SHAPES.items():
-        shape(label, args.tokens, k, r, args.p, args.tiles.split(","))
+        shape(label, args.tokens, k, r, args.p, args.tiles.split(",") if args.tiles else [])
+        for setting in filter(None, args.forward.split(",")):
+            forward(label, args.tokens, k, r, args.p, setting)
+
+
+def forward(label: str, n: int, k: int, r: int, p: float, setting: str) -> None:
+    lora_kernels.BM, lora_kernels.FEATURES_PER_PROGRAM = (int(v) for v in setting.split("x"))
+    x = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    ms = timed(lambda: lora_kernels.dropout_a(x, a, p))
+    print(json.dumps({"shape": label, "tokens": n, "features": k, "rank": r, "path": f"forward {setting}",
+                      "forward": round(ms, 3), "read_tb_per_s": round(x.numel() * 2 / ms / 1e9, 2)}), flush=True)
 
 
 def shape(label: str, n: int, k: int, r: int, p: float, tilings: list[str]) -> None:

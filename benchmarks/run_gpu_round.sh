@@ -32,6 +32,8 @@
 # PART=syncfree a step that never makes the CPU wait for the GPU (step_scalars.py): the GPU tests, qlora-fast at
 #               the commit before (.before/) and now, where steps still wait (probe_syncs.py), the profile of a step
 # PART=syncfree2 the seed recipe, the 16 GiB mode (qlora-16gb) before and now, qlora-fast over 50 steps
+# PART=slabs    the forward kernel of the LoRA dropout in slabs, its multiply split over features: the GPU tests, the
+#               kernels before (.before/) and now, the seed recipe, qlora-fast and qlora-16gb before and now
 # PART=kernel   LoRA dropout inside the multiply by A (compute.dropout_kernel) and a step without waits on the GPU
 #               (the loss gathered at positions found while collating, pinned batches, the NaN check after backward):
 #               the GPU tests, the kernels against torch's dropout and multiplies (bench_lora_kernels.py), qlora-fast
@@ -103,6 +105,20 @@ syncfree)
     fit-logs.txt
   PROFILE_OUT=$OUT/profile-syncfree.json fit_logged profile qlora-fast 9 \
     "--trainer.callbacks+=benchmarks.profile_train.ProfileSteps" fit-logs.txt
+  ;;
+slabs)
+  PYTHONPATH=/tmp/site:$PWD timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ \
+    -k "lora_kernels or step_scalars" 2>&1 | grep -E "^E |passed|failed|(lit_mistral|tests)/[a-z_/]+\.py:[0-9]+" \
+    | tail -30 | tee "$OUT/gpu-tests.log"
+  (cd .before && PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/bench_lora_kernels.py --tiles 32x128) \
+    | sed 's/^{/{"code": "before", /' | tee -a "$OUT/kernels.jsonl"
+  PYTHONPATH=/tmp/site:$PWD timeout 90 python3 benchmarks/bench_lora_kernels.py --tiles 32x128 \
+    --forward ${FORWARD:-32x1024,64x1024,32x512,32x2048,32x16384} | tee -a "$OUT/kernels.jsonl"
+  fit_logged slabs qlora-fast 15 "" fit-logs.txt
+  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
+    --code .before --fit qlora-fast --steps 12 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
+  fit_logged slabs-16gb qlora-16gb 12 "" fit-logs.txt
+  (cd .bench && STEPS=12 timeout 130 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
   ;;
 syncfree2)
   (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor as LightningLearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_mistral.data.records import input_key
 from lit_mistral.errors import LitMistralError
 from lit_mistral.io import check_output_file, write_text
+from lit_mistral.lightning_internals import LR_MONITOR_STATS, on_the_cpu
 from lit_mistral.modeling.adapters import save_adapter
 from lit_mistral.step_scalars import StepScalars
 
@@ -131,6 +133,16 @@ class Telemetry(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
+
+
+class LearningRateMonitor(LightningLearningRateMonitor):
+    """Lightning's, without a wait for the GPU at every step: it also puts each rate into `trainer.callback_metrics`
+    as a tensor made on the training device, a blocking copy that makes the CPU wait for the work queued (the one
+    wait left in a `qlora-fast` step: `benchmarks/probe_syncs.py`, BENCHMARKS.md 2026-12-02 sixth session). Here
+    those tensors are made on the CPU; what is logged is the same."""
+
+    def _extract_stats(self, trainer, interval: str) -> dict[str, float]:
+        return getattr(super(), LR_MONITOR_STATS)(on_the_cpu(trainer), interval)
 
 
 class SaveAdapter(Callback):

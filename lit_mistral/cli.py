@@ -13,13 +13,14 @@ from typing import Literal
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 
-from lit_mistral.callbacks import JsonlPredictionWriter, PredictionProgressBar, SaveAdapter, Telemetry
+from lit_mistral.callbacks import (JsonlPredictionWriter, LearningRateMonitor, PredictionProgressBar, SaveAdapter,
+                                   Telemetry)
 from lit_mistral.checkpointing import (RandomState, SaveOnSigterm, StopOnSigterm, check_checkpoint_file,
                                        find_last_checkpoint)
 from lit_mistral.checks import check_settings

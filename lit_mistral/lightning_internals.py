@@ -9,11 +9,16 @@ job; `tests/test_lightning_internals.py` fails loudly, naming the part, when a L
 - The step a training batch's metrics are logged at (the fit loop's `_batches_that_stepped`) and whether Lightning
   logs at this step (`log_every_n_steps`: the logger connector's `should_update_logs`): the module logs the loss
   read back from the GPU a step later (`step_scalars.py`) at the step `self.log` would have used.
+- `LearningRateMonitor._extract_stats(trainer, interval)`, which puts the rates into `trainer.callback_metrics` as
+  tensors on `trainer.strategy.root_device`: `callbacks.LearningRateMonitor` hands it the trainer with the CPU as
+  that device (a tensor made on a GPU from a number makes the CPU wait for the GPU).
 """
 
+import torch
 from lightning.fabric.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
 
 FSDP_SETUP_MODEL = "_setup_model"  # the FSDPStrategy method QLoRAFSDPStrategy overrides
+LR_MONITOR_STATS = "_extract_stats"  # the LearningRateMonitor method that reads the rates at each step
 
 
 def finish_fsdp_setup(strategy, model, device) -> None:
@@ -30,3 +35,29 @@ def log_step(trainer) -> int:
 def logs_this_step(trainer) -> bool:
     """Whether Lightning writes this training batch's metrics to the loggers (`log_every_n_steps`)."""
     return trainer._logger_connector.should_update_logs
+
+
+class _OnTheCPU:
+    """A trainer, as seen by code that makes tensors on `trainer.strategy.root_device`: that device is the CPU."""
+
+    def __init__(self, trainer) -> None:
+        self._trainer = trainer
+        self.strategy = _Strategy(trainer.strategy)
+
+    def __getattr__(self, name: str):
+        return getattr(self._trainer, name)
+
+
+class _Strategy:
+    root_device = torch.device("cpu")
+
+    def __init__(self, strategy) -> None:
+        self._strategy = strategy
+
+    def __getattr__(self, name: str):
+        return getattr(self._strategy, name)
+
+
+def on_the_cpu(trainer):
+    """`trainer`, with the CPU as its strategy's root device (everything else its own)."""
+    return _OnTheCPU(trainer)

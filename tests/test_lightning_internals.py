@@ -36,3 +36,24 @@ def test_the_step_metrics_are_logged_at_and_whether_this_step_logs_are_still_the
     trainer = L.Trainer(default_root_dir=tmp_path, log_every_n_steps=2, logger=False)
     assert lightning_internals.log_step(trainer) == 0, "fit_loop.epoch_loop._batches_that_stepped moved"
     assert isinstance(lightning_internals.logs_this_step(trainer), bool), "_logger_connector.should_update_logs moved"
+
+
+def test_the_learning_rate_monitor_still_makes_its_tensors_on_the_strategys_root_device(tmp_path):
+    import torch
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from lit_mistral.callbacks import LearningRateMonitor as Ours
+
+    method = getattr(LearningRateMonitor, lightning_internals.LR_MONITOR_STATS, None)
+    assert method is not None, "LearningRateMonitor._extract_stats is gone: callbacks.LearningRateMonitor waits again"
+    assert list(inspect.signature(method).parameters) == ["self", "trainer", "interval"]
+    assert "trainer.strategy.root_device" in inspect.getsource(method), "it makes its tensors elsewhere now"
+    # through ours, on a trainer whose root device is not the CPU: the rates land in callback_metrics on the CPU
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.25)
+    trainer = type("Trainer", (), {"lr_scheduler_configs": [], "optimizers": [optimizer], "callback_metrics": {},
+                                   "strategy": type("Strategy", (), {"root_device": torch.device("meta")})()})()
+    monitor = Ours(logging_interval="step")
+    monitor.lrs = {"lr-SGD": []}
+    monitor.last_momentum_values = {"lr-SGD-momentum": None}
+    assert monitor._extract_stats(trainer, "step")["lr-SGD"] == 0.25
+    assert trainer.callback_metrics["lr-SGD"].device.type == "cpu"

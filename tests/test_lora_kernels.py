@@ -36,6 +36,11 @@ def check_kernels(case: dict, p: float, atol: float, rtol: float) -> None:
     assert not (lora_kernels.unpack(bits, bits.shape[1] * 32)[:, k:]).any()  # no bits past the last feature
     dropped = 1 - keep.float().mean().item()
     assert abs(dropped - p) < 4 * (p * (1 - p) / keep.numel()) ** 0.5 + 1e-3, dropped
+    # no draw shared: the next row's, and the next 128 features' (tile), drops are independent of these
+    for a_drop, b_drop in ((~keep[:-1], ~keep[1:]), (~keep[:, :-128], ~keep[:, 128:])):
+        if a_drop.numel():
+            both = (a_drop & b_drop).float().mean().item()
+            assert abs(both - p * p) < 4 * (p * p * (1 - p * p) / a_drop.numel()) ** 0.5 + 1e-3, both
     h, gx, ga = reference(x, a, dh, keep, p)
     torch.testing.assert_close(case["h"].float(), h, atol=atol, rtol=rtol)
     torch.testing.assert_close(case["gx"].float(), gx, atol=atol, rtol=rtol)
@@ -142,7 +147,10 @@ INTERPRETED = """
 import sys, torch
 sys.path.insert(0, sys.argv[2])
 from test_lora_kernels import run_kernels, run_layers
-torch.save({"kernels": run_kernels("cpu", torch.float32, [(70, 96, 8), (1100, 200, 24)], 0.3),
+from lit_mistral.modeling import lora_kernels
+kernels = run_kernels("cpu", torch.float32, [(70, 96, 8), (1100, 200, 24)], 0.3)
+lora_kernels.FEATURES_PER_PROGRAM = 256  # the multiply by A summed over 3 programs per row block, the last partial
+torch.save({"kernels": kernels + run_kernels("cpu", torch.float32, [(90, 600, 8)], 0.3),
             "layers": run_layers("cpu", torch.float32, 0.3)}, sys.argv[1])
 """
 
@@ -150,7 +158,7 @@ torch.save({"kernels": run_kernels("cpu", torch.float32, [(70, 96, 8), (1100, 20
 @needs_triton
 def test_kernels_equal_torch_with_their_mask_interpreted(tmp_path):
     """Triton's interpreter, float32: ragged shapes (rows and features not multiples of the tiles, features not of
-    32, two row splits in A's gradient); the layers (a shared q/k input and a single o) forward and backward."""
+    32, two row splits in A's gradient, three feature splits in the forward's multiply); the layers (a shared q/k input and a single o) forward and backward."""
     # in a fresh process: TRITON_INTERPRET must be set before anything imports triton
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}

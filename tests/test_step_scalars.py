@@ -137,11 +137,11 @@ def test_decided_later_a_skipped_batch_leaves_the_weights(deciding_later, tiny_m
 def test_on_a_gpu_no_step_waits_for_it_and_a_nan_batch_is_skipped(tiny_model_dir, demo_file, tmp_path):
     """On CUDA with `adamw` (torch's fused): after the first steps nothing in a training step makes the CPU wait for
     the GPU (torch's sync debug mode raises at any such call: the loss, its flag, the gradient norm, the progress
-    bar, the telemetry), a NaN batch's update is skipped by the optimizer, and every other step's loss is logged at
+    bar, the telemetry, the learning-rate monitor), a NaN batch's update is skipped by the optimizer, and every other step's loss is logged at
     its own step."""
     from lightning.pytorch import Trainer
 
-    from lit_mistral.callbacks import Telemetry
+    from lit_mistral.callbacks import LearningRateMonitor, Telemetry
 
     seed_everything(0)
     module = make_module(tiny_model_dir, optimization={"optimizer": "adamw", "learning_rate": 5e-3,
@@ -173,7 +173,7 @@ def test_on_a_gpu_no_step_waits_for_it_and_a_nan_batch_is_skipped(tiny_model_dir
             Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=7, logger=recorder,
                     log_every_n_steps=1, enable_checkpointing=False, enable_model_summary=False,
                     default_root_dir=tmp_path, num_sanity_val_steps=0, use_distributed_sampler=False,
-                    callbacks=[telemetry, Strict()]).fit(module, dm)
+                    callbacks=[Strict(), telemetry, LearningRateMonitor("step")]).fit(module, dm)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert module._skips_on_device() is not None

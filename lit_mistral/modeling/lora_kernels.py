@@ -5,7 +5,7 @@ multiply reads x once and does little arithmetic. torch's dropout before it read
 (2 bytes per element) and its mask (1 byte), which the multiply and backward then read again: per Mistral-7B step of
 16K tokens ~14G elements of layer inputs, ~42 ms of the ~950 (BENCHMARKS.md, 2026-12-02). Here:
 - `dropout_a`: one pass reads x, draws the mask in the kernel (Philox, counter-based: one call gives the 16-bit
-  draws of 8 elements), multiplies the dropped tile by A on the tensor cores, and writes only the (tokens, r) result
+  draws of 8 elements, 16 features apart), multiplies the dropped tile by A on the tensor cores, and writes only the (tokens, r) result
   and the mask packed one bit per element (1/16 of x's bytes);
 - backward, `masked_dh_a`: the input's gradient `mask * (dh @ A) / (1 - p)` in one pass (torch: the product written,
   then read with the mask and written again);
@@ -29,7 +29,9 @@ try:
 except ImportError:  # the CPU build of torch comes without Triton: `available()` says so
     triton = None
 
-BM, BK = 32, 128  # rows x input features per tile (BK a multiple of 32: one bit word per 32 features)
+BM, BK = 32, 128  # rows x input features per tile (BK a multiple of 32: one bit word per 32 features); backward
+FEATURES_PER_PROGRAM = 1024  # `dropout_a`: features each program sums over (a multiple of 128): more programs than
+# row blocks alone give (16,384 tokens: 512), to keep the GPU's memory busy
 ROWS_PER_SPLIT = 1024  # `dh_t_dropped`: rows each program sums over (a multiple of BM)
 STREAM = 0x5DEECE66D  # mixed into the generator's seed: these draws never share a Philox key with torch's own
 GOLDEN = 0x9E3779B97F4A7C15  # odd: spreads consecutive generator offsets over the keys
@@ -87,48 +89,50 @@ def _pad_rank(r: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _keep_tile(seed, rows, k0, groups_per_row, thr, BM: tl.constexpr, BK: tl.constexpr):
-        """(BM, BK) keep-mask of rows x features k0..k0+BK: the 16-bit halves of one Philox call's four words
-        cover 8 consecutive features."""
-        groups = k0 // 8 + tl.arange(0, BK // 8)
-        counter = rows[:, None].to(tl.int64) * groups_per_row + groups[None, :]
-        r0, r1, r2, r3 = tl.randint4x(seed, counter)
-        pairs = tl.join(tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16)),
-                        tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16)))  # (BM, BK/8, 2, 2, 2)
-        return tl.reshape(pairs, (BM, BK)).to(tl.int32) >= thr
-
-    @triton.jit
     def _words_to_keep(words, BM: tl.constexpr, BK: tl.constexpr):
         shifts = tl.arange(0, 32)
         return tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 1, (BM, BK)) != 0
 
     @triton.jit(do_not_specialize=["n"])  # the token count changes from batch to batch: one compiled kernel
-    def _dropout_a_kernel(x_ptr, a_ptr, h_ptr, bits_ptr, n, k: tl.constexpr, r, sx, sa, sh, sb, seed, thr, scale,
-                          BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr):
+    def _dropout_a_kernel(x_ptr, a_ptr, h_ptr, bits_ptr, n, k: tl.constexpr, r, sx, sa, sp, sh, sb, seed, thr, scale,
+                          BM: tl.constexpr, KS: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr):
         # k, the features, a compile-time constant: a layer's width is fixed, and Triton 3.6's interpreter (the
-        # tests) cannot take a run-time value as a range() bound under numpy >= 2.4
+        # tests) cannot take a run-time value as a range() bound under numpy >= 2.4. Program (i, j): rows
+        # i*BM.., features j*KS.. (the multiply's partial sum to h_ptr's slice j). Each tile of 128 features is 8
+        # slabs of 16; Philox counter c of a row's tile gives the draws of feature c of each slab (the 16-bit halves
+        # of its four words, slab by slab), so no draw moves between registers, and two slabs make one bit word
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         in_rows = rows < n
+        start = tl.program_id(1) * KS
+        lane = tl.arange(0, 16)
         ranks = tl.arange(0, RP)
-        groups_per_row = (k + 7) // 8
-        words = (k + 31) // 32
+        counters_per_row = (k + 127) // 128 * 16
         acc = tl.zeros((BM, RP), dtype=tl.float32)
-        for k0 in range(0, k, BK):
-            cols = k0 + tl.arange(0, BK)
-            in_cols = cols < k
-            x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=in_rows[:, None] & in_cols[None, :],
-                        other=0.0)
-            keep = _keep_tile(seed, rows, k0, groups_per_row, thr, BM, BK) & in_cols[None, :]
-            a = tl.load(a_ptr + ranks[None, :] * sa + cols[:, None], mask=(ranks[None, :] < r) & in_cols[:, None],
-                        other=0.0)  # (BK, RP): A transposed
-            dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(a.dtype)
-            acc += tl.dot(dropped, a, input_precision=PRECISION)
-            shifts = tl.arange(0, 32)
-            packed = tl.sum(tl.reshape(keep.to(tl.int32), (BM, BK // 32, 32)) << shifts[None, None, :], axis=2)
-            w = k0 // 32 + tl.arange(0, BK // 32)
-            tl.store(bits_ptr + rows[:, None] * sb + w[None, :], packed, mask=in_rows[:, None] & (w[None, :] < words))
-        tl.store(h_ptr + rows[:, None] * sh + ranks[None, :], acc.to(h_ptr.dtype.element_ty),
-                 mask=in_rows[:, None] & (ranks[None, :] < r))
+        for i in range(0, KS, 128):
+            k0 = start + i
+            counter = rows[:, None].to(tl.int64) * counters_per_row + (k0 // 8 + lane)[None, :]
+            w0, w1, w2, w3 = tl.randint4x(seed, counter)  # (BM, 16) each
+            low = tl.zeros((BM,), dtype=tl.int32)
+            for s in tl.static_range(8):
+                word = w0 if s < 2 else (w1 if s < 4 else (w2 if s < 6 else w3))
+                draw = (word >> 16) if s % 2 == 1 else (word & 0xFFFF)
+                cols = k0 + s * 16 + lane
+                in_cols = cols < k
+                x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=in_rows[:, None] & in_cols[None, :],
+                            other=0.0)
+                keep = (draw.to(tl.int32) >= thr) & in_cols[None, :]
+                a = tl.load(a_ptr + ranks[None, :] * sa + cols[:, None],
+                            mask=(ranks[None, :] < r) & in_cols[:, None], other=0.0)  # (16, RP): A transposed
+                dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(a.dtype)
+                acc += tl.dot(dropped, a, input_precision=PRECISION)
+                half = tl.sum(keep.to(tl.int32) << lane[None, :], axis=1)  # (BM,): this slab's 16 bits
+                if s % 2 == 0:
+                    low = half
+                else:  # bit b of word w: feature 32 w + b
+                    w = k0 // 32 + s // 2
+                    tl.store(bits_ptr + rows * sb + w, low | (half << 16), mask=in_rows & (w * 32 < k))
+        tl.store(h_ptr + tl.program_id(1) * sp + rows[:, None] * sh + ranks[None, :],
+                 acc.to(h_ptr.dtype.element_ty), mask=in_rows[:, None] & (ranks[None, :] < r))
 
     @triton.jit(do_not_specialize=["n"])
     def _masked_dh_a_kernel(dh_ptr, a_ptr, bits_ptr, out_ptr, n, k: tl.constexpr, r, sd, sa, sb, so, scale,
@@ -180,11 +184,17 @@ def dropout_a(x: torch.Tensor, a: torch.Tensor, p: float) -> tuple[torch.Tensor,
     n, k = x.shape
     r = a.shape[0]
     seed = draw_philox(x)
+    span = min(FEATURES_PER_PROGRAM, triton.cdiv(k, 128) * 128)  # features per program, whole tiles of 128
+    splits = triton.cdiv(k, span)
     h = torch.empty(n, r, device=x.device, dtype=a.dtype)
+    parts = h[None] if splits == 1 else torch.empty(splits, n, r, device=x.device, dtype=torch.float32)
     bits = torch.empty(n, (k + 31) // 32, device=x.device, dtype=torch.int32)
-    _dropout_a_kernel[(triton.cdiv(n, BM),)](
-        x, a, h, bits, n, k, r, x.stride(0), a.stride(0), h.stride(0), bits.stride(0), seed, threshold(p),
-        drop_scale(p), BM=BM, BK=BK, RP=_pad_rank(r), PRECISION=_precision(a), num_warps=4, num_stages=3)
+    _dropout_a_kernel[(triton.cdiv(n, BM), splits)](
+        x, a, parts, bits, n, k, r, x.stride(0), a.stride(0), parts.stride(0), parts.stride(1), bits.stride(0), seed,
+        threshold(p), drop_scale(p), BM=BM, KS=span, RP=_pad_rank(r), PRECISION=_precision(a), num_warps=4,
+        num_stages=3)
+    if splits > 1:
+        h.copy_(parts.sum(0))
     return h, bits
 
 
