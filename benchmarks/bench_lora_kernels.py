@@ -7,7 +7,7 @@ tiling.
     python benchmarks/bench_lora_kernels.py [--tokens 16384] [--tiles 32x128,64x64,...] [--forward 32x1024,...]
 
 `--tiles`: rows x features per tile of the backward kernels (and of the forward where it still takes them: a checkout
-before the forward's slabs); `--forward`: the forward's rows per program x features per program (`BM`,
+before the forward's slabs); `--forward`: the forward's rows per program x features per program (`FORWARD_ROWS`,
 `FEATURES_PER_PROGRAM`), timed forward only.
 """
 
@@ -50,7 +50,7 @@ def main() -> None:
 
 
 def forward(label: str, n: int, k: int, r: int, p: float, setting: str) -> None:
-    lora_kernels.BM, lora_kernels.FEATURES_PER_PROGRAM = (int(v) for v in setting.split("x"))
+    lora_kernels.FORWARD_ROWS, lora_kernels.FEATURES_PER_PROGRAM = (int(v) for v in setting.split("x"))
     x = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * 0.02
     ms = timed(lambda: lora_kernels.dropout_a(x, a, p))

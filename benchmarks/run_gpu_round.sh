@@ -34,6 +34,8 @@
 # PART=syncfree2 the seed recipe, the 16 GiB mode (qlora-16gb) before and now, qlora-fast over 50 steps
 # PART=slabs    the forward kernel of the LoRA dropout in slabs, its multiply split over features: the GPU tests, the
 #               kernels before (.before/) and now, the seed recipe, qlora-fast and qlora-16gb before and now
+# PART=slabs2   the GPU tests again (every frame of a failure's stack), the forward kernel's settings, qlora-fast, and
+#               qlora-16gb before (.before/) and now
 # PART=kernel   LoRA dropout inside the multiply by A (compute.dropout_kernel) and a step without waits on the GPU
 #               (the loss gathered at positions found while collating, pinned batches, the NaN check after backward):
 #               the GPU tests, the kernels against torch's dropout and multiplies (bench_lora_kernels.py), qlora-fast
@@ -119,6 +121,16 @@ slabs)
     --code .before --fit qlora-fast --steps 12 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
   fit_logged slabs-16gb qlora-16gb 12 "" fit-logs.txt
   (cd .bench && STEPS=12 timeout 130 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  ;;
+slabs2)
+  PYTHONPATH=/tmp/site:$PWD timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ \
+    -k "lora_kernels or step_scalars" 2>&1 | grep -E "^E |passed|failed|\.py:[0-9]+" | tail -40 | tee "$OUT/gpu-tests.log"
+  PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/bench_lora_kernels.py --tiles "" \
+    --forward 64x1024,64x2048,128x1024,64x512 | tee -a "$OUT/kernels.jsonl"
+  fit_logged slabs2 qlora-fast 15 "" fit-logs.txt
+  fit_logged slabs2-16gb qlora-16gb 12 "" fit-logs.txt
+  PYTHONPATH=/tmp/site timeout 150 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
+    --code .before --fit qlora-16gb --steps 12 --warm 5 --timeout 145 | tee -a "$OUT/train.jsonl"
   ;;
 syncfree2)
   (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"

@@ -144,8 +144,8 @@ def test_on_a_gpu_no_step_waits_for_it_and_a_nan_batch_is_skipped(tiny_model_dir
     from lit_mistral.callbacks import LearningRateMonitor, Telemetry
 
     seed_everything(0)
-    module = make_module(tiny_model_dir, optimization={"optimizer": "adamw", "learning_rate": 5e-3,
-                                                       "nonfinite": "skip"})
+    module = make_module(tiny_model_dir, optimization={"optimizer": "adamw", "learning_rate": 5e-3, "nonfinite": "skip"},
+                         compute={"kernels": "liger", "shared_dropout": True, "dropout_kernel": True})  # qlora-fast's
     poison_loss(module, at_batch=4, value=float("nan"))
     recorder, telemetry, changed = Recorder(), Telemetry(), {}
 

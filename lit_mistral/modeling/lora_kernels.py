@@ -29,9 +29,9 @@ try:
 except ImportError:  # the CPU build of torch comes without Triton: `available()` says so
     triton = None
 
-BM, BK = 32, 128  # rows x input features per tile (BK a multiple of 32: one bit word per 32 features); backward
-FEATURES_PER_PROGRAM = 1024  # `dropout_a`: features each program sums over (a multiple of 128): more programs than
-# row blocks alone give (16,384 tokens: 512), to keep the GPU's memory busy
+BM, BK = 32, 128  # the backward kernels: rows x input features per tile (BK a multiple of 32: one bit word per 32)
+FORWARD_ROWS, FEATURES_PER_PROGRAM = 64, 1024  # `dropout_a`: rows x features (a multiple of 128) per program; the
+# fastest of those tried on an H200 (benchmarks/bench_lora_kernels.py --forward, BENCHMARKS.md 2026-12-02 sixth session)
 ROWS_PER_SPLIT = 1024  # `dh_t_dropped`: rows each program sums over (a multiple of BM)
 STREAM = 0x5DEECE66D  # mixed into the generator's seed: these draws never share a Philox key with torch's own
 GOLDEN = 0x9E3779B97F4A7C15  # odd: spreads consecutive generator offsets over the keys
@@ -189,9 +189,9 @@ def dropout_a(x: torch.Tensor, a: torch.Tensor, p: float) -> tuple[torch.Tensor,
     h = torch.empty(n, r, device=x.device, dtype=a.dtype)
     parts = h[None] if splits == 1 else torch.empty(splits, n, r, device=x.device, dtype=torch.float32)
     bits = torch.empty(n, (k + 31) // 32, device=x.device, dtype=torch.int32)
-    _dropout_a_kernel[(triton.cdiv(n, BM), splits)](
+    _dropout_a_kernel[(triton.cdiv(n, FORWARD_ROWS), splits)](
         x, a, parts, bits, n, k, r, x.stride(0), a.stride(0), parts.stride(0), parts.stride(1), bits.stride(0), seed,
-        threshold(p), drop_scale(p), BM=BM, KS=span, RP=_pad_rank(r), PRECISION=_precision(a), num_warps=4,
+        threshold(p), drop_scale(p), BM=FORWARD_ROWS, KS=span, RP=_pad_rank(r), PRECISION=_precision(a), num_warps=4,
         num_stages=3)
     if splits > 1:
         h.copy_(parts.sum(0))
