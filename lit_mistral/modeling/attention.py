@@ -160,8 +160,10 @@ def packed_kwargs(batch: dict, implementation: str) -> dict:
     kwargs = {"position_ids": batch["position_ids"]}
     if implementation == NAME:
         cu, longest = batch["cu_seq_lens"], batch["max_length"]
-        # an all-ones 2D mask stops transformers from building a dense block-diagonal mask we would not use
+        # a 4D mask is taken as already built: transformers neither builds a dense block-diagonal mask we would not
+        # use nor inspects one (SDPA's builder asks whether a 2D mask is all ones: a wait for the GPU at every step,
+        # for rows shorter than the sliding window or models without one); `varlen_attention` ignores it
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest,
-                      attention_mask=torch.ones_like(batch["input_ids"]))
+                      attention_mask=batch["input_ids"].new_ones((1, 1, 1, 1), dtype=torch.bool))
     # other implementations isolate examples through transformers' own mask from position_ids
     return kwargs
