@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor as LightningLearning
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_mistral.data.records import input_key
+from lit_mistral.distributed import reduce_queued
 from lit_mistral.errors import LitMistralError
 from lit_mistral.io import check_output_file, write_text
 from lit_mistral.lightning_internals import LR_MONITOR_STATS, on_the_cpu
@@ -90,8 +91,7 @@ class Telemetry(Callback):
         # read a step or so later (`StepScalars`): reading it now would make the CPU wait for the GPU
         tokens = torch.tensor(float(self._tokens))
         if trainer.world_size > 1:
-            tokens = trainer.strategy.reduce(tokens.pin_memory().to(device, non_blocking=True) if cuda else tokens,
-                                             reduce_op="sum")
+            tokens = reduce_queued(tokens.pin_memory().to(device, non_blocking=True) if cuda else tokens, "sum")
         now, end = time.perf_counter(), self._event(cuda)
         meta = {"step": trainer.global_step, "start": (self._window, self._mark), "end": (now, end),
                 "memory": self._memory(device)}

@@ -23,3 +23,14 @@ def gather_objects(obj: T, world_size: int) -> list[T]:
     gathered = [None] * world_size
     torch.distributed.all_gather_object(gathered, obj)
     return gathered
+
+
+def reduce_queued(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    """`tensor` reduced over all processes (`op`: "sum" or "max"), in place, queued on the device like any kernel:
+    the CPU goes on at once. Lightning's `strategy.reduce` puts a barrier first, which makes every process's CPU wait
+    for its GPU (with NCCL); a step's scalars read back later (`step_scalars.py`) need no such wait. One process:
+    the tensor as it is."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return tensor

@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from lit_mistral.config import Compute, Generation, LoRA, Optimization, Quantization
 from lit_mistral.data.batching import split_batch
 from lit_mistral.data.tokenize import IGNORE_INDEX
+from lit_mistral.distributed import reduce_queued
 from lit_mistral.errors import LitMistralError, raise_problems
 from lit_mistral.generation.answering import for_inference
 from lit_mistral.generation.predictor import Predictor
@@ -213,7 +214,7 @@ class QLoRAModule(LightningModule):
         optimizer = self._skips_on_device()
         if optimizer is not None:
             # every process's flag is the largest of all: they all skip the batch or none does
-            bad = self.trainer.strategy.reduce((~torch.isfinite(loss)).float(), reduce_op="max")
+            bad = reduce_queued((~torch.isfinite(loss)).float(), "max")
             optimizer.found_inf = bad
             self._deciding = {"loss": loss, "bad": bad, "batch_idx": batch_idx}
             return

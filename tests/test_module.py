@@ -300,24 +300,29 @@ def test_nonfinite_loss_stops_naming_step_and_batch(tiny_model_dir, demo_file, t
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 
+class WeightsMoved(Callback):
+    """Whether each batch changed the adapter weights: `changed[batch_idx]`."""
+
+    def __init__(self) -> None:
+        self.changed: dict[int, bool] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = adapter_state(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        after = adapter_state(pl_module)
+        self.changed[batch_idx] = any(not torch.equal(after[k], v) for k, v in self.before.items())
+
+
 def test_nonfinite_loss_skipped_when_asked(tiny_model_dir, demo_file, tmp_path):
     module = make(tiny_model_dir, optimization={"learning_rate": 5e-3, "nonfinite": "skip"})
     poison_loss(module, at_batch=2, value=float("inf"))
-    changed = {}
-
-    class WeightsMoved(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.before = adapter_state(pl_module)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            after = adapter_state(pl_module)
-            changed[batch_idx] = any(not torch.equal(after[k], v) for k, v in self.before.items())
-
+    moved = WeightsMoved()
     dm = data(tiny_model_dir, demo_file, train_records=(0, 20), batch_size=4)
     with pytest.warns(UserWarning, match=r"the training loss is inf at step 2 \(epoch 0, batch 2 of the epoch\): "
                                          r"batch skipped \(model.optimization.nonfinite=skip; 1 so far\)"):
-        trainer(tmp_path, max_steps=5, callbacks=[WeightsMoved()]).fit(module, dm)
-    assert changed == {0: True, 1: True, 2: False, 3: True, 4: True}  # no update from the bad batch, then training goes on
+        trainer(tmp_path, max_steps=5, callbacks=[moved]).fit(module, dm)
+    assert moved.changed == {0: True, 1: True, 2: False, 3: True, 4: True}  # no update from the bad batch, then training goes on
     assert module.skipped_batches == 1
     assert all(torch.isfinite(v).all() for v in adapter_state(module).values())
 

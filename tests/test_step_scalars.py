@@ -9,7 +9,7 @@ from conftest import make_module, trainer
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from test_callbacks import Recorder
-from test_module import adapter_state, data, poison_loss
+from test_module import WeightsMoved, adapter_state, data, poison_loss
 
 from lit_mistral.errors import LitMistralError
 from lit_mistral.module import QLoRAModule
@@ -79,21 +79,12 @@ def run(tmp_path, tiny_model_dir, demo_file, poison=None, **optimization):
     module = make_module(tiny_model_dir, optimization={"optimizer": "adamw", "learning_rate": 5e-3, **optimization})
     if poison is not None:
         poison_loss(module, at_batch=2, value=poison)
-    recorder, changed = Recorder(), {}
-
-    class WeightsMoved(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.before = adapter_state(pl_module)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            after = adapter_state(pl_module)
-            changed[batch_idx] = any(not torch.equal(after[k], v) for k, v in self.before.items())
-
+    recorder, moved = Recorder(), WeightsMoved()
     dm = data(tiny_model_dir, demo_file, train_records=(0, 20), batch_size=4)
-    trainer(tmp_path, max_steps=5, logger=recorder, log_every_n_steps=1, callbacks=[WeightsMoved()]).fit(module, dm)
+    trainer(tmp_path, max_steps=5, logger=recorder, log_every_n_steps=1, callbacks=[moved]).fit(module, dm)
     logged = {(step, k): v for step, metrics in recorder.logged for k, v in metrics.items()
               if k in ("train/loss", "train/grad_norm", "train/skipped_batches")}
-    return module, logged, changed
+    return module, logged, moved.changed
 
 
 def test_decided_later_logs_what_deciding_at_once_logs(deciding_later, tiny_model_dir, demo_file, tmp_path,
