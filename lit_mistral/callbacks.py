@@ -18,7 +18,7 @@ from lit_mistral.errors import LitMistralError
 from lit_mistral.io import check_output_file, write_text
 from lit_mistral.lightning_internals import LR_MONITOR_STATS, on_the_cpu
 from lit_mistral.modeling.adapters import save_adapter
-from lit_mistral.step_scalars import StepScalars
+from lit_mistral.step_scalars import StepScalars, log_at
 
 
 class Telemetry(Callback):
@@ -130,9 +130,7 @@ class Telemetry(Callback):
     def _log(self, trainer, metrics: dict[str, float], step: int) -> None:
         """Log `metrics` at `step` from process 0 (LightningModule.log would repeat them at every later step)."""
         self.last.update(metrics)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+        log_at(trainer, metrics, step)
 
 
 class LearningRateMonitor(LightningLearningRateMonitor):

@@ -37,27 +37,17 @@ def logs_this_step(trainer) -> bool:
     return trainer._logger_connector.should_update_logs
 
 
-class _OnTheCPU:
-    """A trainer, as seen by code that makes tensors on `trainer.strategy.root_device`: that device is the CPU."""
+class _Overridden:
+    """`obj` with some attributes replaced, everything else its own."""
 
-    def __init__(self, trainer) -> None:
-        self._trainer = trainer
-        self.strategy = _Strategy(trainer.strategy)
-
-    def __getattr__(self, name: str):
-        return getattr(self._trainer, name)
-
-
-class _Strategy:
-    root_device = torch.device("cpu")
-
-    def __init__(self, strategy) -> None:
-        self._strategy = strategy
+    def __init__(self, obj, **attributes) -> None:
+        self._obj = obj
+        self.__dict__.update(attributes)
 
     def __getattr__(self, name: str):
-        return getattr(self._strategy, name)
+        return getattr(self._obj, name)
 
 
 def on_the_cpu(trainer):
     """`trainer`, with the CPU as its strategy's root device (everything else its own)."""
-    return _OnTheCPU(trainer)
+    return _Overridden(trainer, strategy=_Overridden(trainer.strategy, root_device=torch.device("cpu")))

@@ -24,7 +24,7 @@ from lit_mistral.modeling.adapters import check_adapter_folder, trainable_state
 from lit_mistral.modeling.attention import packed_kwargs
 from lit_mistral.modeling.loss import linear_cross_entropy
 from lit_mistral.sources import check_model_location
-from lit_mistral.step_scalars import StepScalars
+from lit_mistral.step_scalars import StepScalars, log_at
 
 
 def targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,15 +251,11 @@ class QLoRAModule(LightningModule):
             metrics = {"train/loss": values["loss"]}
             if "grad_norm" in values:
                 metrics["train/grad_norm"] = values["grad_norm"]
-            self._to_loggers(metrics, meta["step"], meta["log"])
+            if meta["log"]:
+                log_at(self.trainer, metrics, meta["step"])
             latest = values["loss"]
         if in_step and latest is not None:  # the progress bar's and monitors' value: a CPU tensor, read without a wait
             self.log("train/loss", torch.tensor(latest), prog_bar=True, logger=False)
-
-    def _to_loggers(self, metrics: dict[str, float], step: int, log: bool) -> None:
-        if log and self.trainer.is_global_zero:
-            for logger in self.trainer.loggers:
-                logger.log_metrics(metrics, step=step)
 
     def _step_in_parts(self, parts: list[dict], batch: dict, batch_idx: int) -> torch.Tensor | None:
         """A batch in parts (`compute.micro_batch_tokens`): backward on each part but the last here, the last by
@@ -319,7 +315,7 @@ class QLoRAModule(LightningModule):
         self.skipped_batches += 1
         rank_zero_warn(f"the training loss is {value} at {where}: batch skipped (model.optimization.nonfinite="
                        f"skip; {self.skipped_batches} so far).")
-        self._to_loggers({"train/skipped_batches": float(self.skipped_batches)}, step, log=True)
+        log_at(self.trainer, {"train/skipped_batches": float(self.skipped_batches)}, step)
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         """The loss of each example of the batch (what evaluation breaks down by category); logs `val/loss`."""

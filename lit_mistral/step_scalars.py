@@ -24,41 +24,41 @@ class StepScalars:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def push(self, meta: dict, device: torch.device, **values: torch.Tensor | float) -> None:
-        """Queue `values` (0-d tensors or numbers) of the step `meta` describes. On CUDA the tensors are copied to
-        pinned memory behind the work queued so far, and an event marks when they, and that work, are done (CUDA
-        events recorded before this call, e.g. a step's timing, are passed too when it is); elsewhere they are read
-        at once (no queue runs ahead of a CPU)."""
-        tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
-        numbers = {k: float(v) for k, v in values.items() if k not in tensors}
+    def push(self, meta: dict, device: torch.device, **values: torch.Tensor) -> None:
+        """Queue `values` (0-d tensors) of the step `meta` describes. On CUDA they are copied to pinned memory behind
+        the work queued so far, and an event marks when they, and that work, are done (CUDA events recorded before
+        this call, e.g. a step's timing, are passed too when it is); elsewhere they are read at once (no queue runs
+        ahead of a CPU)."""
+        host = torch.stack([v.detach().reshape(()).float() for v in values.values()])
         event = None
         if device.type == "cuda":
-            host = None
-            if tensors:
-                stacked = torch.stack([t.detach().reshape(()).float() for t in tensors.values()])
-                host = torch.empty(stacked.shape, dtype=torch.float32, pin_memory=True)
-                host.copy_(stacked, non_blocking=True)
+            host = torch.empty(host.shape, dtype=torch.float32, pin_memory=True).copy_(host, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        else:
-            host = torch.stack([t.detach().reshape(()).float() for t in tensors.values()]) if tensors else None
-        self._pending.append((meta, list(tensors), host, numbers, event))
+        self._pending.append((meta, list(values), host, event))
 
     def ready(self, behind: int = 1) -> list[tuple[dict, dict[str, float]]]:
         """The entries whose values have arrived, oldest first, with every entry but the newest `behind` waited for
         (the GPU passed those a step or more ago, or is busy with what came after): `(meta, {name: value})`."""
         out = []
         while self._pending:
-            meta, names, host, numbers, event = self._pending[0]
+            meta, names, host, event = self._pending[0]
             if event is not None and not event.query():
                 if len(self._pending) <= behind:
                     break
                 event.synchronize()
             self._pending.popleft()
-            values = dict(zip(names, host.tolist())) if host is not None else {}
-            out.append((meta, {**values, **numbers}))
+            out.append((meta, dict(zip(names, host.tolist()))))
         return out
 
     def flush(self) -> list[tuple[dict, dict[str, float]]]:
         """Every entry, waiting for the GPU as needed (the end of an epoch, a checkpoint)."""
         return self.ready(behind=0)
+
+
+def log_at(trainer, metrics: dict[str, float], step: int) -> None:
+    """Write `metrics` to the trainer's loggers at `step` (a step already past, for values read back later), from
+    process 0 (`LightningModule.log` would log them at the current step, and on every process)."""
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)

@@ -32,10 +32,10 @@ class Held:
 def test_entries_come_back_in_order_and_only_the_newest_wait():
     scalars, events = StepScalars(), []
     for step in range(3):
-        scalars.push({"step": step}, torch.device("cpu"), loss=torch.tensor(step + 0.5), bad=0.0)
+        scalars.push({"step": step}, torch.device("cpu"), loss=torch.tensor(step + 0.5), bad=torch.tensor(0.0))
         events.append(Held())
-        meta, names, host, numbers, _ = scalars._pending[-1]
-        scalars._pending[-1] = (meta, names, host, numbers, events[-1])
+        *entry, _ = scalars._pending[-1]
+        scalars._pending[-1] = (*entry, events[-1])
     events[1].done = True  # passed, but behind one that has not: order is kept
     assert scalars.ready(behind=3) == []
     got = scalars.ready(behind=1)  # the two oldest: the first waited for, the second had passed
