@@ -7,11 +7,14 @@ tiling.
     python benchmarks/bench_lora_kernels.py [--tokens 16384] [--tiles 32x128,64x64,...] [--forward 32x1024,...]
 
 `--tiles`: rows x features per tile of the backward kernels (and of the forward where it still takes them: a checkout
-before the forward's slabs); `--forward`: the forward's rows per program x features per program (`FORWARD_ROWS`,
-`FEATURES_PER_PROGRAM`), timed forward only.
+before the forward's slabs), optionally x warps x rows per split of A's gradient (`BM`, `BK`, `BACKWARD_WARPS`,
+`ROWS_PER_SPLIT`); `--forward`: the forward's rows per program x features per program, optionally x warps x
+features per tile (`FORWARD_ROWS`, `FEATURES_PER_PROGRAM`, `FORWARD_WARPS`, `FORWARD_TILE`), timed forward only.
+Settings a checkout does not have are left out.
 """
 
 import argparse
+import contextlib
 import json
 
 import torch
@@ -49,11 +52,26 @@ def main() -> None:
             forward(label, args.tokens, k, r, args.p, setting)
 
 
+@contextlib.contextmanager
+def configured(names: tuple[str, ...], setting: str):
+    """The module's tile constants `names` set to the values of `setting` ("64x1024", "64x1024x8": the first ones)
+    inside the block, put back after."""
+    values = {name: int(value) for name, value in zip(names, setting.split("x")) if hasattr(lora_kernels, name)}
+    before = {name: getattr(lora_kernels, name) for name in values}
+    for name, value in values.items():
+        setattr(lora_kernels, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(lora_kernels, name, value)
+
+
 def forward(label: str, n: int, k: int, r: int, p: float, setting: str) -> None:
-    lora_kernels.FORWARD_ROWS, lora_kernels.FEATURES_PER_PROGRAM = (int(v) for v in setting.split("x"))
     x = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    ms = timed(lambda: lora_kernels.dropout_a(x, a, p))
+    with configured(("FORWARD_ROWS", "FEATURES_PER_PROGRAM", "FORWARD_WARPS", "FORWARD_TILE"), setting):
+        ms = timed(lambda: lora_kernels.dropout_a(x, a, p))
     print(json.dumps({"shape": label, "tokens": n, "features": k, "rank": r, "path": f"forward {setting}",
                       "forward": round(ms, 3), "read_tb_per_s": round(x.numel() * 2 / ms / 1e9, 2)}), flush=True)
 
@@ -70,15 +88,17 @@ def shape(label: str, n: int, k: int, r: int, p: float, tilings: list[str]) -> N
     print(json.dumps({"shape": label, "tokens": n, "features": k, "rank": r, "path": "torch",
                       **{key: round(v, 3) for key, v in torch_ms.items()}}), flush=True)
     for tiles in tilings:
-        lora_kernels.BM, lora_kernels.BK = (int(v) for v in tiles.split("x"))
-        _, bits = lora_kernels.dropout_a(x, a, p)
-        ms = {"forward": timed(lambda: lora_kernels.dropout_a(x, a, p)),
-              "backward": timed(lambda: (lora_kernels.dh_t_dropped(dh, x, bits, p),  # noqa: B023 (called at once)
-                                         lora_kernels.masked_dh_a(dh, a, bits, p))),  # noqa: B023
-              "backward_grad_a": timed(lambda: lora_kernels.dh_t_dropped(dh, x, bits, p)),  # noqa: B023
-              "backward_grad_x": timed(lambda: lora_kernels.masked_dh_a(dh, a, bits, p))}  # noqa: B023
+        with configured(("BM", "BK", "BACKWARD_WARPS", "ROWS_PER_SPLIT"), tiles):
+            _, bits = lora_kernels.dropout_a(x, a, p)
+            ms = {"forward": timed(lambda: lora_kernels.dropout_a(x, a, p)),
+                  "backward": timed(lambda: (lora_kernels.dh_t_dropped(dh, x, bits, p),  # noqa: B023 (called at once)
+                                             lora_kernels.masked_dh_a(dh, a, bits, p))),  # noqa: B023
+                  "backward_grad_a": timed(lambda: lora_kernels.dh_t_dropped(dh, x, bits, p)),  # noqa: B023
+                  "backward_grad_x": timed(lambda: lora_kernels.masked_dh_a(dh, a, bits, p))}  # noqa: B023
         print(json.dumps({"shape": label, "tokens": n, "features": k, "rank": r, "path": f"kernels {tiles}",
-                          **{key: round(v, 3) for key, v in ms.items()}}), flush=True)
+                          **{key: round(v, 3) for key, v in ms.items()},  # x read by one, its gradient written by the other
+                          "backward_tb_per_s": round(2 * x.numel() * 2 / ms["backward"] / 1e9, 2)}), flush=True)
+
 
 if __name__ == "__main__":
     main()

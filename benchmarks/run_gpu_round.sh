@@ -29,6 +29,17 @@
 # PART=offload decoder layers that keep their activations in CPU memory (compute.offload_layers): the GPU tests, the
 #               link's copy rates, the 16 GiB mode with OFFLOADS layers offloaded
 # PART=offload2 the offloaded layers' memory pass by pass (probe_offload.py), the seed recipe, the 16 GiB mode again
+# PART=tiles    the forward kernel of the LoRA dropout reading whole tiles of 128 features (one multiply by A each):
+#               the GPU tests of the kernels, the kernels before (.before/) and now over their settings, then qlora-fast
+#               before and now
+# PART=tiles2   the forward kernel in tiles of 32 to 128 features (registers per thread bounded): the GPU tests of the
+#               kernels, the kernels' settings, what bounds the forward (PART=bound at one tiling), then qlora-fast
+#               before and now with the fastest forward setting of the sweep (set in this copy of lora_kernels.py)
+# PART=tiles3   the forward kernel's chosen tiling (64 rows, 32-feature tiles): the GPU tests of the kernels and the
+#               step without waits, the kernels before (.before/) and now, what bounds the forward
+#               (probe_dropout_kernel.py), the seed recipe, qlora-fast before and now, the 16 GiB mode now
+# PART=bound    what bounds the dropout's forward kernel (probe_dropout_kernel.py: its loop with one part at a time
+#               taken out), at a few tilings; no fits (no checkpoint made)
 # PART=syncfree a step that never makes the CPU wait for the GPU (step_scalars.py): the GPU tests, qlora-fast at
 #               the commit before (.before/) and now, where steps still wait (probe_syncs.py), the profile of a step
 # PART=syncfree2 the seed recipe, the 16 GiB mode (qlora-16gb) before and now, qlora-fast over 50 steps
@@ -81,7 +92,7 @@ export PYTHONPYCACHEPREFIX=/tmp/pycache
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 CKPT=${CKPT:-/tmp/mistral7b-random} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee -a "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft, bitsandbytes, lightning, triton; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, lightning.__version__, triton.__version__)" | tee -a "$OUT/versions.txt"
-if [ "${PART:-check}" != big ] && [ "${PART:-check}" != big2 ] && [ ! -f "$CKPT/config.json" ]; then
+if [[ ! "${PART:-check}" =~ ^(big|big2|bound)$ ]] && [ ! -f "$CKPT/config.json" ]; then
   (cd .bench && python3 -c "import seed_recipe as s; s.make_checkpoint()") > /dev/null 2>&1 && cp .bench/tokenizer/* "$CKPT/"
 fi
 DATA=.bench/dolly-15k-head.jsonl
@@ -98,6 +109,63 @@ fit_logged() {  # LABEL CONFIG STEPS FLAGS LOG: one fit through bench_cli (its f
   grep -h "=auto\|Time to the first\|Loaded" /tmp/bench-cli/$1/fit-*.log | cut -c1-900 | tee -a "$OUT/$5"
 }
 case "${PART:-check}" in
+tiles3)
+  PYTHONPATH=/tmp/site:$PWD timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ \
+    -k "lora_kernels or step_scalars" 2>&1 | grep -E "^E |passed|failed|\.py:[0-9]+" | tail -40 | tee "$OUT/gpu-tests.log"
+  (cd .before && PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/bench_lora_kernels.py --tiles 32x128) \
+    | sed 's/^{/{"code": "before", /' | tee -a "$OUT/kernels.jsonl"
+  PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/bench_lora_kernels.py --tiles 32x128 | tee -a "$OUT/kernels.jsonl"
+  PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/probe_dropout_kernel.py | tee -a "$OUT/bound.jsonl"
+  (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
+    --code .before --fit qlora-fast --steps 12 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
+  fit_logged tiles3 qlora-fast 15 "" fit-logs.txt
+  fit_logged tiles3-16gb qlora-16gb 12 "" fit-logs.txt
+  ;;
+tiles2)
+  PYTHONPATH=/tmp/site:$PWD timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ \
+    -k "lora_kernels" 2>&1 | grep -E "^E |passed|failed|\.py:[0-9]+" | tail -40 | tee "$OUT/gpu-tests.log"
+  PYTHONPATH=/tmp/site:$PWD timeout 200 python3 benchmarks/bench_lora_kernels.py --tiles ${TILES:-32x128,32x128x4x2048,16x128x4} \
+    --forward ${FORWARD:-32x1024x4x64,64x1024x8x64,32x1024x4x32,64x1024x4x32,32x512x4x64,32x2048x4x64,16x1024x4x64,64x1024x4x64,32x1024x4x128,64x1024x8x128,128x1024x8x64,32x1024x2x64,32x4096x4x64,64x4096x8x64} \
+    | tee -a "$OUT/kernels.jsonl"
+  PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/probe_dropout_kernel.py --rows 32 --span 1024 --warps 4 \
+    | tee -a "$OUT/bound.jsonl"
+  best=$(python3 -c "
+import json, collections
+total = collections.defaultdict(float)
+for line in open('$OUT/kernels.jsonl'):
+    row = json.loads(line)
+    if row['path'].startswith('forward '):
+        total[row['path'].split()[1]] += row['forward']
+print(min(total, key=total.get))")
+  echo "fastest forward setting: $best" | tee -a "$OUT/fit-logs.txt"
+  IFS=x read -r rows span warps tile <<< "$best"
+  sed -i "s/^FORWARD_ROWS, FEATURES_PER_PROGRAM, FORWARD_TILE, FORWARD_WARPS = .*/FORWARD_ROWS, FEATURES_PER_PROGRAM, FORWARD_TILE, FORWARD_WARPS = $rows, $span, $tile, $warps/" lit_mistral/modeling/lora_kernels.py
+  grep "^FORWARD_ROWS" lit_mistral/modeling/lora_kernels.py | tee -a "$OUT/fit-logs.txt"
+  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
+    --code .before --fit qlora-fast --steps 12 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
+  fit_logged tiles2 qlora-fast 15 "" fit-logs.txt
+  ;;
+bound)
+  for tiling in ${BOUND_TILINGS:-64,1024,4 32,1024,4 64,1024,8 128,1024,8}; do
+    IFS=, read -r rows span warps <<< "$tiling"
+    PYTHONPATH=/tmp/site:$PWD timeout 100 python3 benchmarks/probe_dropout_kernel.py --rows $rows --span $span \
+      --warps $warps | tee -a "$OUT/bound.jsonl"
+  done
+  ;;
+tiles)
+  PYTHONPATH=/tmp/site:$PWD timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ \
+    -k "lora_kernels" 2>&1 | grep -E "^E |passed|failed|\.py:[0-9]+" | tail -40 | tee "$OUT/gpu-tests.log"
+  (cd .before && PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/bench_lora_kernels.py --tiles 32x128) \
+    | sed 's/^{/{"code": "before", /' | tee -a "$OUT/kernels.jsonl"
+  PYTHONPATH=/tmp/site:$PWD timeout 150 python3 benchmarks/bench_lora_kernels.py \
+    --tiles ${TILES:-32x128,32x128x8,64x128x8,32x256x8,16x128x4,32x128x4x2048} \
+    --forward ${FORWARD:-64x1024,32x1024,128x1024x8,64x512,64x2048,64x1024x8,32x512x2,128x2048x8,64x16384} \
+    | tee -a "$OUT/kernels.jsonl"
+  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
+    --code .before --fit qlora-fast --steps 12 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
+  fit_logged tiles qlora-fast 15 "" fit-logs.txt
+  ;;
 syncfree)
   gpu_tests "step_scalars or offload" 150
   PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \

@@ -36,8 +36,9 @@ def check_kernels(case: dict, p: float, atol: float, rtol: float) -> None:
     assert not (lora_kernels.unpack(bits, bits.shape[1] * 32)[:, k:]).any()  # no bits past the last feature
     dropped = 1 - keep.float().mean().item()
     assert abs(dropped - p) < 4 * (p * (1 - p) / keep.numel()) ** 0.5 + 1e-3, dropped
-    # no draw shared: the next row's, and the next 128 features' (tile), drops are independent of these
-    for a_drop, b_drop in ((~keep[:-1], ~keep[1:]), (~keep[:, :-128], ~keep[:, 128:])):
+    # no draw shared: the next row's, the next feature's (one Philox call) and the next 128 features' (tile), drops
+    # are independent of these
+    for a_drop, b_drop in ((~keep[:-1], ~keep[1:]), (~keep[:, :-1], ~keep[:, 1:]), (~keep[:, :-128], ~keep[:, 128:])):
         if a_drop.numel():
             both = (a_drop & b_drop).float().mean().item()
             assert abs(both - p * p) < 4 * (p * p * (1 - p * p) / a_drop.numel()) ** 0.5 + 1e-3, both
@@ -150,15 +151,22 @@ from test_lora_kernels import run_kernels, run_layers
 from lit_mistral.modeling import lora_kernels
 kernels = run_kernels("cpu", torch.float32, [(70, 96, 8), (1100, 200, 24)], 0.3)
 lora_kernels.FEATURES_PER_PROGRAM = 256  # the multiply by A summed over 3 programs per row block, the last partial
-torch.save({"kernels": kernels + run_kernels("cpu", torch.float32, [(90, 600, 8)], 0.3),
-            "layers": run_layers("cpu", torch.float32, 0.3)}, sys.argv[1])
+kernels += run_kernels("cpu", torch.float32, [(90, 600, 8)], 0.3)
+tilings = []  # the same generator state: the same mask whatever the tiles
+for rows, tile in ((lora_kernels.FORWARD_ROWS, lora_kernels.FORWARD_TILE), (16, 128), (32, 64)):
+    lora_kernels.FORWARD_ROWS, lora_kernels.FORWARD_TILE = rows, tile
+    torch.manual_seed(5)
+    tilings.append(lora_kernels.dropout_a(torch.randn(40, 300), torch.randn(8, 300), 0.3))
+torch.save({"kernels": kernels, "tilings": tilings, "layers": run_layers("cpu", torch.float32, 0.3)}, sys.argv[1])
 """
 
 
 @needs_triton
 def test_kernels_equal_torch_with_their_mask_interpreted(tmp_path):
     """Triton's interpreter, float32: ragged shapes (rows and features not multiples of the tiles, features not of
-    32, two row splits in A's gradient, three feature splits in the forward's multiply); the layers (a shared q/k input and a single o) forward and backward."""
+    32, two row splits in A's gradient, three feature splits in the forward's multiply); the forward's tilings draw
+    the same mask from the same generator state; the layers (a shared q/k input and a single o) forward and
+    backward."""
     # in a fresh process: TRITON_INTERPRET must be set before anything imports triton
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
@@ -167,6 +175,10 @@ def test_kernels_equal_torch_with_their_mask_interpreted(tmp_path):
     out = torch.load(tmp_path / "out.pt")
     for case in out["kernels"]:
         check_kernels(case, P, atol=1e-4, rtol=1e-4)
+    (h, bits), *others = out["tilings"]
+    for other_h, other_bits in others:
+        assert torch.equal(other_bits, bits)
+        torch.testing.assert_close(other_h, h, atol=1e-4, rtol=1e-4)
     check_layers(out["layers"], P, atol=1e-4, rtol=1e-4)
 
 

@@ -29,9 +29,11 @@ try:
 except ImportError:  # the CPU build of torch comes without Triton: `available()` says so
     triton = None
 
-BM, BK = 32, 128  # the backward kernels: rows x input features per tile (BK a multiple of 32: one bit word per 32)
-FORWARD_ROWS, FEATURES_PER_PROGRAM = 64, 1024  # `dropout_a`: rows x features (a multiple of 128) per program; the
-# fastest of those tried on an H200 (benchmarks/bench_lora_kernels.py --forward, BENCHMARKS.md 2026-12-02 sixth session)
+BM, BK, BACKWARD_WARPS = 32, 128, 4  # the backward kernels: rows x input features per tile (BK a multiple of 32: one
+# bit word per 32), warps per program
+# `dropout_a`: rows x features per program, features per tile (32, 64 or 128), warps per program: the fastest of
+# those tried on an H200 (benchmarks/bench_lora_kernels.py --forward; BENCHMARKS.md 2026-12-02, seventh session)
+FORWARD_ROWS, FEATURES_PER_PROGRAM, FORWARD_TILE, FORWARD_WARPS = 64, 1024, 32, 4
 ROWS_PER_SPLIT = 1024  # `dh_t_dropped`: rows each program sums over (a multiple of BM)
 STREAM = 0x5DEECE66D  # mixed into the generator's seed: these draws never share a Philox key with torch's own
 GOLDEN = 0x9E3779B97F4A7C15  # odd: spreads consecutive generator offsets over the keys
@@ -95,42 +97,44 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n"])  # the token count changes from batch to batch: one compiled kernel
     def _dropout_a_kernel(x_ptr, a_ptr, h_ptr, bits_ptr, n, k: tl.constexpr, r, sx, sa, sp, sh, sb, seed, thr, scale,
-                          BM: tl.constexpr, KS: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr):
+                          BM: tl.constexpr, KS: tl.constexpr, TILE: tl.constexpr, RP: tl.constexpr,
+                          PRECISION: tl.constexpr):
         # k, the features, a compile-time constant: a layer's width is fixed, and Triton 3.6's interpreter (the
         # tests) cannot take a run-time value as a range() bound under numpy >= 2.4. Program (i, j): rows
-        # i*BM.., features j*KS.. (the multiply's partial sum to h_ptr's slice j). Each tile of 128 features is 8
-        # slabs of 16; Philox counter c of a row's tile gives the draws of feature c of each slab (the 16-bit halves
-        # of its four words, slab by slab), so no draw moves between registers, and two slabs make one bit word
+        # i*BM.., features j*KS.. (the multiply's partial sum to h_ptr's slice j), in tiles of TILE features read
+        # whole (one multiply by A each). Philox counter (f, row) gives the draws of the row's features 8f..8f+7:
+        # the 16-bit halves of its four words, joined next to each other in registers (the same draws whatever
+        # the tiling)
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         in_rows = rows < n
         start = tl.program_id(1) * KS
-        lane = tl.arange(0, 16)
+        lane = tl.arange(0, TILE // 8)
+        feats = tl.arange(0, TILE)
         ranks = tl.arange(0, RP)
-        counters_per_row = (k + 127) // 128 * 16
+        shifts = tl.arange(0, 32)
+        row_counter = tl.broadcast_to(rows.to(tl.uint32)[:, None], (BM, TILE // 8))
+        zero = row_counter * 0
         acc = tl.zeros((BM, RP), dtype=tl.float32)
-        for i in range(0, KS, 128):
+        for i in range(0, KS, TILE):
             k0 = start + i
-            counter = rows[:, None].to(tl.int64) * counters_per_row + (k0 // 8 + lane)[None, :]
-            w0, w1, w2, w3 = tl.randint4x(seed, counter)  # (BM, 16) each
-            low = tl.zeros((BM,), dtype=tl.int32)
-            for s in tl.static_range(8):
-                word = w0 if s < 2 else (w1 if s < 4 else (w2 if s < 6 else w3))
-                draw = (word >> 16) if s % 2 == 1 else (word & 0xFFFF)
-                cols = k0 + s * 16 + lane
-                in_cols = cols < k
-                x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=in_rows[:, None] & in_cols[None, :],
-                            other=0.0)
-                keep = (draw.to(tl.int32) >= thr) & in_cols[None, :]
-                a = tl.load(a_ptr + ranks[None, :] * sa + cols[:, None],
-                            mask=(ranks[None, :] < r) & in_cols[:, None], other=0.0)  # (16, RP): A transposed
-                dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(a.dtype)
-                acc += tl.dot(dropped, a, input_precision=PRECISION)
-                half = tl.sum(keep.to(tl.int32) << lane[None, :], axis=1)  # (BM,): this slab's 16 bits
-                if s % 2 == 0:
-                    low = half
-                else:  # bit b of word w: feature 32 w + b
-                    w = k0 // 32 + s // 2
-                    tl.store(bits_ptr + rows * sb + w, low | (half << 16), mask=in_rows & (w * 32 < k))
+            w0, w1, w2, w3 = tl.philox(seed, (k0 // 8 + lane).to(tl.uint32)[None, :] + zero, row_counter, zero, zero)
+            words = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # (BM, TILE / 8, 2, 2)
+            # (BM, TILE): feature 8f + 4a + 2b + h drew half h of counter f's word 2b + a
+            draws = tl.reshape(tl.join(words & 0xFFFF, words >> 16), (BM, TILE))
+            cols = k0 + feats
+            in_cols = cols < k
+            x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=in_rows[:, None] & in_cols[None, :],
+                        other=0.0)
+            keep = (draws.to(tl.int32) >= thr) & in_cols[None, :]
+            a = tl.load(a_ptr + ranks[None, :] * sa + cols[:, None], mask=(ranks[None, :] < r) & in_cols[:, None],
+                        other=0.0)  # (TILE, RP): A transposed
+            dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(a.dtype)
+            acc += tl.dot(dropped, a, input_precision=PRECISION)
+            # bit j of word w: feature 32 w + j (the bits are distinct: their sum is their or)
+            packed = tl.sum(tl.reshape(keep.to(tl.int32), (BM, TILE // 32, 32)) << shifts[None, None, :], axis=2)
+            w = k0 // 32 + tl.arange(0, TILE // 32)
+            tl.store(bits_ptr + rows[:, None] * sb + w[None, :], packed,
+                     mask=in_rows[:, None] & (w[None, :] * 32 < k))
         tl.store(h_ptr + tl.program_id(1) * sp + rows[:, None] * sh + ranks[None, :],
                  acc.to(h_ptr.dtype.element_ty), mask=in_rows[:, None] & (ranks[None, :] < r))
 
@@ -184,15 +188,15 @@ def dropout_a(x: torch.Tensor, a: torch.Tensor, p: float) -> tuple[torch.Tensor,
     n, k = x.shape
     r = a.shape[0]
     seed = draw_philox(x)
-    span = min(FEATURES_PER_PROGRAM, triton.cdiv(k, 128) * 128)  # features per program, whole tiles of 128
+    span = min(FEATURES_PER_PROGRAM, triton.cdiv(k, FORWARD_TILE) * FORWARD_TILE)  # features per program, whole tiles
     splits = triton.cdiv(k, span)
     h = torch.empty(n, r, device=x.device, dtype=a.dtype)
     parts = h[None] if splits == 1 else torch.empty(splits, n, r, device=x.device, dtype=torch.float32)
     bits = torch.empty(n, (k + 31) // 32, device=x.device, dtype=torch.int32)
     _dropout_a_kernel[(triton.cdiv(n, FORWARD_ROWS), splits)](
         x, a, parts, bits, n, k, r, x.stride(0), a.stride(0), parts.stride(0), parts.stride(1), bits.stride(0), seed,
-        threshold(p), drop_scale(p), BM=FORWARD_ROWS, KS=span, RP=_pad_rank(r), PRECISION=_precision(a), num_warps=4,
-        num_stages=3)
+        threshold(p), drop_scale(p), BM=FORWARD_ROWS, KS=span, TILE=FORWARD_TILE, RP=_pad_rank(r), PRECISION=_precision(a),
+        num_warps=FORWARD_WARPS, num_stages=3)
     if splits > 1:
         h.copy_(parts.sum(0))
     return h, bits
@@ -205,7 +209,7 @@ def masked_dh_a(dh: torch.Tensor, a: torch.Tensor, bits: torch.Tensor, p: float)
     out = torch.empty(n, k, device=dh.device, dtype=dh.dtype)
     _masked_dh_a_kernel[(triton.cdiv(n, BM * 2), triton.cdiv(k, BK))](
         dh, a, bits, out, n, k, r, dh.stride(0), a.stride(0), bits.stride(0), out.stride(0), drop_scale(p),
-        BM=BM * 2, BK=BK, RP=_pad_rank(r), PRECISION=_precision(dh), num_warps=4)
+        BM=BM * 2, BK=BK, RP=_pad_rank(r), PRECISION=_precision(dh), num_warps=BACKWARD_WARPS)
     return out
 
 
@@ -217,6 +221,6 @@ def dh_t_dropped(dh: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, p: float
     parts = torch.empty(splits, r, k, device=dh.device, dtype=torch.float32)
     _dh_t_dropped_kernel[(triton.cdiv(k, BK), splits)](
         dh, x, bits, parts, n, k, r, dh.stride(0), x.stride(0), bits.stride(0), parts.stride(0), parts.stride(1),
-        drop_scale(p), ROWS=ROWS_PER_SPLIT, BM=BM * 2, BK=BK, RP=_pad_rank(r), PRECISION=_precision(dh), num_warps=4,
-        num_stages=3)
+        drop_scale(p), ROWS=ROWS_PER_SPLIT, BM=BM * 2, BK=BK, RP=_pad_rank(r), PRECISION=_precision(dh),
+        num_warps=BACKWARD_WARPS, num_stages=3)
     return parts.sum(0) if splits > 1 else parts[0]
