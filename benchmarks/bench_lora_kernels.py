@@ -1,7 +1,7 @@
 """LoRA dropout inside the multiply by A (`lit_mistral/modeling/lora_kernels.py`) against torch's dropout and
 multiplies, at the shapes of a Mistral-7B `qlora-fast` step (16,384 tokens; q/k/v's input with three rank-8 A
-stacked, gate/up's with two, o's alone, down's 14,336 features), bf16 on one GPU: milliseconds per call (median of
-25 after 5 warm-up calls, CUDA events), forward and backward, for a few tile sizes. One JSON line per shape and
+stacked, gate/up's with two, o's alone, down's 14,336 features), bf16 on one GPU: milliseconds of GPU time per call
+(median of 25 after 5 warm-up calls, CUDA events, the launches queued behind a GPU sleep), forward and backward, for a few tile sizes. One JSON line per shape and
 tiling.
 
     python benchmarks/bench_lora_kernels.py [--tokens 16384] [--tiles 32x128,64x64,...] [--forward 32x1024,...]
@@ -25,12 +25,20 @@ SHAPES = {"q/k/v input (r 3x8)": (4096, 24), "gate/up input (r 2x8)": (4096, 16)
           "down input (r 8)": (14336, 8)}
 
 
+AHEAD_CYCLES = 4_000_000  # ~2 ms of GPU clock: longer than any call's launches take the CPU
+
+
 def timed(fn, repeat: int = 25, warm: int = 5) -> float:
+    """Milliseconds of GPU time per call of `fn` (median). The GPU is kept busy (`torch.cuda._sleep`) while the call
+    is launched, so that its kernels queue and run back to back: without it the events also counted the CPU's launch
+    time (the Python around a Triton launch, ~0.07 ms: on 2026-12-02 the same kernel timed 0.163 ms launched bare and
+    0.24 ms through `dropout_a`), which in a training step runs ahead of the GPU."""
     for _ in range(warm):
         fn()
     times = []
     for _ in range(repeat):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(AHEAD_CYCLES)
         start.record()
         fn()
         stop.record()

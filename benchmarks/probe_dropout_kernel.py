@@ -1,7 +1,7 @@
 """What bounds the LoRA dropout's forward kernel (`lora_kernels.dropout_a`, ~0.5 TB/s of input read on an H200): the
 kernel's loop timed with one part at a time taken out or changed, at the shapes of a Mistral-7B `qlora-fast` step
-(16,384 tokens; q/k/v's input with three rank-8 A stacked, down's 14,336 features), bf16, milliseconds per call
-(median of 25 after 5 warm-up calls). A diagnostic: the variants other than `as is` do not compute the right thing.
+(16,384 tokens; q/k/v's input with three rank-8 A stacked, down's 14,336 features), bf16, milliseconds of GPU time
+per call (`bench_lora_kernels.timed`). A diagnostic: the variants other than `as is` do not compute the right thing.
 
     python benchmarks/probe_dropout_kernel.py [--tokens 16384] [--rows 64] [--span 1024] [--warps 4] [--tile 32]
 
@@ -18,6 +18,7 @@ import json
 import torch
 import triton
 import triton.language as tl
+from bench_lora_kernels import timed
 
 from lit_mistral.modeling import lora_kernels
 
@@ -74,20 +75,6 @@ def _probe_kernel(x_ptr, a_ptr, h_ptr, bits_ptr, n, k: tl.constexpr, r, sx, sa, 
             tl.store(bits_ptr + rows[:, None] * sb + w[None, :], packed, mask=in_rows[:, None] & (w[None, :] * 32 < k))
     tl.store(h_ptr + tl.program_id(1) * sp + rows[:, None] * sh + ranks[None, :], acc.to(h_ptr.dtype.element_ty),
              mask=in_rows[:, None] & (ranks[None, :] < r))
-
-
-def timed(fn, repeat: int = 25, warm: int = 5) -> float:
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return sorted(times)[len(times) // 2]
 
 
 def launch(x, a, parts, bits, p: float, args, settings: dict) -> None:

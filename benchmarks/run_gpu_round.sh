@@ -36,8 +36,8 @@
 #               kernels, the kernels' settings, what bounds the forward (PART=bound at one tiling), then qlora-fast
 #               before and now with the fastest forward setting of the sweep (set in this copy of lora_kernels.py)
 # PART=tiles3   the forward kernel's chosen tiling (64 rows, 32-feature tiles): the GPU tests of the kernels and the
-#               step without waits, the kernels before (.before/) and now, what bounds the forward
-#               (probe_dropout_kernel.py), the seed recipe, qlora-fast before and now, the 16 GiB mode now
+#               step without waits, the seed recipe, qlora-fast before (.before/) and now, the kernels before and now,
+#               the 16 GiB mode now, what bounds the forward (probe_dropout_kernel.py); most needed first
 # PART=bound    what bounds the dropout's forward kernel (probe_dropout_kernel.py: its loop with one part at a time
 #               taken out), at a few tilings; no fits (no checkpoint made)
 # PART=syncfree a step that never makes the CPU wait for the GPU (step_scalars.py): the GPU tests, qlora-fast at
@@ -112,15 +112,15 @@ case "${PART:-check}" in
 tiles3)
   PYTHONPATH=/tmp/site:$PWD timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ \
     -k "lora_kernels or step_scalars" 2>&1 | grep -E "^E |passed|failed|\.py:[0-9]+" | tail -40 | tee "$OUT/gpu-tests.log"
-  (cd .before && PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/bench_lora_kernels.py --tiles 32x128) \
-    | sed 's/^{/{"code": "before", /' | tee -a "$OUT/kernels.jsonl"
-  PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/bench_lora_kernels.py --tiles 32x128 | tee -a "$OUT/kernels.jsonl"
-  PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/probe_dropout_kernel.py | tee -a "$OUT/bound.jsonl"
   (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
   PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
     --code .before --fit qlora-fast --steps 12 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
   fit_logged tiles3 qlora-fast 15 "" fit-logs.txt
+  (cd .before && PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/bench_lora_kernels.py --tiles 32x128) \
+    | sed 's/^{/{"code": "before", /' | tee -a "$OUT/kernels.jsonl"
+  PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/bench_lora_kernels.py --tiles 32x128 | tee -a "$OUT/kernels.jsonl"
   fit_logged tiles3-16gb qlora-16gb 12 "" fit-logs.txt
+  PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/probe_dropout_kernel.py | tee -a "$OUT/bound.jsonl"
   ;;
 tiles2)
   PYTHONPATH=/tmp/site:$PWD timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ \

@@ -4,9 +4,11 @@ The adapter branch starts with `dropout(x) @ A.T`: x is (tokens, in), A is (r, i
 multiply reads x once and does little arithmetic. torch's dropout before it reads x and writes the dropped copy
 (2 bytes per element) and its mask (1 byte), which the multiply and backward then read again: per Mistral-7B step of
 16K tokens ~14G elements of layer inputs, ~42 ms of the ~950 (BENCHMARKS.md, 2026-12-02). Here:
-- `dropout_a`: one pass reads x, draws the mask in the kernel (Philox, counter-based: one call gives the 16-bit
-  draws of 8 elements, 16 features apart), multiplies the dropped tile by A on the tensor cores, and writes only the (tokens, r) result
-  and the mask packed one bit per element (1/16 of x's bytes);
+- `dropout_a`: one pass reads x, draws the mask in the kernel (Philox, counter-based: the call of counter (f, row)
+  gives the 16-bit draws of the row's features 8f..8f+7, whatever the tiling), multiplies the dropped tile by A on
+  the tensor cores, and writes only the (tokens, r) result and the mask packed one bit per element (1/16 of x's
+  bytes). Tiles of 32 features and 64 rows keep a thread's registers few enough for several programs per SM (tiles of
+  128 features took 218 registers at 64 rows): the fastest of a sweep on an H200;
 - backward, `masked_dh_a`: the input's gradient `mask * (dh @ A) / (1 - p)` in one pass (torch: the product written,
   then read with the mask and written again);
 - backward, `dh_t_dropped`: A's gradient `dh.T @ dropout(x)`, the dropped tile rebuilt from x and the bits.
