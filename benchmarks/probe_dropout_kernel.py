@@ -1,6 +1,7 @@
-"""What the LoRA dropout's forward kernel (`lora_kernels.dropout_a`) spends its time on: the kernel's loop timed with one part at a time taken out or changed, at the shapes of a Mistral-7B `qlora-fast` step
-(16,384 tokens; q/k/v's input with three rank-8 A stacked, down's 14,336 features), bf16, milliseconds of GPU time
-per call (`bench_lora_kernels.timed`). A diagnostic: the variants other than `as is` do not compute the right thing.
+"""What the LoRA dropout's forward kernel (`lora_kernels.dropout_a`) spends its time on: the kernel's loop timed with
+one part at a time taken out or changed, at the shapes of a Mistral-7B `qlora-fast` step (16,384 tokens; q/k/v's
+input with three rank-8 A stacked, down's 14,336 features), bf16, milliseconds of GPU time per call
+(`bench_lora_kernels.timed`). A diagnostic: the variants other than `as is` do not compute the right thing.
 `_probe_kernel` is a copy of `lora_kernels._dropout_a_kernel` with switches (kept out of the kernel users run):
 change both together.
 
