@@ -1,8 +1,8 @@
 """LoRA dropout inside the multiply by A (`lit_mistral/modeling/lora_kernels.py`) against torch's dropout and
 multiplies, at the shapes of a Mistral-7B `qlora-fast` step (16,384 tokens; q/k/v's input with three rank-8 A
 stacked, gate/up's with two, o's alone, down's 14,336 features), bf16 on one GPU: milliseconds of GPU time per call
-(median of 25 after 5 warm-up calls, CUDA events, the launches queued behind a GPU sleep), forward and backward, for a few tile sizes. One JSON line per shape and
-tiling.
+(median of 25 after 5 warm-up calls, CUDA events, the launches queued behind a GPU sleep), forward and backward,
+for a few tile sizes. One JSON line per shape and tiling.
 
     python benchmarks/bench_lora_kernels.py [--tokens 16384] [--tiles 32x128,64x64,...] [--forward 32x1024,...]
 
@@ -104,7 +104,8 @@ def shape(label: str, n: int, k: int, r: int, p: float, tilings: list[str]) -> N
                   "backward_grad_a": timed(lambda: lora_kernels.dh_t_dropped(dh, x, bits, p)),  # noqa: B023
                   "backward_grad_x": timed(lambda: lora_kernels.masked_dh_a(dh, a, bits, p))}  # noqa: B023
         print(json.dumps({"shape": label, "tokens": n, "features": k, "rank": r, "path": f"kernels {tiles}",
-                          **{key: round(v, 3) for key, v in ms.items()},  # x read by one, its gradient written by the other
+                          **{key: round(v, 3) for key, v in ms.items()},
+                          # x read by one backward kernel, its gradient written by the other
                           "backward_tb_per_s": round(2 * x.numel() * 2 / ms["backward"] / 1e9, 2)}), flush=True)
 
 

@@ -98,9 +98,19 @@ fi
 DATA=.bench/dolly-15k-head.jsonl
 IMPORTS_ALL="import lit_mistral.cli, peft, bitsandbytes, liger_kernel.transformers, transformers.models.mistral.modeling_mistral"
 export PATH=/tmp/site/bin:$PATH  # py-spy
-gpu_tests() {  # K [SECONDS]: the GPU-marked tests selected by -k K, their failures and totals to $OUT/gpu-tests.log
+gpu_tests() {  # K [SECONDS]: the GPU-marked tests selected by -k K, their failures (with the stack's frames) and
+               # totals to $OUT/gpu-tests.log
   PYTHONPATH=/tmp/site:$PWD timeout ${2:-100} python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "$1" 2>&1 \
-    | grep -E "^E |passed|failed" | head -20 | tee "$OUT/gpu-tests.log"
+    | grep -E "^E |passed|failed|\.py:[0-9]+" | tail -40 | tee "$OUT/gpu-tests.log"
+}
+kernels_before() {  # TILES [FORWARD]: .before/'s kernels timed by this checkout's bench_lora_kernels.py (one way of
+                   # timing for both; settings .before/ lacks are left out), tagged "before", to kernels.jsonl
+  PYTHONPATH=/tmp/site:$PWD/.before timeout 90 python3 benchmarks/bench_lora_kernels.py --tiles "$1" \
+    ${2:+--forward "$2"} | sed 's/^{/{"code": "before", /' | tee -a "$OUT/kernels.jsonl"
+}
+fit_before() {  # CONFIG STEPS SECONDS: one fit of .before/'s code (label "before") through bench_cli to train.jsonl
+  PYTHONPATH=/tmp/site timeout $(($3 + 5)) python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
+    --code .before --fit $1 --steps $2 --warm 5 --timeout $3 | tee -a "$OUT/train.jsonl"
 }
 fit_logged() {  # LABEL CONFIG STEPS FLAGS LOG: one fit through bench_cli (its figures to train.jsonl), then its log's
                 # auto choices, load and time-to-first-step lines to $OUT/LOG
@@ -110,24 +120,21 @@ fit_logged() {  # LABEL CONFIG STEPS FLAGS LOG: one fit through bench_cli (its f
 }
 case "${PART:-check}" in
 tiles3)
-  PYTHONPATH=/tmp/site:$PWD timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ \
-    -k "lora_kernels or step_scalars" 2>&1 | grep -E "^E |passed|failed|\.py:[0-9]+" | tail -40 | tee "$OUT/gpu-tests.log"
+  gpu_tests "lora_kernels or step_scalars" 150
   (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
-  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
-    --code .before --fit qlora-fast --steps 12 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
+  fit_before qlora-fast 12 95
   fit_logged tiles3 qlora-fast 15 "" fit-logs.txt
-  (cd .before && PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/bench_lora_kernels.py --tiles 32x128) \
-    | sed 's/^{/{"code": "before", /' | tee -a "$OUT/kernels.jsonl"
+  kernels_before 32x128
   PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/bench_lora_kernels.py --tiles 32x128 | tee -a "$OUT/kernels.jsonl"
   fit_logged tiles3-16gb qlora-16gb 12 "" fit-logs.txt
   PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/probe_dropout_kernel.py | tee -a "$OUT/bound.jsonl"
   ;;
 tiles2)
-  PYTHONPATH=/tmp/site:$PWD timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ \
-    -k "lora_kernels" 2>&1 | grep -E "^E |passed|failed|\.py:[0-9]+" | tail -40 | tee "$OUT/gpu-tests.log"
-  PYTHONPATH=/tmp/site:$PWD timeout 200 python3 benchmarks/bench_lora_kernels.py --tiles ${TILES:-32x128,32x128x4x2048,16x128x4} \
-    --forward ${FORWARD:-32x1024x4x64,64x1024x8x64,32x1024x4x32,64x1024x4x32,32x512x4x64,32x2048x4x64,16x1024x4x64,64x1024x4x64,32x1024x4x128,64x1024x8x128,128x1024x8x64,32x1024x2x64,32x4096x4x64,64x4096x8x64} \
-    | tee -a "$OUT/kernels.jsonl"
+  gpu_tests "lora_kernels" 150
+  SWEEP=32x1024x4x64,64x1024x8x64,32x1024x4x32,64x1024x4x32,32x512x4x64,32x2048x4x64,16x1024x4x64,64x1024x4x64
+  SWEEP=$SWEEP,32x1024x4x128,64x1024x8x128,128x1024x8x64,32x1024x2x64,32x4096x4x64,64x4096x8x64
+  PYTHONPATH=/tmp/site:$PWD timeout 200 python3 benchmarks/bench_lora_kernels.py \
+    --tiles ${TILES:-32x128,32x128x4x2048,16x128x4} --forward ${FORWARD:-$SWEEP} | tee -a "$OUT/kernels.jsonl"
   PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/probe_dropout_kernel.py --rows 32 --span 1024 --warps 4 \
     | tee -a "$OUT/bound.jsonl"
   best=$(python3 -c "
@@ -142,8 +149,7 @@ print(min(total, key=total.get))")
   IFS=x read -r rows span warps tile <<< "$best"
   sed -i "s/^FORWARD_ROWS, FEATURES_PER_PROGRAM, FORWARD_TILE, FORWARD_WARPS = .*/FORWARD_ROWS, FEATURES_PER_PROGRAM, FORWARD_TILE, FORWARD_WARPS = $rows, $span, $tile, $warps/" lit_mistral/modeling/lora_kernels.py
   grep "^FORWARD_ROWS" lit_mistral/modeling/lora_kernels.py | tee -a "$OUT/fit-logs.txt"
-  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
-    --code .before --fit qlora-fast --steps 12 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
+  fit_before qlora-fast 12 95
   fit_logged tiles2 qlora-fast 15 "" fit-logs.txt
   ;;
 bound)
@@ -154,22 +160,18 @@ bound)
   done
   ;;
 tiles)
-  PYTHONPATH=/tmp/site:$PWD timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ \
-    -k "lora_kernels" 2>&1 | grep -E "^E |passed|failed|\.py:[0-9]+" | tail -40 | tee "$OUT/gpu-tests.log"
-  (cd .before && PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/bench_lora_kernels.py --tiles 32x128) \
-    | sed 's/^{/{"code": "before", /' | tee -a "$OUT/kernels.jsonl"
+  gpu_tests "lora_kernels" 150
+  kernels_before 32x128
   PYTHONPATH=/tmp/site:$PWD timeout 150 python3 benchmarks/bench_lora_kernels.py \
     --tiles ${TILES:-32x128,32x128x8,64x128x8,32x256x8,16x128x4,32x128x4x2048} \
     --forward ${FORWARD:-64x1024,32x1024,128x1024x8,64x512,64x2048,64x1024x8,32x512x2,128x2048x8,64x16384} \
     | tee -a "$OUT/kernels.jsonl"
-  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
-    --code .before --fit qlora-fast --steps 12 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
+  fit_before qlora-fast 12 95
   fit_logged tiles qlora-fast 15 "" fit-logs.txt
   ;;
 syncfree)
   gpu_tests "step_scalars or offload" 150
-  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
-    --code .before --fit qlora-fast --steps 12 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
+  fit_before qlora-fast 12 95
   fit_logged syncfree qlora-fast 15 "" fit-logs.txt
   SYNCS_OUT=$OUT/syncs.json fit_logged syncs qlora-fast 8 "--trainer.callbacks+=benchmarks.probe_syncs.SyncProbe" \
     fit-logs.txt
@@ -180,30 +182,25 @@ slabs)
   PYTHONPATH=/tmp/site:$PWD timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ \
     -k "lora_kernels or step_scalars" 2>&1 | grep -E "^E |passed|failed|(lit_mistral|tests)/[a-z_/]+\.py:[0-9]+" \
     | tail -30 | tee "$OUT/gpu-tests.log"
-  (cd .before && PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/bench_lora_kernels.py --tiles 32x128) \
-    | sed 's/^{/{"code": "before", /' | tee -a "$OUT/kernels.jsonl"
+  kernels_before 32x128
   PYTHONPATH=/tmp/site:$PWD timeout 90 python3 benchmarks/bench_lora_kernels.py --tiles 32x128 \
     --forward ${FORWARD:-32x1024,64x1024,32x512,32x2048,32x16384} | tee -a "$OUT/kernels.jsonl"
   fit_logged slabs qlora-fast 15 "" fit-logs.txt
-  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
-    --code .before --fit qlora-fast --steps 12 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
+  fit_before qlora-fast 12 95
   fit_logged slabs-16gb qlora-16gb 12 "" fit-logs.txt
   (cd .bench && STEPS=12 timeout 130 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
   ;;
 slabs2)
-  PYTHONPATH=/tmp/site:$PWD timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ \
-    -k "lora_kernels or step_scalars" 2>&1 | grep -E "^E |passed|failed|\.py:[0-9]+" | tail -40 | tee "$OUT/gpu-tests.log"
+  gpu_tests "lora_kernels or step_scalars" 150
   PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/bench_lora_kernels.py --tiles "" \
     --forward 64x1024,64x2048,128x1024,64x512 | tee -a "$OUT/kernels.jsonl"
   fit_logged slabs2 qlora-fast 15 "" fit-logs.txt
   fit_logged slabs2-16gb qlora-16gb 12 "" fit-logs.txt
-  PYTHONPATH=/tmp/site timeout 150 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
-    --code .before --fit qlora-16gb --steps 12 --warm 5 --timeout 145 | tee -a "$OUT/train.jsonl"
+  fit_before qlora-16gb 12 145
   ;;
 syncfree2)
   (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
-  PYTHONPATH=/tmp/site timeout 150 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
-    --code .before --fit qlora-16gb --steps 12 --warm 5 --timeout 145 | tee -a "$OUT/train.jsonl"
+  fit_before qlora-16gb 12 145
   fit_logged syncfree-16gb qlora-16gb 12 "" fit-logs.txt
   fit_logged syncfree50 qlora-fast 50 "" fit-logs.txt
   ;;
@@ -322,8 +319,7 @@ kernel)
   gpu_tests "lora_kernels or shared or fused or regenerat" 150
   PYTHONPATH=/tmp/site:$PWD timeout 150 python3 benchmarks/bench_lora_kernels.py | tee "$OUT/kernels.jsonl"
   KERNEL="--model.compute.dropout_kernel true"
-  PYTHONPATH=/tmp/site timeout 100 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
-    --code .before --fit qlora-fast --steps 12 --warm 5 --timeout 95 | tee -a "$OUT/train.jsonl"
+  fit_before qlora-fast 12 95
   fit_logged no-sync qlora-fast ${STEPS:-15} "" fit-logs.txt
   fit_logged kernel qlora-fast ${STEPS:-15} "$KERNEL" fit-logs.txt
   PROFILE_OUT=$OUT/profile-kernel.json fit_logged profile qlora-fast 9 \
@@ -348,8 +344,7 @@ auto16k)
   ;;
 epilogue)
   gpu_tests "shared or fused or regenerat" 90
-  PYTHONPATH=/tmp/site timeout 90 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
-    --code .before --fit qlora-fast --steps 12 --warm 5 --timeout 85 | tee -a "$OUT/train.jsonl"
+  fit_before qlora-fast 12 85
   fit_logged after qlora-fast ${STEPS:-15} "" fit-logs.txt
   fit_logged 24gb qlora-24gb 10 "" fit-logs.txt
   ;;

@@ -197,8 +197,8 @@ def dropout_a(x: torch.Tensor, a: torch.Tensor, p: float) -> tuple[torch.Tensor,
     bits = torch.empty(n, (k + 31) // 32, device=x.device, dtype=torch.int32)
     _dropout_a_kernel[(triton.cdiv(n, FORWARD_ROWS), splits)](
         x, a, parts, bits, n, k, r, x.stride(0), a.stride(0), parts.stride(0), parts.stride(1), bits.stride(0), seed,
-        threshold(p), drop_scale(p), BM=FORWARD_ROWS, KS=span, TILE=FORWARD_TILE, RP=_pad_rank(r), PRECISION=_precision(a),
-        num_warps=FORWARD_WARPS, num_stages=3)
+        threshold(p), drop_scale(p), BM=FORWARD_ROWS, KS=span, TILE=FORWARD_TILE, RP=_pad_rank(r),
+        PRECISION=_precision(a), num_warps=FORWARD_WARPS, num_stages=3)
     if splits > 1:
         h.copy_(parts.sum(0))
     return h, bits
