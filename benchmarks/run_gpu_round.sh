@@ -108,6 +108,22 @@ kernels_before() {  # TILES [FORWARD]: .before/'s kernels timed by this checkout
   PYTHONPATH=/tmp/site:$PWD/.before timeout 90 python3 benchmarks/bench_lora_kernels.py --tiles "$1" \
     ${2:+--forward "$2"} | sed 's/^{/{"code": "before", /' | tee -a "$OUT/kernels.jsonl"
 }
+use_fastest_forward() {  # the forward setting of this checkout's sweep in kernels.jsonl with the least time over the
+                        # four shapes, set in this copy of lora_kernels.py (for the fits that follow), to fit-logs.txt
+  best=$(python3 -c "
+import json, collections
+total = collections.defaultdict(float)
+for line in open('$OUT/kernels.jsonl'):
+    row = json.loads(line)
+    if row['path'].startswith('forward ') and 'code' not in row:
+        total[row['path'].split()[1]] += row['forward']
+print(min(total, key=total.get))")
+  echo "fastest forward setting: $best" | tee -a "$OUT/fit-logs.txt"
+  IFS=x read -r rows span warps tile <<< "$best"
+  sed -i "s/^FORWARD_ROWS, FEATURES_PER_PROGRAM, FORWARD_TILE, FORWARD_WARPS = .*/FORWARD_ROWS, FEATURES_PER_PROGRAM, \
+FORWARD_TILE, FORWARD_WARPS = $rows, $span, $tile, $warps/" lit_mistral/modeling/lora_kernels.py
+  grep "^FORWARD_ROWS" lit_mistral/modeling/lora_kernels.py | tee -a "$OUT/fit-logs.txt"
+}
 fit_before() {  # CONFIG STEPS SECONDS: one fit of .before/'s code (label "before") through bench_cli to train.jsonl
   PYTHONPATH=/tmp/site timeout $(($3 + 5)) python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
     --code .before --fit $1 --steps $2 --warm 5 --timeout $3 | tee -a "$OUT/train.jsonl"
@@ -137,18 +153,7 @@ tiles2)
     --tiles ${TILES:-32x128,32x128x4x2048,16x128x4} --forward ${FORWARD:-$SWEEP} | tee -a "$OUT/kernels.jsonl"
   PYTHONPATH=/tmp/site:$PWD timeout 60 python3 benchmarks/probe_dropout_kernel.py --rows 32 --span 1024 --warps 4 \
     | tee -a "$OUT/bound.jsonl"
-  best=$(python3 -c "
-import json, collections
-total = collections.defaultdict(float)
-for line in open('$OUT/kernels.jsonl'):
-    row = json.loads(line)
-    if row['path'].startswith('forward '):
-        total[row['path'].split()[1]] += row['forward']
-print(min(total, key=total.get))")
-  echo "fastest forward setting: $best" | tee -a "$OUT/fit-logs.txt"
-  IFS=x read -r rows span warps tile <<< "$best"
-  sed -i "s/^FORWARD_ROWS, FEATURES_PER_PROGRAM, FORWARD_TILE, FORWARD_WARPS = .*/FORWARD_ROWS, FEATURES_PER_PROGRAM, FORWARD_TILE, FORWARD_WARPS = $rows, $span, $tile, $warps/" lit_mistral/modeling/lora_kernels.py
-  grep "^FORWARD_ROWS" lit_mistral/modeling/lora_kernels.py | tee -a "$OUT/fit-logs.txt"
+  use_fastest_forward
   fit_before qlora-fast 12 95
   fit_logged tiles2 qlora-fast 15 "" fit-logs.txt
   ;;
