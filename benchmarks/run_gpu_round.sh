@@ -35,6 +35,9 @@
 # PART=tiles2   the forward kernel in tiles of 32 to 128 features (registers per thread bounded): the GPU tests of the
 #               kernels, the kernels' settings, what bounds the forward (PART=bound at one tiling), then qlora-fast
 #               before and now with the fastest forward setting of the sweep (set in this copy of lora_kernels.py)
+# PART=bitsonce the forward kernel keeping a program's bit words in registers, stored once (branch wip/bits-once,
+#               not measured yet): the GPU tests of the kernels, the kernels before (.before/: main) and now over the
+#               forward's settings, then qlora-fast before and now with the fastest setting of the sweep
 # PART=tiles3   the forward kernel's chosen tiling (64 rows, 32-feature tiles): the GPU tests of the kernels and the
 #               step without waits, the seed recipe, qlora-fast before (.before/) and now, the kernels before and now,
 #               the 16 GiB mode now, what bounds the forward (probe_dropout_kernel.py); most needed first
@@ -135,6 +138,16 @@ fit_logged() {  # LABEL CONFIG STEPS FLAGS LOG: one fit through bench_cli (its f
   grep -h "=auto\|Time to the first\|Loaded" /tmp/bench-cli/$1/fit-*.log | cut -c1-900 | tee -a "$OUT/$5"
 }
 case "${PART:-check}" in
+bitsonce)
+  gpu_tests "lora_kernels" 150
+  kernels_before 32x128 64x1024x4x32
+  PYTHONPATH=/tmp/site:$PWD timeout 200 python3 benchmarks/bench_lora_kernels.py --tiles 32x128 \
+    --forward ${FORWARD:-64x1024x4x32,32x1024x4x32,64x1024x8x32,128x1024x8x32,32x1024x4x64,64x1024x8x64,64x2048x8x32} \
+    | tee -a "$OUT/kernels.jsonl"
+  use_fastest_forward
+  fit_before qlora-fast 12 95
+  fit_logged bitsonce qlora-fast 15 "" fit-logs.txt
+  ;;
 tiles3)
   gpu_tests "lora_kernels or step_scalars" 150
   (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"

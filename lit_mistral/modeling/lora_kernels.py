@@ -99,14 +99,15 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n"])  # the token count changes from batch to batch: one compiled kernel
     def _dropout_a_kernel(x_ptr, a_ptr, h_ptr, bits_ptr, n, k: tl.constexpr, r, sx, sa, sp, sh, sb, seed, thr, scale,
-                          BM: tl.constexpr, KS: tl.constexpr, TILE: tl.constexpr, RP: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          BM: tl.constexpr, KS: tl.constexpr, TILE: tl.constexpr, WORDS: tl.constexpr,
+                          RP: tl.constexpr, PRECISION: tl.constexpr):
         # k, the features, a compile-time constant: a layer's width is fixed, and Triton 3.6's interpreter (the
         # tests) cannot take a run-time value as a range() bound under numpy >= 2.4. Program (i, j): rows
         # i*BM.., features j*KS.. (the multiply's partial sum to h_ptr's slice j), in tiles of TILE features read
         # whole (one multiply by A each). Philox counter (f, row) gives the draws of the row's features 8f..8f+7:
         # the 16-bit halves of its four words, joined next to each other in registers (the same draws whatever
-        # the tiling)
+        # the tiling). The program's bit words (KS / 32 per row, WORDS that rounded up to a power of 2) are kept in
+        # registers and stored once, contiguous per row (a word per row per tile, rows apart, took ~40% of the time)
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         in_rows = rows < n
         start = tl.program_id(1) * KS
@@ -117,6 +118,9 @@ if triton is not None:
         row_counter = tl.broadcast_to(rows.to(tl.uint32)[:, None], (BM, TILE // 8))
         zero = row_counter * 0
         acc = tl.zeros((BM, RP), dtype=tl.float32)
+        word_cols = tl.arange(0, WORDS)
+        tile_words = tl.arange(0, TILE // 32)
+        kept = tl.zeros((BM, WORDS), dtype=tl.int32)
         for i in range(0, KS, TILE):
             k0 = start + i
             w0, w1, w2, w3 = tl.philox(seed, (k0 // 8 + lane).to(tl.uint32)[None, :] + zero, row_counter, zero, zero)
@@ -134,9 +138,12 @@ if triton is not None:
             acc += tl.dot(dropped, a, input_precision=PRECISION)
             # bit j of word w: feature 32 w + j (the bits are distinct: their sum is their or)
             packed = tl.sum(tl.reshape(keep.to(tl.int32), (BM, TILE // 32, 32)) << shifts[None, None, :], axis=2)
-            w = k0 // 32 + tl.arange(0, TILE // 32)
-            tl.store(bits_ptr + rows[:, None] * sb + w[None, :], packed,
-                     mask=in_rows[:, None] & (w[None, :] * 32 < k))
+            for t in tl.static_range(TILE // 32):  # word t of the tile to its column among the program's words
+                word = tl.sum(tl.where(tile_words[None, :] == t, packed, 0), axis=1)  # (BM,)
+                kept = tl.where(word_cols[None, :] == i // 32 + t, word[:, None], kept)
+        w = start // 32 + word_cols
+        tl.store(bits_ptr + rows[:, None] * sb + w[None, :], kept,
+                 mask=in_rows[:, None] & (word_cols[None, :] < KS // 32) & (w[None, :] * 32 < k))
         tl.store(h_ptr + tl.program_id(1) * sp + rows[:, None] * sh + ranks[None, :],
                  acc.to(h_ptr.dtype.element_ty), mask=in_rows[:, None] & (ranks[None, :] < r))
 
@@ -197,8 +204,9 @@ def dropout_a(x: torch.Tensor, a: torch.Tensor, p: float) -> tuple[torch.Tensor,
     bits = torch.empty(n, (k + 31) // 32, device=x.device, dtype=torch.int32)
     _dropout_a_kernel[(triton.cdiv(n, FORWARD_ROWS), splits)](
         x, a, parts, bits, n, k, r, x.stride(0), a.stride(0), parts.stride(0), parts.stride(1), bits.stride(0), seed,
-        threshold(p), drop_scale(p), BM=FORWARD_ROWS, KS=span, TILE=FORWARD_TILE, RP=_pad_rank(r),
-        PRECISION=_precision(a), num_warps=FORWARD_WARPS, num_stages=3)
+        threshold(p), drop_scale(p), BM=FORWARD_ROWS, KS=span, TILE=FORWARD_TILE,
+        WORDS=triton.next_power_of_2(span // 32), RP=_pad_rank(r), PRECISION=_precision(a),
+        num_warps=FORWARD_WARPS, num_stages=3)
     if splits > 1:
         h.copy_(parts.sum(0))
     return h, bits
