@@ -35,6 +35,8 @@
 # PART=tiles2   the forward kernel in tiles of 32 to 128 features (registers per thread bounded): the GPU tests of the
 #               kernels, the kernels' settings, what bounds the forward (PART=bound at one tiling), then qlora-fast
 #               before and now with the fastest forward setting of the sweep (set in this copy of lora_kernels.py)
+# PART=keep     4-bit weights dequantized once per layer and step (compute.keep_dequantized): the GPU tests of the fused
+#               layers and kernels, the seed recipe, qlora-fast before (.before/) and now with it
 # PART=bitsonce the forward kernel keeping a program's bit words in registers, stored once (branch wip/bits-once,
 #               not measured yet): the GPU tests of the kernels, the kernels before (.before/: main) and now over the
 #               forward's settings, then qlora-fast before and now with the fastest setting of the sweep
@@ -138,6 +140,12 @@ fit_logged() {  # LABEL CONFIG STEPS FLAGS LOG: one fit through bench_cli (its f
   grep -h "=auto\|Time to the first\|Loaded" /tmp/bench-cli/$1/fit-*.log | cut -c1-900 | tee -a "$OUT/$5"
 }
 case "${PART:-check}" in
+keep)
+  gpu_tests "lora_kernels or fused" 150
+  (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  fit_before qlora-fast 12 95
+  fit_logged keep qlora-fast 15 "--model.compute.keep_dequantized true" fit-logs.txt
+  ;;
 bitsonce)
   gpu_tests "lora_kernels" 150
   kernels_before 32x128 64x1024x4x32

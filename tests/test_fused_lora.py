@@ -11,13 +11,13 @@ IDS = torch.tensor([[1, 5, 9, 2, 7, 3, 11, 4], [2, 8, 6, 1, 3, 3, 12, 5]])
 
 
 def logits_and_grads(module, fused: bool, dropout_seed: int | None = None, autocast: bool = False,
-                     regenerate: bool = False, shared: bool = False):
+                     regenerate: bool = False, shared: bool = False, keep_dequantized: bool = False):
     for layer in module.model.modules():
         if "_peft_forward" in layer.__dict__ and not fused:
             layer.forward = layer._peft_forward
             del layer._peft_forward
     if fused:
-        assert use_fused_lora(module.model, regenerate, shared) > 0
+        assert use_fused_lora(module.model, regenerate, shared, keep_dequantized=keep_dequantized) > 0
     module.model.zero_grad()
     if dropout_seed is not None:
         module.model.train()
@@ -366,3 +366,41 @@ def test_shared_dropout_on_a_gpu(tiny_model_dir):
     assert set(ours) == set(ref) and len(ref) == 28
     for name in ref:
         torch.testing.assert_close(ours[name], ref[name], rtol=5e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_kept_dequantized_weights_train_alike_dequantized_once(tiny_model_dir, monkeypatch, shared):
+    """`keep_dequantized` on a 4-bit base: the same logits and gradients (float32, dropout on), each 4-bit weight
+    dequantized once per step instead of twice, and what backward keeps grows by the 16-bit weights."""
+    from lit_mistral.modeling import fused_lora
+
+    calls = []
+    dequantize = fused_lora._dequantized
+    monkeypatch.setattr(fused_lora, "_dequantized", lambda *args: calls.append(1) or dequantize(*args))
+    settings = {"quantization": {"method": "nf4"}, "lora": {"dropout": 0.3}}
+    results = []
+    for keep in (False, True):
+        module = adapted(tiny_model_dir, **settings)
+        calls.clear()
+        logits, grads = logits_and_grads(module, True, 7, shared=shared, keep_dequantized=keep)
+        results.append((logits, grads, len(calls), saved_bytes(module, False)))
+    (logits, grads, dequantized, kept), (logits_k, grads_k, dequantized_k, kept_k) = results
+    torch.testing.assert_close(logits_k, logits, rtol=0, atol=0)
+    assert set(grads_k) == set(grads)
+    for name in grads:
+        torch.testing.assert_close(grads_k[name], grads[name], rtol=0, atol=0)
+    # 7 projections x 2 layers in forward; in backward where the input's gradient is needed (not the first q/k/v,
+    # on the frozen embeddings), without keeping only
+    assert (dequantized, dequantized_k) == (14 + 11, 14)
+    c = module.model.config
+    qkv = c.hidden_size * (c.hidden_size + 2 * c.num_key_value_heads * c.head_dim)
+    weights = c.num_hidden_layers * (qkv + c.hidden_size * (c.hidden_size + 3 * c.intermediate_size)) - qkv
+    assert kept_k - kept == weights * 4  # float32 here (bf16 under autocast); not the first q/k/v's
+
+
+def test_kept_dequantized_weights_need_the_fused_layers_and_no_offload():
+    from lit_mistral.config import Compute
+
+    assert Compute(keep_dequantized=True).problems(True) == []
+    for bad in (Compute(keep_dequantized=True, fused_lora=False), Compute(keep_dequantized=True, offload_layers=2)):
+        assert any("keep_dequantized" in p for p in bad.problems(True))

@@ -125,7 +125,8 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **spec.lora.peft_kwargs()))
     regenerate = spec.compute.regenerate_dropout()
     if spec.compute.fused_lora:
-        use_fused_lora(model, regenerate, spec.compute.shared_dropout, spec.compute.dropout_kernel)
+        use_fused_lora(model, regenerate, spec.compute.shared_dropout, spec.compute.dropout_kernel,
+                       spec.compute.keep_dequantized)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dropout = training and spec.lora.dropout > 0
     kernel = dropout and spec.compute.fused_lora and spec.compute.dropout_kernel and lora_kernels.available(device)
@@ -134,6 +135,8 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
         notes += "; one LoRA dropout mask per shared input (q/k/v, gate/up)"
     if kernel:
         notes += "; LoRA dropout inside the multiply by A (Triton kernels), its masks kept as bits"
+    if training and spec.compute.fused_lora and spec.compute.keep_dequantized and q.method:
+        notes += "; 4-bit weights dequantized once per layer and step (kept for backward)"
     via = f" from its 4-bit copy kept in {kept}" if kept else ""
     rank_zero_info(f"Loaded {spec.name_or_path} ({q.method or 'unquantized'}){via} in "
                    f"{time.perf_counter() - started:.1f}s; {trainable:,} trainable parameters{notes}.")

@@ -119,8 +119,9 @@ def _quant_state_on_weight(base) -> bool:
 
 
 def _base_plus(x: torch.Tensor, flat: torch.Tensor, base, kind: str, dtype: torch.dtype, h: torch.Tensor,
-               b: torch.Tensor) -> torch.Tensor:
-    """`base(x) + h @ B.T` (h: the scaled (tokens, r) adapter intermediate), as the base returns it (shape, dtype).
+               b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(`base(x) + h @ B.T` (h: the scaled (tokens, r) adapter intermediate), as the base returns it (shape, dtype);
+    the 4-bit base's weight dequantized for it, or None).
 
     Without a bias, and in the dtype the base computes in: the adapter's output first (a rank-r multiply writing
     (tokens, out)), then `addmm_` adds x @ W.T to it (W dequantized, as bitsandbytes' own forward does), the adapter
@@ -132,13 +133,16 @@ def _base_plus(x: torch.Tensor, flat: torch.Tensor, base, kind: str, dtype: torc
         out = h.to(dtype) @ b.to(dtype).t()  # (tokens, out)
         out.addmm_(flat.to(dtype), w.to(dtype).t())
         out = out.view(*x.shape[:-1], out.shape[-1])
-        return out.to(x.dtype) if kind == "4bit" else out  # bitsandbytes hands back the input's dtype, Linear its own
+        if kind == "4bit":
+            return out.to(x.dtype), w  # bitsandbytes hands back the input's dtype
+        return out, None  # Linear its own
     result = base(x).contiguous()
     out = result.view(-1, result.shape[-1])  # (tokens, out)
     out.addmm_(h.to(out.dtype), b.to(out.dtype).t())
-    return result
+    return result, None
 
 
+WEIGHTS = 6  # where `_LoRALinear`'s A and B arguments start
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # sibling layers that read one input
 
 
@@ -148,7 +152,7 @@ class _LoRALinear(torch.autograd.Function):
     kind, scale) per member, `weights` their A and B in turn. See the module's docstring."""
 
     @staticmethod
-    def forward(ctx, x, members: tuple, p: float, regenerate: bool, kernel: bool, *weights):
+    def forward(ctx, x, members: tuple, p: float, regenerate: bool, kernel: bool, keep_dequantized: bool, *weights):
         dtype = _compute_dtype(x)
         flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
         a_s, b_s = weights[0::2], weights[1::2]
@@ -163,43 +167,46 @@ class _LoRALinear(torch.autograd.Function):
             h = dropped.to(dtype) @ _stacked(a_s, dtype).t()  # (tokens, sum of r)
             # regenerating: the input (shared by the adapters of one layer input); else the dropout's output and mask
             kept, mask = (flat, None) if p > 0 and regenerate else (dropped, mask)
-        results, start = [], 0
+        results, dequantized, start = [], [], 0
         for (base, kind, _), b, r, scale in zip(members, b_s, ranks, scales):
             block = h[:, start:start + r]
             block.mul_(scale)  # the scale costs nothing on (tokens, r)
-            results.append(_base_plus(x, flat, base, kind, dtype, block, b))  # autograd is off: the bases keep nothing
+            out, w = _base_plus(x, flat, base, kind, dtype, block, b)  # autograd is off: the bases keep nothing
+            results.append(out)
+            # kept where backward needs it (x's gradient): backward does not dequantize it again
+            dequantized.append(w if keep_dequantized and ctx.needs_input_grad[0] else None)
             start += r
         ctx.weights = [(base.weight, getattr(base.weight, "quant_state", None) if kind == "4bit" else None, kind)
                        for base, kind, _ in members]
         ctx.scales, ctx.ranks, ctx.dtype, ctx.p = scales, ranks, dtype, p
         ctx.x_shape, ctx.x_dtype, ctx.regenerate = x.shape, x.dtype, p > 0 and regenerate and not kernel
-        ctx.save_for_backward(kept, mask, h, *a_s, *b_s)
+        ctx.save_for_backward(kept, mask, h, *a_s, *b_s, *dequantized)
         return tuple(results)
 
     @staticmethod
     def backward(ctx, *grads):
         kept, mask, h, *weights = ctx.saved_tensors
         n = len(ctx.ranks)
-        a_s, b_s = weights[:n], weights[n:]
+        a_s, b_s, dequantized = weights[:n], weights[n:2 * n], weights[2 * n:]
         dtype = ctx.dtype
         if ctx.regenerate:
             kept, mask = _redraw(ctx, kept)  # the forward's draw again: same state, same mask
         gs = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]  # (tokens, out_i)
         grad_w, dhs, start = [None] * (2 * n), [], 0
         for i, (g, b, r, scale) in enumerate(zip(gs, b_s, ctx.ranks, ctx.scales)):
-            if ctx.needs_input_grad[6 + 2 * i]:
+            if ctx.needs_input_grad[WEIGHTS + 1 + 2 * i]:
                 grad_w[2 * i + 1] = (g.t() @ h[:, start:start + r]).to(b.dtype)
             dhs.append((g @ b.to(dtype)) * scale)  # (tokens, r)
             start += r
         dh = torch.cat(dhs, dim=1) if n > 1 else dhs[0]  # (tokens, sum of r)
-        if any(ctx.needs_input_grad[5::2]):
+        if any(ctx.needs_input_grad[WEIGHTS::2]):
             if ctx.kernel:
                 grad_stacked = lora_kernels.dh_t_dropped(dh, kept, mask, ctx.p)  # (sum of r, in), float32
             else:
                 grad_stacked = dh.t() @ kept.to(dtype)  # (sum of r, in)
             start = 0
             for i, (a, r) in enumerate(zip(a_s, ctx.ranks)):
-                if ctx.needs_input_grad[5 + 2 * i]:
+                if ctx.needs_input_grad[WEIGHTS + 2 * i]:
                     grad_w[2 * i] = grad_stacked[start:start + r].to(a.dtype)
                 start += r
         grad_x = None
@@ -210,11 +217,12 @@ class _LoRALinear(torch.autograd.Function):
                 gx = dh @ _stacked(a_s, dtype)  # (tokens, in): the gradient of the dropout's output
                 if mask is not None:
                     gx = torch.ops.aten.native_dropout_backward(gx, mask, 1 / (1 - ctx.p))
-            for g, (weight, quant_state, kind) in zip(gs, ctx.weights):
-                w = _dequantized(weight, quant_state) if kind == "4bit" else weight
+            for g, (weight, quant_state, kind), w in zip(gs, ctx.weights, dequantized):
+                if w is None:
+                    w = _dequantized(weight, quant_state) if kind == "4bit" else weight
                 gx.addmm_(g, w.to(dtype))  # + each base path's grad @ W, in the multiply's epilogue
             grad_x = gx.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, None, None, None, None, *grad_w
+        return grad_x, None, None, None, None, None, *grad_w
 
 
 def _stacked(a_s, dtype: torch.dtype) -> torch.Tensor:
@@ -274,12 +282,13 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                 m.training for m in group.members):
             weights = [w for q in plans for w in q[:2]]
             outs = _LoRALinear.apply(x, tuple((q[2], q[3], q[4]) for q in plans), plan[5], regenerate,
-                                     _kernel(self, x, plan[5]), *weights)
+                                     _kernel(self, x, plan[5]), self._keep_dequantized, *weights)
             group.pending = {id(m): o for m, o in zip(group.members, outs) if m is not self}
             group.input = (x, x._version)
             return outs[group.members.index(self)]
     a, b, base, kind, scale, p = plan
-    return _LoRALinear.apply(x, ((base, kind, scale),), p, regenerate, _kernel(self, x, p), a, b)[0]
+    return _LoRALinear.apply(x, ((base, kind, scale),), p, regenerate, _kernel(self, x, p),
+                             self._keep_dequantized and self.training, a, b)[0]
 
 
 def _kernel(layer, x: torch.Tensor, p: float) -> bool:
@@ -289,11 +298,13 @@ def _kernel(layer, x: torch.Tensor, p: float) -> bool:
 
 
 def use_fused_lora(model: torch.nn.Module, regenerate_dropout: bool = False, shared_dropout: bool = False,
-                   dropout_kernel: bool = False) -> int:
+                   dropout_kernel: bool = False, keep_dequantized: bool = False) -> int:
     """Give every peft LoRA linear layer of `model` the fused forward (in place; peft's stays as the fallback), its
     dropout regenerating its mask in backward if `regenerate_dropout`; with `shared_dropout`, the layers of each
     `GROUPS` entry within one module run together in training, one dropout mask for their shared input. Returns how
-    many layers got the fused forward."""
+    many layers got the fused forward. With `keep_dequantized`, in training a 4-bit base's weight dequantized in
+    forward is kept for backward (one dequantization less per layer and step, for the 16-bit weight's memory until
+    its backward)."""
     from peft.tuners.lora.layer import LoraLayer
 
     def adapted(module) -> bool:
@@ -308,6 +319,7 @@ def use_fused_lora(model: torch.nn.Module, regenerate_dropout: bool = False, sha
                 module.forward = types.MethodType(_fused_forward, module)
             module._regenerate_dropout = regenerate_dropout
             module._dropout_kernel = dropout_kernel
+            module._keep_dequantized = keep_dequantized
             module._lora_group = None
             count += 1
     if shared_dropout:
