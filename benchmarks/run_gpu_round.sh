@@ -37,8 +37,8 @@
 #               before and now with the fastest forward setting of the sweep (set in this copy of lora_kernels.py)
 # PART=keep     4-bit weights dequantized once per layer and step (compute.keep_dequantized): the GPU tests of the fused
 #               layers and kernels, the seed recipe, qlora-fast before (.before/) and now with it
-# PART=bitsonce the forward kernel keeping a program's bit words in registers, stored once (branch wip/bits-once,
-#               not measured yet): the GPU tests of the kernels, the kernels before (.before/: main) and now over the
+# PART=bitsonce the forward kernel keeping a program's bit words in registers, stored once (measured 2026-12-02,
+#               eighth session: kept): the GPU tests of the kernels, the kernels before (.before/: main) and now over the
 #               forward's settings, then qlora-fast before and now with the fastest setting of the sweep
 # PART=tiles3   the forward kernel's chosen tiling (64 rows, 32-feature tiles): the GPU tests of the kernels and the
 #               step without waits, the seed recipe, qlora-fast before (.before/) and now, the kernels before and now,
