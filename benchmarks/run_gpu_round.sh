@@ -35,6 +35,8 @@
 # PART=tiles2   the forward kernel in tiles of 32 to 128 features (registers per thread bounded): the GPU tests of the
 #               kernels, the kernels' settings, what bounds the forward (PART=bound at one tiling), then qlora-fast
 #               before and now with the fastest forward setting of the sweep (set in this copy of lora_kernels.py)
+# PART=both     qlora-fast as it is (stored-once bits, keep_dequantized) against .before/ (the session's start), then
+#               the seed recipe
 # PART=keep     4-bit weights dequantized once per layer and step (compute.keep_dequantized): the GPU tests of the fused
 #               layers and kernels, the seed recipe, qlora-fast before (.before/) and now with it
 # PART=bitsonce the forward kernel keeping a program's bit words in registers, stored once (measured 2026-12-02,
@@ -140,6 +142,11 @@ fit_logged() {  # LABEL CONFIG STEPS FLAGS LOG: one fit through bench_cli (its f
   grep -h "=auto\|Time to the first\|Loaded" /tmp/bench-cli/$1/fit-*.log | cut -c1-900 | tee -a "$OUT/$5"
 }
 case "${PART:-check}" in
+both)
+  fit_before qlora-fast 12 95
+  fit_logged both qlora-fast 15 "" fit-logs.txt
+  (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  ;;
 keep)
   gpu_tests "lora_kernels or fused" 150
   (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
