@@ -131,6 +131,9 @@ print(min(total, key=total.get))")
 FORWARD_TILE, FORWARD_WARPS = $rows, $span, $tile, $warps/" lit_mistral/modeling/lora_kernels.py
   grep "^FORWARD_ROWS" lit_mistral/modeling/lora_kernels.py | tee -a "$OUT/fit-logs.txt"
 }
+seed_fit() {  # [SECONDS]: the seed recipe's 12 steps (.bench/seed_recipe.py), its figures to train.jsonl
+  (cd .bench && STEPS=12 timeout ${1:-150} python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+}
 fit_before() {  # CONFIG STEPS SECONDS: one fit of .before/'s code (label "before") through bench_cli to train.jsonl
   PYTHONPATH=/tmp/site timeout $(($3 + 5)) python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label before \
     --code .before --fit $1 --steps $2 --warm 5 --timeout $3 | tee -a "$OUT/train.jsonl"
@@ -145,11 +148,11 @@ case "${PART:-check}" in
 both)
   fit_before qlora-fast 12 95
   fit_logged both qlora-fast 15 "" fit-logs.txt
-  (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  seed_fit
   ;;
 keep)
   gpu_tests "lora_kernels or fused" 150
-  (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  seed_fit
   fit_before qlora-fast 12 95
   fit_logged keep qlora-fast 15 "--model.compute.keep_dequantized true" fit-logs.txt
   ;;
@@ -165,7 +168,7 @@ bitsonce)
   ;;
 tiles3)
   gpu_tests "lora_kernels or step_scalars" 150
-  (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  seed_fit
   fit_before qlora-fast 12 95
   fit_logged tiles3 qlora-fast 15 "" fit-logs.txt
   kernels_before 32x128
@@ -221,7 +224,7 @@ slabs)
   fit_logged slabs qlora-fast 15 "" fit-logs.txt
   fit_before qlora-fast 12 95
   fit_logged slabs-16gb qlora-16gb 12 "" fit-logs.txt
-  (cd .bench && STEPS=12 timeout 130 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  seed_fit 130
   ;;
 slabs2)
   gpu_tests "lora_kernels or step_scalars" 150
@@ -232,7 +235,7 @@ slabs2)
   fit_before qlora-16gb 12 145
   ;;
 syncfree2)
-  (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  seed_fit
   fit_before qlora-16gb 12 145
   fit_logged syncfree-16gb qlora-16gb 12 "" fit-logs.txt
   fit_logged syncfree50 qlora-fast 50 "" fit-logs.txt
@@ -242,7 +245,7 @@ offload2)
   # against unbounded copies), the seed recipe, then the 16 GiB mode with OFFLOADS layers offloaded (steps' own peaks)
   PYTHONPATH=/tmp/site:$PWD timeout 200 python3 benchmarks/probe_offload.py --model "$CKPT" \
     --layouts ${LAYOUTS:-24,0 16,8 16,8,unbounded 20,12} 2>&1 | grep '^{' | tee -a "$OUT/probe-offload.jsonl"
-  [ "${SEED:-1}" = 1 ] && (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  [ "${SEED:-1}" = 1 ] && seed_fit
   AUTO16="--model.compute.checkpoint_layers auto --model.compute.memory_budget_gib 16"
   for n in ${OFFLOADS:-12 8}; do
     fit_logged off$n-auto16 qlora-24gb ${STEPS:-12} "$AUTO16 --model.compute.offload_layers $n" offload.txt
@@ -267,7 +270,7 @@ round1)
      PYTHONPATH=/tmp/site:$PWD python3 -c "import time; t = time.perf_counter(); $IMPORTS; print('imports $run', round(time.perf_counter() - t, 1), 's')") | tee -a "$OUT/bytecode.txt"
   done
   PYTHONPATH=/tmp/site:$PWD timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -25 | tee "$OUT/gpu-tests.log"
-  (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  seed_fit
   for run in first second; do
     PYTHONPATH=/tmp/site timeout 120 python3 benchmarks/bench_cli.py --model "$CKPT" --data $DATA --label $run \
       --fit qlora-fast --steps 20 --warm 5 --timeout 110 | tee -a "$OUT/train.jsonl"
@@ -360,7 +363,7 @@ kernel)
   ;;
 kernel2)
   gpu_tests "lora_kernels or shared or fused or regenerat" 150
-  (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  seed_fit
   KERNEL="--model.compute.dropout_kernel true"
   fit_logged kernel50 qlora-fast 50 "$KERNEL" fit-logs.txt
   fit_logged peft50 qlora-fast 50 "--model.compute.fused_lora false --model.compute.shared_dropout false" fit-logs.txt
@@ -402,7 +405,7 @@ shared16)
   ;;
 base)
   gpu_tests "adamw or regenerat or fused or micro" 150
-  (cd .bench && STEPS=12 timeout 150 python3 seed_recipe.py seed) 2>&1 | grep '^{' | tee -a "$OUT/train.jsonl"
+  seed_fit
   fit_logged base qlora-fast ${STEPS:-15} "" fit-logs.txt
   for start in 0 6; do
     PROFILE_START=$start PROFILE_STEPS=$([ $start = 0 ] && echo 1 || echo 3) PROFILE_OUT=$OUT/profile-start$start.json \
