@@ -134,9 +134,9 @@ class Compute:
             `fused_lora`; on the CPU the layers drop as torch does.
         keep_dequantized: In training, each 4-bit base weight dequantized to 16 bits in forward is kept for its
             backward instead of dequantized again there (bitsandbytes' way): one NF4 dequantization pass per step
-            less (Mistral-7B on an H200: backward's took ~9.5 ms of a ~939 ms step, profile of 2026-12-02), for the
-            16-bit weights' memory until backward
-            (Mistral-7B: ~0.4 GiB per decoder layer that keeps its activations, ~13.6 GiB for all 32). Layers that
+            less (Mistral-7B on an H200: backward's took ~9.5 ms of a ~939 ms step, profile of 2026-12-02; +1.4%
+            tokens/s measured), for the 16-bit weights' memory until backward (Mistral-7B: ~0.4 GiB per decoder
+            layer that keeps its activations, ~13 GiB for all 32: `qlora-fast` 76 -> 89 GiB peak). Layers that
             recompute (`checkpoint_layers`) dequantize once less too, holding one layer's weights at a time. Needs
             `fused_lora`; not with `offload_layers` (the weights would be copied to CPU memory and back).
     """
@@ -189,8 +189,8 @@ class Compute:
                             "calls the kernels); set it, or dropout_kernel false")
         if self.keep_dequantized and (not self.fused_lora or self.offload_layers):
             problems.append("model.compute.keep_dequantized=true: needs model.compute.fused_lora=true and "
-                            "offload_layers 0 (offloaded layers would copy the weights to CPU memory); set them, or "
-                            "keep_dequantized false")
+                            "model.compute.offload_layers=0 (offloaded layers would copy the weights to CPU memory); "
+                            "set them, or keep_dequantized false")
         if self.loss_chunk_size < 1:
             problems.append(f"model.compute.loss_chunk_size={self.loss_chunk_size}: expected >= 1")
         return problems
