@@ -14,7 +14,7 @@ from lit_mistral.data.chat_formats import (IGNORE_INDEX, BadConversation, Encode
 from lit_mistral.data.conversations import Conversation, Message, read_conversations
 from lit_mistral.errors import LitMistralError, raise_problems
 
-DEMO_CHAT = Path(__file__).resolve().parents[1] / "lit_mistral" / "assets" / "demo_chat.jsonl"
+DEMO_CHAT = Path(__file__).resolve().parents[2] / "lit_mistral" / "assets" / "demo_chat.jsonl"
 
 # Meta-Llama-3-8B-Instruct's chat template
 LLAMA3_TEMPLATE = (

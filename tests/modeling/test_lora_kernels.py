@@ -169,7 +169,7 @@ def test_kernels_equal_torch_with_their_mask_interpreted(tmp_path):
     backward."""
     # in a fresh process: TRITON_INTERPRET must be set before anything imports triton
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+        [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", INTERPRETED, tmp_path / "out.pt", Path(__file__).parent], env=env,
                    check=True, timeout=300)
     out = torch.load(tmp_path / "out.pt")

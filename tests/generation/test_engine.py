@@ -161,7 +161,7 @@ def test_triton_kernel_equals_reference_interpreted(tmp_path):
     cases = [paged_case(torch.float32), paged_case(torch.float16)]  # the 3.6 interpreter's bf16 tl.dot is broken
     torch.save(cases, tmp_path / "cases.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+        [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", INTERPRETED, tmp_path / "cases.pt", tmp_path / "out.pt"], env=env,
                    check=True, timeout=120)
     for case, out, atol in zip(cases, torch.load(tmp_path / "out.pt"), (1e-5, 2e-3)):
