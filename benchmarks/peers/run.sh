@@ -44,10 +44,10 @@ case "$PEER" in
   setup)
     [ -f "$CKPT/config.json" ] || python3 -c "
 import sys; sys.path.insert(0, '$HERE'); import common; common.make_checkpoint('$CKPT', '.bench/tokenizer')"
-    python3 -c "import unsloth, trl, liger_kernel, xformers.ops, torchtune, torchao, bitsandbytes, datasets
+    python3 -c "import sys, unsloth, trl, liger_kernel, xformers.ops, torchtune, torchao, bitsandbytes, datasets
 from unsloth.utils import attention_dispatch as a
 print('flash_attn', a.HAS_FLASH_ATTENTION, 'xformers', a.HAS_XFORMERS)
-from recipes.lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice" 2>&1 | grep -v -i warn | tail -5
+sys.path.insert(0, '$HERE'); import torchtune_peer; torchtune_peer.recipe_class()" 2>&1 | grep -v -i warn | tail -5
     ls "$CKPT" ;;
   all)  # within ~8.5 minutes once `setup` ran: each peer within its share, 20 steps unless FLAGS say otherwise
     [ ${#FLAGS[@]} -gt 0 ] || FLAGS=(--steps 20)

@@ -75,12 +75,28 @@ class Recorder:
         pass
 
 
-def config(args, tokenizer_dir: str):
-    from importlib.resources import files
+def recipes_dir() -> Path:
+    """The `recipes` folder the torchtune wheel installs beside `torchtune` (not importable: torchtune's
+    recipes/__init__.py refuses imports, `tune run` loads the files by path)."""
+    import importlib.util
 
+    return Path(importlib.util.find_spec("torchtune").origin).parents[1] / "recipes"
+
+
+def recipe_class():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lora_finetune_single_device",
+                                                  recipes_dir() / "lora_finetune_single_device.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.LoRAFinetuneRecipeSingleDevice
+
+
+def config(args, tokenizer_dir: str):
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(str(files("recipes") / "configs" / "mistral" / "7B_qlora_single_device.yaml"))
+    cfg = OmegaConf.load(str(recipes_dir() / "configs" / "mistral" / "7B_qlora_single_device.yaml"))
     index = Path(args.model, "model.safetensors.index.json")
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
         else ["model.safetensors"]
@@ -115,13 +131,12 @@ def main() -> None:
         common.dry_run("torchtune", args, steps, dict(mode="compile", pack_tokens=args.max_tokens))
         return
     import torch
-    from recipes.lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
 
     common.make_checkpoint(args.model, args.tokenizer)
     cfg = config(args, args.tokenizer or args.model)
     sys.modules.setdefault("torchtune_peer", sys.modules[__name__])  # the config's components see this STATE
 
-    class Recipe(LoRAFinetuneRecipeSingleDevice):
+    class Recipe(recipe_class()):
         def save_checkpoint(self, epoch):  # a benchmark keeps nothing (torchtune would write 14 GB here)
             pass
 
