@@ -4,7 +4,7 @@
 #         unsloth (its "unsloth" checkpointing), unsloth-nockpt, trl_liger (SFTConfig's default checkpointing),
 #         trl_liger-nockpt, torchtune, all (unsloth, unsloth-nockpt, trl_liger, torchtune, each within its time limit)
 #   FLAGS go to each script (--steps, --warm, --dry-run, ...). One JSON line per run on stdout (and $OUT/peers.jsonl).
-# Needs, at the repo root (git-ignored, carried): .whl/ (bitsandbytes, liger-kernel, ...), .whl-peers/a and b (the
+# Needs, at the repo root (git-ignored, carried): .whl/ (bitsandbytes, liger-kernel, datasets, ...), .whl-peers/a, b (the
 # peers' wheels), .bench/dolly-15k-head.jsonl and .bench/tokenizer/ (as run_gpu_round.sh has them).
 # Installs once into /tmp/site (kept while the machine stays warm); the random checkpoint is written once to $CKPT.
 set -uo pipefail
