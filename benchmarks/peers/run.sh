@@ -49,12 +49,12 @@ from unsloth.utils import attention_dispatch as a
 print('flash_attn', a.HAS_FLASH_ATTENTION, 'xformers', a.HAS_XFORMERS)
 sys.path.insert(0, '$HERE'); import torchtune_peer; torchtune_peer.recipe_class()" 2>&1 | grep -v -i warn | tail -5
     ls "$CKPT" ;;
-  all)  # within ~8.5 minutes once `setup` ran: each peer within its share, 20 steps unless FLAGS say otherwise
+  all)  # within 9 minutes once `setup` ran (each capped): each peer within its share, 20 steps unless FLAGS say otherwise
     [ ${#FLAGS[@]} -gt 0 ] || FLAGS=(--steps 20)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/peers.jsonl"
-    one 140 unsloth_peer.py --checkpointing unsloth
+    one 150 unsloth_peer.py --checkpointing unsloth
     one 110 unsloth_peer.py --checkpointing false
-    one 140 trl_liger.py --checkpointing true
-    one 120 torchtune_peer.py ;;
+    one 150 trl_liger.py --checkpointing true
+    one 130 torchtune_peer.py ;;
   *) echo "unknown peer $PEER"; exit 2 ;;
 esac
