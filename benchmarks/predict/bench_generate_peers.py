@@ -1,4 +1,4 @@
-"""The peers of lit_mistral's predict on the dolly-lengths workload (benchmarks/dolly_lengths.py), one GPU, the same
+"""The peers of lit_mistral's predict on the dolly-lengths workload (benchmarks/predict/dolly_lengths.py), one GPU, the same
 merged bf16 Mistral-7B (random weights) and prompts (`[INST] {instruction}\\n\\n{context} [/INST]`, as predict
 formats them), greedy:
 
@@ -12,7 +12,7 @@ formats them), greedy:
 
 Prints one JSON line per peer.
 
-    python benchmarks/bench_generate_peers.py --model $CKPT --file dolly-lengths.jsonl --tokenizer tok/
+    python benchmarks/predict/bench_generate_peers.py --model $CKPT --file dolly-lengths.jsonl --tokenizer tok/
 """
 
 import argparse

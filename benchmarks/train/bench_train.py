@@ -4,14 +4,14 @@ prompt and tiled, through the real code path (InstructionDataModule, QLoRAModule
 
 Same workload as ../shared/bench/seed_recipe.py: same random-weight checkpoint (Mistral-7B-v0.1's exact config),
 same LoRA targets, loss on every token (mask_prompt false, as the seed trains), rows cut at 512 tokens. Run both in
-one device call (benchmarks/run_gpu.sh) so the ratios are side by side.
+one device call (benchmarks/README.md) so the ratios are side by side.
 
 The model loads once; variants then change the token budget, activation checkpointing and kernels in place.
 Prints one JSON line per variant: non-pad tokens/s over the timed steps, MFU (4 x 7.24e9 FLOP per token, the frozen
 base's forward + input-gradient backward, over the measured 790 TFLOP/s bf16 peak; recomputation not counted),
 peak allocated GiB, mean loss.
 
-    python benchmarks/bench_train.py --model $CKPT --data dolly.jsonl \
+    python benchmarks/train/bench_train.py --model $CKPT --data dolly.jsonl \
         --variants p8k:max_tokens=8192:ckpt=0 p16k_ckpt:max_tokens=16384:ckpt=32
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 

@@ -18,7 +18,7 @@ ones). bf16 rounding differs between the two paths (packed prefill, flash/Triton
 weights give near-flat logits where such differences flip the argmax, so `agree_tokens` (how many leading tokens
 agree) is printed too; exact agreement is checked in float32 by tests/test_engine.py.
 
-Usage: python benchmarks/bench_engine.py --model $CKPT --data dolly.jsonl --n 1000 \\
+Usage: python benchmarks/predict/bench_engine.py --model $CKPT --data dolly.jsonl --n 1000 \\
            --variants merged merged:graphs=0 nf4"""
 
 import argparse
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lit_mistral.generation.engine import Engine  # noqa: E402
 

@@ -1,7 +1,7 @@
 """A profile of training steps by kind of GPU work, taken inside the CLI a user runs:
 
     PROFILE_OUT=profile.json python -m lit_mistral fit --config configs/qlora-fast.yaml ... \\
-        --trainer.callbacks+=benchmarks.profile_train.ProfileSteps
+        --trainer.callbacks+=benchmarks.train.profile_train.ProfileSteps
 
 (run from the repository root, or with it on PYTHONPATH). `ProfileSteps` records optimizer steps PROFILE_START ..
 PROFILE_START + PROFILE_STEPS - 1 (default 6..8) with torch.profiler and writes, per step: the wall time between the

@@ -4,7 +4,7 @@ stacked, gate/up's with two, o's alone, down's 14,336 features), bf16 on one GPU
 (median of 25 after 5 warm-up calls, CUDA events, the launches queued behind a GPU sleep), forward and backward,
 for a few tile sizes. One JSON line per shape and tiling.
 
-    python benchmarks/bench_lora_kernels.py [--tokens 16384] [--tiles 32x128,64x64,...] [--forward 32x1024,...]
+    python benchmarks/kernels/bench_lora_kernels.py [--tokens 16384] [--tiles 32x128,64x64,...] [--forward 32x1024,...]
 
 `--tiles`: rows x features per tile of the backward kernels (and of the forward where it still takes them: a checkout
 before the forward's slabs), optionally x warps x rows per split of A's gradient (`BM`, `BK`, `BACKWARD_WARPS`,

@@ -1,7 +1,7 @@
 """Where a training step makes the CPU wait for the GPU, taken inside the CLI a user runs:
 
     SYNCS_OUT=syncs.json python -m lit_mistral fit --config configs/qlora-fast.yaml ... \\
-        --trainer.callbacks+=benchmarks.probe_syncs.SyncProbe
+        --trainer.callbacks+=benchmarks.train.probe_syncs.SyncProbe
 
 (run from the repository root, or with it on PYTHONPATH). From the start of batch SYNCS_START (default 3) to the end
 of the run, torch's sync debug mode warns at each call that waits for the GPU (`.item()`, `bool()` of a GPU tensor,

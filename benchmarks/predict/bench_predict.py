@@ -2,7 +2,7 @@
 with a LoRA adapter (random, non-zero) trained on an NF4 base, answering the first N Dolly instructions with
 sampling (temperature 0.7, top-k 50, top-p 0.95, like ../shared/bench/seed_predict.py) and up to 256 new tokens,
 through the real code path (InstructionDataModule predict split, QLoRAModule, Lightning's Trainer.predict, the JSONL
-writer). Run it in the same device call as seed_predict.py (benchmarks/run_gpu.sh).
+writer). Run it in the same device call as seed_predict.py (benchmarks/README.md).
 
 Variants: `merged:batch=200` (adapter folded into dequantized bf16 weights, dynamic KV cache), `budget=N` (also
 bound each batch to N key/value-cache positions: data.predict_max_tokens),
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 

@@ -20,7 +20,7 @@ Reads each run's TensorBoard events and prints one JSON line per run: median tok
 peak GiB, the GiB the model takes before the first step and the peak while loading (rank 0), validation losses by
 optimizer step. Extra flags after `--` go to every run. Data, run folders and logs go to --work.
 
-    python benchmarks/bench_ddp.py --model $CKPT --data dolly-15k-head.jsonl --runs gpu1 gpu2 gpu1_acc2
+    python benchmarks/train/bench_ddp.py --model $CKPT --data dolly-15k-head.jsonl --runs gpu1 gpu2 gpu1_acc2
 """
 
 import argparse
@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUNS = {"gpu1": ["--trainer.devices", "1"],
         "gpu2": ["--trainer.devices", "2"],
         "gpu1_acc2": ["--trainer.devices", "1", "--trainer.accumulate_grad_batches", "2"],
