@@ -149,3 +149,39 @@ def test_options_named_in_the_docs_exist(known_options):
                 if name not in known_options:
                     unknown.append(f"{doc}:{number}: --{name}")
     assert not unknown, "options the CLI does not know:\n" + "\n".join(unknown)
+
+
+LINK = re.compile(r"\]\(([^)\s#]*)(?:#([^)\s]*))?\)")
+GENERATED = {"docs/configuration.md"}  # written from the dataclasses by its own generator, which its test checks
+
+
+def anchors(text: str):
+    """GitHub's anchors for the headings of a Markdown text (a repeated one gets -1, -2, ...)."""
+    seen: dict[str, int] = {}
+    fenced = False
+    for line in text.splitlines():
+        fenced ^= line.lstrip().startswith("```")
+        if line.startswith("#") and not fenced:
+            slug = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            seen[slug] = seen.get(slug, -1) + 1
+            yield slug if seen[slug] == 0 else f"{slug}-{seen[slug]}"
+
+
+def test_links_between_the_docs_lead_somewhere():
+    broken = []
+    for doc in DOCS:
+        path = ROOT / doc
+        if not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for target, anchor in LINK.findall(line):
+                if target.startswith(("http://", "https://")):
+                    continue
+                linked = (path.parent / target).resolve() if target else path
+                name = str(linked.relative_to(ROOT)) if linked.is_relative_to(ROOT) else str(linked)
+                if not linked.exists():
+                    if name not in GENERATED:
+                        broken.append(f"{doc}:{number}: {target} does not exist")
+                elif anchor and linked.is_file() and anchor not in set(anchors(linked.read_text())):
+                    broken.append(f"{doc}:{number}: {target}#{anchor}: no such heading")
+    assert not broken, "links that lead nowhere:\n" + "\n".join(broken)
