@@ -1,5 +1,5 @@
 """Every command the docs show runs: each `python -m lit_mistral ...` in a code block of README.md, EVALUATION.md,
-BENCHMARKS.md, benchmarks/README.md and docs/*.md is parsed by the CLI's own parser (with `--print_config`, in this
+BENCHMARKS.md, benchmarks/**/README.md and docs/*.md is parsed by the CLI's own parser (with `--print_config`, in this
 process: no model loads), and every `--group.option` the README-like docs name in prose is an option the parser
 knows. A renamed or misspelt option in a doc fails here, naming the file and line."""
 
@@ -27,7 +27,8 @@ def in_root():
         os.chdir(before)
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "EVALUATION.md", "BENCHMARKS.md", "benchmarks/README.md",
+DOCS = ["README.md", "EVALUATION.md", "BENCHMARKS.md",
+        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").rglob("README.md")),
         *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 PROSE_DOCS = [d for d in DOCS if d != "BENCHMARKS.md"]  # BENCHMARKS' history names options as they were then
 SHELL_ENDS = {"&&", "||", "|", ";", "&", ">", ">>", "<", "2>", "2>&1"}
