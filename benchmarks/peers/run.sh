@@ -2,7 +2,9 @@
 # The peers on lit_mistral's work, one GPU, from the repo root: benchmarks/peers/run.sh PEER [FLAGS...]
 #   PEER: setup (install, the random checkpoint, each peer's imports: run it in the call before the others),
 #         unsloth (its "unsloth" checkpointing), unsloth-nockpt, trl_liger (SFTConfig's default checkpointing),
-#         trl_liger-nockpt, torchtune, all (unsloth, unsloth-nockpt, trl_liger, torchtune, each within its time limit)
+#         trl_liger-nockpt, torchtune, all (unsloth, unsloth-nockpt, trl_liger, torchtune, each within its time limit),
+#         lit_mistral (qlora-fast through the CLI on the same data and steps: as shipped, with dropout 0 as Unsloth and
+#         torchtune train, and within Unsloth's memory, each a fresh process; LIT_RUNS="label:flags;..." replaces them)
 #   FLAGS go to each script (--steps, --warm, --dry-run, ...). One JSON line per run on stdout (and $OUT/peers.jsonl).
 # Needs, at the repo root (git-ignored, carried): .whl/ (bitsandbytes, liger-kernel, datasets, ...), .whl-peers/a, b (the
 # peers' wheels), .bench/dolly-15k-head.jsonl and .bench/tokenizer/ (as run_gpu_round.sh has them).
@@ -56,5 +58,13 @@ sys.path.insert(0, '$HERE'); import torchtune_peer; torchtune_peer.recipe_class(
     one 110 unsloth_peer.py --checkpointing false
     one 150 trl_liger.py --checkpointing true
     one 130 torchtune_peer.py ;;
+  lit_mistral)  # bench_cli.py's training file is the one common.py builds: the same steps in the same order
+    [ ${#FLAGS[@]} -gt 0 ] || FLAGS=(--steps 20)
+    IFS=';' read -ra RUNS <<< "${LIT_RUNS:-fast:;fast-dropout0:--model.lora.dropout 0;budget8-dropout0:--model.lora.dropout 0 --model.compute.memory_budget_gib 8}"
+    for run in "${RUNS[@]}"; do
+      timeout 170 python3 benchmarks/bench_cli.py --model "$CKPT" --data .bench/dolly-15k-head.jsonl \
+        --label "lit_mistral-${run%%:*}" --fit qlora-fast --warm 5 --timeout 160 "${FLAGS[@]}" \
+        --fit_flags="${run#*:}" | tee -a "$OUT/peers.jsonl"
+    done ;;
   *) echo "unknown peer $PEER"; exit 2 ;;
 esac
