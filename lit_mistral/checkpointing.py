@@ -8,7 +8,6 @@ import io
 import os
 import random
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_mistral.distributed import gather_objects
 from lit_mistral.errors import LitMistralError, unreadable
-from lit_mistral.io import publish
+from lit_mistral.io import check_torch_file, publish
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -157,21 +156,6 @@ class RandomState(Callback):
         random.setstate(state["python"])
         if "cuda" in state and pl_module.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], pl_module.device)
-
-
-def check_torch_file(path: str | os.PathLike, key: str, fix: str):
-    """`path` (a file of tensors that `torch.save` wrote) as lit_mistral loads such files, weights-only, its tensors
-    mapped rather than read; or one clear error naming `key`, the file and `fix`: not a whole zip archive (empty,
-    cut short, another kind of file), or holding pickled objects (never unpickled)."""
-    path = Path(path)
-    if not zipfile.is_zipfile(path):
-        what = "is empty" if path.stat().st_size == 0 else (
-            "is not a whole zip archive, as torch.save writes (cut short, or another kind of file)")
-        raise LitMistralError(f"{key}: {path} {what}, so not a checkpoint. {fix}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # pickled objects, a damaged archive: torch raises many kinds
-        raise unreadable(path, err) from None
 
 
 def check_checkpoint_file(path: str | os.PathLike, key: str) -> dict:

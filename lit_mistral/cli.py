@@ -31,7 +31,7 @@ from lit_mistral.evaluation.callback import Evaluation
 from lit_mistral.io import check_output_file, check_output_folder, claim_numbered_folder
 from lit_mistral.modeling import prefetch
 from lit_mistral.module import QLoRAModule
-from lit_mistral.registry import register
+from lit_mistral.modeling.registry import register
 
 TRAINER_DEFAULTS = {
     "precision": "bf16-mixed",

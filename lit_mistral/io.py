@@ -1,15 +1,18 @@
 """Writing outputs whole or not at all: a reader never sees a half-written adapter, export, checkpoint, report or
-cache entry. And checking, before anything runs, that an output path can be written: of the right kind, in a folder
-that exists and takes new files."""
+cache entry. Checking, before anything runs, that an output path can be written: of the right kind, in a folder
+that exists and takes new files. And reading a file of tensors that `torch.save` wrote without unpickling objects."""
 
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lit_mistral.errors import LitMistralError
+import torch
+
+from lit_mistral.errors import LitMistralError, unreadable
 
 
 def unwritable(folder: str | os.PathLike) -> str | None:
@@ -129,3 +132,18 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with writing_file(path) as f:
         f.write(text)
     return Path(path)
+
+
+def check_torch_file(path: str | os.PathLike, key: str, fix: str):
+    """`path` (a file of tensors that `torch.save` wrote) as lit_mistral loads such files, weights-only, its tensors
+    mapped rather than read; or one clear error naming `key`, the file and `fix`: not a whole zip archive (empty,
+    cut short, another kind of file), or holding pickled objects (never unpickled)."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        what = "is empty" if path.stat().st_size == 0 else (
+            "is not a whole zip archive, as torch.save writes (cut short, or another kind of file)")
+        raise LitMistralError(f"{key}: {path} {what}, so not a checkpoint. {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # pickled objects, a damaged archive: torch raises many kinds
+        raise unreadable(path, err) from None

@@ -1,6 +1,7 @@
 """The command line itself: every shipped config parses, options are grouped by concern in `--help`, an unknown
 option is one clear error."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,22 @@ def test_help_groups_options_by_concern(capsys):
                             ("Evaluation on the validation split", "--evaluation.compare_base")]:
         start = out.index(section)
         assert option in out[start: start + 3000], (section, option)
+
+
+def help_options(text: str) -> list[str]:
+    """The options of a `--help` text's usage block, each with its choices (`--model.lora.bias {none,all,lora_only}`)."""
+    usage = text.split("\n\n", 1)[0]
+    return sorted({" ".join(filter(None, m)) for m in re.findall(r"\[(--[\w.]+)(?: (\{[^}]*\}))?", usage)})
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "predict", "export"])
+def test_help_lists_the_same_options_as_the_snapshot(subcommand, capsys):
+    """A renamed, removed or added option (or choice) shows here; if meant, update tests/fixtures/<sub>_help_options.txt
+    (and `config.RENAMED` for a rename, so old configs still run)."""
+    with pytest.raises(SystemExit):
+        run_cli(subcommand, "--help")
+    snapshot = ROOT / "tests" / "fixtures" / f"{subcommand}_help_options.txt"
+    assert help_options(capsys.readouterr().out) == snapshot.read_text().splitlines()
 
 
 def test_unknown_option_exits_2_without_traceback(tmp_path):

@@ -17,7 +17,7 @@ from lit_mistral.data.prompts import check_prompt_style
 from lit_mistral.data.records import Fields, example_key, hub_rows, is_hub_id, read_inputs
 from lit_mistral.data.tokenize import Formatter, TokenizedDataset
 from lit_mistral.errors import LitMistralError, raise_problems
-from lit_mistral.generation.batches import PresetBatches, collate_prompts, predict_batches
+from lit_mistral.data.prompt_batches import PresetBatches, collate_prompts, predict_batches
 from lit_mistral.sources import load_tokenizer
 
 

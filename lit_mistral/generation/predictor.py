@@ -27,7 +27,7 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 class Predictor:
-    """Answers prompt batches (`generation.batches.collate_prompts`) with `model`.
+    """Answers prompt batches (`data.prompt_batches.collate_prompts`) with `model`.
 
     Args:
         model: the model to generate with (merged, or a peft model on a 4-bit base), in eval mode.

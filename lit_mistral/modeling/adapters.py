@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from lit_mistral.errors import LitMistralError, unreadable
+from lit_mistral.io import check_torch_file
 
 WRAPPED = "_fsdp_wrapped_module."  # what FSDP units insert into parameter names
 
@@ -19,8 +20,6 @@ def check_adapter_folder(path: str | os.PathLike, key: str) -> Path:
     """`path` as a peft adapter folder whose files can be read, or one clear error naming `key` (the option that
     gave it) and the file: checked before the base loads, where peft would find a damaged file only after."""
     from safetensors import safe_open
-
-    from lit_mistral.checkpointing import check_torch_file
 
     folder = Path(path)
     if not folder.is_dir() or not (folder / "adapter_config.json").is_file():

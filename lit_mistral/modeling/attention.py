@@ -14,7 +14,7 @@ head once per query head it serves (transformers' `repeat_kv`) and takes PyTorch
 Everything else (padded training batches, other cache layouts) goes to transformers' own SDPA function, unchanged.
 
 Registered with transformers as the attention implementation `lit_varlen` (with SDPA's mask builder) by
-`lit_mistral.registry`."""
+`lit_mistral.modeling.registry`."""
 
 import functools
 import inspect

@@ -17,7 +17,7 @@ from lit_mistral.modeling.adapters import check_targets, load_adapter
 from lit_mistral.modeling.fused_lora import use_fused_lora
 from lit_mistral.modeling.offload import ActivationOffload
 from lit_mistral.modeling.random_base import random_quantized_model
-from lit_mistral.registry import register
+from lit_mistral.modeling.registry import register
 from lit_mistral.sources import load_tokenizer, model_folder, quantized_copy, random_init_folder, save_quantized_copy
 
 

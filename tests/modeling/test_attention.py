@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from lit_mistral.modeling import attention
 from lit_mistral.modeling.attention import decode_attention, padded_attention
-from lit_mistral.registry import register
+from lit_mistral.modeling.registry import register
 
 register()
 

@@ -1,6 +1,6 @@
 """The names lit_mistral adds to its libraries, registered in one place."""
 
-from lit_mistral.registry import register
+from lit_mistral.modeling.registry import register
 
 
 def test_register_adds_the_attention_and_the_strategy_once():

@@ -1,7 +1,6 @@
-"""Generation in static batches: the batch plan (rows and KV-cache positions), left padding, and answers in input
-order across processes."""
+"""Prompt batches for generation: the batch plan (rows and KV-cache positions) and left padding."""
 
-from lit_mistral.generation.batches import collate_prompts, predict_batches
+from lit_mistral.data.prompt_batches import collate_prompts, predict_batches
 
 
 def test_collate_prompts_pads_left():
