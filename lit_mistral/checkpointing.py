@@ -1,7 +1,7 @@
 """Checkpoints that survive crashes and pre-emption: written whole or not at all, loaded without unpickling
 arbitrary objects, one more written when the scheduler sends SIGTERM (predict and validate stop after the batch
 instead), the random streams a resumed run needs to draw what the uninterrupted one would have, and finding a run's
-newest checkpoint."""
+newest checkpoint. Adapter checkpoints hold only what training changes, with the settings it was trained with."""
 
 import errno
 import io
@@ -20,8 +20,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_mistral.distributed import gather_objects
-from lit_mistral.errors import LitMistralError, unreadable
+from lit_mistral.errors import LitMistralError, raise_problems, unreadable
 from lit_mistral.io import check_torch_file, publish
+from lit_mistral.modeling.adapters import trainable_state
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -163,7 +164,7 @@ def check_checkpoint_file(path: str | os.PathLike, key: str) -> dict:
     lit_mistral can use: not a whole zip archive as `torch.save` writes (empty, cut short, another kind of file),
     holding pickled objects (never unpickled: `weights_only`), or not written by a lit_mistral fit. Reads the
     archive's index and pickled structure only (`mmap`), not the tensors. Returns the checkpoint's record of the
-    settings it was trained with (`QLoRAModule.checkpoint_problems` compares it with a run's)."""
+    settings it was trained with (`record_problems` compares it with a run's)."""
     fix = ("Fix: pass a .ckpt file of a lit_mistral fit run (its checkpoints/ folder keeps the last complete ones), "
            "or its adapter folder.")
     checkpoint = check_torch_file(path, key, fix)
@@ -185,3 +186,61 @@ def restore_adapter(module, path: str | os.PathLike) -> None:
     checkpoint = AtomicCheckpointIO().load_checkpoint(path, map_location=module.device)
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=False)
+
+
+# -- the adapter checkpoint: only what training changes, with the settings it was trained with -----------------------
+
+
+def adapter_record(spec) -> dict:
+    """What a checkpoint's adapter must have been trained with to fit a model built from `spec` (`ModelSpec`)."""
+    return {"name_or_path": spec.name_or_path, "gguf_file": spec.gguf_file, "quantize": spec.quantization.method,
+            "lora": spec.lora.peft_kwargs()}
+
+
+def record_problems(spec, saved: dict) -> list[str]:
+    """How the settings a checkpoint was trained with (its `lit_mistral` record) differ from `spec`'s: known before
+    the model is built, so the CLI checks them before loading anything."""
+    ours = adapter_record(spec)
+    keys = {"name_or_path": "name_or_path", "gguf_file": "gguf_file", "quantize": "quantization.method"}
+    diffs = [f"model.{option}: checkpoint has {saved.get(k)!r}, this run has {ours[k]!r}"
+             for k, option in keys.items() if saved.get(k) != ours[k]]
+    options = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
+               "bias": "bias"}
+    return diffs + [f"model.lora.{options[k]}: checkpoint has {saved.get('lora', {}).get(k)!r}, this run has "
+                    f"{v!r}" for k, v in ours["lora"].items() if saved.get("lora", {}).get(k) != v]
+
+
+def save_adapter_checkpoint(module, checkpoint: dict) -> None:
+    """Keep only `module`'s trainable (adapter) tensors in `checkpoint`, with its record: the settings they were
+    trained with, the `auto` choices of the run, and the count of skipped batches."""
+    trainable = set(trainable_state(module))
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+    checkpoint["lit_mistral"] = adapter_record(module.spec)
+    if module.auto_checkpoint_layers is not None:
+        checkpoint["lit_mistral"]["checkpoint_layers"] = module.auto_checkpoint_layers
+    if module.spec.compute.micro_batch_tokens == "auto":
+        checkpoint["lit_mistral"]["micro_batch_tokens"] = module.auto_micro_tokens or 0  # 0: whole batches
+    checkpoint["skipped_batches"] = module.losses.skipped_batches
+
+
+def load_adapter_checkpoint(module, checkpoint: dict) -> None:
+    """Check that `checkpoint` was written for `module` (its settings, its adapter tensors) and take back the run's
+    record: the skipped-batch count and the `auto` choices (not measured again). Lightning loads the tensors next."""
+    saved = checkpoint.get("lit_mistral")
+    if saved is None:
+        raise LitMistralError("ckpt_path: this checkpoint was not written by lit_mistral (no adapter record). "
+                              "Fix: pass a checkpoint from a lit_mistral fit run, or its adapter folder.")
+    diffs = record_problems(module.spec, saved)
+    state, expected = checkpoint["state_dict"], set(trainable_state(module))
+    if not diffs and set(state) != expected:
+        diffs.append(f"the checkpoint's {len(state)} adapter tensors do not match this model's {len(expected)}")
+    if diffs:
+        raise_problems(diffs, "Fix: run with the config the checkpoint was trained with (its run folder holds "
+                              "config.yaml).")
+    module.losses.skipped_batches = checkpoint.get("skipped_batches", 0)
+    compute = module.spec.compute
+    if compute.checkpoint_layers == "auto" and saved.get("checkpoint_layers") is not None:
+        module.auto_checkpoint_layers = int(saved["checkpoint_layers"])  # the run's choice, not measured again
+    if compute.micro_batch_tokens == "auto" and saved.get("micro_batch_tokens") is not None:
+        module.auto_micro_tokens = int(saved["micro_batch_tokens"]) or None
+        module.auto_micro_restored = True

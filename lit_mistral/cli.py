@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lit_mistral.callbacks import (JsonlPredictionWriter, LearningRateMonitor, PredictionProgressBar, SaveAdapter,
                                    Telemetry)
 from lit_mistral.checkpointing import (RandomState, SaveOnSigterm, StopOnSigterm, check_checkpoint_file,
-                                       find_last_checkpoint)
+                                       find_last_checkpoint, record_problems)
 from lit_mistral.checks import check_settings
 from lit_mistral.config import DTYPES, RENAMED
 from lit_mistral.data.datamodule import InstructionDataModule
@@ -276,7 +276,7 @@ class LitMistralCLI(LightningCLI):
         """What needs the module built (not loaded): a checkpoint must fit its settings, which Lightning would find
         only after loading the base."""
         if self.checkpoint_record is not None:
-            raise_problems(self.model.checkpoint_problems(self.checkpoint_record),
+            raise_problems(record_problems(self.model.spec, self.checkpoint_record),
                            "Fix: run with the settings the checkpoint was trained with (its run folder holds "
                            "config.yaml); nothing was loaded yet.")
 

@@ -218,6 +218,6 @@ def test_a_skipped_batch_in_parts_leaves_no_gradient_behind(tiny_model_dir, demo
 
     trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[Before()]).fit(module, dm)
     assert len(calls) == 3  # the step's batch came in three parts (the seeded plan's first batch), the last poisoned
-    assert module.skipped_batches == 1
+    assert module.losses.skipped_batches == 1
     after = {k: v for k, v in module.state_dict().items() if "lora_" in k}
     assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -12,8 +12,8 @@ from test_callbacks import Recorder
 from test_module import WeightsMoved, adapter_state, data, poison_loss
 
 from lit_mistral.errors import LitMistralError
-from lit_mistral.module import QLoRAModule
 from lit_mistral.step_scalars import StepScalars
+from lit_mistral.steps import LossGuard
 
 
 class Held:
@@ -90,9 +90,10 @@ def run(tmp_path, tiny_model_dir, demo_file, poison=None, **optimization):
 def test_decided_later_logs_what_deciding_at_once_logs(deciding_later, tiny_model_dir, demo_file, tmp_path,
                                                        monkeypatch):
     module, later, _ = run(tmp_path / "later", tiny_model_dir, demo_file)
-    assert module._skips_on_device() is not None and len(deciding_later) == 5 and module._scalars.flush() == []
+    assert module.losses.optimizer_on_device(module.trainer, module.sharded) is not None
+    assert len(deciding_later) == 5 and module.losses.scalars.flush() == []
     assert all(e.done for e in deciding_later[:-1])  # each read when the next step was queued, the last at the end
-    monkeypatch.setattr(QLoRAModule, "_skips_on_device", lambda self: None)
+    monkeypatch.setattr(LossGuard, "optimizer_on_device", staticmethod(lambda trainer, sharded: None))
     _, at_once, _ = run(tmp_path / "at_once", tiny_model_dir, demo_file)
     assert sorted(later) == sorted(at_once) == [(s, k) for s in range(5) for k in ("train/grad_norm", "train/loss")]
     for key, value in at_once.items():
@@ -119,7 +120,7 @@ def test_decided_later_a_skipped_batch_leaves_the_weights(deciding_later, tiny_m
                                          r"batch skipped \(model.optimization.nonfinite=skip; 1 so far\)"):
         module, logged, changed = run(tmp_path, tiny_model_dir, demo_file, poison=float("inf"), nonfinite="skip")
     assert changed == {0: True, 1: True, 2: False, 3: True, 4: True}  # the optimizer skipped the update itself
-    assert module.skipped_batches == 1 and logged[(2, "train/skipped_batches")] == 1.0
+    assert module.losses.skipped_batches == 1 and logged[(2, "train/skipped_batches")] == 1.0
     assert (2, "train/loss") not in logged and (3, "train/loss") in logged
     assert all(torch.isfinite(v).all() for v in adapter_state(module).values())
 
@@ -167,8 +168,8 @@ def test_on_a_gpu_no_step_waits_for_it_and_a_nan_batch_is_skipped(tiny_model_dir
                     callbacks=[Strict(), telemetry, LearningRateMonitor("step")]).fit(module, dm)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert module._skips_on_device() is not None
-    assert changed == {i: i != 4 for i in range(7)} and module.skipped_batches == 1
+    assert module.losses.optimizer_on_device(module.trainer, module.sharded) is not None
+    assert changed == {i: i != 4 for i in range(7)} and module.losses.skipped_batches == 1
     losses = [step for step, metrics in recorder.logged if "train/loss" in metrics]
     assert losses == [0, 1, 2, 3, 5, 6]
     assert recorder.steps_of("train/tokens_per_s") == [2, 3, 4, 5, 6, 7] and telemetry.last["train/tokens_per_s"] > 0
