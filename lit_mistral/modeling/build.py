@@ -48,26 +48,50 @@ class ModelSpec:
 
 
 def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sharded: bool = False):
-    """`(model, tokenizer)`: the base of `spec` loaded for `device` (quantized there, or on the CPU: `load_on`) and
-    wrapped with LoRA adapters (a peft model, in train mode). `training`: for fit (`compute.kernels` are applied for
-    fit, and on CUDA for generation too); `sharded`: the model will be sharded by `fsdp_qlora` (the 4-bit storage dtype)."""
+    """`(model, tokenizer)`: the base of `spec` loaded and quantized for `device` (or on the CPU: `load_on`), made
+    ready to train, and wrapped with LoRA adapters (a peft model, in train mode). `training`: for fit
+    (`compute.kernels` are applied for fit, and on CUDA for generation too); `sharded`: the model will be sharded by
+    `fsdp_qlora` (the 4-bit storage dtype)."""
     prefetch.wait()  # imports started before the data's setup (modeling/prefetch.py) are done before ours
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
-
     register()
     started = time.perf_counter()
     tokenizer = load_tokenizer(spec.name_or_path, spec.gguf_file, spec.trust_remote_code)
     dtype = spec.compute.torch_dtype(device)
     if spec.load_on == "cpu":  # the strategy moves it (fsdp_qlora: one layer at a time; checks.py)
         device = torch.device("cpu")
+    model, kept = load_base(spec, device, dtype, sharded)
+    model = wrap(prepare_base(model, spec, device, training), spec)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    via = f" from its 4-bit copy kept in {kept}" if kept else ""
+    rank_zero_info(f"Loaded {spec.name_or_path} ({spec.quantization.method or 'unquantized'}){via} in "
+                   f"{time.perf_counter() - started:.1f}s; {trainable:,} trainable parameters"
+                   f"{build_notes(spec, device, training)}.")
+    # from_pretrained hands back eval mode; Lightning keeps submodule modes, and checkpointing and LoRA dropout act
+    # only in train mode (Lightning switches to eval for validation and predict, and back)
+    return model.train(), tokenizer
+
+
+def quantization_config(spec: ModelSpec, dtype: torch.dtype, sharded: bool):
+    """bitsandbytes' settings for `spec`'s 4-bit base (None: unquantized)."""
+    from transformers import BitsAndBytesConfig
+
+    q = spec.quantization
+    if not q.method:
+        return None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.method, bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=spec.storage_dtype(dtype, sharded))
+
+
+def load_base(spec: ModelSpec, device: torch.device, dtype: torch.dtype, sharded: bool):
+    """`(model, kept)`: the base of `spec` on `device`, quantized by bitsandbytes as it loads, or read from the 4-bit
+    copy an earlier run kept (`Quantization.cache`; `kept` is then its folder, else None)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     kwargs = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code,
                   attn_implementation=spec.compute.attn_implementation)
     q = spec.quantization
     if q.method:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=q.method, bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=spec.storage_dtype(dtype, sharded))
+        kwargs["quantization_config"] = quantization_config(spec, dtype, sharded)
     # random weights for a 4-bit base: made and quantized one decoder layer at a time (no 16-bit copy of the whole)
     layerwise = spec.random_init and q.method is not None
     folder = None if layerwise else (random_init_folder(spec.name_or_path, dtype, device) if spec.random_init else
@@ -97,15 +121,28 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
         raise LitMistralError(f"model.name_or_path: could not load {spec.name_or_path!r} ({err}). Fix: give a "
                               "local folder with weights, or a hub id while online.") from None
     except torch.OutOfMemoryError as err:
-        fix = ("--model.load_on cpu: fsdp_qlora then brings the base to the GPUs one layer at a time, sharded"
-               if sharded else "--trainer.strategy fsdp_qlora --model.load_on cpu on several GPUs "
-               "(configs/qlora-fsdp.yaml): each then holds 1/N of the base, and never the whole of it")
-        first = (str(err).strip().splitlines() or ["torch.OutOfMemoryError"])[0][:200]
-        raise LitMistralError(f"model.name_or_path: {spec.name_or_path!r} does not fit on {device} while loading "
-                              f"({first}). Fix: {fix}; or a GPU with more memory.") from None
+        raise _out_of_memory(spec, device, sharded, err) from None
     finally:
         if spec.random_init and folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+    return model, kept
+
+
+def _out_of_memory(spec: ModelSpec, device: torch.device, sharded: bool, err: Exception) -> LitMistralError:
+    fix = ("--model.load_on cpu: fsdp_qlora then brings the base to the GPUs one layer at a time, sharded"
+           if sharded else "--trainer.strategy fsdp_qlora --model.load_on cpu on several GPUs "
+           "(configs/qlora-fsdp.yaml): each then holds 1/N of the base, and never the whole of it")
+    first = (str(err).strip().splitlines() or ["torch.OutOfMemoryError"])[0][:200]
+    return LitMistralError(f"model.name_or_path: {spec.name_or_path!r} does not fit on {device} while loading "
+                           f"({first}). Fix: {fix}; or a GPU with more memory.")
+
+
+def prepare_base(model, spec: ModelSpec, device: torch.device, training: bool):
+    """The loaded base made ready to train under adapters: no KV cache, the 4-bit layout kept, fp32 norms, fused
+    kernels, activation checkpointing."""
+    from peft import prepare_model_for_kbit_training
+
+    q = spec.quantization
     model.config.use_cache = False  # training: a KV cache is dead weight (generation turns it back on)
     if q.method:
         keep_4bit_layout(model)
@@ -118,31 +155,40 @@ def build_model(spec: ModelSpec, device: torch.device, training: bool = True, sh
         layers = spec.compute.checkpoint_layers
         # auto: all but the offloaded until fit measures (autofit.py)
         set_checkpointing(model, None if layers == "auto" else layers, spec.compute.offload_layers)
+    return model
+
+
+def wrap(model, spec: ModelSpec):
+    """`model` wrapped with LoRA adapters (peft): those saved in `spec.adapter_path`, or fresh ones; with the fused
+    LoRA forward if asked (`compute.fused_lora`)."""
+    from peft import LoraConfig, get_peft_model
+
     if spec.adapter_path is not None:
         model = load_adapter(model, spec.adapter_path, spec.name_or_path)
     else:
         check_targets(model, spec.lora.target_modules, spec.name_or_path)
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **spec.lora.peft_kwargs()))
-    regenerate = spec.compute.regenerate_dropout()
-    if spec.compute.fused_lora:
-        use_fused_lora(model, regenerate, spec.compute.shared_dropout, spec.compute.dropout_kernel,
-                       spec.compute.keep_dequantized)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    compute = spec.compute
+    if compute.fused_lora:
+        use_fused_lora(model, compute.regenerate_dropout(), compute.shared_dropout, compute.dropout_kernel,
+                       compute.keep_dequantized)
+    return model
+
+
+def build_notes(spec: ModelSpec, device: torch.device, training: bool) -> str:
+    """What the load message adds about how LoRA dropout and the 4-bit weights run in this build."""
+    compute = spec.compute
     dropout = training and spec.lora.dropout > 0
-    kernel = dropout and spec.compute.fused_lora and spec.compute.dropout_kernel and lora_kernels.available(device)
-    notes = "; LoRA dropout masks drawn again in backward" if dropout and regenerate and not kernel else ""
-    if dropout and spec.compute.fused_lora and spec.compute.shared_dropout:
+    kernel = dropout and compute.fused_lora and compute.dropout_kernel and lora_kernels.available(device)
+    regenerated = dropout and compute.regenerate_dropout() and not kernel
+    notes = "; LoRA dropout masks drawn again in backward" if regenerated else ""
+    if dropout and compute.fused_lora and compute.shared_dropout:
         notes += "; one LoRA dropout mask per shared input (q/k/v, gate/up)"
     if kernel:
         notes += "; LoRA dropout inside the multiply by A (Triton kernels), its masks kept as bits"
-    if training and spec.compute.fused_lora and spec.compute.keep_dequantized and q.method:
+    if training and compute.fused_lora and compute.keep_dequantized and spec.quantization.method:
         notes += "; 4-bit weights dequantized once per layer and step (kept for backward)"
-    via = f" from its 4-bit copy kept in {kept}" if kept else ""
-    rank_zero_info(f"Loaded {spec.name_or_path} ({q.method or 'unquantized'}){via} in "
-                   f"{time.perf_counter() - started:.1f}s; {trainable:,} trainable parameters{notes}.")
-    # from_pretrained hands back eval mode; Lightning keeps submodule modes, and checkpointing and LoRA dropout act
-    # only in train mode (Lightning switches to eval for validation and predict, and back)
-    return model.train(), tokenizer
+    return notes
 
 
 def keep_4bit_layout(model: torch.nn.Module) -> None:
