@@ -3,6 +3,7 @@ functions too), and README's Layout table lists every module of the package, eac
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -11,12 +12,26 @@ from conftest import ROOT
 PACKAGE = ROOT / "lit_mistral"
 
 
-def test_layers_point_down():
-    # in a process of its own: import-linter reconfigures logging, which other tests' caplog relies on
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+def lint(root) -> subprocess.CompletedProcess:
+    """import-linter's contracts (`pyproject.toml` in `root`) checked against the package in `root`, in a process of
+    its own: import-linter reconfigures logging, which other tests' caplog relies on."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     code = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports(no_cache=True, no_logo=True))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+
+
+def test_layers_point_down():
+    result = lint(ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_an_upward_import_inside_a_function_breaks_the_contract(tmp_path):
+    shutil.copytree(PACKAGE, tmp_path / "lit_mistral", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    with open(tmp_path / "lit_mistral" / "modeling" / "loss.py", "a") as f:
+        f.write("\n\ndef upward():\n    from lit_mistral.module import QLoRAModule\n\n    return QLoRAModule\n")
+    result = lint(tmp_path)
+    assert result.returncode != 0 and "lit_mistral.modeling.loss -> lit_mistral.module" in result.stdout, result.stdout
 
 
 def package_modules() -> set[str]:
