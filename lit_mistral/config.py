@@ -19,16 +19,12 @@ class Quantization:
         method: 4-bit format of the frozen base weights: nf4, fp4, or null (no quantization: LoRA on a base in the
             compute dtype).
         double_quant: Also quantize the quantization constants (about 0.4 bits per weight less).
-        storage: Dtype the packed 4-bit weights are stored in (the bits are the same). `auto`: uint8, and the compute
-            dtype under `--trainer.strategy fsdp_qlora`, which shards them together with the other weights (FSDP
-            flattens the parameters of a decoder layer into one tensor of one dtype).
-        fp32_norms: With a quantized base, keep its norms and embeddings - and so the residual stream - in float32,
-            as peft's `prepare_model_for_kbit_training` does (the QLoRA recipe). False keeps them in the compute
-            dtype: less memory and memory traffic, slightly coarser residual sums.
-        cache: Keep a copy of the base as quantized (in `$LIT_MISTRAL_CACHE`, else `~/.cache/lit_mistral`; ~30% of
-            the 16-bit weights' size) and load that on later runs with the same weights and settings: Mistral-7B
-            reads 4.5 GB instead of 14.5 and skips quantizing (BENCHMARKS.md). Written once, by the first run.
-            Not for random or sharded (`fsdp_qlora`) bases, nor with `trust_remote_code`.
+        storage: Dtype the packed 4-bit weights are stored in. `auto`: uint8, the compute dtype under
+            `fsdp_qlora`.
+        fp32_norms: Keep a quantized base's norms and embeddings (the residual stream) in float32, as
+            peft's `prepare_model_for_kbit_training` does.
+        cache: Keep a copy of the base as quantized (`$LIT_MISTRAL_CACHE`, else `~/.cache/lit_mistral`)
+            and load it on later runs with the same weights and settings.
     """
 
     method: Literal["nf4", "fp4"] | None = "nf4"
@@ -73,72 +69,36 @@ class LoRA:
 
 @dataclass
 class Compute:
-    """How the forward and backward passes run: dtype, attention, activation memory, fused kernels.
+    """How the forward and backward passes run: dtype, attention, activation memory, fused kernels (each setting in
+    full: docs/configuration.md).
 
     Args:
         dtype: Dtype of the 4-bit matmuls and of the unquantized base weights. `auto`: bfloat16 on GPUs, float32 on
             CPUs (most CPUs have no fast bf16 matmul).
-        attn_implementation: transformers attention. `lit_varlen` (default) is variable-length flash attention for
-            packed batches and, outside training, for the real tokens of padded ones, grouped-head matmuls for
-            decoding steps, SDPA otherwise (`lit_mistral/modeling/attention.py`); `sdpa`, `eager`, `flex_attention`
-            also work.
+        attn_implementation: transformers attention: `lit_varlen` (packed-aware flash attention,
+            `modeling/attention.py`), `sdpa`, `eager`, `flex_attention`.
         gradient_checkpointing: Recompute activations in backward: much less memory, about a third more compute.
-        checkpoint_layers: With gradient checkpointing, recompute only the first this-many decoder layers and keep
-            the activations of the rest: spend spare memory on speed. None: all layers. `auto`: as few as fit, found
-            by measuring a few training passes at the start of fit (`modeling/autofit.py`; on a GPU), logged and
-            kept in checkpoints for a resumed run.
-        offload_layers: With gradient checkpointing, this many decoder layers keep their activations in the CPU's
-            (pinned) memory instead of recomputing them: copied out during forward and back before their backward, on
-            CUDA streams of their own, alongside the computation (`lit_mistral/modeling/offload.py`). They are spread
-            among the first `checkpoint_layers + offload_layers` layers, whose recomputation hides the copies; the
-            rest keep their activations on the GPU. Each takes about its activations' size in CPU memory (Mistral-7B
-            at 16,384 tokens per step: ~1.5 GiB) and the link's time to copy them twice: worth it while that hides
-            behind the other layers' work. `checkpoint_layers` counts the layers that recompute (`auto`: of those not
-            offloaded). 0: none.
+        checkpoint_layers: With gradient checkpointing, recompute only the first this-many decoder layers.
+            None: all. `auto`: as few as fit, measured at the start of fit.
+        offload_layers: With gradient checkpointing, this many decoder layers keep their activations in
+            pinned CPU memory instead of recomputing them (`modeling/offload.py`). 0: none.
         memory_budget_gib: With `checkpoint_layers` or `micro_batch_tokens` `auto`, the GPU memory the run may take
             (e.g. 24 on a shared or larger GPU). None: what the GPU has.
-        micro_batch_tokens: Tokens per forward and backward pass: each training batch (`data.max_tokens` or
-            `data.batch_size`) runs in parts of at most this many tokens (whole examples; packed: their lengths,
-            padded: rows x longest), their gradients summed before the optimizer step, the loss the mean over the
-            whole batch's labelled tokens: the same training as in one pass (dropout draws aside), in less activation
-            memory. None: the whole batch at once. `auto`: the fastest part size that fits, with
-            `checkpoint_layers: auto` together with its layer count, found by measuring a few training passes at
-            the start of fit (`modeling/autofit.py`; on a GPU), logged and kept in checkpoints.
-        kernels: `liger`: Liger-Kernel's fused Triton kernels for RMSNorm, SwiGLU and RoPE (GPU only; pip install
-            liger-kernel), for `fit`, and for `predict`/`validate` on a GPU where Liger is installed (the engine's
-            CUDA graphs remove the launch cost that made them slower in transformers' `generate`). None:
-            transformers' own modules.
+        micro_batch_tokens: Tokens per forward and backward pass: each batch runs in parts of at most this
+            many, gradients summed. None: whole batches. `auto`: the fastest size that fits.
+        kernels: `liger`: Liger-Kernel's fused Triton kernels for RMSNorm, SwiGLU and RoPE (GPU; pip install
+            liger-kernel). None: transformers' own modules.
         loss_chunk_size: Positions per chunk of the output-layer cross-entropy (bounds logits memory).
-        fused_lora: Each LoRA-adapted layer as one autograd function (`lit_mistral/modeling/fused_lora.py`): the
-            adapter's scaled output added to the base output in place inside its second matrix multiply, and in
-            backward the base's input gradient accumulated into the adapter's inside the base's matrix multiply,
-            instead of peft's copy, scale and add and autograd's separate gradients and sum. The same values (and
-            dropout masks); false: peft's own forward.
-        dropout_masks: What LoRA dropout keeps for backward. `keep`: its output and mask, one of each per adapter
-            (per shared input with `shared_dropout`; autograd's way; for Mistral-7B at 16,384 tokens ~1.8 GiB per
-            decoder layer that keeps its activations).
-            `regenerate`: the random generator's state; backward draws the same mask again (one more dropout pass
-            per adapter; the same masks, so the same training). `auto`: regenerate where memory decides the speed -
-            with `checkpoint_layers` a count or `auto`, or `micro_batch_tokens: auto` - else keep. Needs
-            `fused_lora`.
-        shared_dropout: In training, the adapted layers that read one input (q/k/v, gate/up) run as one function with
-            one LoRA dropout mask for that input (LitGPT's way) instead of peft's one per adapter: each adapter still
-            sees its input dropped with probability `lora.dropout`, but q, k and v (and gate and up) see the same
-            mask. Their input is dropped, multiplied and kept once instead of once per adapter: faster, and less
-            kept for backward. Needs `fused_lora`; no effect without dropout other than the speed.
-        dropout_kernel: In training on a GPU, LoRA dropout drawn inside the multiply by A (Triton kernels,
-            `lit_mistral/modeling/lora_kernels.py`): the input is read once, and neither its dropped copy nor a
-            byte-per-element mask is written or kept - the mask is kept as bits (Mistral-7B at 16,384 tokens per
-            step: 15 GiB less peak). The masks are drawn by the kernel from the CUDA generator (Philox), not
-            torch's dropout's draws; the probability is `lora.dropout` rounded to a multiple of 1/65536. Needs
-            `fused_lora`; on the CPU the layers drop as torch does.
-        keep_dequantized: In training, each 4-bit base weight dequantized to 16 bits in forward is kept for its
-            backward instead of dequantized again there (bitsandbytes' way): one NF4 dequantization pass per step
-            less (Mistral-7B on an H200: backward's took ~9.5 ms of a ~939 ms step, profile of 2026-12-02; +1.4%
-            tokens/s measured), for the 16-bit weights' memory until backward (Mistral-7B: ~0.4 GiB per decoder
-            layer that keeps its activations, ~13 GiB for all 32: `qlora-fast` 76 -> 89 GiB peak). Layers that
-            recompute (`checkpoint_layers`) dequantize once less too, holding one layer's weights at a time. Needs
-            `fused_lora`; not with `offload_layers` (the weights would be copied to CPU memory and back).
+        fused_lora: Each LoRA-adapted layer as one autograd function (`modeling/fused_lora.py`): the same
+            values as peft's forward, with fewer passes over the outputs. False: peft's own forward.
+        dropout_masks: What LoRA dropout keeps for backward: `keep` its masks, or `regenerate` them in backward.
+            `auto`: regenerate where memory decides the speed. Needs `fused_lora`.
+        shared_dropout: One LoRA dropout mask per shared input (q/k/v, gate/up) instead of one per adapter:
+            faster, less kept for backward. Needs `fused_lora`.
+        dropout_kernel: On a GPU, LoRA dropout inside the multiply by A (Triton, `modeling/lora_kernels.py`),
+            its mask kept as bits. Needs `fused_lora`.
+        keep_dequantized: Keep each 4-bit weight dequantized in forward for its backward: one dequantization
+            less per step, more memory. Needs `fused_lora`; not with `offload_layers`.
     """
 
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -255,18 +215,13 @@ class Generation:
         top_p: Nucleus sampling mass.
         top_k: Sample among the k most likely tokens.
         seed: Seed of sampling.
-        weights: Generation runs on `merged` weights (the adapter folded into a dequantized copy of the base: plain
-            matmuls, no LoRA overhead, as much memory as the unquantized model) or on the 4-bit base with the
-            `adapter` applied. `auto`: merged on CPUs, and on GPUs when the unquantized model fits in a third of the
-            free memory.
-        engine: `continuous`: lit_mistral's engine (`generation/engine.py`): a row that finishes leaves the batch at
-            once and a waiting prompt takes its place, over a paged KV cache, each decoding step one CUDA graph on a
-            GPU; for Llama/Mistral/Qwen2-family models. `static`: transformers' `generate` in batches that run until
-            their longest answer ends. `auto`: continuous where the engine runs the model, else static.
+        weights: Generate with `merged` weights (adapter folded into a dequantized base) or the 4-bit base
+            with the `adapter`. `auto`: merged on CPUs, and on GPUs where it fits.
+        engine: `continuous`: lit_mistral's engine (`generation/engine.py`; Llama/Mistral/Qwen2 families).
+            `static`: transformers' `generate`. `auto`: continuous where it runs the model.
         max_rows: Answers generated together at most (rows of a decoding step).
-        max_cache_tokens: KV-cache positions for all rows together (prompt + new tokens of each row): bounds the
-            memory generation takes (Mistral-7B: 128 KiB per position in bf16). None: as many as `max_rows` rows
-            of the longest prompt + answer need.
+        max_cache_tokens: KV-cache positions for all rows together (prompt + new tokens): bounds generation's
+            memory. None: what `max_rows` rows of the longest prompt + answer need.
         cuda_graphs: On a GPU, replay each decoding step of the engine as a CUDA graph (captured once per batch
             size bucket): no launch overhead per kernel.
         cache: The static engine's KV cache: `dynamic` (grows as needed), or `static` (preallocated; on a GPU,
@@ -298,7 +253,7 @@ class Generation:
                     temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
 
-# Options before the settings were grouped (2026-12-01): the new name of each, for the one error that an old config
+# Options before the settings were grouped: the new name of each, for the one error that an old config
 # or command line gets (no aliases: two names for one setting would let a config set both).
 RENAMED = {
     "model.quantize": "model.quantization.method",

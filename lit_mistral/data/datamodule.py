@@ -60,25 +60,21 @@ class InstructionDataModule(LightningDataModule):
             `pkg://package/file` inside an installed Python package, as the demo data is).
         val_path: Optional separate validation file (same formats). Without it, validation comes from `path`
             through `val_records` or `val_fraction`.
-        predict_path: Inputs to answer with `predict`: .txt (one instruction per line) or .jsonl with
-            `instruction` and optional `context`, or with `messages` ending with a user turn (the model writes the
-            next assistant turn).
-        format: What the files hold: `instruction` records, conversations in the `messages` or `sharegpt` shape,
-            or `auto`: conversations when rows have a `messages` or `conversations` field, else records (the log
-            says which).
+        predict_path: Inputs to answer with `predict`: .txt (one instruction per line), or .jsonl with `instruction`
+            (and `context`) or `messages` ending with a user turn.
+        format: What the files hold: `instruction` records, conversations as `messages` or `sharegpt`, or `auto`:
+            conversations when rows have a `messages` or `conversations` field.
         train_records: Optional [start, stop) record range of `path` to train on (the seed recipe: [0, 800]).
         val_records: Optional [start, stop) record range for validation: of `val_path` if given, else of `path`
             (the seed recipe: [800, 1000]).
         val_fraction: Without `val_path` and `val_records`: fraction of the training records held out for
             validation by a seeded shuffle (0 = no validation).
         seed: Seed of the validation split and of the batch order.
-        prompt_style: How records and conversations become token ids: mistral (`[INST] ... [/INST]`, over several
-            turns for conversations), alpaca (records only) or chat_template (the tokenizer's own, or
-            `chat_template`'s).
+        prompt_style: How records and conversations become token ids: mistral (`[INST] ... [/INST]`), alpaca (records
+            only) or chat_template (the tokenizer's own, or `chat_template`'s).
         chat_template: A Jinja chat template file to use instead of the tokenizer's (prompt_style chat_template).
-        mask_prompt: Train on response tokens only (labels -100 on the prompt; for conversations: on each assistant
-            turn and its end-of-turn token). False trains on the whole text, as the seed recipe did. Validation loss
-            is always on response tokens, so runs stay comparable.
+        mask_prompt: Train on response tokens only (each assistant turn, for conversations); False: on the whole text.
+            Validation loss is always on response tokens.
         max_length: Longest example in tokens (prompt + response + EOS).
         overlong: What to do with longer examples: drop them, or truncate them (records lose their EOS;
             conversations are cut after the last assistant turn that fits). Either way the count is logged.
@@ -330,9 +326,8 @@ class InstructionDataModule(LightningDataModule):
 
     def _to_gpu(self) -> bool:
         """Whether batches go to a CUDA device: then they are collated into pinned memory, so that their copy to the
-        GPU is queued behind the running step (from pageable memory CUDA waits for the step to finish first; a
-        qlora-fast profile put ~6 ms of idle GPU per step before the copies. Pinning measured no change in tokens/s:
-        BENCHMARKS.md, 2026-12-02, fourth session)."""
+        GPU is queued behind the running step (from pageable memory CUDA waits for the step to finish first, and the
+        GPU idles before the copies)."""
         return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     def val_dataloader(self) -> DataLoader:

@@ -27,16 +27,14 @@ class Evaluation(Callback):
     """Evaluation on the validation split, overall and per category (the records' `category`).
 
     Args:
-        max_examples: Generation metrics: how many validation examples (the first ones) `validate` answers greedily
-            and scores against their references (ROUGE-L; exact match and contains-answer in the closed-form
-            categories). 0 turns generation metrics off (loss and perplexity are always reported).
+        max_examples: Generation metrics: how many validation examples (the first) `validate` answers greedily and
+            scores (ROUGE-L, exact match, contains-answer). 0: off.
         max_new_tokens: Generation metrics and samples: most new tokens per answer.
         batch_size: Prompts answered together.
         in_fit: Also compute generation metrics at every validation during `fit` (by default only `validate` does:
             generating costs far more than the loss).
-        compare_base: `validate` also evaluates the base model (the adapter switched off) on the same examples, and
-            its report (evaluation.md and .json in the run folder) puts both side by side; needs an adapter
-            (`--ckpt_path`). With `fit`, the CLI ends the run with this comparison, in the same run folder.
+        compare_base: `validate` also evaluates the base (adapter off) on the same examples, side by side in the
+            report; needs `--ckpt_path`. With `fit`, the run ends with this comparison.
         report_examples: How many answers the report shows side by side (all are in evaluation.json).
         sample_every_n_val: During `fit`, every this-many validation runs, answer the first `num_samples` validation
             prompts greedily and log them to TensorBoard as text. 0: never.
