@@ -135,9 +135,8 @@ class Telemetry(Callback):
 
 class LearningRateMonitor(LightningLearningRateMonitor):
     """Lightning's, without a wait for the GPU at every step: it also puts each rate into `trainer.callback_metrics`
-    as a tensor made on the training device, a blocking copy that makes the CPU wait for the work queued (the one
-    wait left in a `qlora-fast` step: `benchmarks/probe_syncs.py`, BENCHMARKS.md 2026-12-02 sixth session). Here
-    those tensors are made on the CPU; what is logged is the same."""
+    as a tensor made on the training device, a blocking copy that makes the CPU wait for the work queued (found with
+    `benchmarks/probe_syncs.py`). Here those tensors are made on the CPU; what is logged is the same."""
 
     def _extract_stats(self, trainer, interval: str) -> dict[str, float]:
         return getattr(super(), LR_MONITOR_STATS)(on_the_cpu(trainer), interval)

@@ -169,7 +169,7 @@ class LitMistralCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         renamed = renamed_options(list(sys.argv[1:] if args is None else args))
         if renamed:
-            raise LitMistralError("options renamed when the settings were grouped (2026-12-01):\n"
+            raise LitMistralError("options renamed when the settings were grouped:\n"
                                   + "".join(f"  {r}\n" for r in renamed)
                                   + "Fix: use the new names (`--help` lists every option by group).")
         super().parse_arguments(parser, args)

@@ -2,8 +2,8 @@
 or a peft model over a bitsandbytes 4-bit base).
 
 Written by hand because transformers' `generate` runs static batches (a row that finishes early idles until the
-longest one is done) and pays the launch overhead of hundreds of small kernels per step: 502 new tokens/s on an H200
-for Mistral-7B with real answer lengths. Here a finished row leaves at once, a waiting prompt takes its place, and
+longest one is done) and pays the launch overhead of hundreds of small kernels per step (its speed on a GPU: see
+BENCHMARKS.md). Here a finished row leaves at once, a waiting prompt takes its place, and
 on CUDA each decoding step of a given batch size is one CUDA graph.
 
 The engine owns attention and the KV cache only; everything else (embeddings, norms, the q/k/v/o projections, the

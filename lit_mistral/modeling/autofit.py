@@ -28,8 +28,8 @@ from lit_mistral.data.batching import split_batch
 from lit_mistral.modeling.build import checkpointable_layers, set_checkpointing
 
 MARGIN = 0.05  # of the budget, kept free: batches larger than the probe's, allocator fragmentation
-# how much faster (one timed pass each) smaller parts must be to be chosen: on an H200 at 16 GiB, parts of 8,191 tokens
-# probed 0.3% above whole batches and then trained 1.9% below them (BENCHMARKS.md, 2026-12-02, second session)
+# how much faster (one timed pass each) smaller parts must be to be chosen: one timed pass is noisy, and parts a
+# little faster in the probe can train slower than whole batches
 PARTS_GAIN = 0.02
 
 
@@ -42,7 +42,7 @@ def choose_checkpoint_layers(measure: Callable[[int], int | None], total: int, b
     Searched by the number of layers that keep their activations, `kept`, between the most known to fit (`low`) and
     the fewest known not to (`high`): first all checkpointed (if even that does not fit, all it is), then
     `total // 8` kept (at least 2): the first layers kept cost less than the rest (a recomputed layer's passing memory
-    overlaps them; measured on an H200: 70B at 16,384 tokens, 1.95 GiB each for the first two, 3.85 after), so the
+    overlaps them: about half as much for the first two), so the
     slope is read over several. Each next count is where the line through the two measured peaks nearest the limit
     reaches it, one past `low` if that line says none more fits, the middle of the interval where the nearest
     failure ran out of memory (no peak to draw a line through)."""

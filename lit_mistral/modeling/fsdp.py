@@ -10,8 +10,8 @@ the packed 4-bit storage as if it were numbers; and its checkpoints gather the w
   What is left (embeddings, final norm, head) is the root unit, sharded too.
 - The adapters are left out of FSDP (`ignored_states`): every GPU holds all of them (80 MiB for Mistral-7B at r=8) and
   `QLoRAFSDPStrategy.post_backward` averages their gradients in one all-reduce, as DDP would. Written by hand
-  because as FSDP units of their own (FSDP needs one dtype per unit) the 448 LoRA matrices of Mistral-7B cost 15% of
-  the speed in FSDP's per-unit hooks (BENCHMARKS.md). Frozen weights of another dtype than the rest of their unit
+  because as FSDP units of their own (FSDP needs one dtype per unit) the hundreds of small LoRA matrices cost a
+  large share of the speed in FSDP's per-unit hooks. Frozen weights of another dtype than the rest of their unit
   (float32 norms) are left out too, replicated.
 - No FSDP dtype casting: the precision plugin's autocast does the mixed precision, as under DDP.
 - A base loaded on the CPU (`--model.load_on cpu`) reaches the GPU one unit at a time, each sharded as it arrives

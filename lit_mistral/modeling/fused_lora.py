@@ -13,18 +13,16 @@ features) tensors of every adapted layer that do no arithmetic worth the memory 
   adapter path's gradient inside that matrix multiply (`addmm_`);
 - one autograd node per adapted layer instead of five or six (dropout, A, scale, B, add, the base), so less Python
   per step.
-In a Mistral-7B QLoRA step on an H200 peft's copy, scale and add were ~100 ms of a ~1,130 ms step (BENCHMARKS.md, the
-profile of #17); the out-of-place `addmm` that replaced them still copied each base output once (21 ms), and adding
-the adapter's output after the base's took one more pass over each output than adding the base's onto it (+2.4%
-tokens/s for `qlora-fast` on 2026-12-02).
+peft's copy, scale and add are passes over every adapted layer's output; an out-of-place `addmm` still copies each
+base output once, and adding the adapter's output after the base's takes one more pass over each output than adding
+the base's onto it (the measured gains: BENCHMARKS.md).
 
 Dropout is the call peft makes: `F.dropout` runs `torch.native_dropout` on CUDA, and on the CPU both draw `bernoulli_`
 on a tensor like the input, so the masks are the same for a given seed. What it keeps for backward, per adapter: its
 output and mask (as autograd's dropout and A multiply would), or, with `regenerate_dropout`, only the random
 generator's state, the mask drawn again in backward by the same call: the input is kept instead, once per layer input
 (q/k/v and gate/up share theirs). One more dropout pass per adapter, for the memory that lets more layers keep their
-activations (`checkpoint_layers`) in the same budget. Measured on an H200 (Mistral-7B, 16,384 tokens, the probes of
-`checkpoint_layers auto`): the first two decoder layers that keep their activations took 2.1 GiB instead of 4.0.
+activations (`checkpoint_layers`) in the same budget: a layer that keeps its activations keeps about half as much.
 `torch.utils.checkpoint` would recompute whole regions (the matrix multiplies too) where only the mask is worth drawing
 again.
 

@@ -2,13 +2,13 @@
 
 The adapter branch starts with `dropout(x) @ A.T`: x is (tokens, in), A is (r, in) with r of 8 to 24, so the
 multiply reads x once and does little arithmetic. torch's dropout before it reads x and writes the dropped copy
-(2 bytes per element) and its mask (1 byte), which the multiply and backward then read again: per Mistral-7B step of
-16K tokens ~14G elements of layer inputs, ~42 ms of the ~950 (BENCHMARKS.md, 2026-12-02). Here:
+(2 bytes per element) and its mask (1 byte), which the multiply and backward then read again: three passes over
+every adapted layer's input per step. Here:
 - `dropout_a`: one pass reads x, draws the mask in the kernel (Philox, counter-based: the call of counter (f, row)
   gives the 16-bit draws of the row's features 8f..8f+7, whatever the tiling), multiplies the dropped tile by A on
   the tensor cores, and writes only the (tokens, r) result and the mask packed one bit per element (1/16 of x's
   bytes). Tiles of 32 features and 64 rows keep a thread's registers few enough for several programs per SM (tiles of
-  128 features took 218 registers at 64 rows): the fastest of a sweep on an H200;
+  128 features need too many registers at 64 rows): the fastest of a sweep (`benchmarks/bench_lora_kernels.py`);
 - backward, `masked_dh_a`: the input's gradient `mask * (dh @ A) / (1 - p)` in one pass (torch: the product written,
   then read with the mask and written again);
 - backward, `dh_t_dropped`: A's gradient `dh.T @ dropout(x)`, the dropped tile rebuilt from x and the bits.
@@ -34,7 +34,7 @@ except ImportError:  # the CPU build of torch comes without Triton: `available()
 BM, BK, BACKWARD_WARPS = 32, 128, 4  # the backward kernels: rows x input features per tile (BK a multiple of 32: one
 # bit word per 32), warps per program
 # `dropout_a`: rows x features per program, features per tile (32, 64 or 128), warps per program: the fastest of
-# those tried on an H200 (benchmarks/bench_lora_kernels.py --forward; BENCHMARKS.md 2026-12-02, seventh session)
+# those tried (benchmarks/bench_lora_kernels.py --forward)
 FORWARD_ROWS, FEATURES_PER_PROGRAM, FORWARD_TILE, FORWARD_WARPS = 64, 1024, 32, 4
 ROWS_PER_SPLIT = 1024  # `dh_t_dropped`: rows each program sums over (a multiple of BM)
 STREAM = 0x5DEECE66D  # mixed into the generator's seed: these draws never share a Philox key with torch's own
@@ -107,7 +107,7 @@ if triton is not None:
         # whole (one multiply by A each). Philox counter (f, row) gives the draws of the row's features 8f..8f+7:
         # the 16-bit halves of its four words, joined next to each other in registers (the same draws whatever
         # the tiling). The program's bit words (KS / 32 per row, WORDS that rounded up to a power of 2) are kept in
-        # registers and stored once, contiguous per row (a word per row per tile, rows apart, took ~40% of the time)
+        # registers and stored once, contiguous per row (a word per row per tile, rows apart, made scattered stores)
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         in_rows = rows < n
         start = tl.program_id(1) * KS

@@ -11,8 +11,8 @@ forward; in backward, their recomputation) hides the copies; the last layers, wh
 keep their activations on the GPU.
 
 Written by hand because torch's `torch.autograd.graph.save_on_cpu` copies on the computing stream: in forward each
-copy waits, and in backward each tensor comes back only when its node runs. At a PCIe link's tens of GB/s, a
-Mistral-7B layer's ~1.5 GiB at 16,384 tokens would stall the GPU tens of ms each way. On the CPU (tests) the same
+copy waits, and in backward each tensor comes back only when its node runs: a layer's activations, at a PCIe link's
+speed, would stall the GPU each way. On the CPU (tests) the same
 bookkeeping runs, with copies in the same memory."""
 
 import weakref
@@ -25,7 +25,7 @@ from lit_mistral.errors import LitMistralError
 
 MIN_BYTES = 1 << 20  # smaller saved tensors stay where they are (a norm's statistics): not worth a copy
 # an offloaded layer comes back when backward reaches the layer this many above it: the backward (with recomputation)
-# of two Mistral-7B layers, ~50 ms on an H200, outlasts the ~30 ms of a layer's copy at ~50 GB/s
+# of two layers outlasts the copy of one layer's activations over a PCIe link
 AHEAD = 2
 
 
@@ -110,7 +110,7 @@ class ActivationOffload:
             # has run on the GPU, so with a link slower than the layers between, the offloaded activations would
             # pile up in GPU memory (reserved, not reusable) until the copies catch up. Waiting here for the previous
             # offloaded layer's copies keeps about one layer's in flight; the GPU has the layers in between queued,
-            # so it does not wait while the link keeps up (on an H200 at 55 GB/s: no measurable change).
+            # so it does not wait while the link keeps up.
             previous = self.passes.get(offloaded[offloaded.index(i) - 1])
             if previous is not None and previous.copied is not None:
                 previous.copied.synchronize()

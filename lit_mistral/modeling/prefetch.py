@@ -1,11 +1,9 @@
 """Imports and one-time work that building the model waits for, started in a background thread before the data's
 setup, so that they overlap it instead of adding to the time to the first step.
 
-Measured on an H200 (2026-12-02, py-spy of a `qlora-fast` fit with the 4-bit copy kept): of the 6.6-7.1 s from the
-data's setup to the first optimizer step, importing peft (0.8 s) and Liger's patching module (1.3 s) and Triton's
-first cache key (0.6 s: a SHA-256 of its compiler library, taken when the first Triton kernel runs, in the first
-step) were 2.7 s, while the data's setup before them (~5 s, tokenizing in Rust without holding the interpreter's lock)
-leaves the interpreter free. `build_model` waits for the thread before its own imports, so nothing is imported by two
+Importing peft and Liger's patching module and Triton's first cache key (a SHA-256 of its compiler library, taken
+when the first Triton kernel runs, in the first step) take seconds, while the data's setup before them (tokenizing
+in Rust without holding the interpreter's lock) leaves the interpreter free. `build_model` waits for the thread before its own imports, so nothing is imported by two
 threads at once from there on; a failure here is dropped (the build's own import then raises its clear error)."""
 
 import contextlib

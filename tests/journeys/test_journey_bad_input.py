@@ -111,7 +111,7 @@ def test_skip_invalid_leaves_bad_records_out_and_counts_them(tiny_model_dir, tmp
 BAD_SETTINGS = [
     ("unknown-option", ["--model.lora.rank", "4"], "error: unrecognized arguments: --model.lora.rank 4"),
     ("renamed-option", ["--model.lora_r", "4", "--model.compare_base", "true"],
-     "options renamed when the settings were grouped (2026-12-01):\n  --model.lora_r is now --model.lora.r\n  "
+     "options renamed when the settings were grouped:\n  --model.lora_r is now --model.lora.r\n  "
      "--model.compare_base is now --evaluation.compare_base\nFix: use the new names"),
     ("renamed-key-in-yaml", {"model": {"quantize": "nf4"}}, "model.quantize is now model.quantization.method"),
     ("unknown-key-in-yaml", {"model": {"lora_rank": 4}}, "Subcommand 'fit' does not accept option 'model.lora_rank'"),
