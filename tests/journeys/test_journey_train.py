@@ -142,36 +142,47 @@ def test_malformed_line_stops_before_the_model_loads(tiny_model_dir, tmp_path, c
     assert "bad.jsonl:2: malformed JSON" in err and "Loaded" not in err
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("config,val,answers", [("demo", "[56, 58]", 8), ("demo-chat", "[49, 51]", 6)])
-def test_demo_config_end_to_end(smollm2_gguf, tmp_path, config, val, answers):
-    """The README's demos: the real SmolLM2-135M from the GGUF file, NF4, LoRA, on the shipped records (or
-    conversations, with the model's own chat template); then predict with the adapter it wrote (short runs here)."""
-    root = tmp_path / "demo"
-    common = ["--config", ROOT / "configs" / f"{config}.yaml", "--trainer.default_root_dir", root,
-              "--trainer.enable_progress_bar", "false"]
-    run_cli("fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.val_records", val)
-    run = root / "lightning_logs" / "version_0"
-    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    assert adapter["r"] == 8 and adapter["peft_type"] == "LORA"
-    run_cli("predict", *common, "--ckpt_path", run / "adapter", "--model.generation.max_new_tokens", "8")
+def demo(config: str, root) -> list:
+    """The options of a run of `configs/<config>.yaml` writing under `root`."""
+    return ["--config", ROOT / "configs" / f"{config}.yaml", "--trainer.default_root_dir", root,
+            "--trainer.enable_progress_bar", "false"]
+
+
+def predict_with_the_adapter(config: str, root, answers: int) -> list[dict]:
+    """Predict on the config's questions with the adapter of the run in `root`; the rows, `answers` of them."""
+    run_cli("predict", *demo(config, root), "--ckpt_path", root / "lightning_logs" / "version_0" / "adapter",
+            "--model.generation.max_new_tokens", "8")
     rows = [json.loads(line) for line in (root / "lightning_logs" / "version_1" / "predictions.jsonl").open()]
     assert len(rows) == answers and all(r["response"] for r in rows)
-    if config == "demo-chat":  # the answer to the last user turn, the conversation kept
-        assert all(r["messages"][-1]["role"] == "user" for r in rows)
+    return rows
 
 
 @pytest.mark.slow
-def test_short_fine_tune_of_the_real_model_lowers_validation_loss(smollm2_gguf, tmp_path):
-    """The real SmolLM2-135M-Instruct (NF4 + LoRA, the demo config): a few steps on the shipped records lower the
-    response loss on held-out records below the base model's, measured by the end-of-fit comparison."""
-    root = tmp_path / "proof"
-    run_cli("fit", "--config", ROOT / "configs" / "demo.yaml", "--trainer.default_root_dir", root,
-            "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "8", "--trainer.val_check_interval", "14",
+def test_demo_fine_tune_lowers_validation_loss_then_predicts(smollm2_gguf, tmp_path):
+    """The README's demo: the real SmolLM2-135M-Instruct from the GGUF file, NF4, LoRA, on the shipped records: a
+    few steps lower the response loss on held-out records below the base model's, measured by the end-of-fit
+    comparison; then predict with the adapter it wrote."""
+    root = tmp_path / "demo"
+    run_cli("fit", *demo("demo", root), "--trainer.max_steps", "8", "--trainer.val_check_interval", "14",
             "--data.max_length", "192", "--model.optimization.learning_rate", "0.002", "--evaluation.compare_base",
             "true", "--evaluation.max_examples", "2", "--evaluation.max_new_tokens", "8")
-    report = json.loads((root / "lightning_logs" / "version_0" / "evaluation.json").read_text())
+    run = root / "lightning_logs" / "version_0"
+    report = json.loads((run / "evaluation.json").read_text())
     base, tuned = report["metrics"]["base"], report["metrics"]["fine-tuned"]
     assert report["global_step"] == 8 and report["counts"]["all"] == {"loss": 8, "generation": 2}
     assert tuned["loss"] < base["loss"] - 0.1, (base["loss"], tuned["loss"])
     assert all(e["fine-tuned"]["response"] and e["base"]["response"] for e in report["examples"])
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and adapter["peft_type"] == "LORA"
+    predict_with_the_adapter("demo", root, answers=8)
+
+
+@pytest.mark.slow
+def test_demo_chat_config_end_to_end(smollm2_gguf, tmp_path):
+    """The README's demo on conversations, with the model's own chat template (a short run here); predict answers
+    the last user turn and keeps the conversation."""
+    root = tmp_path / "demo"
+    run_cli("fit", *demo("demo-chat", root), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+            "--data.val_records", "[49, 51]")
+    rows = predict_with_the_adapter("demo-chat", root, answers=6)
+    assert all(r["messages"][-1]["role"] == "user" for r in rows)
