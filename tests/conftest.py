@@ -244,3 +244,37 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
     module = adapted(tiny_model_dir)
     folder = tmp_path_factory.mktemp("adapter") / "adapter"
     return save_adapter(module.model, module.tokenizer, folder, str(tiny_model_dir))
+
+
+# -- generation ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_model_dir):
+    """(model, tokenizer) of the tiny model in float32, eval mode; shared by the session, so tests leave it as is."""
+    from transformers import AutoTokenizer, MistralForCausalLM
+
+    return (MistralForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(tiny_model_dir))
+
+
+def prompt_items(tokenizer, records: list[dict], limits=None) -> list[dict]:
+    """Prompt items as the datamodule gives them to generation (`input_ids`, `index`, `example`, and each row's
+    own `max_new_tokens` from `limits`): the records' instructions, tokenized."""
+    from lit_mistral.data.records import Example
+
+    limits = limits or [None] * len(records)
+    return [{"input_ids": tokenizer(r["instruction"])["input_ids"], "index": i, "max_new_tokens": n,
+             "example": Example(r["instruction"], r["context"], r["response"], r["category"])}
+            for i, (r, n) in enumerate(zip(records, limits))]
+
+
+@torch.no_grad()
+def answer_alone(model, tokenizer, input_ids: list[int], max_new_tokens: int) -> tuple[str, int]:
+    """(text, token count) of the greedy answer to one prompt, unpadded, by transformers' `generate`, cut at EOS."""
+    ids = torch.tensor([input_ids])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)[0, len(input_ids):].tolist()
+    out = out[:out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
+    return tokenizer.decode(out, skip_special_tokens=True).strip(), len(out)
