@@ -59,5 +59,5 @@ def test_the_row_of_a_conversation_carries_its_messages():
     talk = Conversation([Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello"),
                          Message("user", "Why?")])
     row = record(3, talk, 12, "Because.", 2, "eos")
-    assert row == {"index": 3, "messages": talk.as_dicts(), "instruction": "Why?", "context": "", "response": "Because.",
-                   "prompt_tokens": 12, "response_tokens": 2, "finish": "eos"}
+    assert row == {"index": 3, "messages": talk.as_dicts(), "instruction": "Why?", "context": "",
+                   "response": "Because.", "prompt_tokens": 12, "response_tokens": 2, "finish": "eos"}
