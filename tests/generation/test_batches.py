@@ -5,7 +5,8 @@ cut at the first EOS; the output row of a conversation."""
 from conftest import answer_alone, prompt_items
 
 from lit_mistral.data.conversations import Conversation, Message
-from lit_mistral.generation.batches import answer_text, collate_prompts, generate, record, row_limits
+from lit_mistral.data.prompt_batches import collate_prompts
+from lit_mistral.generation.batches import answer_text, generate, record, row_limits
 
 ROWS = [0, 5, 12]  # demo records whose instructions differ in length: the batch is left-padded
 

@@ -9,8 +9,8 @@ import pytest
 from conftest import answer_alone, prompt_items
 
 from lit_mistral.config import Generation
+from lit_mistral.data.prompt_batches import collate_prompts
 from lit_mistral.data.records import Example
-from lit_mistral.generation.batches import collate_prompts
 from lit_mistral.generation.predictor import Predictor, eos_ids
 
 LIMITS = [6, 3, None, 6, 1, None]  # each row's own answer limit (None: the settings')
