@@ -211,9 +211,10 @@ class Generation:
     Args:
         max_new_tokens: Most new tokens per answer.
         do_sample: Sample (True) or greedy (False).
-        temperature: Sampling temperature.
-        top_p: Nucleus sampling mass.
-        top_k: Sample among the k most likely tokens.
+        temperature: Sampling temperature, >= 0; 0 with `do_sample` is greedy decoding (as in OpenAI's API and
+            vLLM).
+        top_p: Nucleus sampling mass, in (0, 1]; 1 keeps every token.
+        top_k: Sample among the k most likely tokens, >= 0; 0 keeps every token.
         seed: Seed of sampling.
         weights: Generate with `merged` weights (adapter folded into a dequantized base) or the 4-bit base
             with the `adapter`. `auto`: merged on CPUs, and on GPUs where it fits.
@@ -245,11 +246,21 @@ class Generation:
         problems = [f"model.generation.{k}={v}: expected >= 1" for k, v in (
             ("max_new_tokens", self.max_new_tokens), ("max_rows", self.max_rows),
             ("max_cache_tokens", self.max_cache_tokens or 1)) if v < 1]
+        # checked whatever do_sample says: a config that samples later must not hold a value that breaks it then
+        if not self.temperature >= 0:  # NaN too
+            problems.append(f"model.generation.temperature={self.temperature}: expected >= 0 (0 with do_sample: "
+                            "greedy)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"model.generation.top_p={self.top_p}: expected 0 < top_p <= 1 (1: every token)")
+        if self.top_k < 0:
+            problems.append(f"model.generation.top_k={self.top_k}: expected >= 0 (0: every token)")
         return problems
 
     def sampling(self, greedy: bool = False, max_new_tokens: int | None = None) -> dict:
-        """Arguments of `generation.generate`: these settings, or greedy decoding, bounded by `max_new_tokens`."""
-        return dict(max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=self.do_sample and not greedy,
+        """Arguments of `generation.generate`: these settings, or greedy decoding (asked for, or temperature 0),
+        bounded by `max_new_tokens`."""
+        do_sample = self.do_sample and not greedy and self.temperature > 0
+        return dict(max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=do_sample,
                     temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
 

@@ -46,6 +46,19 @@ def test_generation_settings_give_greedy_answers_when_asked():
     assert settings.sampling() == dict(max_new_tokens=64, do_sample=True, temperature=0.5, top_p=0.95, top_k=50)
     assert settings.sampling(greedy=True, max_new_tokens=8)["do_sample"] is False
     assert settings.sampling(greedy=True, max_new_tokens=8)["max_new_tokens"] == 8
+    # temperature 0 samples from a distribution with all its mass on the argmax: greedy, as OpenAI's API and vLLM
+    assert Generation(do_sample=True, temperature=0.0).sampling()["do_sample"] is False
+
+
+def test_sampling_settings_that_make_no_sense_are_refused():
+    assert Generation(temperature=-1, top_p=0, top_k=-1).problems() == [
+        "model.generation.temperature=-1: expected >= 0 (0 with do_sample: greedy)",
+        "model.generation.top_p=0: expected 0 < top_p <= 1 (1: every token)",
+        "model.generation.top_k=-1: expected >= 0 (0: every token)"]
+    assert Generation(temperature=float("nan"), top_p=1.5).problems() == [
+        "model.generation.temperature=nan: expected >= 0 (0 with do_sample: greedy)",
+        "model.generation.top_p=1.5: expected 0 < top_p <= 1 (1: every token)"]
+    assert Generation(temperature=0, top_p=1, top_k=0).problems() == []
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "predict"])

@@ -169,3 +169,19 @@ def test_overwrite_keeps_the_earlier_output_until_the_new_one_is_complete(tiny_m
     assert not (tmp_path / "answers.jsonl.partial").exists()
     fresh = predict(tiny_model_dir, adapter_dir, questions, tmp_path / "fresh.jsonl")
     assert rows == fresh  # resuming the overwrite gave what an uninterrupted run gives
+
+
+def test_temperature_zero_is_greedy_on_both_engines(tiny_model_dir, adapter_dir, questions, tmp_path, capsys):
+    """`do_sample true --temperature 0` answers greedily (as OpenAI's API and vLLM do), where the engine answered ""
+    and transformers' generate failed after the load; a negative temperature is refused before anything loads."""
+    greedy = predict(tiny_model_dir, adapter_dir, questions, tmp_path / "greedy.jsonl")
+    for engine in ("continuous", "static"):
+        rows = predict(tiny_model_dir, adapter_dir, questions, tmp_path / f"{engine}.jsonl", "--model.generation.engine",
+                       engine, "--model.generation.do_sample", "true", "--model.generation.temperature", "0")
+        assert [r["response"] for r in rows] == [r["response"] for r in greedy], engine
+    with pytest.raises(SystemExit) as exit_info:
+        predict(tiny_model_dir, adapter_dir, questions, tmp_path / "bad.jsonl", "--model.generation.do_sample", "true",
+                "--model.generation.temperature", "-1")
+    assert exit_info.value.code == 2
+    assert "model.generation.temperature=-1.0: expected >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad.jsonl").exists()
