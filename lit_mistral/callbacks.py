@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, TQDMProgressBar
 from lightning.pytorch.callbacks import LearningRateMonitor as LightningLearningRateMonitor
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_mistral.data.records import input_key
 from lit_mistral.distributed import reduce_queued
 from lit_mistral.errors import LitMistralError
-from lit_mistral.io import check_output_file, write_text
+from lit_mistral.io import OutputLock, check_output_file, write_text
 from lit_mistral.lightning_internals import LR_MONITOR_STATS, on_the_cpu
 from lit_mistral.modeling.adapters import save_adapter
 from lit_mistral.step_scalars import StepScalars, log_at
@@ -171,11 +171,19 @@ def is_predictions(path: Path) -> bool:
     return isinstance(row, dict) and ROW_KEYS <= row.keys()
 
 
-def read_done(path: Path, instructions: list[str]) -> dict[int, str]:
+def settings_differ(made_with: dict, ours: dict) -> list[str]:
+    """How the generation settings a row was made with (its `generation`) differ from this run's `ours` (how it
+    samples only where both sample: else `do_sample` differs, or neither samples)."""
+    return [f"model.generation.{k}: the rows have {made_with[k]!r}, this run {v!r}"
+            for k, v in ours.items() if k in made_with and made_with[k] != v]
+
+
+def read_done(path: Path, instructions: list[str], made_with: dict | None = None) -> dict[int, str]:
     """Rows of an earlier, interrupted run of the same inputs: {index: JSON line}. The last line, cut short by the
     interruption, is dropped; any other line that is not a row, or a row that does not match the inputs
     (`instructions`: what identifies each, see `data.records.example_key`), stops the run (the file is not an
-    interrupted run's: resuming would replace it)."""
+    interrupted run's: resuming would replace it), and so does a row made with other generation settings than
+    `made_with` (one file would mix answers of two kinds; rows of versions that did not record them pass)."""
     done = {}
     fix = "Fix: resume with the same --data.predict_path from predictions lit_mistral wrote, or write elsewhere."
     try:
@@ -199,6 +207,13 @@ def read_done(path: Path, instructions: list[str]) -> dict[int, str]:
         if not (isinstance(index, int) and 0 <= index < len(instructions)) or key != instructions[index]:
             raise LitMistralError(f"{path}:{number}: this row does not belong to the current inputs (index "
                                   f"{index!r}). Fix: resume with the same --data.predict_path, or write elsewhere.")
+        theirs = row.get("generation")
+        if made_with is not None and isinstance(theirs, dict) and settings_differ(theirs, made_with):
+            raise LitMistralError(
+                f"{path}:{number}: this row was generated with other settings than this run's:\n"
+                + "".join(f"  {d}\n" for d in settings_differ(theirs, made_with))
+                + "Fix: resume with the settings the rows were made with, or start over with "
+                  "--predictions.overwrite true (or write elsewhere).")
         done[index] = line
     return done
 
@@ -246,6 +261,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
             raise LitMistralError("predictions.overwrite and predictions.resume exclude each other. Fix: choose one.")
         self.path, self.overwrite, self.resume = path, overwrite, resume
         self._file = None
+        self._lock: OutputLock | None = None
         self.target: Path | None = None
         self.rate = GenerationRate()
 
@@ -257,7 +273,10 @@ class JsonlPredictionWriter(BasePredictionWriter):
         if not self.path:
             self.target.parent.mkdir(parents=True, exist_ok=True)  # the run folder
         check_output_file(self.target, "predictions.path", "predictions.jsonl")
+        if trainer.is_global_zero:  # the process that writes; before it looks at what is there
+            self._lock = OutputLock(self.target, "predictions.path")
         self.partial = partial_path(self.target)
+        self.made_with = pl_module.generation.answers_made_with()
         if self.overwrite and self.target.exists() and not is_predictions(self.target):
             raise LitMistralError(f"predictions.overwrite: {str(self.target)!r} is not an earlier predictions output "
                                   "(its first line is not a row with an index and an instruction), and "
@@ -275,7 +294,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         # the rows of the interrupted run: where it was writing them, or (earlier versions) in the output itself
         source = self.partial if self.partial.exists() else self.target
         if self.resume and source.exists():
-            done = read_done(source, trainer.datamodule.predict_instructions())
+            done = read_done(source, trainer.datamodule.predict_instructions(), self.made_with)
             trainer.datamodule.predict_done = set(done)
             rank_zero_info(f"Resuming {source}: {len(done)} of {len(trainer.datamodule.predict_instructions())}"
                            " rows are done.")
@@ -288,13 +307,19 @@ class JsonlPredictionWriter(BasePredictionWriter):
         # earlier output stays as it is until the new one is complete
         write_text(self.partial, "".join(line + "\n" for line in self._done_lines.values()))
         self._file = open(self.partial, "a", encoding="utf-8")
+        self._rows = dict(self._done_lines)  # what the output will hold: the rows kept and those this run writes
+        self._skipped: list[dict] = []
         self.rate.start()
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         if self._file is None:
             return
         for record in prediction:
-            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            line = json.dumps({**record, "generation": self.made_with}, ensure_ascii=False)
+            self._file.write(line + "\n")
+            self._rows[record["index"]] = line
+            if record["finish"] == "skipped":
+                self._skipped.append(record)
         self.rate.add(prediction)
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -304,24 +329,45 @@ class JsonlPredictionWriter(BasePredictionWriter):
             return
         self._file.close()
         self._file = None
-        lines = [line for line in self.partial.read_text(encoding="utf-8").split("\n") if line]
-        lines.sort(key=lambda line: json.loads(line)["index"])  # input order, whatever order batches finished in
+        # the rows this run holds, in input order (whatever order batches finished in), not what the partial file
+        # holds: nothing another process put there is claimed
+        lines = [self._rows[i] for i in sorted(self._rows)]
         write_text(self.target, "".join(line + "\n" for line in lines))  # replaces an earlier output in one step
         self.partial.unlink()
+        self._release()
         peak = (f", peak {torch.cuda.max_memory_allocated(pl_module.device) / 2**30:.1f} GiB"
                 if pl_module.device.type == "cuda" else "")
+        kept = f", {len(self._done_lines)} kept from the interrupted run" if self._done_lines else ""
         rank_zero_info(f"Wrote {len(lines)} predictions to {self.target} ({self.rate.rows} generated now: "
-                       f"{self.rate}{peak}).")
+                       f"{self.rate}{peak}{kept}).")
+        if self._skipped:
+            rank_zero_warn(f"{len(self._skipped)} of the {self.rate.rows} rows generated now were skipped, without "
+                           f"an answer (finish 'skipped', their 'error' says why), e.g. row {self._skipped[0]['index']}"
+                           f": {self._skipped[0].get('error')}")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if self._file is None:
-            return
-        self._file.close()
-        self._file = None
-        rows = sum(1 for line in self.partial.read_text(encoding="utf-8").split("\n") if line)
-        kept = f"; {self.target} is as it was" if self.target.exists() else ""
-        rank_zero_info(f"Predictions stopped: the {rows} finished rows are in {self.partial}{kept}. The same command "
-                       "with --predictions.resume true generates the rest.")
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            rows = len(self._rows)
+            kept = f"; {self.target} is as it was" if self.target.exists() else ""
+            if isinstance(exception, LitMistralError):  # the same command fails the same way: say so
+                rank_zero_info(f"Predictions stopped: the {rows} finished rows are in {self.partial}{kept}. Once the "
+                               "error below is fixed, --predictions.resume true keeps them and generates the rest.")
+            elif rows:
+                rank_zero_info(f"Predictions stopped: the {rows} finished rows are in {self.partial}{kept}. The same "
+                               "command with --predictions.resume true generates the rest.")
+            if not rows:  # nothing to resume: no file claims an interrupted run
+                self.partial.unlink(missing_ok=True)
+        self._release()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 class PredictionProgressBar(TQDMProgressBar):

@@ -263,6 +263,14 @@ class Generation:
         return dict(max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=do_sample,
                     temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
+    def answers_made_with(self) -> dict:
+        """What decides an answer, as each row of predictions records it (a resumed run must match it): the answer
+        limit, greedy or sampled, and how it samples."""
+        made = {"max_new_tokens": self.max_new_tokens, "do_sample": self.sampling()["do_sample"]}
+        if made["do_sample"]:
+            made.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
+        return made
+
 
 # Options before the settings were grouped: the new name of each, for the one error that an old config
 # or command line gets (no aliases: two names for one setting would let a config set both).

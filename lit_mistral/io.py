@@ -2,6 +2,7 @@
 cache entry. Checking, before anything runs, that an output path can be written: of the right kind, in a folder
 that exists and takes new files. And reading a file of tensors that `torch.save` wrote without unpickling objects."""
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -41,6 +42,44 @@ def claim_numbered_folder(parent: str | os.PathLike, prefix: str) -> int:
             return n
         except FileExistsError:
             n += 1
+
+
+class OutputLock:
+    """An exclusive claim on writing `path`, held until `release()`: an `flock` on `<path>.lock`, taken without
+    waiting, so that a second run writing the same output is refused before it does anything, instead of the two
+    interleaving their rows and removing each other's files. The lock is the kernel's: it ends with the process,
+    killed included, so a lock file left behind claims nothing. `key` names the option in the error."""
+
+    def __init__(self, path: str | os.PathLike, key: str) -> None:
+        self.path = Path(f"{path}.lock")
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                raise LitMistralError(
+                    f"{key}: another run is writing {str(path)!r} (process {holder or '?'} holds "
+                    f"{str(self.path)!r}). Fix: wait for it to finish, or choose another --{key}.") from None
+            try:  # the run that held it may have removed the file meanwhile (`release`): lock the one that is there
+                current = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        """Remove the lock file and end the claim (a second call does nothing)."""
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still held: no other run locks a file about to vanish
+        os.close(self.fd)
+        self.fd = None
 
 
 def check_output_file(path: str | os.PathLike, key: str, example: str) -> Path:

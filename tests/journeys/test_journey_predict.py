@@ -185,3 +185,68 @@ def test_temperature_zero_is_greedy_on_both_engines(tiny_model_dir, adapter_dir,
     assert exit_info.value.code == 2
     assert "model.generation.temperature=-1.0: expected >= 0" in capsys.readouterr().err
     assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_a_second_run_writing_the_same_output_is_refused(tiny_model_dir, adapter_dir, questions, tmp_path, capsys):
+    """Another process writing `--predictions.path` (holding its lock) makes a second run stop before it loads or
+    writes anything, naming the path; once the first is done, the path is free."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "answers.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from lit_mistral.io import OutputLock; "
+                               f"OutputLock({str(out)!r}, 'predictions.path'); print('held', flush=True); "
+                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={"PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit) as exit_info:
+            predict(tiny_model_dir, adapter_dir, questions, out)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err
+        assert (f"predictions.path: another run is writing {str(out)!r} (process {holder.pid} holds "
+                f"{str(out) + '.lock'!r})") in err
+        assert not out.exists() and not (tmp_path / "answers.jsonl.partial").exists()
+    finally:
+        holder.communicate("")
+    assert len(predict(tiny_model_dir, adapter_dir, questions, out)) == len(QUESTIONS)
+    assert not (tmp_path / "answers.jsonl.lock").exists()
+
+
+def test_the_output_holds_only_the_rows_this_run_wrote(tiny_model_dir, adapter_dir, questions, tmp_path, monkeypatch,
+                                                       caplog):
+    """A row that something else appends to the partial file meanwhile is not claimed: the output and the count
+    are this run's rows."""
+    from lit_mistral.module import QLoRAModule
+
+    out = tmp_path / "answers.jsonl"
+
+    def foreign_row_at_the_second_batch(self, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 1:
+            with open(f"{out}.partial", "a") as f:
+                f.write(json.dumps({"index": 0, "instruction": "Not ours.", "response": "x"}) + "\n")
+
+    monkeypatch.setattr(QLoRAModule, "on_predict_batch_start", foreign_row_at_the_second_batch, raising=False)
+    rows = predict(tiny_model_dir, adapter_dir, questions, out)
+    assert [r["instruction"] for r in rows] == QUESTIONS
+    assert f"Wrote {len(QUESTIONS)} predictions to {out} ({len(QUESTIONS)} generated now" in caplog.text
+
+
+def test_resume_with_other_generation_settings_is_refused(tiny_model_dir, adapter_dir, questions, tmp_path, capsys):
+    """Each row records the settings that made it; resuming with others stops (exit 2) naming each difference,
+    rather than mixing greedy and sampled answers, or answers of two lengths, in one file."""
+    out = tmp_path / "answers.jsonl"
+    rows = predict(tiny_model_dir, adapter_dir, questions, out)
+    assert rows[0]["generation"] == {"max_new_tokens": 6, "do_sample": False}
+    with pytest.raises(SystemExit) as exit_info:
+        predict(tiny_model_dir, adapter_dir, questions, out, "--predictions.resume", "true",
+                "--model.generation.max_new_tokens", "4", "--model.generation.do_sample", "true")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert (f"{out}:1: this row was generated with other settings than this run's:\n"
+            "  model.generation.max_new_tokens: the rows have 6, this run 4\n"
+            "  model.generation.do_sample: the rows have False, this run True\n"
+            "Fix: resume with the settings the rows were made with") in err
+    assert predict(tiny_model_dir, adapter_dir, questions, out, "--predictions.resume", "true") == rows
