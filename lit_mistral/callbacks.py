@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, TQDMProgressBar
 from lightning.pytorch.callbacks import LearningRateMonitor as LightningLearningRateMonitor
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_mistral.data.records import input_key
 from lit_mistral.distributed import reduce_queued
@@ -341,7 +341,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         rank_zero_info(f"Wrote {len(lines)} predictions to {self.target} ({self.rate.rows} generated now: "
                        f"{self.rate}{peak}{kept}).")
         if self._skipped:
-            rank_zero_warn(f"{len(self._skipped)} of the {self.rate.rows} rows generated now were skipped, without "
+            rank_zero_info(f"{len(self._skipped)} of the {self.rate.rows} rows generated now were skipped, without "
                            f"an answer (finish 'skipped', their 'error' says why), e.g. row {self._skipped[0]['index']}"
                            f": {self._skipped[0].get('error')}")
 

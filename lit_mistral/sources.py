@@ -191,6 +191,23 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote
     return tokenizer
 
 
+@functools.lru_cache(maxsize=4)
+def context_length(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> int | None:
+    """The longest prompt + answer the model takes, in tokens, from its config alone (no weights): what its config
+    calls `max_position_embeddings`, else what its tokenizer calls `model_max_length` when that is a real bound;
+    None when neither says."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_folder(name_or_path, gguf_file), trust_remote_code=trust_remote_code)
+        found = getattr(config, "max_position_embeddings", None)
+    except (OSError, ValueError):
+        found = None
+    if found is None:
+        found = load_tokenizer(name_or_path, gguf_file, trust_remote_code).model_max_length
+    return int(found) if isinstance(found, int) and 0 < found < 1 << 32 else None
+
+
 def random_init_folder(name_or_path: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> str:
     """Write a randomly initialized model built from `name_or_path`'s config (no weights needed) to a temporary
     folder and return it: loading from a folder is what lets bitsandbytes quantize it like real weights.

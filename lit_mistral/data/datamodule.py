@@ -18,7 +18,7 @@ from lit_mistral.data.records import Fields, example_key, hub_rows, is_hub_id, r
 from lit_mistral.data.tokenize import Formatter, TokenizedDataset
 from lit_mistral.errors import LitMistralError, raise_problems
 from lit_mistral.data.prompt_batches import PresetBatches, collate_prompts, predict_batches
-from lit_mistral.sources import load_tokenizer
+from lit_mistral.sources import context_length, load_tokenizer
 
 
 def settings_problems(val_path, train_records, val_records, val_fraction, chat_template, max_length, batch_size,
@@ -145,6 +145,7 @@ class InstructionDataModule(LightningDataModule):
         self.skip_invalid, self.num_workers = skip_invalid, num_workers
         self.tokenizer_source, self.gguf_file, self.trust_remote_code = tokenizer, gguf_file, trust_remote_code
         self.tokenizer = None
+        self.context: int | None = None  # the model's context window, in tokens (None: its config does not say)
         self.train_set = self.val_set = self.predict_set = None
         self.val_examples: list = []  # Examples or Conversations
         self.formatter: Formatter | None = None  # set by the first file read: what it holds decides
@@ -164,6 +165,8 @@ class InstructionDataModule(LightningDataModule):
         """Read, check, split and tokenize. Every problem is found here, before the model loads."""
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.tokenizer_source, self.gguf_file, self.trust_remote_code)
+            # no longer prompt is answered: inputs are cut past it before tokenizing (bounded work whatever their size)
+            self.context = context_length(self.tokenizer_source, self.gguf_file, self.trust_remote_code)
         if stage == "predict":
             if self.predict_set is None:
                 self.predict_set = self._predict_set()
@@ -260,7 +263,7 @@ class InstructionDataModule(LightningDataModule):
     def prompt_items(self, examples: list) -> list[dict]:
         """Prompt items for generation (`input_ids`, `index`: position in `examples`, `example`), formatted and
         tokenized as training formats prompts (a conversation: up to its last user turn)."""
-        prompts = self.formatter.prompts(examples)
+        prompts = self.formatter.prompts(examples, self.context)
         return [{"input_ids": ids, "index": i, "example": e, "max_new_tokens": e.max_new_tokens}
                 for i, (e, ids) in enumerate(zip(examples, prompts))]
 
@@ -275,7 +278,30 @@ class InstructionDataModule(LightningDataModule):
             raise LitMistralError("predict: no instructions to answer. Fix: set --data.predict_path to a .txt file "
                                   "(one instruction per line) or a .jsonl file with 'instruction' (and 'context'), "
                                   "or with 'messages' ending with a user turn.")
-        return self.prompt_items(self._read(self.predict_path, "data.predict_path", need_response=False))
+        items = self.prompt_items(self._read(self.predict_path, "data.predict_path", need_response=False))
+        self._check_cache(items)
+        return items
+
+    def _answer_limit(self, item: dict) -> int:
+        """The most new tokens of a predict item's answer: its own limit, within the settings'."""
+        return min(item["max_new_tokens"] or self.max_new_tokens, self.max_new_tokens)
+
+    def _check_cache(self, items: list[dict]) -> None:
+        """`model.generation.max_cache_tokens` (linked here as `predict_max_tokens`) holds the longest prompt and
+        its answer, which it must to generate it: found before the model loads (prompts that do not fit the model's
+        context are skipped, and need no cache)."""
+        if self.predict_max_tokens is None:
+            return
+        needs = [(len(it["input_ids"]) + self._answer_limit(it), it) for it in items
+                 if self.context is None or len(it["input_ids"]) + self._answer_limit(it) <= self.context]
+        need, item = max(needs, key=lambda pair: pair[0], default=(0, None))
+        if need > self.predict_max_tokens:
+            over = sum(n > self.predict_max_tokens for n, _ in needs)
+            raise LitMistralError(
+                f"model.generation.max_cache_tokens={self.predict_max_tokens} holds fewer KV-cache positions than "
+                f"{over} input(s) need; the most, {need}, for {item['example'].where} ({len(item['input_ids'])} "
+                f"prompt tokens + {self._answer_limit(item)} new). Fix: --model.generation.max_cache_tokens {need} "
+                "or more (null: as many as the rows need), or a lower --model.generation.max_new_tokens.")
 
     # -- loaders -----------------------------------------------------------------------------------------------------
 
@@ -341,7 +367,7 @@ class InstructionDataModule(LightningDataModule):
         # longest prompts first (little padding per batch; the memory peak comes at once), done rows left out;
         # the writer puts the rows back in input order
         lengths = [len(item["input_ids"]) for item in self.predict_set]
-        news = [min(item["max_new_tokens"] or self.max_new_tokens, self.max_new_tokens) for item in self.predict_set]
+        news = [self._answer_limit(item) for item in self.predict_set]
         todo = [i for i in range(len(lengths)) if i not in self.predict_done]
         batches = predict_batches(lengths, todo, self.predict_batch_size, self.predict_max_tokens, news)
         return DataLoader(self.predict_set, batch_sampler=PresetBatches(batches), num_workers=self.num_workers,

@@ -36,15 +36,7 @@ def encode_examples(examples: Sequence[Example], style: PromptStyle, tokenizer,
     so the example still comes out longer than `max_length` (and `fit_to_length` drops or truncates it, as any
     over-long example) at the cost of a few thousand tokens, where tokenizing a 50 MB record took minutes and
     gigabytes. Its first `max_length` tokens are those of the whole record."""
-    cut = set()
-    if max_length is not None:
-        limit = (max_length + 1) * longest_token(tokenizer)
-        whole, examples = examples, list(examples)
-        for i, e in enumerate(examples):
-            if max(len(e.instruction), len(e.context), len(e.response or "")) > limit:
-                examples[i] = replace(e, instruction=e.instruction[:limit], context=e.context[:limit],
-                                      response=None if e.response is None else e.response[:limit])
-                cut.add(i)
+    whole, examples, cut = examples, *bounded(examples, tokenizer, max_length)
     texts = [style.apply(e) for e in examples]
     special = style.add_special_tokens
     prompts = tokenizer([p for p, _ in texts], add_special_tokens=special)["input_ids"]
@@ -62,9 +54,29 @@ def encode_examples(examples: Sequence[Example], style: PromptStyle, tokenizer,
     return out
 
 
-def encode_prompts(examples: Sequence[Example], style: PromptStyle, tokenizer) -> list[list[int]]:
-    """Prompt token ids for generation: the same ids `encode_examples` puts before each response."""
-    prompts = [style.apply(e)[0] for e in examples]
+def bounded(examples: Sequence[Example], tokenizer, max_length: int | None) -> tuple[list[Example], set[int]]:
+    """`examples` with each field that is longer than `max_length` tokens can possibly be (more characters than
+    `max_length + 1` of the tokenizer's longest tokens) cut there, and the positions of those cut: what bounds the
+    work of tokenizing a record whatever its size. A cut example still tokenizes to more than `max_length`."""
+    if max_length is None:
+        return list(examples), set()
+    limit = (max_length + 1) * longest_token(tokenizer)
+    examples, cut = list(examples), set()
+    for i, e in enumerate(examples):
+        if max(len(e.instruction), len(e.context), len(e.response or "")) > limit:
+            examples[i] = replace(e, instruction=e.instruction[:limit], context=e.context[:limit],
+                                  response=None if e.response is None else e.response[:limit])
+            cut.add(i)
+    return examples, cut
+
+
+def encode_prompts(examples: Sequence[Example], style: PromptStyle, tokenizer,
+                   max_length: int | None = None) -> list[list[int]]:
+    """Prompt token ids for generation: the same ids `encode_examples` puts before each response. With
+    `max_length` (the most a prompt may have to be answered), fields are cut first as `bounded` says: a prompt
+    longer than that comes out longer than that still, at a bounded cost, which is all generation needs to skip
+    it."""
+    prompts = [style.apply(e)[0] for e in bounded(examples, tokenizer, max_length)[0]]
     return tokenizer(prompts, add_special_tokens=style.add_special_tokens)["input_ids"]
 
 class Filler(int):
@@ -159,9 +171,10 @@ class Formatter:
         kept, _ = fit_conversations(encoded, max_length, overlong, key)
         return [(item.ids, item.spans, item.index) for item in kept]
 
-    def prompts(self, items: Sequence) -> list[list[int]]:
+    def prompts(self, items: Sequence, max_length: int | None = None) -> list[list[int]]:
         """The prompt ids that ask for each input's answer: an instruction's prompt, or a conversation up to its
-        last user turn, formatted as in training."""
+        last user turn, formatted as in training; an instruction's fields cut first past `max_length` tokens (see
+        `encode_prompts`)."""
         if self.kind == "instruction":
-            return encode_prompts(items, self.style, self.tokenizer)
+            return encode_prompts(items, self.style, self.tokenizer, max_length)
         return [self.chat.prompt_ids(c.without_answer()) for c in items]

@@ -28,7 +28,12 @@ def record(index, example, prompt_tokens: int, response: str | None, response_to
 
 
 def skipped(index, example, prompt_tokens: int, max_new_tokens: int, context: int | None) -> dict:
-    """The row of a prompt that leaves no room for its answer in the model's context window."""
+    """The row of a prompt that leaves no room for its answer in the model's context window (a prompt longer than
+    the window was cut before tokenizing: its count is where the cut left it)."""
+    if context is not None and prompt_tokens > context:
+        return record(index, example, prompt_tokens, None, 0, "skipped", error=(
+            f"the prompt has more than {context} tokens: it does not fit the model's context of {context} tokens. "
+            "Fix: shorten it."))
     return record(index, example, prompt_tokens, None, 0, "skipped", error=(
         f"the prompt has {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it does not fit the model's "
         f"context of {context} tokens. Fix: shorten it or lower --model.generation.max_new_tokens."))

@@ -78,8 +78,8 @@ class Engine:
         model: a transformers causal LM of the Llama/Mistral/Qwen2 family, or a peft model over one (LoRA on a 4-bit
             base included), in eval mode. `Engine.supports(model)` says whether it can run it.
         max_rows: rows decoded together at most (the batch size of a decoding step).
-        max_tokens: KV-cache positions for all rows together; a row holds its prompt + max_new_tokens from its
-            start to its end, so this bounds how many rows run at once as well.
+        max_tokens: KV-cache positions for all rows together (rounded up to whole blocks); a row holds its prompt
+            + max_new_tokens from its start to its end, so this bounds how many rows run at once as well.
         block_size: cache positions per block (a row's last block is partly unused).
         cuda_graphs: on CUDA, capture one CUDA graph per batch-size bucket for the decoding step.
         prefill_tokens: prompt tokens prefilled together at most (a longer prompt goes alone).
@@ -93,10 +93,9 @@ class Engine:
         if not ok:
             raise LitMistralError(f"the generation engine cannot run this model: {reason}. Fix: generate with "
                                   "transformers' generate instead.")
-        if max_rows < 1 or max_tokens < block_size or block_size < 1 or prefill_tokens < 1:
+        if min(max_rows, max_tokens, block_size, prefill_tokens) < 1:
             raise LitMistralError(f"Engine: max_rows={max_rows}, max_tokens={max_tokens}, block_size={block_size}, "
-                                  f"prefill_tokens={prefill_tokens}. Fix: max_rows, block_size and prefill_tokens "
-                                  "at least 1, max_tokens at least block_size.")
+                                  f"prefill_tokens={prefill_tokens}. Fix: each at least 1.")
         lm = _causal_lm(model)
         self.model, self.decoder, self.lm_head = model, lm.model, lm.lm_head
         attn = self.decoder.layers[0].self_attn

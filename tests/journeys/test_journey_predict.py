@@ -250,3 +250,49 @@ def test_resume_with_other_generation_settings_is_refused(tiny_model_dir, adapte
             "  model.generation.do_sample: the rows have False, this run True\n"
             "Fix: resume with the settings the rows were made with") in err
     assert predict(tiny_model_dir, adapter_dir, questions, out, "--predictions.resume", "true") == rows
+
+
+def test_a_huge_input_is_cut_before_tokenizing_and_its_skip_is_said(tiny_model_dir, adapter_dir, tmp_path,
+                                                                     monkeypatch, caplog):
+    """A prompt longer than the model's context is never answered: its fields are cut there before tokenizing (as
+    training records are), so a huge input costs a bounded tokenization, and the console says it was skipped."""
+    from transformers import PreTrainedTokenizerFast
+
+    from lit_mistral.data.tokenize import longest_token
+    from lit_mistral.sources import load_tokenizer
+
+    questions = tmp_path / "q.jsonl"
+    huge = "fish " * 400_000  # 2 MB; the tiny model's context is 1024 tokens
+    questions.write_text(json.dumps({"instruction": "Name a fish."}) + "\n" + json.dumps({"instruction": huge}) + "\n")
+    longest, call = [0], PreTrainedTokenizerFast.__call__
+
+    def measured(self, text, *args, **kwargs):
+        longest[0] = max([longest[0], *(len(t) for t in ([text] if isinstance(text, str) else text))])
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "__call__", measured)
+    rows = predict(tiny_model_dir, adapter_dir, questions, tmp_path / "out.jsonl")
+    assert longest[0] <= 1025 * longest_token(load_tokenizer(str(tiny_model_dir))) + 100  # + the prompt's own words
+    assert rows[1]["instruction"] == huge and rows[1]["finish"] == "skipped"  # the row holds the input as it was
+    assert "the prompt has more than 1024 tokens: it does not fit the model's context of 1024 tokens" in rows[1]["error"]
+    assert "1 of the 2 rows generated now were skipped, without an answer (finish 'skipped'" in caplog.text
+
+
+def test_a_cache_too_small_for_the_longest_prompt_is_refused_before_the_load(tiny_model_dir, adapter_dir, questions,
+                                                                             tmp_path, capsys):
+    """`max_cache_tokens` below what the longest prompt and its answer need is named in its own option, with the
+    size that fits, before the model loads; a cache smaller than one block of the engine is no problem."""
+    with pytest.raises(SystemExit) as exit_info:
+        predict(tiny_model_dir, adapter_dir, questions, tmp_path / "out.jsonl", "--model.generation.max_cache_tokens",
+                "10")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and "--predictions.resume" not in err
+    assert (f"model.generation.max_cache_tokens=10 holds fewer KV-cache positions than 5 input(s) need; the most, "
+            f"28, for {questions}:2 (22 prompt tokens + 6 new). Fix: --model.generation.max_cache_tokens 28 or "
+            "more") in err
+    assert not (tmp_path / "out.jsonl.partial").exists()
+    one = tmp_path / "one.txt"
+    one.write_text("Why?\n")
+    rows = predict(tiny_model_dir, adapter_dir, one, tmp_path / "one.jsonl", "--model.generation.max_cache_tokens", "12",
+                   "--model.generation.max_new_tokens", "2")  # 10 prompt tokens + 2
+    assert rows[0]["finish"] == "length" and rows[0]["response_tokens"] == 2
