@@ -371,15 +371,33 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
 
 class PredictionProgressBar(TQDMProgressBar):
-    """Lightning's progress bar, with rows/s and generated tokens/s while predicting."""
+    """Lightning's progress bar, with rows/s and generated tokens/s while predicting, counting rows written (a batch
+    holds up to `max_rows` of them, and the continuous engine finishes rows of earlier batches)."""
+
+    rows: int | None = None  # rows finished so far; None: the loader does not say how many it holds (batches counted)
 
     def on_predict_start(self, trainer, pl_module) -> None:
         super().on_predict_start(trainer, pl_module)
         self.rate = GenerationRate()
         self.rate.start()
 
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+        if batch_idx == 0:
+            loaders = trainer.predict_dataloaders
+            loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+            batches = getattr(getattr(loader, "batch_sampler", None), "batches", None)  # the planned batches
+            self.rows = None if batches is None else 0
+            if batches is not None:
+                self.predict_progress_bar.total = sum(map(len, batches))
+
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        if self.rows is None:
+            super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        elif not self.predict_progress_bar.disable:
+            self.rows += len(outputs)
+            self.predict_progress_bar.n = self.rows
+            self.predict_progress_bar.refresh()
         self.rate.add(outputs)
         rows, tokens = self.rate.per_second()
         self.predict_progress_bar.set_postfix(rows_per_s=f"{rows:.2f}", tokens_per_s=f"{tokens:.1f}")

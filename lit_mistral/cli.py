@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 import warnings
+from dataclasses import replace
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Literal
@@ -30,6 +31,7 @@ from lit_mistral.errors import LitMistralError, failure_message, raise_problems
 from lit_mistral.evaluation.callback import Evaluation
 from lit_mistral.io import check_output_file, check_output_folder, claim_numbered_folder
 from lit_mistral.modeling import prefetch
+from lit_mistral.modeling.adapters import check_adapter_folder
 from lit_mistral.module import QLoRAModule
 from lit_mistral.modeling.registry import register
 
@@ -146,6 +148,7 @@ class LitMistralCLI(LightningCLI):
 
     resumed_run: Path | None = None  # the run folder of the checkpoint `--ckpt_path last` found
     checkpoint_record: dict | None = None  # what the --ckpt_path file says it was trained with
+    adapter_key: str | None = None  # "<subcommand> --ckpt_path" when that option gave an adapter folder
     subcommand: str | None = None  # set by LightningCLI once parsed: which advice fits a failure
 
     def __init__(self, *args, **kwargs) -> None:
@@ -203,7 +206,10 @@ class LitMistralCLI(LightningCLI):
             raise LitMistralError(f"fit --ckpt_path: {ckpt!r} is a folder. Fix: to resume, pass a .ckpt file or "
                                   "'last'; to start from a saved adapter, pass --model.adapter_path instead.")
         if path.is_dir() and subcommand in ("validate", "predict"):
-            # a peft adapter folder: loaded onto the base as the model's adapter, not as a Lightning checkpoint
+            # a peft adapter folder: loaded onto the base as the model's adapter, not as a Lightning checkpoint; its
+            # errors name the option it was given as
+            self.adapter_key = f"{subcommand} --ckpt_path"
+            check_adapter_folder(path, self.adapter_key)
             config.model.adapter_path, config.ckpt_path = ckpt, None
         elif path.is_file():
             self.checkpoint_record = check_checkpoint_file(path, f"{subcommand} --ckpt_path")
@@ -275,6 +281,8 @@ class LitMistralCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         """What needs the module built (not loaded): a checkpoint must fit its settings, which Lightning would find
         only after loading the base."""
+        if self.adapter_key is not None:
+            self.model.spec = replace(self.model.spec, adapter_key=self.adapter_key)
         if self.checkpoint_record is not None:
             raise_problems(record_problems(self.model.spec, self.checkpoint_record),
                            "Fix: run with the settings the checkpoint was trained with (its run folder holds "

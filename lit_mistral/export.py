@@ -98,7 +98,8 @@ def export(module, ckpt_path: str, output_dir: str | os.PathLike, dtype: torch.d
     check_output_dir(target, overwrite, [path, *model_inputs(module.spec)])  # before the expensive load
     spec = module.spec
     if path.is_dir():
-        spec = replace(spec, adapter_path=str(check_adapter_folder(path, "export --ckpt_path")))
+        spec = replace(spec, adapter_path=str(check_adapter_folder(path, "export --ckpt_path")),
+                       adapter_key="export --ckpt_path")
     elif not path.is_file():
         raise LitMistralError(f"export --ckpt_path: {ckpt_path!r} does not exist. Fix: check the path.")
     module.model, module.tokenizer = build_model(spec, device, training=False)

@@ -51,6 +51,20 @@ class Conversation:
     def response(self) -> str | None:
         return self.messages[-1].content if self.messages[-1].role == "assistant" else None
 
+    def cut(self, chars: int) -> "Conversation":
+        """The conversation's first `chars` characters of text: the turn where they run out is cut there and the
+        turns after it are left out (a conversation that ends with a user turn, a prompt, still does: with an
+        empty one when the cut falls before it)."""
+        messages, left = [], chars
+        for m in self.messages:
+            if left <= 0:
+                break
+            messages.append(Message(m.role, m.content[:left]))
+            left -= len(m.content)
+        if self.messages[-1].role == "user" and messages[-1].role != "user":
+            messages.append(Message("user", ""))
+        return Conversation(messages, self.where, self.category, self.max_new_tokens)
+
     def without_answer(self) -> "Conversation":
         """The conversation up to its last user turn (what the model is asked to continue)."""
         end = max(i for i, m in enumerate(self.messages) if m.role == "user") + 1
@@ -129,6 +143,11 @@ def _row_to_conversation(row, where: str, format: str | None, first: str | None,
     shape = SHAPES[format]
     if shape.field not in row:
         others = [name for name, s in SHAPES.items() if s.field in row]
+        if not others and first is not None:  # the shape was detected from another row
+            fields = ", ".join(repr(k) for k in list(row)[:6]) or "none"
+            return None, [f"{where}: the file mixes shapes: this row has no {shape.field!r} (its fields are {fields}) "
+                          f"but {first} is a conversation ({format} shape): one file must hold one shape, "
+                          "instruction records or conversations"]
         if not others:
             return None, [f"{where}: field {shape.field!r} is missing"]
         other = SHAPES[others[0]].field

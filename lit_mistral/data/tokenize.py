@@ -54,20 +54,25 @@ def encode_examples(examples: Sequence[Example], style: PromptStyle, tokenizer,
     return out
 
 
-def bounded(examples: Sequence[Example], tokenizer, max_length: int | None) -> tuple[list[Example], set[int]]:
-    """`examples` with each field that is longer than `max_length` tokens can possibly be (more characters than
-    `max_length + 1` of the tokenizer's longest tokens) cut there, and the positions of those cut: what bounds the
-    work of tokenizing a record whatever its size. A cut example still tokenizes to more than `max_length`."""
+def bounded(items: Sequence, tokenizer, max_length: int | None) -> tuple[list, set[int]]:
+    """`items` (examples or conversations) cut where they are longer than `max_length` tokens can possibly be (more
+    characters than `max_length + 1` of the tokenizer's longest tokens: an example's field, a conversation's text
+    in all), and the positions of those cut: what bounds the work of tokenizing an input whatever its size. A cut
+    input still tokenizes to more than `max_length`, and its first `max_length` tokens are the whole input's."""
     if max_length is None:
-        return list(examples), set()
+        return list(items), set()
     limit = (max_length + 1) * longest_token(tokenizer)
-    examples, cut = list(examples), set()
-    for i, e in enumerate(examples):
-        if max(len(e.instruction), len(e.context), len(e.response or "")) > limit:
-            examples[i] = replace(e, instruction=e.instruction[:limit], context=e.context[:limit],
-                                  response=None if e.response is None else e.response[:limit])
+    items, cut = list(items), set()
+    for i, e in enumerate(items):
+        if hasattr(e, "messages"):  # a conversation
+            if sum(len(m.content) for m in e.messages) > limit:
+                items[i] = e.cut(limit)
+                cut.add(i)
+        elif max(len(e.instruction), len(e.context), len(e.response or "")) > limit:
+            items[i] = replace(e, instruction=e.instruction[:limit], context=e.context[:limit],
+                               response=None if e.response is None else e.response[:limit])
             cut.add(i)
-    return examples, cut
+    return items, cut
 
 
 def encode_prompts(examples: Sequence[Example], style: PromptStyle, tokenizer,
@@ -76,8 +81,13 @@ def encode_prompts(examples: Sequence[Example], style: PromptStyle, tokenizer,
     `max_length` (the most a prompt may have to be answered), fields are cut first as `bounded` says: a prompt
     longer than that comes out longer than that still, at a bounded cost, which is all generation needs to skip
     it."""
-    prompts = [style.apply(e)[0] for e in bounded(examples, tokenizer, max_length)[0]]
-    return tokenizer(prompts, add_special_tokens=style.add_special_tokens)["input_ids"]
+    short, cut = bounded(examples, tokenizer, max_length)
+    out = tokenizer([style.apply(e)[0] for e in short], add_special_tokens=style.add_special_tokens)["input_ids"]
+    for i in cut:
+        if len(out[i]) <= max_length:  # a tokenizer whose unknown token spans a whole word: cutting says nothing
+            out[i] = encode_prompts([examples[i]], style, tokenizer)[0]
+    return out
+
 
 class Filler(int):
     """A batch-plan index whose example is run but counts for nothing (all its tokens prompt, no labels, no index):
@@ -161,7 +171,13 @@ class Formatter:
             encoded = [(ids, n, i) for i, (ids, n) in enumerate(encoded)]
             return [(ids, [(n, len(ids))] if n < len(ids) else [], i)
                     for ids, n, i in fit_to_length(encoded, max_length, overlong, key)]
-        encoded, problems = encode_conversations(items, self.chat)
+        short, cut = bounded(items, self.tokenizer, max_length)  # bounded work per conversation
+        encoded, problems = encode_conversations(short, self.chat)
+        for j, item in enumerate(encoded):
+            if item.index in cut and len(item.ids) <= max_length:  # a word-level tokenizer: cutting says nothing
+                whole, _ = encode_conversations([items[item.index]], self.chat)
+                if whole:
+                    encoded[j] = replace(whole[0], index=item.index)
         if problems and not skip_invalid:
             raise_problems(problems, "Fix: correct these conversations, or set --data.skip_invalid true to leave "
                                      "them out.")
@@ -173,8 +189,15 @@ class Formatter:
 
     def prompts(self, items: Sequence, max_length: int | None = None) -> list[list[int]]:
         """The prompt ids that ask for each input's answer: an instruction's prompt, or a conversation up to its
-        last user turn, formatted as in training; an instruction's fields cut first past `max_length` tokens (see
-        `encode_prompts`)."""
+        last user turn, formatted as in training; an input longer than `max_length` tokens is cut first (see
+        `bounded`): it comes out longer than that still, at a bounded cost, which is all generation needs to skip
+        it."""
         if self.kind == "instruction":
             return encode_prompts(items, self.style, self.tokenizer, max_length)
-        return [self.chat.prompt_ids(c.without_answer()) for c in items]
+        asked = [c.without_answer() for c in items]
+        short, cut = bounded(asked, self.tokenizer, max_length)
+        out = [self.chat.prompt_ids(c) for c in short]
+        for i in cut:
+            if len(out[i]) <= max_length:  # a word-level tokenizer: cutting says nothing
+                out[i] = self.chat.prompt_ids(asked[i])
+        return out

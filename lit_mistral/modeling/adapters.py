@@ -137,21 +137,22 @@ def check_targets(model, targets: list[str], name: str) -> None:
                               f"Fix: choose among {linear_names(model)}.")
 
 
-def load_adapter(model, path: str, name: str):
-    """`model` (the base `name`) with the peft adapter of folder `path`, trainable; refused with what does not fit."""
+def load_adapter(model, path: str, name: str, key: str = "model.adapter_path"):
+    """`model` (the base `name`) with the peft adapter of folder `path` (given as the option `key`), trainable;
+    refused with what does not fit."""
     from peft import PeftModel
 
     fix = "Fix: use the adapter with the base model it was trained on (its adapter_config.json names it)."
     problems = adapter_mismatches(model, path)
     if problems:
-        raise LitMistralError(f"model.adapter_path: the adapter in {path!r} does not fit {name}:\n"
+        raise LitMistralError(f"{key}: the adapter in {path!r} does not fit {name}:\n"
                               + "".join(f"  {p}\n" for p in problems) + fix)
     try:
         return PeftModel.from_pretrained(model, path, is_trainable=True)
     except pickle.UnpicklingError as err:  # peft reads a .bin adapter with torch.load(weights_only=True)
         raise unreadable(Path(path) / "adapter_model.bin", err) from None
     except (RuntimeError, ValueError, KeyError) as err:
-        raise LitMistralError(f"model.adapter_path: the adapter in {path!r} does not fit {name} "
+        raise LitMistralError(f"{key}: the adapter in {path!r} does not fit {name} "
                               f"({str(err).splitlines()[0][:300]}). {fix}") from None
 
 

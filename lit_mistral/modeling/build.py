@@ -34,6 +34,7 @@ class ModelSpec:
     quantization: Quantization = field(default_factory=Quantization)
     lora: LoRA = field(default_factory=LoRA)
     compute: Compute = field(default_factory=Compute)
+    adapter_key: str = "model.adapter_path"  # the option that gave `adapter_path`, named in its errors
 
     def storage_dtype(self, compute_dtype: torch.dtype, sharded: bool) -> torch.dtype:
         """The dtype of the packed 4-bit weights (see `Quantization.storage`)."""
@@ -164,7 +165,7 @@ def wrap(model, spec: ModelSpec):
     from peft import LoraConfig, get_peft_model
 
     if spec.adapter_path is not None:
-        model = load_adapter(model, spec.adapter_path, spec.name_or_path)
+        model = load_adapter(model, spec.adapter_path, spec.name_or_path, spec.adapter_key)
     else:
         check_targets(model, spec.lora.target_modules, spec.name_or_path)
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **spec.lora.peft_kwargs()))

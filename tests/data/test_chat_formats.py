@@ -12,6 +12,7 @@ from lit_mistral.data.batching import collate_padded
 from lit_mistral.data.chat_formats import (IGNORE_INDEX, BadConversation, Encoded, chat_format, encode_conversations,
                                            fit_conversations)
 from lit_mistral.data.conversations import Conversation, Message, read_conversations
+from lit_mistral.data.tokenize import Formatter, longest_token
 from lit_mistral.errors import LitMistralError
 
 DEMO_CHAT = Path(__file__).resolve().parents[2] / "lit_mistral" / "assets" / "demo_chat.jsonl"
@@ -259,6 +260,45 @@ def test_truncate_keeps_whole_turns_and_drop_drops(mistral_tokenizer):
     with (pytest.warns(UserWarning, match="dropped 2 of 2 .*their first answer does not fit"),
           pytest.raises(LitMistralError, match=f"every conversation is longer than data.max_length={end1 - 1}")):
         fit_conversations([long, short], end1 - 1, "truncate")  # no first answer fits: both dropped
+
+
+class Counting:
+    """A tokenizer that counts the characters it was given to tokenize."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.total = tokenizer, 0
+
+    def __call__(self, text, **kwargs):
+        self.total += sum(map(len, [text] if isinstance(text, str) else text))
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def chat(*contents: str) -> Conversation:
+    return Conversation([Message("user" if i % 2 == 0 else "assistant", c) for i, c in enumerate(contents)], "c:1")
+
+
+@pytest.mark.parametrize("fixture, name, closer", FORMATS, ids=[f[0].split("_")[0] for f in FORMATS])
+def test_an_enormous_conversation_costs_what_overlong_says(request, fixture, name, closer):
+    """A conversation of millions of characters, in one turn or over thousands, is cut before tokenizing as a record
+    is: still over-long (dropped, or truncated after the last assistant turn that fits: the same turns as whole), a
+    prompt to answer still longer than the limit, and a few thousand characters tokenized for each."""
+    spy = Counting(request.getfixturevalue(fixture))
+    formatter = Formatter("messages", name, spy)
+    enormous = "fish water " * 200_000  # 2.2 million characters in one turn, or over 2000
+    first = [m.content for m in conversation(system=None).messages[:2]]
+    many, huge_turn, short = chat(*["fish water " * 100] * 2000), chat(*first, "And?", enormous), chat(*first)
+    with pytest.warns(UserWarning, match="dropped 2 of 3 conversations longer than data.max_length=64"):
+        assert [i for *_, i in formatter.encode([many, huge_turn, short], 64, "drop", "data.path")] == [2]
+    with pytest.warns(UserWarning, match="cut 1 of 2 conversations"):
+        kept = formatter.encode([huge_turn, short], 64, "truncate", "data.path")
+    whole = formatter.chat.encode(short)  # what follows its last closing token (ChatML's newline) is cut too
+    first_turns = whole.truncated(64)
+    assert kept == [(first_turns.ids, first_turns.spans, 0), (whole.ids, whole.spans, 1)]
+    [asked] = formatter.prompts([chat(*first, enormous), chat(*first, "fish water " * 10)], 64)[:1]
+    assert len(asked) > 64 and spy.total <= 30 * 65 * longest_token(spy)
 
 
 def test_collate_pads_and_labels_only_the_spans():

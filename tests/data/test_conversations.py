@@ -84,6 +84,9 @@ BAD = [
     ("category-not-string", {**GOOD, "category": 3}, True, "chat.jsonl:2: field 'category' must be a string, got int"),
     ("mixed-shapes", GOOD_SHAREGPT, True, "chat.jsonl:2: has 'conversations' (sharegpt shape) but chat.jsonl:1 has "
      "'messages' (messages shape): one file must hold one shape"),
+    ("mixed-with-an-instruction", {"instruction": "Hi", "context": ""}, False, "chat.jsonl:2: the file mixes shapes: "
+     "this row has no 'messages' (its fields are 'instruction', 'context') but chat.jsonl:1 is a conversation "
+     "(messages shape): one file must hold one shape, instruction records or conversations"),
 ]
 
 BAD_SHAREGPT = [
@@ -121,7 +124,9 @@ def test_each_bad_sharegpt_record_gets_one_message(case, record, expected):
 def test_problems_of_every_row_are_collected():
     read = read_conversations(rows({"instruction": "Hi", "response": "Hello."}, GOOD, bad({"role": "bot"})))
     assert read.problems == [
-        "chat.jsonl:1: field 'messages' is missing",
+        "chat.jsonl:1: the file mixes shapes: this row has no 'messages' (its fields are 'instruction', 'response') "
+        "but chat.jsonl:2 is a conversation (messages shape): one file must hold one shape, instruction records or "
+        "conversations",
         "chat.jsonl:3: messages[0]: unknown role 'bot'; allowed: system, user, assistant",
         "chat.jsonl:3: messages[0] has no 'content'",
     ]

@@ -296,3 +296,30 @@ def test_a_cache_too_small_for_the_longest_prompt_is_refused_before_the_load(tin
     rows = predict(tiny_model_dir, adapter_dir, one, tmp_path / "one.jsonl", "--model.generation.max_cache_tokens", "12",
                    "--model.generation.max_new_tokens", "2")  # 10 prompt tokens + 2
     assert rows[0]["finish"] == "length" and rows[0]["response_tokens"] == 2
+
+
+def test_the_progress_bar_counts_rows(tiny_model_dir, adapter_dir, questions, tmp_path, capsys):
+    """5 rows in batches of 2 rows: the bar counts the rows (5), not the batches (3)."""
+    predict(tiny_model_dir, adapter_dir, questions, tmp_path / "out.jsonl", "--trainer.enable_progress_bar", "true")
+    bar = [part for part in capsys.readouterr().out.split("\r") if part.startswith("Predicting")][-1]
+    assert bar.startswith("Predicting DataLoader 0: 100%") and "| 5/5 [" in bar, bar
+
+
+def test_an_adapter_folder_given_as_ckpt_path_is_named_so_in_its_errors(tiny_model_dir, adapter_dir, questions,
+                                                                        tmp_path, capsys):
+    """--ckpt_path with an adapter folder: its problems say `predict --ckpt_path`, the option the user gave, not
+    model.adapter_path, before the load (a folder without adapter_config.json) and after it (a wrong rank)."""
+    import shutil
+
+    def fails(folder) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            predict(tiny_model_dir, folder, questions, tmp_path / "out.jsonl")
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err and "model.adapter_path" not in err, err
+        return err
+
+    assert f"predict --ckpt_path: {str(tmp_path)!r} is a folder without adapter_config.json" in fails(tmp_path)
+    wrong = shutil.copytree(adapter_dir, tmp_path / "wrong")
+    config = json.loads((wrong / "adapter_config.json").read_text())
+    (wrong / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] * 2}))
+    assert f"predict --ckpt_path: the adapter in {str(wrong)!r} does not fit" in fails(wrong)
