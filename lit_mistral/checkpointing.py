@@ -23,6 +23,7 @@ from lit_mistral.distributed import gather_objects
 from lit_mistral.errors import LitMistralError, raise_problems, unreadable
 from lit_mistral.io import check_torch_file, publish
 from lit_mistral.modeling.adapters import trainable_state
+from lit_mistral.modeling.plan import Plan
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -212,20 +213,18 @@ def record_problems(spec, saved: dict) -> list[str]:
 
 def save_adapter_checkpoint(module, checkpoint: dict) -> None:
     """Keep only `module`'s trainable (adapter) tensors in `checkpoint`, with its record: the settings they were
-    trained with, the `auto` choices of the run, and the count of skipped batches."""
+    trained with, the run's measured memory plan, and the count of skipped batches."""
     trainable = set(trainable_state(module))
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
     checkpoint["lit_mistral"] = adapter_record(module.spec)
-    if module.auto_checkpoint_layers is not None:
-        checkpoint["lit_mistral"]["checkpoint_layers"] = module.auto_checkpoint_layers
-    if module.spec.compute.micro_batch_tokens == "auto":
-        checkpoint["lit_mistral"]["micro_batch_tokens"] = module.auto_micro_tokens or 0  # 0: whole batches
+    if module.memory_plan is not None and module.memory_plan.peak is not None:  # measured: reused on resume
+        checkpoint["lit_mistral"]["memory_plan"] = module.memory_plan.record()
     checkpoint["skipped_batches"] = module.losses.skipped_batches
 
 
 def load_adapter_checkpoint(module, checkpoint: dict) -> None:
     """Check that `checkpoint` was written for `module` (its settings, its adapter tensors) and take back the run's
-    record: the skipped-batch count and the `auto` choices (not measured again). Lightning loads the tensors next."""
+    record: the skipped-batch count and the memory plan (not measured again). Lightning loads the tensors next."""
     saved = checkpoint.get("lit_mistral")
     if saved is None:
         raise LitMistralError("ckpt_path: this checkpoint was not written by lit_mistral (no adapter record). "
@@ -238,9 +237,5 @@ def load_adapter_checkpoint(module, checkpoint: dict) -> None:
         raise_problems(diffs, "Fix: run with the config the checkpoint was trained with (its run folder holds "
                               "config.yaml).")
     module.losses.skipped_batches = checkpoint.get("skipped_batches", 0)
-    compute = module.spec.compute
-    if compute.checkpoint_layers == "auto" and saved.get("checkpoint_layers") is not None:
-        module.auto_checkpoint_layers = int(saved["checkpoint_layers"])  # the run's choice, not measured again
-    if compute.micro_batch_tokens == "auto" and saved.get("micro_batch_tokens") is not None:
-        module.auto_micro_tokens = int(saved["micro_batch_tokens"]) or None
-        module.auto_micro_restored = True
+    if saved.get("memory_plan") is not None:
+        module.memory_plan = Plan.from_record(saved["memory_plan"])  # the run's choice, not measured again

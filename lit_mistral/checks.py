@@ -139,12 +139,9 @@ def _sharding_problems(subcommand: str, model, trainer, precision: str) -> list[
     if precision not in ("bf16-mixed", "32-true", "32"):
         problems.append(f"trainer.precision={precision} with trainer.strategy={NAME}: supported are bf16-mixed (GPUs) "
                         "and 32-true. Fix: --trainer.precision bf16-mixed.")
-    if subcommand == "fit" and model.get("compute.checkpoint_layers") == "auto":
-        problems.append(f"model.compute.checkpoint_layers=auto with trainer.strategy={NAME}: the memory probes run "
-                        "each GPU on its own, and FSDP's layers gather their weights from every GPU at once. Fix: a "
-                        "count (--model.compute.checkpoint_layers N), or null for all layers.")
-    if subcommand == "fit" and model.get("compute.micro_batch_tokens") is not None:
+    # `auto` settings are the plain ones under FSDP (modeling/plan.py: each GPU cannot measure alone)
+    if subcommand == "fit" and model.get("compute.micro_batch_tokens") not in (None, "auto"):
         problems.append(f"model.compute.micro_batch_tokens with trainer.strategy={NAME}: FSDP reduces the gradients "
-                        "at the end of every backward pass and expects one per step. Fix: null (whole batches); for "
-                        "less memory, lower --data.max_tokens and raise --trainer.accumulate_grad_batches.")
+                        "at the end of every backward pass and expects one per step. Fix: auto or null (whole "
+                        "batches); for less memory, lower --data.max_tokens and raise --trainer.accumulate_grad_batches.")
     return problems

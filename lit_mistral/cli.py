@@ -158,7 +158,8 @@ class LitMistralCLI(LightningCLI):
             print(f"lit_mistral: error: {err}", file=sys.stderr)
             sys.exit(2)
         except BaseException as err:  # SIGTERM, Ctrl+C, out of memory: a message with the way on
-            known = failure_message(err, self.subcommand)
+            callback = getattr(getattr(self, "trainer", None), "checkpoint_callback", None)
+            known = failure_message(err, self.subcommand, getattr(callback, "last_model_path", None) or None)
             if known is None:
                 raise
             message, status = known

@@ -2,7 +2,7 @@
 `--model.<group>.<field>` (and `--help` shows as a section of its own); each says what is wrong with its values in
 `problems()`, collected and raised together before anything loads."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -72,72 +72,99 @@ class Compute:
     """How the forward and backward passes run: dtype, attention, activation memory, fused kernels (each setting in
     full: docs/configuration.md).
 
+    The settings that trade memory for speed without changing what is trained are `auto` by default: at the start
+    of fit on one GPU the memory plan (`modeling/plan.py`) chooses the fastest that fits `memory_budget_gib`; a
+    value set here wins.
+
     Args:
         dtype: Dtype of the 4-bit matmuls and of the unquantized base weights. `auto`: bfloat16 on GPUs, float32 on
             CPUs (most CPUs have no fast bf16 matmul).
         attn_implementation: transformers attention: `lit_varlen` (packed-aware flash attention,
             `modeling/attention.py`), `sdpa`, `eager`, `flex_attention`.
         gradient_checkpointing: Recompute activations in backward: much less memory, about a third more compute.
+            `auto` (default): the memory plan decides, with `checkpoint_layers` and `offload_layers`.
         checkpoint_layers: With gradient checkpointing, recompute only the first this-many decoder layers.
-            None: all. `auto`: as few as fit, measured at the start of fit.
+            None: all. `auto`: the memory plan's choice, as few as fit (measured at the start of fit).
         offload_layers: With gradient checkpointing, this many decoder layers keep their activations in
-            pinned CPU memory instead of recomputing them (`modeling/offload.py`). 0: none.
-        memory_budget_gib: With `checkpoint_layers` or `micro_batch_tokens` `auto`, the GPU memory the run may take
-            (e.g. 24 on a shared or larger GPU). None: what the GPU has.
+            pinned CPU memory instead of recomputing them (`modeling/offload.py`). 0: none. `auto`: the plan's.
+        memory_budget_gib: The GPU memory the memory plan may take (e.g. 8, 16, 24 on a larger or shared GPU), less
+            if less is free at the start. None: what the GPU has free.
         micro_batch_tokens: Tokens per forward and backward pass: each batch runs in parts of at most this
-            many, gradients summed. None: whole batches. `auto`: the fastest size that fits.
+            many, gradients summed. None: whole batches. `auto`: the plan's, the fastest size that fits.
         kernels: `liger`: Liger-Kernel's fused Triton kernels for RMSNorm, SwiGLU and RoPE (GPU; pip install
             liger-kernel). None: transformers' own modules.
         loss_chunk_size: Positions per chunk of the output-layer cross-entropy (bounds logits memory).
         fused_lora: Each LoRA-adapted layer as one autograd function (`modeling/fused_lora.py`): the same
             values as peft's forward, with fewer passes over the outputs. False: peft's own forward.
         dropout_masks: What LoRA dropout keeps for backward: `keep` its masks, or `regenerate` them in backward.
-            `auto`: regenerate where memory decides the speed. Needs `fused_lora`.
+            `auto`: the plan's (regenerate where layers recompute or offload). Needs `fused_lora`.
         shared_dropout: One LoRA dropout mask per shared input (q/k/v, gate/up) instead of one per adapter:
             faster, less kept for backward. Needs `fused_lora`.
         dropout_kernel: On a GPU, LoRA dropout inside the multiply by A (Triton, `modeling/lora_kernels.py`),
             its mask kept as bits. Needs `fused_lora`.
         keep_dequantized: Keep each 4-bit weight dequantized in forward for its backward: one dequantization
-            less per step, more memory. Needs `fused_lora`; not with `offload_layers`.
+            less per step, more memory. Needs `fused_lora`; not with `offload_layers`. `auto`: the plan's.
     """
 
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn_implementation: str = "lit_varlen"
-    gradient_checkpointing: bool = True
-    checkpoint_layers: int | Literal["auto"] | None = None
-    offload_layers: int = 0
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    checkpoint_layers: int | Literal["auto"] | None = "auto"
+    offload_layers: int | Literal["auto"] = "auto"
     memory_budget_gib: float | None = None
-    micro_batch_tokens: int | Literal["auto"] | None = None
+    micro_batch_tokens: int | Literal["auto"] | None = "auto"
     kernels: Literal["liger"] | None = None
     loss_chunk_size: int = 4096
     fused_lora: bool = True
     dropout_masks: Literal["auto", "keep", "regenerate"] = "auto"
     shared_dropout: bool = False
     dropout_kernel: bool = False
-    keep_dequantized: bool = False
+    keep_dequantized: bool | Literal["auto"] = "auto"
+
+    # the settings the memory plan decides where they are `auto` (`modeling/plan.py`)
+    PLANNED = ("gradient_checkpointing", "checkpoint_layers", "offload_layers", "micro_batch_tokens",
+               "keep_dequantized", "dropout_masks")
+
+    def auto(self) -> set[str]:
+        """The settings of `PLANNED` left to the memory plan."""
+        return {name for name in self.PLANNED if getattr(self, name) == "auto"}
+
+    def checkpointing(self) -> bool:
+        """Whether layers may recompute or offload (`gradient_checkpointing` true or `auto`)."""
+        return self.gradient_checkpointing is not False
+
+    def plain(self) -> "Compute":
+        """These settings with each `auto` of `PLANNED` as its plain value, what runs without a plan (no GPU to
+        measure, `fsdp_qlora`, validate and predict) and what the model is built with before the plan: every layer
+        recomputes (unless `gradient_checkpointing` is false), none offloads, whole batches, weights dequantized
+        again in backward, dropout masks by `regenerate_dropout`'s rule."""
+        checkpointing = self.checkpointing()
+        layers = self.checkpoint_layers if self.checkpoint_layers != "auto" else None
+        return replace(self, gradient_checkpointing=checkpointing, checkpoint_layers=layers if checkpointing else None,
+                       offload_layers=0 if self.offload_layers == "auto" or not checkpointing else self.offload_layers,
+                       micro_batch_tokens=None if self.micro_batch_tokens == "auto" else self.micro_batch_tokens,
+                       keep_dequantized=self.keep_dequantized is True)
 
     def problems(self, quantized: bool) -> list[str]:
         problems = []
         if quantized and self.dtype == "float16":
             problems.append("model.compute.dtype=float16 with 4-bit weights overflows in LoRA training; use bfloat16 "
                             "(or float32 on CPUs without bf16)")
-        auto = self.checkpoint_layers == "auto"
-        if auto and not self.gradient_checkpointing:
-            problems.append("model.compute.checkpoint_layers=auto: needs model.compute.gradient_checkpointing=true")
-        measured = auto or self.micro_batch_tokens == "auto"
-        if self.memory_budget_gib is not None and (not measured or self.memory_budget_gib <= 0):
-            problems.append(f"model.compute.memory_budget_gib={self.memory_budget_gib}: a positive number, used with "
-                            "model.compute.checkpoint_layers=auto or model.compute.micro_batch_tokens=auto")
+        if self.memory_budget_gib is not None and (self.memory_budget_gib <= 0 or not self.auto()):
+            problems.append(f"model.compute.memory_budget_gib={self.memory_budget_gib}: a positive number, for the "
+                            "memory plan; it decides nothing when every one of model.compute."
+                            f"{{{','.join(self.PLANNED)}}} is set (leave some of them auto)")
         if self.micro_batch_tokens not in (None, "auto") and self.micro_batch_tokens < 1:
             problems.append(f"model.compute.micro_batch_tokens={self.micro_batch_tokens}: expected a count >= 1, auto "
                             "or null (the whole batch at once)")
-        if not auto and self.checkpoint_layers is not None and (self.checkpoint_layers < 0 or
-                                                                  not self.gradient_checkpointing):
+        counted = self.checkpoint_layers not in ("auto", None)
+        if counted and (self.checkpoint_layers < 0 or not self.checkpointing()):
             problems.append(f"model.compute.checkpoint_layers={self.checkpoint_layers}: needs "
-                            "model.compute.gradient_checkpointing=true and a count >= 0")
-        if self.offload_layers and (self.offload_layers < 0 or not self.gradient_checkpointing):
+                            "model.compute.gradient_checkpointing true or auto, and a count >= 0")
+        offload = self.offload_layers not in ("auto", 0)
+        if offload and (self.offload_layers < 0 or not self.checkpointing()):
             problems.append(f"model.compute.offload_layers={self.offload_layers}: needs "
-                            "model.compute.gradient_checkpointing=true and a count >= 0")
+                            "model.compute.gradient_checkpointing true or auto, and a count >= 0")
         if self.dropout_masks == "regenerate" and not self.fused_lora:
             problems.append("model.compute.dropout_masks=regenerate: needs model.compute.fused_lora=true (the fused "
                             "forward draws the masks again); set it, or dropout_masks keep")
@@ -147,21 +174,23 @@ class Compute:
         if self.dropout_kernel and not self.fused_lora:
             problems.append("model.compute.dropout_kernel=true: needs model.compute.fused_lora=true (the fused forward "
                             "calls the kernels); set it, or dropout_kernel false")
-        if self.keep_dequantized and (not self.fused_lora or self.offload_layers):
+        if self.keep_dequantized is True and (not self.fused_lora or offload):
             problems.append("model.compute.keep_dequantized=true: needs model.compute.fused_lora=true and "
-                            "model.compute.offload_layers=0 (offloaded layers would copy the weights to CPU memory); "
-                            "set them, or keep_dequantized false")
+                            "model.compute.offload_layers 0 or auto (offloaded layers would copy the weights to CPU "
+                            "memory); set them, or keep_dequantized false or auto")
         if self.loss_chunk_size < 1:
             problems.append(f"model.compute.loss_chunk_size={self.loss_chunk_size}: expected >= 1")
         return problems
 
     def regenerate_dropout(self) -> bool:
-        """Whether LoRA dropout draws its masks again in backward (`dropout_masks`, `auto` resolved)."""
+        """Whether LoRA dropout draws its masks again in backward without a plan (`dropout_masks`, `auto` resolved
+        on the plain settings: where some layers keep their activations beside others that recompute or offload)."""
         if self.dropout_masks != "auto":
             return self.dropout_masks == "regenerate"
-        some_layers_keep = self.gradient_checkpointing and (self.checkpoint_layers is not None or
-                                                            self.offload_layers > 0)
-        return self.fused_lora and (some_layers_keep or self.micro_batch_tokens == "auto")
+        plain = self.plain()
+        some_layers_keep = plain.gradient_checkpointing and (plain.checkpoint_layers is not None or
+                                                             plain.offload_layers > 0)
+        return self.fused_lora and bool(some_layers_keep)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":

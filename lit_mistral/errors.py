@@ -22,9 +22,10 @@ def raise_problems(problems: Sequence[str], fix: str, limit: int = 20) -> None:
     raise LitMistralError(f"{len(problems)} {noun} found:\n{shown}{more}\n{fix}")
 
 
-def failure_message(err: BaseException, subcommand: str | None = None) -> tuple[str, int] | None:
+def failure_message(err: BaseException, subcommand: str | None = None,
+                    last_checkpoint: str | None = None) -> tuple[str, int] | None:
     """What to tell the user about a `subcommand` run that failed midway without bad input, and the exit status;
-    None for anything else (it keeps its traceback)."""
+    None for anything else (it keeps its traceback). `last_checkpoint`: the newest checkpoint fit wrote, if any."""
     import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -49,12 +50,18 @@ def failure_message(err: BaseException, subcommand: str | None = None) -> tuple[
         }.get(subcommand, "")).strip(), SIGINT_EXIT_STATUS)
     if isinstance(err, torch.OutOfMemoryError):
         first = str(err).strip().splitlines()[0] if str(err).strip() else "torch.OutOfMemoryError"
-        return (f"error: out of GPU memory ({first[:200]}). Fix: lower --data.batch_size (or --data.max_tokens "
-                "with packing) and raise --trainer.accumulate_grad_batches to keep the examples per step; lower "
-                "--data.max_length; set --model.compute.gradient_checkpointing true (with --model.compute.checkpoint_layers "
-                "higher, null for all layers, or auto to measure what fits), or --model.compute.micro_batch_tokens auto "
-                "(the same batches in parts that fit); configs/qlora-24gb.yaml fits a 24 GB GPU. Checkpoints written "
-                "so far are intact: add --ckpt_path last to continue.", 1)
+        resume = (f"Checkpoints written so far are intact: add --ckpt_path last ({last_checkpoint}) to continue."
+                  if last_checkpoint else "No checkpoint was written yet.")
+        return (f"error: out of GPU memory ({first[:200]}). Fix: leave the memory settings to the plan, which "
+                "chooses what fits at the start of fit (model.compute.gradient_checkpointing, checkpoint_layers, "
+                "offload_layers, micro_batch_tokens, keep_dequantized and dropout_masks all auto, the default), or "
+                "set some of them by hand: --model.compute.keep_dequantized false (the 16-bit weights kept for "
+                "backward), --model.compute.checkpoint_layers higher (null: every layer recomputes), "
+                "--model.compute.offload_layers N (activations in CPU memory), --model.compute.micro_batch_tokens N "
+                "(the same batches in parts); set --model.compute.memory_budget_gib below the GPU's memory (other "
+                "processes on it, fragmentation: the plan keeps that much free of everything else); lower "
+                "--data.max_tokens (or --data.batch_size) and raise --trainer.accumulate_grad_batches to keep the "
+                f"examples per step, or lower --data.max_length. {resume}", 1)
     return None
 
 

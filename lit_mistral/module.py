@@ -17,7 +17,7 @@ from lit_mistral.data.tokenize import IGNORE_INDEX
 from lit_mistral.errors import raise_problems
 from lit_mistral.generation import lifecycle
 from lit_mistral.generation.predictor import Predictor
-from lit_mistral.modeling import autofit, build
+from lit_mistral.modeling import build, plan
 from lit_mistral.modeling.adapters import check_adapter_folder
 from lit_mistral.modeling.attention import packed_kwargs
 from lit_mistral.modeling.loss import linear_cross_entropy
@@ -95,9 +95,7 @@ class QLoRAModule(LightningModule):
         self.model = self.tokenizer = None
         self.predictor: Predictor | None = None
         self.kept_adapter: dict[str, torch.Tensor] | None = None  # adapter weights (CPU) while the model is released
-        self.auto_checkpoint_layers: int | None = None  # `checkpoint_layers: auto`: measured, or from a checkpoint
-        self.auto_micro_tokens: int | None = None  # `micro_batch_tokens: auto`: likewise (None: whole batches)
-        self.auto_micro_restored = False  # auto_micro_tokens came from the checkpoint resumed
+        self.memory_plan: plan.Plan | None = None  # the memory settings fit runs with (`modeling/plan.py`)
         self.losses = LossGuard(optimization.nonfinite)  # non-finite losses; the steps' scalars read back later
         self.step_state = StepState()  # what a training step leaves for the hooks after it
 
@@ -166,9 +164,10 @@ class QLoRAModule(LightningModule):
 
     @property
     def micro_batch_tokens(self) -> int | None:
-        """The part size batches train in (`compute.micro_batch_tokens`, measured if `auto`); None: whole batches."""
-        size = self.spec.compute.micro_batch_tokens
-        return self.auto_micro_tokens if size == "auto" else size
+        """The part size batches train in (the memory plan's, else `compute.micro_batch_tokens`); None: whole."""
+        if self.memory_plan is not None:
+            return self.memory_plan.micro_batch_tokens
+        return self.spec.compute.plain().micro_batch_tokens
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         self.step_state.begin()
@@ -244,7 +243,7 @@ class QLoRAModule(LightningModule):
             self.log("train/grad_norm", norm)
 
     def on_train_start(self) -> None:
-        autofit.fit_memory(self)
+        plan.fit_plan(self)
 
     # -- optimizer ---------------------------------------------------------------------------------------------------
 

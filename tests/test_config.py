@@ -11,7 +11,7 @@ def test_each_group_names_what_is_wrong_with_it():
     assert LoRA().problems() == []
     assert Compute(dtype="float16").problems(quantized=True)[0].startswith("model.compute.dtype=float16 with 4-bit")
     assert Compute(dtype="float16").problems(quantized=False) == []
-    assert "needs model.compute.gradient_checkpointing=true" in Compute(
+    assert "needs model.compute.gradient_checkpointing true or auto" in Compute(
         gradient_checkpointing=False, checkpoint_layers=4).problems(quantized=True)[0]
     assert Optimization(learning_rate=0, warmup_ratio=1.5).problems() == [
         "model.optimization.learning_rate=0: expected > 0",
@@ -21,14 +21,23 @@ def test_each_group_names_what_is_wrong_with_it():
 
 
 def test_dropout_masks_are_drawn_again_where_memory_decides_the_speed():
+    """Without a memory plan (no GPU to measure): `auto` settings are their plain values (every layer recomputes,
+    none offloads, whole batches), and masks are drawn again where some layers keep their activations beside
+    others that recompute or offload."""
     assert not Compute(gradient_checkpointing=False).regenerate_dropout()  # the throughput mode: keep them
     assert not Compute().regenerate_dropout()  # every layer recomputes: a layer's masks live only in its backward
-    assert Compute(checkpoint_layers="auto").regenerate_dropout()
     assert Compute(checkpoint_layers=20).regenerate_dropout()
-    assert Compute(gradient_checkpointing=False, micro_batch_tokens="auto").regenerate_dropout()
-    assert not Compute(checkpoint_layers="auto", dropout_masks="keep").regenerate_dropout()
+    assert Compute(offload_layers=4).regenerate_dropout()
+    assert not Compute(checkpoint_layers=20, dropout_masks="keep").regenerate_dropout()
     assert Compute(gradient_checkpointing=False, dropout_masks="regenerate").regenerate_dropout()
-    assert not Compute(checkpoint_layers="auto", fused_lora=False).regenerate_dropout()
+    assert not Compute(checkpoint_layers=20, fused_lora=False).regenerate_dropout()
+    plain = Compute().plain()
+    assert (plain.gradient_checkpointing, plain.checkpoint_layers, plain.offload_layers, plain.micro_batch_tokens,
+            plain.keep_dequantized) == (True, None, 0, None, False)
+    assert Compute(gradient_checkpointing=False).plain().offload_layers == 0
+    assert Compute().auto() == set(Compute.PLANNED)
+    assert Compute(keep_dequantized=False, micro_batch_tokens=None).auto() == set(Compute.PLANNED) - {
+        "keep_dequantized", "micro_batch_tokens"}
     assert Compute(fused_lora=False, dropout_masks="regenerate").problems(quantized=True) == [
         ("model.compute.dropout_masks=regenerate: needs model.compute.fused_lora=true (the fused forward draws the "
          "masks again); set it, or dropout_masks keep")]

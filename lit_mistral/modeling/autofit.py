@@ -1,20 +1,15 @@
-"""`--model.compute.checkpoint_layers auto`: how many decoder layers recompute their activations, chosen at the start
-of fit by measuring, so that the run is as fast as the memory allows: every layer that keeps its activations saves
-its share of the recomputation (about a third of its forward), and costs its activations' memory.
-`--model.compute.micro_batch_tokens auto`: in how large parts each batch runs (`data.batching.split_batch`): smaller
-parts take less activation memory, so fewer layers need to recompute, but make smaller matrix multiplies and read
-the 4-bit weights once more per part; the sizes tried and their speeds are measured.
+"""The measurements behind the memory plan (`plan.py`): how many decoder layers must recompute their activations
+(`checkpoint_layers`), in how large parts each batch runs (`micro_batch_tokens`), found by training passes on the
+epoch's largest batch measured by the CUDA allocator's peak, and timed where speed decides.
 
-A probe is one forward and backward pass on a real training batch (the epoch's largest; with parts, its largest
-part) with a given number of checkpointed layers, measured by the CUDA allocator's peak. Three to six probes: all
-layers checkpointed (the least memory; if even that does not fit, all it is), an eighth fewer (the memory a layer's
-activations take), then counts where the line through the measured peaks meets the budget, until the count that
-fits and the one that does not are neighbours (`choose_checkpoint_layers`). The budget is
-`--model.compute.memory_budget_gib` or, unset, the memory the process has plus what the GPU has free; the optimizer's
-state (allocated at the first step, outside the probes; the paged optimizers' outside PyTorch's allocator) and a 5%
-margin are kept aside. Part sizes: the whole batch, then halves, each with the layer count it needs; with the layer
-count fixed the largest that fits, else each that fits is timed (one more pass) while smaller parts keep getting
-faster (by 2% at least). The choice is logged, saved in checkpoints and reused when a run resumes."""
+Layers: every layer that keeps its activations saves its share of the recomputation (about a third of its forward),
+and costs its activations' memory. Three to six probes: all layers checkpointed (the least memory; if even that does
+not fit, all it is), an eighth fewer (the memory a layer's activations take), then counts where the line through the
+measured peaks meets the budget, until the count that fits and the one that does not are neighbours
+(`choose_checkpoint_layers`). Parts (`data.batching.split_batch`): smaller parts take less activation memory, so fewer
+layers need to recompute, but make smaller matrix multiplies and read the 4-bit weights once more per part; the whole
+batch, then halves, each with the layer count it needs, each that fits timed (one more pass) while smaller parts keep
+getting faster (by `PARTS_GAIN` at least) and some layers still recompute (`choose_micro_tokens`)."""
 
 import math
 import time
@@ -22,12 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lit_mistral.data.batching import split_batch
-from lit_mistral.modeling.build import checkpointable_layers, set_checkpointing
-
-MARGIN = 0.05  # of the budget, kept free: batches larger than the probe's, allocator fragmentation
+# of the budget, kept free beside the measured peak: the probes measure what the caching allocator hands out, but it
+# holds more (blocks split and cached by size, which a later request of another size cannot reuse), and some memory
+# is taken outside it (CUDA's and the kernels' workspaces); `benchmarks/train/bench_plan.py` reports the gap seen
+MARGIN = 0.05
 # how much faster (one timed pass each) smaller parts must be to be chosen: one timed pass is noisy, and parts a
 # little faster in the probe can train slower than whole batches
 PARTS_GAIN = 0.02
@@ -137,12 +131,10 @@ def choose_micro_tokens(try_size: Callable[[int], Trial], speed: Callable[[Trial
     return best or trials[-1], trials
 
 
-def _training_pass(module, batch: dict, layers: int | None) -> tuple[int | None, float]:
-    """One forward and backward pass of `module` on `batch` (on its device) with the first `layers` decoder layers
-    checkpointed (None: as the model is set up): the CUDA allocator's peak (None if it ran out of memory) and the
-    seconds it took. Gradients are dropped after; the random state (dropout) is left as it was."""
-    if layers is not None:
-        set_checkpointing(module.model, layers, module.spec.compute.offload_layers)
+def _training_pass(module, batch: dict) -> tuple[int | None, float]:
+    """One forward and backward pass of `module` on `batch` (on its device), as the model is set up (`plan.apply`):
+    the CUDA allocator's peak (None if it ran out of memory) and the seconds it took. Gradients are dropped after;
+    the random state (dropout) is left as it was."""
     device = module.device
     with torch.random.fork_rng(devices=[device]):
         try:
@@ -163,16 +155,15 @@ def _training_pass(module, batch: dict, layers: int | None) -> tuple[int | None,
             torch.cuda.empty_cache()
 
 
-def probe_peak(module, batch: dict, layers: int | None) -> int | None:
-    """The peak memory of a training pass on `batch` with `layers` layers checkpointed (None: as set up); None: out
-    of memory."""
-    return _training_pass(module, batch, layers)[0]
+def probe_peak(module, batch: dict) -> int | None:
+    """The peak memory of a training pass on `batch` as the model is set up; None: out of memory."""
+    return _training_pass(module, batch)[0]
 
 
-def probe_speed(module, batch: dict, layers: int) -> float:
-    """Tokens per second of a training pass on `batch` (laid-out tokens) with `layers` layers checkpointed, timed
-    after the memory probes at the same shapes (so not the first pass of its kind)."""
-    return batch["input_ids"].numel() / _training_pass(module, batch, layers)[1]
+def probe_speed(module, batch: dict) -> float:
+    """Tokens per second of a training pass on `batch` (laid-out tokens) as the model is set up, timed after the
+    memory probes at the same shapes (so not the first pass of its kind)."""
+    return batch["input_ids"].numel() / _training_pass(module, batch)[1]
 
 
 def can_measure(device: torch.device) -> bool:
@@ -180,102 +171,16 @@ def can_measure(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def budget_bytes(device: torch.device, gib: float | None) -> int:
-    """`gib` GiB, or what this process holds on `device` plus what is free there."""
-    if gib is not None:
-        return int(gib * 2**30)
+def budget_bytes(device: torch.device, gib: float | None) -> tuple[int, str]:
+    """What the run may take on `device`: `gib` GiB, or less if the GPU has less free (what this process holds plus
+    what is free there); and where that comes from, for the log."""
     free, _ = torch.cuda.mem_get_info(device)
-    return torch.cuda.memory_allocated(device) + free
-
-
-def fit_memory(module) -> None:
-    """`compute.checkpoint_layers: auto` and/or `compute.micro_batch_tokens: auto` for `module` (a `QLoRAModule` at
-    the start of fit; nothing if neither is asked for): measure (or take from the checkpoint resumed) how many layers
-    must recompute their activations and in how large parts a batch runs, and set them; the same choice on every
-    process."""
-    compute = module.spec.compute
-    auto_layers = compute.checkpoint_layers == "auto" and compute.gradient_checkpointing
-    auto_micro = compute.micro_batch_tokens == "auto"
-    if not (auto_layers or auto_micro):
-        return  # nothing to choose: the settings say it all
-    count = len(checkpointable_layers(module.model))
-    offload = min(compute.offload_layers, count)
-    total = count - offload  # the layers that may recompute: all but the offloaded ones
-    of = f"{count} ({offload} offloading theirs to CPU memory)" if offload else str(count)  # for the log
-    # what stays fixed: the configured layer count (None: all; no checkpointing: none), the configured part size
-    layers = (module.auto_checkpoint_layers if auto_layers else
-              total if compute.gradient_checkpointing and compute.checkpoint_layers is None else
-              compute.checkpoint_layers if compute.gradient_checkpointing else 0)
-    size = module.auto_micro_tokens if auto_micro else compute.micro_batch_tokens
-    how = "from the checkpoint resumed"
-    if (auto_layers and layers is None) or (auto_micro and not module.auto_micro_restored):
-        if not can_measure(module.device):
-            layers, size = (total if auto_layers else layers), (None if auto_micro else size)
-            how = "no GPU memory to measure: " + ("every layer, " if auto_layers else "") + "whole batches"
-        else:
-            layers, size, how = _measure(module, total, layers, size, auto_layers, auto_micro)
-    # every process takes the most cautious choice (their batches and free memory differ)
-    if auto_layers:
-        layers = int(module.trainer.strategy.reduce(torch.tensor(layers, device=module.device), reduce_op="max"))
-        module.auto_checkpoint_layers = layers
-        set_checkpointing(module.model, layers, compute.offload_layers)
-        rank_zero_info(f"model.compute.checkpoint_layers=auto: {layers} of {of} decoder layers recompute their "
-                       f"activations ({how}).")
-    if auto_micro:
-        whole = 2**62  # stands for None (whole batches) in the reduction
-        size = -int(module.trainer.strategy.reduce(torch.tensor(-(size or whole), device=module.device),
-                                                   reduce_op="max"))
-        size = None if size == whole else size
-        module.auto_micro_tokens = size
-        shown = "whole batches" if size is None else f"parts of at most {size:,} tokens"
-        rank_zero_info(f"model.compute.micro_batch_tokens=auto: {shown}, {layers} of {of} decoder layers "
-                       f"recomputing their activations ({how}).")
-
-
-def _measure(module, total: int, layers: int | None, size: int | None, auto_layers: bool,
-             auto_micro: bool) -> tuple[int, int | None, str]:
-    """The measurement behind `fit_memory`, on the epoch's largest batch: (layers, part size, what was seen)."""
-    batch = module.trainer.strategy.batch_to_device(largest_batch(module.trainer))
-    budget = budget_bytes(module.device, module.spec.compute.memory_budget_gib)
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    reserve = 8 * trainable + int(MARGIN * budget)  # Adam's two float32 moments, and a margin
-    module.model.train()
-
-    def largest_part(tokens: int | None) -> dict:
-        parts = [batch] if tokens is None else split_batch(batch, tokens)
-        return max(parts, key=lambda part: part["input_ids"].numel())
-
-    def try_size(tokens: int | None) -> Trial:
-        part = largest_part(tokens)
-        if auto_layers:
-            n, probes = choose_checkpoint_layers(lambda k: probe_peak(module, part, k), total, budget, reserve)
-        else:
-            n, probes = layers, [(layers, probe_peak(module, part, None))]  # as configured
-        fits = any(k == n and peak is not None and peak + reserve <= budget for k, peak in probes)
-        return Trial(tokens, n, fits, probes)
-
-    def shown(probes) -> str:
-        return ", ".join(f"{n}: {'out of memory' if p is None else f'{p / 2**30:.1f} GiB'}" for n, p in probes)
-
-    laid_out = batch["input_ids"].numel()
-    if not auto_micro:
-        trial = try_size(size)
-        choice, how = trial, f"measured against {budget / 2**30:.1f} GiB ({shown(trial.probes)})"
-    else:
-        longest = batch["max_length"] if "cu_seq_lens" in batch else laid_out // len(batch["input_ids"])
-        speed = (lambda t: probe_speed(module, largest_part(t.size), t.layers)) if auto_layers else None
-        choice, trials = choose_micro_tokens(try_size, speed, part_sizes(laid_out, longest))
-        how = f"measured against {budget / 2**30:.1f} GiB: " + "; ".join(
-            f"{t.size:,} tokens: {shown(t.probes)}" + (f", {t.speed:,.0f} tokens/s" if t.speed else "")
-            for t in trials)
-        if choice.size == laid_out:
-            choice.size = None  # the whole batch fits: no parts
-    if not choice.fits:
-        part = largest_part(choice.size)["input_ids"].numel()
-        rank_zero_warn(f"model.compute: a training pass over {part} tokens with {choice.layers} of {total} decoder "
-                       f"layers recomputing may not fit {budget / 2**30:.1f} GiB (measured: {how}). Fix: lower "
-                       "--data.max_tokens (or --data.batch_size), or set --model.compute.micro_batch_tokens.")
-    return choice.layers, choice.size, how
+    available = torch.cuda.memory_allocated(device) + free
+    if gib is None:
+        return available, "free on the GPU"
+    if available < gib * 2**30:
+        return available, f"memory_budget_gib {gib:g}, but only that much free on the GPU"
+    return int(gib * 2**30), "memory_budget_gib"
 
 
 def largest_batch(trainer) -> dict:

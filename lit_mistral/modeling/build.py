@@ -152,10 +152,9 @@ def prepare_base(model, spec: ModelSpec, device: torch.device, training: bool):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if spec.compute.kernels and (training or device.type == "cuda"):
         apply_kernels(model, required=training)
-    if spec.compute.gradient_checkpointing:
-        layers = spec.compute.checkpoint_layers
-        # auto: all but the offloaded until fit measures (autofit.py)
-        set_checkpointing(model, None if layers == "auto" else layers, spec.compute.offload_layers)
+    compute = spec.compute.plain()  # `auto` settings as their plain values until fit's memory plan (plan.py)
+    if compute.gradient_checkpointing:
+        set_checkpointing(model, compute.checkpoint_layers, compute.offload_layers)
     return model
 
 
@@ -171,8 +170,9 @@ def wrap(model, spec: ModelSpec):
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **spec.lora.peft_kwargs()))
     compute = spec.compute
     if compute.fused_lora:
+        # `keep_dequantized: auto` is off until fit's memory plan (plan.py)
         use_fused_lora(model, compute.regenerate_dropout(), compute.shared_dropout, compute.dropout_kernel,
-                       compute.keep_dequantized)
+                       compute.keep_dequantized is True)
     return model
 
 
@@ -187,7 +187,7 @@ def build_notes(spec: ModelSpec, device: torch.device, training: bool) -> str:
         notes += "; one LoRA dropout mask per shared input (q/k/v, gate/up)"
     if kernel:
         notes += "; LoRA dropout inside the multiply by A (Triton kernels), its masks kept as bits"
-    if training and compute.fused_lora and compute.keep_dequantized and spec.quantization.method:
+    if training and compute.fused_lora and compute.keep_dequantized is True and spec.quantization.method:
         notes += "; 4-bit weights dequantized once per layer and step (kept for backward)"
     return notes
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import DEMO_DATA, ROOT, cli_args, run_cli
 
+from lit_mistral.errors import failure_message
 from lit_mistral.module import QLoRAModule
 
 STEPS, PAUSE_AT = 8, 3  # 5 batches per epoch: the interruption is mid-epoch and the run crosses an epoch boundary
@@ -179,10 +180,14 @@ def test_out_of_memory_gives_the_settings_that_lower_it(tiny_model_dir, tmp_path
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "Traceback" not in err
     assert ("lit_mistral: error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
-            "capacity of 23.55 GiB of which 1.02 GiB is free.). Fix: lower --data.batch_size") in err
-    for advice in ("--trainer.accumulate_grad_batches", "--data.max_length", "--model.compute.gradient_checkpointing true",
-                   "--model.compute.micro_batch_tokens auto", "configs/qlora-24gb.yaml", "--ckpt_path last"):
+            "capacity of 23.55 GiB of which 1.02 GiB is free.). Fix: leave the memory settings to the plan") in err
+    for advice in ("--model.compute.keep_dequantized false", "--model.compute.checkpoint_layers",
+                   "--model.compute.offload_layers", "--model.compute.micro_batch_tokens",
+                   "--model.compute.memory_budget_gib", "--trainer.accumulate_grad_batches", "--data.max_length",
+                   "No checkpoint was written yet."):
         assert advice in err
+    message, _ = failure_message(torch.OutOfMemoryError("CUDA out of memory."), "fit", "/runs/version_0/last.ckpt")
+    assert message.endswith("add --ckpt_path last (/runs/version_0/last.ckpt) to continue.")
     assert not list(tmp_path.glob("lightning_logs/*"))  # the run never started: no run folder
 
 

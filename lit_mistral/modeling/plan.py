@@ -1,0 +1,381 @@
+"""The memory plan: at the start of fit on one GPU, the fastest setting of everything that trades GPU memory for speed
+without changing what is trained - which decoder layers recompute their activations (`checkpoint_layers`), which keep
+them in CPU memory (`offload_layers`), in how large parts a batch runs (`micro_batch_tokens`), whether the 16-bit
+weights are kept for backward (`keep_dequantized`), and whether dropout masks are kept or drawn again
+(`dropout_masks`) - that fits the budget (`memory_budget_gib`, else the GPU's free memory) for the epoch's largest
+batch. Dropout sharing, packing, the token budget and LoRA are never touched. A setting given in the config wins.
+
+Tried fastest first, each by a training pass on the largest batch (the allocator's peak) where memory must be
+measured, by the model's sizes where they are exact:
+1. nothing recomputes, whole batches: one pass. `keep_dequantized` on top where it fits: it holds exactly the 16-bit
+   weights of the layers that keep their activations (plus one layer's, while a recomputing layer's backward runs).
+2. else as few layers recompute as fit (`autofit.choose_checkpoint_layers`), in parts where parts are faster
+   (`autofit.choose_micro_tokens`, timed), dropout masks drawn again (they take memory a layer's activations could
+   take); then some of the recomputing layers keep their activations in CPU memory instead, where enough others are
+   left to hide the copies and the CPU has the memory; `keep_dequantized` where it fits on top (not with offloading).
+3. else fit stops before its first step, saying what the smallest plan needs and what would lower it.
+The optimizer's state (allocated at the first step, after the probes) is exact and kept aside, with a margin for the
+allocator's fragmentation (`autofit.MARGIN`). The choice is logged in one line, kept in checkpoints and reused when
+the run resumes (no probes). Without a GPU to measure, or under `fsdp_qlora`, the plan is the plain settings
+(`Compute.plain`) and the log says so."""
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_mistral.config import Compute
+from lit_mistral.data.batching import split_batch
+from lit_mistral.errors import LitMistralError
+from lit_mistral.modeling import autofit
+from lit_mistral.modeling.build import checkpointable_layers, set_checkpointing
+
+# Offloaded layers are spread among the recomputing ones, whose work hides their copies to the CPU and back: at least
+# this many layers that would recompute per layer offloaded (fewer left the copies exposed, slower than recomputing:
+# BENCHMARKS.md, the 16 GiB mode), and at most `OFFLOAD_MAX` (past that the link, not the GPU, sets the pace).
+OFFLOAD_SPREAD = 3
+OFFLOAD_MAX = 8
+# CPU memory kept free beside the pinned copies of offloaded activations (pinned pages cannot be swapped out): the
+# offloaded layers may take at most this share of what the CPU has available
+OFFLOAD_CPU_SHARE = 0.5
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a probe runs with: `recompute` decoder layers recomputing, `offload` keeping their activations in CPU
+    memory (the rest keep them on the GPU), batches in parts of `size` tokens (None: whole), dropout masks drawn
+    again in backward (`regenerate`)."""
+
+    recompute: int
+    offload: int = 0
+    size: int | None = None
+    regenerate: bool = False
+
+
+@dataclass
+class Plan:
+    """The chosen settings, what they are predicted to take at the peak (the measured pass, the exact extras, the
+    optimizer's state; bytes, None where not measured), the budget (bytes) and how they were found."""
+
+    checkpoint_layers: int
+    offload_layers: int
+    micro_batch_tokens: int | None
+    keep_dequantized: bool
+    regenerate_dropout: bool
+    peak: int | None = None
+    budget: int | None = None
+    how: str = ""
+
+    def record(self) -> dict:
+        """What a checkpoint keeps (`from_record` reads it back)."""
+        return {k: v for k, v in asdict(self).items() if k != "how"}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Plan":
+        return cls(**{k: record.get(k) for k in ("checkpoint_layers", "offload_layers", "micro_batch_tokens",
+                                                 "keep_dequantized", "regenerate_dropout", "peak", "budget")},
+                   how="from the checkpoint resumed")
+
+
+@dataclass
+class Facts:
+    """What the plan knows exactly: decoder layers, bytes of one layer's 16-bit weights that `keep_dequantized`
+    holds (0: it cannot: no fused LoRA or no 4-bit base), bytes kept aside (optimizer state and margin), the budget
+    (bytes), the largest batch's laid-out tokens and its longest example, and CPU memory available for offloading."""
+
+    layers: int
+    weights16: int
+    reserve: int
+    budget: int
+    tokens: int
+    longest: int
+    cpu_free: int
+
+
+def fixed_settings(compute: Compute) -> list[str]:
+    """The settings of `Compute.PLANNED` given in the config, as `name=value`, for the log."""
+    return [f"{name}={str(getattr(compute, name)).lower()}" for name in Compute.PLANNED
+            if getattr(compute, name) != "auto"]
+
+
+def plain_plan(compute: Compute, layers: int, how: str) -> Plan:
+    """The plan that is the plain settings (`Compute.plain`)."""
+    plain = compute.plain()
+    offload = min(plain.offload_layers, layers) if plain.gradient_checkpointing else 0
+    recompute = 0 if not plain.gradient_checkpointing else (
+        layers - offload if plain.checkpoint_layers is None else min(plain.checkpoint_layers, layers - offload))
+    return Plan(recompute, offload, plain.micro_batch_tokens, bool(plain.keep_dequantized),
+                compute.regenerate_dropout(), how=how)
+
+
+def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], float] | None, facts: Facts,
+           compute: Compute) -> Plan:
+    """The fastest plan that fits (see the module's docstring), or a `LitMistralError` if none does. `probe(layout)`
+    is the peak (bytes) of a training pass laid out so, None if it ran out of memory; `speed(layout)` its tokens/s
+    (None: part sizes are not timed). Settings given in `compute` (not `auto`) are kept as given."""
+    n, limit = facts.layers, facts.budget - facts.reserve
+    peaks: dict[Layout, int | None] = {}
+
+    def measure(layout: Layout) -> int | None:  # each layout probed once
+        if layout not in peaks:
+            peaks[layout] = probe(layout)
+        return peaks[layout]
+
+    checkpointing = compute.checkpointing()
+    masks = None if compute.dropout_masks == "auto" else compute.dropout_masks == "regenerate"
+    kd_given = None if compute.keep_dequantized == "auto" else compute.keep_dequantized
+    offload_given = 0 if not checkpointing or kd_given else (
+        None if compute.offload_layers == "auto" else min(compute.offload_layers, n))
+    movable = n - (offload_given or 0)  # layers that may recompute
+    layers_given = 0 if not checkpointing else (
+        None if compute.checkpoint_layers == "auto" else movable if compute.checkpoint_layers is None
+        else min(compute.checkpoint_layers, movable))
+    if compute.micro_batch_tokens == "auto":
+        sizes = [None if s == facts.tokens else s for s in autofit.part_sizes(facts.tokens, facts.longest)]
+    else:
+        sizes = [compute.micro_batch_tokens]
+
+    def weights(recompute: int, offload: int) -> int:
+        """Bytes of the 16-bit weights kept for backward: those of the layers that keep their activations on the
+        GPU, and one recomputing layer's at a time."""
+        return facts.weights16 * (n - recompute - offload + (1 if recompute else 0))
+
+    def with_weights(peak: int, recompute: int, offload: int) -> tuple[bool, int]:
+        """Whether the 16-bit weights are kept for backward, and the peak with them."""
+        extra = weights(recompute, offload)
+        keep = kd_given if kd_given is not None else (
+            facts.weights16 > 0 and offload == 0 and peak + extra <= limit)
+        return bool(keep), peak + (extra if keep else 0)
+
+    def fits(peak: int | None, recompute: int, offload: int) -> bool:
+        return peak is not None and with_weights(peak, recompute, offload)[1] <= limit
+
+    def plan(recompute: int, offload: int, size: int | None, regenerate: bool, peak: int, how: str) -> Plan:
+        keep, peak = with_weights(peak, recompute, offload)
+        return Plan(recompute, offload, size, keep, regenerate, peak + facts.reserve, facts.budget, how)
+
+    # 1. nothing recomputes, whole batches (or the part size given)
+    if layers_given in (None, 0) and not offload_given:
+        layout = Layout(0, 0, sizes[0], bool(masks))
+        peak = measure(layout)
+        if fits(peak, 0, 0):
+            return plan(0, 0, sizes[0], layout.regenerate, peak, "nothing recomputes")
+
+    # 2. as few layers recompute as fit, in the fastest part size that fits
+    regenerate = True if masks is None else masks
+    offload = offload_given or 0
+
+    def try_size(size: int | None) -> autofit.Trial:
+        def at(layers: int) -> int | None:  # with the weights `keep_dequantized: true` holds
+            peak = measure(Layout(layers, offload, size, regenerate))
+            return peak if peak is None or not kd_given else peak + weights(layers, offload)
+        if layers_given is None:
+            layers, probes = autofit.choose_checkpoint_layers(at, movable, facts.budget, facts.reserve)
+        else:
+            layers, probes = layers_given, [(layers_given, at(layers_given))]
+        fits = any(k == layers and p is not None and p <= limit for k, p in probes)
+        return autofit.Trial(size, layers, fits, probes)
+
+    timed = None if speed is None or layers_given is not None or len(sizes) == 1 else (
+        lambda trial: speed(Layout(trial.layers, offload, trial.size, regenerate)))
+    choice, trials = autofit.choose_micro_tokens(try_size, timed, sizes)
+    if not choice.fits:
+        raise LitMistralError(refusal(facts, compute, peaks))
+    recompute, size = choice.layers, choice.size
+    peak = peaks[Layout(recompute, offload, size, regenerate)]
+
+    # 3. some of the recomputing layers offload instead, where enough others hide the copies
+    if offload_given is None and layers_given is None and recompute >= OFFLOAD_SPREAD:
+        per_layer = _bytes_per_layer(choice.probes)
+        count = min(OFFLOAD_MAX, recompute // OFFLOAD_SPREAD)
+        if per_layer:
+            count = min(count, int(OFFLOAD_CPU_SHARE * facts.cpu_free // per_layer))
+        if count > 0:
+            for layers in range(recompute - count, recompute - count + 2):  # the same kept, else one fewer kept
+                found = measure(Layout(layers, count, size, regenerate))
+                if fits(found, layers, count):
+                    recompute, offload, peak = layers, count, found
+                    break
+    shown = "whole batches" if size is None else f"parts of {size:,} tokens"
+    return plan(recompute, offload, size, regenerate, peak, f"{len(peaks)} probes; {shown}")
+
+
+def _bytes_per_layer(probes: list[tuple[int, int | None]]) -> int | None:
+    """The largest measured bytes per layer that keeps its activations, from probes (recomputing layers, peak)."""
+    known = sorted((k, p) for k, p in probes if p is not None)
+    slopes = [(p1 - p2) / (k2 - k1) for (k1, p1), (k2, p2) in zip(known, known[1:]) if k2 != k1]
+    return int(max(slopes)) if slopes and max(slopes) > 0 else None
+
+
+def refusal(facts: Facts, compute: Compute, peaks: dict[Layout, int | None]) -> str:
+    """Why no plan fits: the budget, what the smallest plan measured needs, and what would lower it."""
+    measured = [p for p in peaks.values() if p is not None]
+    need = (f"the smallest plan tried needs {(min(measured) + facts.reserve) / GIB:.1f} GiB" if measured else
+            "every plan tried ran out of the GPU's memory")
+    smallest = min(peaks, key=lambda layout: (layout.size or facts.tokens, -layout.recompute))
+    part = f"parts of {smallest.size:,} tokens" if smallest.size else "whole batches"
+    given = fixed_settings(compute)
+    unset = (f"; or leave model.compute.{{{','.join(s.split('=')[0] for s in given)}}} auto (set in the config: "
+             f"{', '.join(given)})") if given else ""
+    return (f"model.compute: no memory plan fits {facts.budget / GIB:.1f} GiB for the epoch's largest batch "
+            f"({facts.tokens:,} tokens, its longest example {facts.longest:,}): {need} ({smallest.recompute} of "
+            f"{facts.layers} decoder layers recomputing, {part}), with {facts.reserve / GIB:.1f} GiB kept for the "
+            "optimizer's state and the allocator. Fix: lower --data.max_tokens (or --data.batch_size), or "
+            "--data.max_length (the longest example bounds the smallest part); adapt fewer --model.lora."
+            "target_modules or lower --model.lora.r; or raise --model.compute.memory_budget_gib if the GPU has more"
+            f"{unset}. Nothing was trained yet.")
+
+
+def describe(plan: Plan, facts_layers: int, compute: Compute) -> str:
+    """The plan as one log line: the chosen values, the predicted peak, and the settings the config gave."""
+    kept = facts_layers - plan.checkpoint_layers - plan.offload_layers
+    layers = f"{plan.checkpoint_layers} of {facts_layers} decoder layers recompute"
+    if plan.offload_layers:
+        layers += f", {plan.offload_layers} keep their activations in CPU memory"
+    layers += f", {kept} on the GPU"
+    parts = "whole batches" if plan.micro_batch_tokens is None else f"parts of {plan.micro_batch_tokens:,} tokens"
+    weights = "16-bit weights kept for backward" if plan.keep_dequantized else "weights dequantized again in backward"
+    masks = "dropout masks drawn again" if plan.regenerate_dropout else "dropout masks kept"
+    peak = "" if plan.peak is None else f"; predicted peak {plan.peak / GIB:.1f} of {plan.budget / GIB:.1f} GiB"
+    given = fixed_settings(compute)
+    wins = f"; set in the config, kept: {', '.join(given)}" if given else ""
+    return f"model.compute plan: {layers}; {parts}; {weights}; {masks}{peak} ({plan.how}){wins}."
+
+
+def apply(model: torch.nn.Module, plan: Plan | Layout, keep_dequantized: bool | None = None) -> None:
+    """Set `model` up as `plan` (or a probe's layout) says: which layers recompute or offload (`set_checkpointing`),
+    and the fused LoRA layers' dropout masks and kept weights."""
+    if isinstance(plan, Layout):
+        layers, offload, regenerate = plan.recompute, plan.offload, plan.regenerate
+    else:
+        layers, offload, regenerate = plan.checkpoint_layers, plan.offload_layers, plan.regenerate_dropout
+        keep_dequantized = plan.keep_dequantized
+    set_checkpointing(model, layers, offload)
+    for module in model.modules():
+        if "_regenerate_dropout" in module.__dict__:
+            module._regenerate_dropout = regenerate
+            if keep_dequantized is not None:
+                module._keep_dequantized = keep_dequantized
+
+
+def weights16_per_layer(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of the 16-bit weights `keep_dequantized` holds for one decoder layer (the largest): its 4-bit bases
+    that have the fused LoRA forward; 0 where there are none."""
+    sizes = [0]
+    for block in checkpointable_layers(model):
+        total = 0
+        for module in block.modules():
+            if "_keep_dequantized" in module.__dict__:
+                base = module.get_base_layer()
+                if type(base).__name__ == "Linear4bit":
+                    total += base.in_features * base.out_features * dtype.itemsize
+        sizes.append(total)
+    return max(sizes)
+
+
+def optimizer_state_bytes(optimizer: str, trainable: int) -> int:
+    """The optimizer's state for `trainable` parameters: AdamW's two moments, in float32 or 8 bits."""
+    return (2 if "8bit" in optimizer else 8) * trainable
+
+
+def cpu_available() -> int:
+    """Bytes of CPU memory available (Linux's MemAvailable; else the free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def override(plan: Plan, compute: Compute, layers: int) -> Plan:
+    """A kept plan with the settings the config now gives in their place (they win)."""
+    given = plain_plan(compute, layers, plan.how)
+    changes = {}
+    if compute.gradient_checkpointing is False or compute.checkpoint_layers != "auto":
+        changes["checkpoint_layers"] = given.checkpoint_layers
+    if compute.gradient_checkpointing is False or compute.offload_layers != "auto":
+        changes["offload_layers"] = given.offload_layers
+    if compute.micro_batch_tokens != "auto":
+        changes["micro_batch_tokens"] = given.micro_batch_tokens
+    if compute.keep_dequantized != "auto":
+        changes["keep_dequantized"] = given.keep_dequantized
+    if compute.dropout_masks != "auto":
+        changes["regenerate_dropout"] = given.regenerate_dropout
+    return replace(plan, **changes)
+
+
+def agree(plan: Plan, strategy, device: torch.device) -> Plan:
+    """The most cautious of every process's plan, field by field (their batches and free memory differ): the most
+    layers recomputing and offloading, the smallest parts, weights kept only if all keep them, masks drawn again if
+    any draws them."""
+    def most(value: int) -> int:
+        return int(strategy.reduce(torch.tensor(value, device=device), reduce_op="max"))
+
+    whole = 2**62  # stands for None (whole batches)
+    size = -most(-(plan.micro_batch_tokens or whole))
+    return replace(plan, checkpoint_layers=most(plan.checkpoint_layers), offload_layers=most(plan.offload_layers),
+                   micro_batch_tokens=None if size == whole else size,
+                   keep_dequantized=not most(int(not plan.keep_dequantized)),
+                   regenerate_dropout=bool(most(int(plan.regenerate_dropout))))
+
+
+def fit_plan(module) -> Plan:
+    """Make (or take from the checkpoint resumed) the plan of `module` (a `QLoRAModule` at the start of fit), set
+    the model up by it, log it in one line and keep it on the module (`memory_plan`, which checkpoints save)."""
+    compute, model = module.spec.compute, module.model
+    layers = len(checkpointable_layers(model))
+    started = time.perf_counter()
+    if module.memory_plan is not None:
+        plan = override(module.memory_plan, compute, layers)
+    elif not compute.auto():
+        plan = plain_plan(compute, layers, "every setting given in the config")
+    elif not autofit.can_measure(module.device) or module.sharded:
+        why = "fsdp_qlora: each GPU cannot measure alone" if module.sharded else "no GPU memory to measure"
+        plan = plain_plan(compute, layers, f"{why}: the plain settings")
+    else:
+        plan = _measure(module, compute, layers)
+        plan.how += f", {time.perf_counter() - started:.1f} s"
+    if module.trainer.world_size > 1:
+        plan = agree(plan, module.trainer.strategy, module.device)
+    apply(model, plan)
+    module.memory_plan = plan
+    rank_zero_info(describe(plan, layers, compute))
+    return plan
+
+
+def _measure(module, compute: Compute, layers: int) -> Plan:
+    """`choose` with the probes run on the epoch's largest batch on the GPU."""
+    batch = module.trainer.strategy.batch_to_device(autofit.largest_batch(module.trainer))
+    budget, source = autofit.budget_bytes(module.device, compute.memory_budget_gib)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    reserve = optimizer_state_bytes(module.optimization.optimizer, trainable) + int(autofit.MARGIN * budget)
+    tokens = batch["input_ids"].numel()
+    longest = int(batch["max_length"]) if "cu_seq_lens" in batch else batch["input_ids"].shape[-1]
+    quantized = module.spec.quantization.method is not None
+    weights16 = weights16_per_layer(module.model, compute.torch_dtype(module.device)) if quantized else 0
+    facts = Facts(layers, weights16, reserve, budget, tokens, longest, cpu_available())
+    module.model.train()
+
+    def part(size: int | None) -> dict:
+        parts = [batch] if size is None else split_batch(batch, size)
+        return max(parts, key=lambda p: p["input_ids"].numel())
+
+    def probe(layout: Layout) -> int | None:
+        apply(module.model, layout, keep_dequantized=False)
+        return autofit.probe_peak(module, part(layout.size))
+
+    def speed(layout: Layout) -> float:
+        apply(module.model, layout, keep_dequantized=False)
+        return autofit.probe_speed(module, part(layout.size))
+
+    plan = choose(probe, speed, facts, compute)
+    plan.how = f"measured against {budget / GIB:.1f} GiB, {source}, on the largest batch of {tokens:,} tokens: " \
+               + plan.how
+    return plan

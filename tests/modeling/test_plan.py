@@ -1,0 +1,171 @@
+"""The memory plan (`modeling/plan.py`): its choice at each budget from a memory model shaped like Mistral-7B's at
+16,384 tokens per step (the probes replaced by the model), settings given in the config winning, the refusal when
+nothing fits, and a fit that plans, logs, saves its plan and reuses it on resume."""
+
+import pytest
+import torch
+from conftest import fit_checkpointed, make_module
+
+from lit_mistral.config import Compute
+from lit_mistral.data.datamodule import InstructionDataModule
+from lit_mistral.errors import LitMistralError
+from lit_mistral.modeling import autofit, plan
+from lit_mistral.modeling.plan import Facts, Layout
+
+GIB = 2**30
+LAYERS, TOKENS = 32, 16_384
+
+
+def peak_gib(layout: Layout) -> float:
+    """Mistral-7B-like: the 4-bit base, adapters and their gradients (fixed); per token share, the layers'
+    boundaries and one recomputing layer's working memory, each layer that keeps its activations on the GPU (less
+    with the masks drawn again), a little per offloaded layer and one in flight."""
+    share = (layout.size or TOKENS) / TOKENS
+    kept = LAYERS - layout.recompute - layout.offload
+    offloaded = 0.02 * layout.offload + (0.3 if layout.offload else 0)
+    return 4.5 + share * (6.8 + kept * (1.55 if layout.regenerate else 2.0) + offloaded)
+
+
+def speed(layout: Layout) -> float:
+    """Recomputing a layer costs a third of its forward; smaller parts run slower (smaller multiplies, more
+    launches)."""
+    parts = {None: 1.0, 8192: 0.95, 4096: 0.75, 2048: 0.5}[layout.size]
+    return parts / (1 + layout.recompute / LAYERS / 3)
+
+
+def facts(budget_gib: float, cpu_gib: float = 200) -> Facts:
+    budget = int(budget_gib * GIB)
+    reserve = plan.optimizer_state_bytes("adamw", 21_000_000) + int(autofit.MARGIN * budget)
+    return Facts(LAYERS, int(0.406 * GIB), reserve, budget, TOKENS, 2048, int(cpu_gib * GIB))
+
+
+def choose(budget_gib: float, calls: list | None = None, cpu_gib: float = 200, **compute):
+    def probe(layout):
+        if calls is not None:
+            calls.append(layout)
+        return int(peak_gib(layout) * GIB)
+    return plan.choose(probe, speed, facts(budget_gib, cpu_gib), Compute(**compute))
+
+
+@pytest.mark.parametrize(("budget", "chosen", "probes"), [
+    # (recompute, offload, part tokens, keep_dequantized, masks drawn again)
+    (141, (0, 0, None, True, False), 1),  # everything fits, the 16-bit weights too: one probe
+    (80, (0, 0, None, False, False), 1),  # nothing recomputes, but the weights do not fit beside it
+    (40, (0, 0, 8192, False, True), 8),  # halves of the batch keep every layer's activations: faster than recomputing
+    (24, (10, 4, 8192, False, True), 14),  # halves, 14 recomputing, 4 of them offloading instead
+    (16, (22, 8, None, False, True), 10),  # qlora-16gb's choice: 22 recompute, 8 offload, 2 keep theirs
+    (8, (22, 8, 4096, False, True), 12),  # only quarters fit
+])
+def test_the_fastest_plan_that_fits_each_budget(budget, chosen, probes):
+    calls = []
+    made = choose(budget, calls)
+    assert (made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens, made.keep_dequantized,
+            made.regenerate_dropout) == chosen
+    assert len(calls) == len(set(calls)) == probes  # each layout probed once
+    assert made.peak <= made.budget == int(budget * GIB)
+    weights = 0.406 * (LAYERS + 0) if made.keep_dequantized else 0
+    layout = Layout(made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens, made.regenerate_dropout)
+    assert made.peak / GIB == pytest.approx(peak_gib(layout) + weights + facts(budget).reserve / GIB, abs=1e-6)
+
+
+def test_no_offloading_without_the_cpu_memory_for_it():
+    made = choose(16, cpu_gib=7)  # two layers' activations at most (half of what is available)
+    assert (made.checkpoint_layers, made.offload_layers) == (28, 2)
+    assert choose(16, cpu_gib=0).offload_layers == 0
+
+
+def test_settings_given_in_the_config_win():
+    made = choose(141, keep_dequantized=False)
+    assert (made.checkpoint_layers, made.keep_dequantized) == (0, False)
+    made = choose(80, checkpoint_layers=None)  # every layer recomputes, as given: no layer search, no offloading
+    assert (made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens) == (32, 0, None)
+    made = choose(24, gradient_checkpointing=False)  # nothing recomputes or offloads: smaller parts instead
+    assert (made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens) == (0, 0, 4096)
+    made = choose(16, micro_batch_tokens=None, offload_layers=0, dropout_masks="keep")
+    assert (made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens, made.regenerate_dropout) == (
+        31, 0, None, False)  # masks kept: a layer's activations take more, so one fewer layer keeps them
+    made = choose(24, keep_dequantized=True)  # its weights counted in, and no offloading beside it
+    assert made.keep_dequantized and made.offload_layers == 0 and made.peak <= made.budget
+    line = plan.describe(made, LAYERS, Compute(keep_dequantized=True))
+    assert line.endswith("set in the config, kept: keep_dequantized=true.") and "predicted peak" in line
+
+
+def test_refuses_before_the_first_step_when_nothing_fits():
+    with pytest.raises(LitMistralError) as refused:
+        choose(5)
+    message = str(refused.value)
+    assert message.startswith("model.compute: no memory plan fits 5.0 GiB for the epoch's largest batch (16,384 "
+                              "tokens, its longest example 2,048): the smallest plan tried needs 5.8 GiB (32 of 32 "
+                              "decoder layers recomputing, parts of 2,048 tokens)")
+    for fix in ("--data.max_tokens", "--data.max_length", "--model.lora.target_modules", "--model.lora.r",
+                "--model.compute.memory_budget_gib"):
+        assert fix in message
+    with pytest.raises(LitMistralError, match=r"leave model.compute.\{micro_batch_tokens\} auto \(set in the "
+                                              r"config: micro_batch_tokens=16384\)"):
+        choose(10, micro_batch_tokens=16384)
+
+
+def test_a_kept_plan_takes_the_settings_the_config_now_gives():
+    kept = plan.Plan.from_record(plan.Plan(10, 4, 8192, False, True, 20 * GIB, 24 * GIB, "x").record())
+    assert kept.how == "from the checkpoint resumed" and kept.micro_batch_tokens == 8192
+    now = plan.override(kept, Compute(micro_batch_tokens=None, dropout_masks="keep"), LAYERS)
+    assert (now.checkpoint_layers, now.offload_layers, now.micro_batch_tokens, now.regenerate_dropout) == (
+        10, 4, None, False)
+
+
+def test_fit_plans_logs_saves_and_reuses_its_plan(tiny_model_dir, demo_file, tmp_path, monkeypatch, caplog):
+    """A fit with every memory setting `auto` (the CUDA measurement replaced by a memory model: 1 GiB with both
+    layers recomputing, 1 GiB more per layer kept on the GPU, a 2.5 GiB budget) recomputes one layer, keeps the
+    16-bit weights (a tiny model's fit), logs its one line and saves the plan; resumed from its checkpoint, the run
+    takes it without measuring. Without a GPU the plan is the plain settings, and says so."""
+    from lit_mistral.modeling.build import checkpointable_layers
+
+    calls = []
+
+    def probe_peak(module, batch):
+        blocks = checkpointable_layers(module.model)
+        kept = sum(not b.gradient_checkpointing and not getattr(b, "offload_activations", False) for b in blocks)
+        calls.append((kept, batch["input_ids"].numel()))
+        return int((1 + kept) * GIB)
+
+    def run(max_steps, ckpt_path=None, **compute):
+        module = make_module(tiny_model_dir, compute=compute)
+        dm = InstructionDataModule(path=str(demo_file), tokenizer=str(tiny_model_dir), max_length=256,
+                                   batch_size=4, train_records=(0, 16), val_records=(16, 20))
+        return fit_checkpointed(tmp_path, module, dm, max_steps, ckpt_path)
+
+    with caplog.at_level("INFO"):
+        module, _ = run(1)
+    assert calls == [] and "(no GPU memory to measure: the plain settings)" in caplog.text
+    assert module.memory_plan.checkpoint_layers == 2  # every layer recomputes
+    assert "memory_plan" not in torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["lit_mistral"]
+
+    monkeypatch.setattr(autofit, "can_measure", lambda device: True)
+    monkeypatch.setattr(autofit, "budget_bytes", lambda device, gib: (int(2.5 * GIB), "memory_budget_gib"))
+    monkeypatch.setattr(autofit, "MARGIN", 0.0)
+    monkeypatch.setattr(autofit, "probe_peak", probe_peak)
+    monkeypatch.setattr(autofit, "probe_speed", lambda module, batch: 1.0)
+    for path in (tmp_path / "ckpt").glob("*.ckpt"):
+        path.unlink()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        module, dm = run(2)
+    made = module.memory_plan
+    assert (made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens, made.keep_dequantized) == (
+        1, 0, None, True)
+    assert calls[0] == (2, max(b["input_ids"].numel() for b in dm.train_dataloader()))  # the largest batch
+    lines = [r.message for r in caplog.records if r.message.startswith("model.compute plan:")]
+    assert len(lines) == 1 and lines[0].startswith(
+        "model.compute plan: 1 of 2 decoder layers recompute, 1 on the GPU; whole batches; 16-bit weights kept for "
+        "backward; dropout masks drawn again; predicted peak 2.0 of 2.5 GiB (measured against 2.5 GiB, "
+        "memory_budget_gib, on the largest batch of")
+    record = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["lit_mistral"]["memory_plan"]
+    assert record["checkpoint_layers"] == 1 and record["keep_dequantized"] is True
+    calls.clear()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        resumed, _ = run(3, ckpt_path=tmp_path / "ckpt" / "last.ckpt", keep_dequantized=False)
+    assert calls == [] and "(from the checkpoint resumed); set in the config, kept: keep_dequantized=false." in \
+        caplog.text
+    assert [b.gradient_checkpointing for b in checkpointable_layers(resumed.model)] == [True, False]
+    assert not any(m._keep_dequantized for m in resumed.model.modules() if "_keep_dequantized" in m.__dict__)
