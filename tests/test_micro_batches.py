@@ -8,6 +8,7 @@ from conftest import fit_checkpointed, make_module, trainer
 from lit_mistral.data.batching import collate_packed, collate_padded, split_batch
 from lit_mistral.data.datamodule import InstructionDataModule
 from lit_mistral.modeling import autofit
+from lit_mistral.errors import LitMistralError
 
 GIB = 2**30
 
@@ -101,23 +102,24 @@ def test_parts_train_as_the_whole_batch_on_a_gpu(tiny_model_dir, demo_file, tmp_
 @pytest.mark.gpu
 def test_auto_parts_measure_on_a_gpu(tiny_model_dir, demo_file, tmp_path):
     """The real measurement (CUDA's allocator): the tiny model's whole batches fit 1 GiB with no layer recomputing;
-    with a budget below what the model itself takes nothing fits: the smallest parts, every layer recomputing (and a
-    warning)."""
+    with a budget below what the model itself takes nothing fits: fit stops before its first step and says so."""
     from lightning.pytorch import Trainer
 
     for budget, whole in ((1.0, True), (0.001, False)):
-        module = make_module(tiny_model_dir, compute={"checkpoint_layers": "auto", "micro_batch_tokens": "auto",
-                                                      "memory_budget_gib": budget, "dtype": "bfloat16"})
+        module = make_module(tiny_model_dir, compute={"memory_budget_gib": budget, "dtype": "bfloat16"})
         dm = InstructionDataModule(path=str(demo_file), tokenizer=str(tiny_model_dir), max_length=128,
                                    batch_size=4, packing=True, max_tokens=256, train_records=(0, 24),
                                    val_records=(24, 28))
-        Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=2, limit_val_batches=0,
-                logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                default_root_dir=tmp_path).fit(module, dm)
+        trainer = Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=2, limit_val_batches=0,
+                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          default_root_dir=tmp_path)
         if whole:
-            assert module.auto_micro_tokens is None and module.auto_checkpoint_layers == 0
-        else:  # the smallest parts tried (None if the longest example allowed no cut), every layer recomputing
-            assert (module.auto_micro_tokens or 0) < 256 and module.auto_checkpoint_layers == 2
+            trainer.fit(module, dm)
+            assert module.memory_plan.micro_batch_tokens is None and module.memory_plan.checkpoint_layers == 0
+        else:
+            with pytest.raises(LitMistralError, match="no memory plan fits 0.0 GiB"):
+                trainer.fit(module, dm)
+            assert trainer.global_step == 0
 
 
 def test_the_part_size_the_memory_allows_and_the_fastest():
@@ -150,23 +152,28 @@ def test_the_part_size_the_memory_allows_and_the_fastest():
 def test_auto_run_measures_logs_saves_and_reuses_the_part_size(tiny_model_dir, demo_file, tmp_path, monkeypatch,
                                                               caplog):
     """A memory model: 1 GiB per 100 laid-out tokens with both layers recomputing, +0.5 GiB per 100 per layer kept;
-    a budget the whole batch does not fit. The run picks parts that fit, logs and saves them; resumed, it takes them
-    without measuring."""
+    a budget the whole batch does not fit. The plan picks parts that fit, logs and saves them; resumed, it takes
+    them without measuring."""
+    from lit_mistral.modeling.build import checkpointable_layers
+
     calls = []
 
-    def peak(module, batch, layers):
-        tokens = batch["input_ids"].numel()
+    def recomputing(module) -> int:
+        return sum(b.gradient_checkpointing for b in checkpointable_layers(module.model))
+
+    def peak(module, batch):
+        tokens, layers = batch["input_ids"].numel(), recomputing(module)
         calls.append((tokens, layers))
         return int(tokens / 100 * (1 + 0.5 * (2 - layers)) * GIB)
 
     monkeypatch.setattr(autofit, "can_measure", lambda device: True)
-    monkeypatch.setattr(autofit, "budget_bytes", lambda device, gib: int(2.2 * GIB))
+    monkeypatch.setattr(autofit, "budget_bytes", lambda device, gib: (int(2.2 * GIB), "memory_budget_gib"))
     monkeypatch.setattr(autofit, "MARGIN", 0.0)
     monkeypatch.setattr(autofit, "probe_peak", peak)
-    monkeypatch.setattr(autofit, "probe_speed", lambda module, batch, layers: 1000.0 - 100 * layers)
+    monkeypatch.setattr(autofit, "probe_speed", lambda module, batch: 1000.0 - 100 * recomputing(module))
 
     def run(max_steps, ckpt_path=None):
-        module = make_module(tiny_model_dir, compute={"checkpoint_layers": "auto", "micro_batch_tokens": "auto"})
+        module = make_module(tiny_model_dir, compute={"offload_layers": 0})
         dm = InstructionDataModule(path=str(demo_file), tokenizer=str(tiny_model_dir), max_length=128, batch_size=4,
                                    packing=True, max_tokens=256, train_records=(0, 24), val_records=(24, 28))
         return fit_checkpointed(tmp_path, module, dm, max_steps, ckpt_path)
@@ -174,19 +181,18 @@ def test_auto_run_measures_logs_saves_and_reuses_the_part_size(tiny_model_dir, d
     with caplog.at_level("INFO"):
         module, dm = run(2)
     largest = max(b["num_tokens"] for b in dm.train_dataloader())
-    assert calls[0] == (largest, 2) and largest > 200  # the whole largest batch first: > 2.2 GiB even recomputing
-    assert module.auto_micro_tokens is not None and module.auto_micro_tokens < largest
-    assert module.micro_batch_tokens == module.auto_micro_tokens
-    assert "model.compute.micro_batch_tokens=auto: parts of at most" in caplog.text
-    assert "tokens/s" in caplog.text
+    assert calls[0] == (largest, 0) and largest > 200  # nothing recomputing on the largest batch first
+    assert calls[1] == (largest, 2)  # > 2.2 GiB even with every layer recomputing
+    chosen = module.memory_plan.micro_batch_tokens
+    assert chosen is not None and chosen < largest and module.micro_batch_tokens == chosen
+    assert f"parts of {chosen:,} tokens" in caplog.text
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
-    assert checkpoint["lit_mistral"]["micro_batch_tokens"] == module.auto_micro_tokens
-    chosen = module.auto_micro_tokens
+    assert checkpoint["lit_mistral"]["memory_plan"]["micro_batch_tokens"] == chosen
     calls.clear()
     caplog.clear()
     with caplog.at_level("INFO"):
         resumed, _ = run(3, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
-    assert calls == [] and resumed.auto_micro_tokens == chosen
+    assert calls == [] and resumed.micro_batch_tokens == chosen
     assert "(from the checkpoint resumed)" in caplog.text
 
 
@@ -195,6 +201,7 @@ def test_settings():
 
     assert "micro_batch_tokens=0: expected a count >= 1" in Compute(micro_batch_tokens=0).problems(True)[0]
     assert Compute(micro_batch_tokens="auto", memory_budget_gib=16).problems(True) == []
+    assert Compute().micro_batch_tokens == "auto" and Compute().plain().micro_batch_tokens is None
 
 
 def test_a_skipped_batch_in_parts_leaves_no_gradient_behind(tiny_model_dir, demo_file, tmp_path):

@@ -1,9 +1,9 @@
-"""`compute.checkpoint_layers: auto`: the choice from measured peaks, the probe batch, and the run that measures,
-logs, saves and reuses its choice (the CUDA measurement itself is replaced by a memory model on the CPU)."""
+"""The measurements behind the memory plan: the layer count from measured peaks, the probe batch, the budget's
+check, and the real measurement on a GPU (the plan's choice itself: test_plan.py)."""
 
 import pytest
 import torch
-from conftest import fit_checkpointed, make_module
+from conftest import make_module
 
 from lit_mistral.data.batching import BatchPlan
 from lit_mistral.data.datamodule import InstructionDataModule
@@ -79,61 +79,27 @@ def test_batch_plan_names_its_largest_batch_without_touching_the_resume_state():
     assert padded.skip == 1 and len(list(padded)) == len(padded) - 1
 
 
-def test_auto_run_measures_logs_saves_and_reuses_its_choice(tiny_model_dir, demo_file, tmp_path, monkeypatch,
-                                                           caplog):
-    """A fit with `checkpoint_layers: auto` (the CUDA measurement replaced by a memory model: 1 GiB with both
-    layers checkpointed, 1 GiB more per layer kept, a 2.5 GiB budget) keeps one layer's activations, says so, and
-    saves the choice; resumed from its checkpoint, the run takes it without measuring."""
-    from lit_mistral.modeling.build import checkpointable_layers
-
-    calls = []
-    monkeypatch.setattr(autofit, "can_measure", lambda device: True)
-    monkeypatch.setattr(autofit, "budget_bytes", lambda device, gib: int(2.5 * GIB))
-    monkeypatch.setattr(autofit, "MARGIN", 0.0)
-    monkeypatch.setattr(autofit, "probe_peak", lambda module, batch, n: calls.append(
-        (n, batch["input_ids"].numel())) or int((1 + (2 - n)) * GIB))
-
-    def run(max_steps, ckpt_path=None):
-        module = make_module(tiny_model_dir, compute={"checkpoint_layers": "auto"})
-        dm = InstructionDataModule(path=str(demo_file), tokenizer=str(tiny_model_dir), max_length=256,
-                                   batch_size=4, train_records=(0, 16), val_records=(16, 20))
-        return fit_checkpointed(tmp_path, module, dm, max_steps, ckpt_path)
-
-    with caplog.at_level("INFO"):
-        module, dm = run(2)
-    assert module.auto_checkpoint_layers == 1
-    assert [n for n, _ in calls][:2] == [2, 0] and len({tokens for _, tokens in calls}) == 1
-    assert calls[0][1] == max(b["input_ids"].numel() for b in dm.train_dataloader())  # the epoch's largest batch
-    assert "1 of 2 decoder layers recompute their activations (measured against 2.5 GiB" in caplog.text
-    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
-    assert checkpoint["lit_mistral"]["checkpoint_layers"] == 1
-    calls.clear()
-    caplog.clear()
-    with caplog.at_level("INFO"):
-        resumed, _ = run(3, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
-    assert calls == [] and resumed.auto_checkpoint_layers == 1
-    assert "(from the checkpoint resumed)" in caplog.text
-    assert [b.gradient_checkpointing for b in checkpointable_layers(resumed.model)] == [True, False]
-
-
-def test_auto_needs_checkpointing_and_a_budget_needs_auto():
+def test_a_budget_needs_something_left_to_the_plan():
     from lit_mistral.config import Compute
 
-    assert "needs model.compute.gradient_checkpointing=true" in Compute(
-        gradient_checkpointing=False, checkpoint_layers="auto").problems(True)[0]
-    assert "memory_budget_gib=24" in Compute(memory_budget_gib=24).problems(True)[0]
-    assert Compute(checkpoint_layers="auto", memory_budget_gib=24).problems(True) == []
+    assert Compute(memory_budget_gib=24).problems(True) == []  # every memory setting auto by default
+    fixed = dict(gradient_checkpointing=True, checkpoint_layers=None, offload_layers=0, micro_batch_tokens=None,
+                 keep_dequantized=False, dropout_masks="keep")
+    assert "memory_budget_gib=24: a positive number, for the memory plan; it decides nothing when every one" in \
+        Compute(memory_budget_gib=24, **fixed).problems(True)[0]
+    assert "memory_budget_gib=0" in Compute(memory_budget_gib=0).problems(True)[0]
 
 
 @pytest.mark.gpu
 def test_auto_measures_on_a_gpu(tiny_model_dir, demo_file, tmp_path):
-    """The real measurement (CUDA's allocator): the tiny model fits a 1 GiB budget with no layer recomputing."""
+    """The real measurement (CUDA's allocator): the tiny model fits a 1 GiB budget with no layer recomputing and the
+    16-bit weights kept."""
     from lightning.pytorch import Trainer
 
-    module = make_module(tiny_model_dir, compute={"checkpoint_layers": "auto", "memory_budget_gib": 1.0,
-                                                  "dtype": "bfloat16"})
+    module = make_module(tiny_model_dir, compute={"memory_budget_gib": 1.0, "dtype": "bfloat16"})
     dm = InstructionDataModule(path=str(demo_file), tokenizer=str(tiny_model_dir), max_length=256, batch_size=4,
                                train_records=(0, 16), val_records=(16, 20))
     Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=2, limit_val_batches=0, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path).fit(module, dm)
-    assert module.auto_checkpoint_layers == 0
+    made = module.memory_plan
+    assert (made.checkpoint_layers, made.keep_dequantized) == (0, True) and made.peak <= made.budget
