@@ -30,8 +30,10 @@ class Telemetry(Callback):
       optimizer step: what a user waits before training really starts; the log line at the first step splits it
       (model built and set up; the loop's start: dataloader, memory probes; the first step itself);
     - on a GPU, `train/peak_mem_gib` (the most allocated so far), `train/recent_peak_mem_gib` (the most allocated
-      since the last log: the steps alone, without the start's memory probes), `train/model_mem_gib` (what the
-      model takes before the first step: a 1/N share of the base under FSDP) and `train/load_peak_mem_gib` (the
+      since the last log: the steps alone, without the start's memory probes), `train/recent_peak_reserved_gib`
+      (the most the allocator held over that time, its cache included: the gap is fragmentation),
+      `train/model_mem_gib` (what the model takes before the first step: a 1/N share of the base under FSDP) and
+      `train/load_peak_mem_gib` (the
       most it took while loading: the whole 4-bit base, unless `load_on` cpu under FSDP).
 
     Lightning's `ThroughputMonitor` counts samples per process and multiplies by the process count, which is wrong
@@ -123,9 +125,11 @@ class Telemetry(Callback):
         if device.type != "cuda":
             return {}
         recent = torch.cuda.max_memory_allocated(device) / 2**30
+        held = torch.cuda.max_memory_reserved(device) / 2**30  # what the allocator held from the GPU, cache included
         self._peak = max(self._peak, recent)
         torch.cuda.reset_peak_memory_stats(device)
-        return {"train/peak_mem_gib": self._peak, "train/recent_peak_mem_gib": recent}
+        return {"train/peak_mem_gib": self._peak, "train/recent_peak_mem_gib": recent,
+                "train/recent_peak_reserved_gib": held}
 
     def _log(self, trainer, metrics: dict[str, float], step: int) -> None:
         """Log `metrics` at `step` from process 0 (LightningModule.log would repeat them at every later step)."""
