@@ -14,6 +14,7 @@ getting faster (by `PARTS_GAIN` at least) and some layers still recompute (`choo
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +37,8 @@ def choose_checkpoint_layers(measure: Callable[[int], int | None], total: int, b
     Searched by the number of layers that keep their activations, `kept`, between the most known to fit (`low`) and
     the fewest known not to (`high`): first all checkpointed (if even that does not fit, all it is), then
     `total // 8` kept (at least 2): the first layers kept cost less than the rest (a recomputed layer's passing memory
-    overlaps them: about half as much for the first two), so the
-    slope is read over several. Each next count is where the line through the two measured peaks nearest the limit
+    overlaps them: about half as much for the first two), so the slope is read over several. Each next count is
+    where the line through the two measured peaks nearest the limit
     reaches it, one past `low` if that line says none more fits, the middle of the interval where the nearest
     failure ran out of memory (no peak to draw a line through)."""
     limit = budget - reserve
@@ -181,6 +182,22 @@ def budget_bytes(device: torch.device, gib: float | None) -> tuple[int, str]:
     if available < gib * 2**30:
         return available, f"memory_budget_gib {gib:g}, but only that much free on the GPU"
     return int(gib * 2**30), "memory_budget_gib"
+
+
+@contextmanager
+def capped(device: torch.device, budget: int | None):
+    """While the probes run, the caching allocator may hold at most `budget` bytes on `device` (None: no cap; a probe
+    that would take more runs out of memory, and counts as not fitting): probing never takes more of a shared GPU
+    than the run may. Lifted after; nothing on a device without CUDA's allocator."""
+    if device.type != "cuda":
+        yield
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if budget is None else min(1.0, budget / total), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
 def largest_batch(trainer) -> dict:

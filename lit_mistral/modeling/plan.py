@@ -5,8 +5,9 @@ weights are kept for backward (`keep_dequantized`), and whether dropout masks ar
 (`dropout_masks`) - that fits the budget (`memory_budget_gib`, else the GPU's free memory) for the epoch's largest
 batch. Dropout sharing, packing, the token budget and LoRA are never touched. A setting given in the config wins.
 
-Tried fastest first, each by a training pass on the largest batch (the allocator's peak) where memory must be
-measured, by the model's sizes where they are exact:
+Tried fastest first, each by a training pass on the largest batch (the allocator's peak; the allocator capped at the
+budget meanwhile, so probing never takes more of a shared GPU than the run may) where memory must be measured, by the
+model's sizes where they are exact:
 1. nothing recomputes, whole batches: one pass. `keep_dequantized` on top where it fits: it holds exactly the 16-bit
    weights of the layers that keep their activations (plus one layer's, while a recomputing layer's backward runs).
 2. else as few layers recompute as fit (`autofit.choose_checkpoint_layers`), in parts where parts are faster
@@ -113,10 +114,12 @@ def plain_plan(compute: Compute, layers: int, how: str) -> Plan:
 
 
 def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], float] | None, facts: Facts,
-           compute: Compute) -> Plan:
+           compute: Compute, uncapped: Callable[[Layout], int | None] | None = None) -> Plan:
     """The fastest plan that fits (see the module's docstring), or a `LitMistralError` if none does. `probe(layout)`
-    is the peak (bytes) of a training pass laid out so, None if it ran out of memory; `speed(layout)` its tokens/s
-    (None: part sizes are not timed). Settings given in `compute` (not `auto`) are kept as given."""
+    is the peak (bytes) of a training pass laid out so, None if it ran out of memory (probes are capped at the
+    budget); `speed(layout)` its tokens/s (None: part sizes are not timed); `uncapped(layout)` the peak without the
+    cap, measured once for the refusal's figure when even the smallest plan ran out. Settings given in `compute`
+    (not `auto`) are kept as given."""
     n, limit = facts.layers, facts.budget - facts.reserve
     peaks: dict[Layout, int | None] = {}
 
@@ -184,6 +187,9 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
         lambda trial: speed(Layout(trial.layers, offload, trial.size, regenerate)))
     choice, trials = autofit.choose_micro_tokens(try_size, timed, sizes)
     if not choice.fits:
+        smallest = _smallest(peaks, facts)
+        if peaks[smallest] is None and uncapped is not None:
+            peaks[smallest] = uncapped(smallest)  # what it would take: the refusal names it
         raise LitMistralError(refusal(facts, compute, peaks))
     recompute, size = choice.layers, choice.size
     peak = peaks[Layout(recompute, offload, size, regenerate)]
@@ -211,12 +217,17 @@ def _bytes_per_layer(probes: list[tuple[int, int | None]]) -> int | None:
     return int(max(slopes)) if slopes and max(slopes) > 0 else None
 
 
+def _smallest(peaks: dict[Layout, int | None], facts: Facts) -> Layout:
+    """The layout probed that takes the least memory: the smallest parts, the most layers recomputing."""
+    return min(peaks, key=lambda layout: (layout.size or facts.tokens, -layout.recompute - layout.offload))
+
+
 def refusal(facts: Facts, compute: Compute, peaks: dict[Layout, int | None]) -> str:
     """Why no plan fits: the budget, what the smallest plan measured needs, and what would lower it."""
+    smallest = _smallest(peaks, facts)
     measured = [p for p in peaks.values() if p is not None]
     need = (f"the smallest plan tried needs {(min(measured) + facts.reserve) / GIB:.1f} GiB" if measured else
-            "every plan tried ran out of the GPU's memory")
-    smallest = min(peaks, key=lambda layout: (layout.size or facts.tokens, -layout.recompute))
+            "even the smallest plan tried ran out of the GPU's memory")
     part = f"parts of {smallest.size:,} tokens" if smallest.size else "whole batches"
     given = fixed_settings(compute)
     unset = (f"; or leave model.compute.{{{','.join(s.split('=')[0] for s in given)}}} auto (set in the config: "
@@ -375,7 +386,12 @@ def _measure(module, compute: Compute, layers: int) -> Plan:
         apply(module.model, layout, keep_dequantized=False)
         return autofit.probe_speed(module, part(layout.size))
 
-    plan = choose(probe, speed, facts, compute)
+    def uncapped(layout: Layout) -> int | None:
+        with autofit.capped(module.device, None):
+            return probe(layout)
+
+    with autofit.capped(module.device, budget):
+        plan = choose(probe, speed, facts, compute, uncapped)
     plan.how = f"measured against {budget / GIB:.1f} GiB, {source}, on the largest batch of {tokens:,} tokens: " \
                + plan.how
     return plan

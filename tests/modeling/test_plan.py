@@ -105,6 +105,21 @@ def test_refuses_before_the_first_step_when_nothing_fits():
         choose(10, micro_batch_tokens=16384)
 
 
+def test_the_refusal_measures_the_smallest_plan_once_without_the_cap():
+    """Probes are capped at the budget, so on a small budget every one may run out; the refusal still says what the
+    smallest plan would take, by one probe without the cap."""
+    uncapped = []
+
+    def without_cap(layout):
+        uncapped.append(layout)
+        return int(peak_gib(layout) * GIB)
+
+    with pytest.raises(LitMistralError, match=r"the smallest plan tried needs 5\.8 GiB \(32 of 32 decoder layers "
+                                              r"recomputing, parts of 2,048 tokens\)"):
+        plan.choose(lambda layout: None, speed, facts(5), Compute(), without_cap)
+    assert uncapped == [Layout(32, 0, 2048, True)]
+
+
 def test_a_kept_plan_takes_the_settings_the_config_now_gives():
     kept = plan.Plan.from_record(plan.Plan(10, 4, 8192, False, True, 20 * GIB, 24 * GIB, "x").record())
     assert kept.how == "from the checkpoint resumed" and kept.micro_batch_tokens == 8192
