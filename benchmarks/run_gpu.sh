@@ -3,6 +3,10 @@
 #
 #   benchmarks/run_gpu.sh train     the seed recipe, then qlora-fast, qlora-24gb and qlora-16gb through the CLI
 #   benchmarks/run_gpu.sh memory    qlora-24gb against its `auto` modes within 24 and 16 GiB budgets
+#   benchmarks/run_gpu.sh plan      the memory plan at 8, 16, 24, 40, 80 GiB and the whole GPU, each against the
+#                                   hand-tuned settings for that budget (benchmarks/train/bench_plan.py --part budgets)
+#   benchmarks/run_gpu.sh plan-long the plan at 24 GiB on 2,048-token rows for LONG_STEPS (200) steps, then the time to
+#                                   the first step with the plan against its settings fixed, cold and resumed
 #   benchmarks/run_gpu.sh big       Llama-2-70B's architecture (random, built layer by layer in NF4) with qlora-24gb
 #   benchmarks/run_gpu.sh predict   predict on the dolly-lengths workload (1,000 prompts): qlora-fast merged,
 #                                   qlora-24gb with the adapter kept apart; PEERS=1 adds transformers' peers and the
@@ -20,11 +24,11 @@
 #   .whl/    wheels the GPU image lacks: bitsandbytes, liger-kernel, jsonargparse, docstring_parser, typeshed_client
 #   .bench/  ../shared/bench/{seed_recipe.py,seed_predict.py,dolly_lengths.txt}, ../shared/data/dolly-15k-head.jsonl,
 #            and ../shared/data/mistral-7b-v0.1-tokenizer/* in .bench/tokenizer/
-# Settings: OUT (default ./bench-out), CONFIGS (train's configs), STEPS, FAST_FLAGS (extra flags for qlora-fast; by
-# default `--model.compute.keep_dequantized false` on a GPU under 90 GiB, where qlora-fast as shipped runs out of memory).
+# Settings: OUT (default ./bench-out), CONFIGS (train's configs), STEPS, FAST_FLAGS (extra flags for qlora-fast; none
+# by default: its memory plan fits the GPU).
 # Output: JSON lines in $OUT/<mode>.jsonl, and gpu.txt, versions.txt; name them for results/ as benchmarks/README.md says.
 set -uo pipefail
-MODE=${1:?usage: benchmarks/run_gpu.sh train|memory|big|predict|kernels|tests|ddp|fsdp-shared}
+MODE=${1:?usage: benchmarks/run_gpu.sh train|memory|plan|plan-long|big|predict|kernels|tests|ddp|fsdp-shared}
 OUT=${OUT:-$PWD/bench-out}; mkdir -p "$OUT"
 # compiled as pip installs them for users (no --no-compile: the first import would compile them, a cold-start cost)
 python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -40,8 +44,7 @@ if [ ! -f "$CKPT/config.json" ]; then  # Mistral-7B-v0.1's exact config, random 
   (cd .bench && python3 -c "import seed_recipe as s; s.make_checkpoint()") > /dev/null 2>&1 && cp .bench/tokenizer/* "$CKPT/"
 fi
 DATA=.bench/dolly-15k-head.jsonl
-GIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-FAST_FLAGS=${FAST_FLAGS-$([ "${GIB:-0}" -lt 92160 ] && echo "--model.compute.keep_dequantized false")}
+FAST_FLAGS=${FAST_FLAGS-}
 
 codes() {  # the checkouts to run, .before/ first when it is there
   [ -d .before ] && echo .before
@@ -80,6 +83,13 @@ memory)
     flags=$([ $budget = none ] || echo "--model.compute.checkpoint_layers auto --model.compute.memory_budget_gib $budget")
     fit . "auto-$budget" qlora-24gb "${STEPS:-15}" "$flags"
   done
+  ;;
+plan|plan-long)  # each within 9 minutes on an H100 (the script skips what could not end in time, and says so)
+  part=$([ $MODE = plan ] && echo budgets || echo long)
+  PYTHONPATH=/tmp/site timeout 560 python3 benchmarks/train/bench_plan.py --model "$CKPT" --data $DATA --part $part \
+    --long_steps ${LONG_STEPS:-200} | tee -a "$OUT/$MODE.jsonl"
+  grep -h "model.compute plan:\|Time to the first\|Error\|error" /tmp/bench-plan/*.log | cut -c1-600 \
+    | tee -a "$OUT/$MODE-logs.txt"
   ;;
 big)
   BIG=/tmp/llama-2-70b && mkdir -p $BIG && cp benchmarks/train/architectures/llama-2-70b/config.json $BIG/ \
@@ -135,7 +145,7 @@ fsdp-shared)
   done | tee "$OUT/fsdp-logs.txt"
   ;;
 *)
-  echo "unknown mode $MODE: train, memory, big, predict, kernels, tests, ddp or fsdp-shared" >&2
+  echo "unknown mode $MODE: train, memory, plan, plan-long, big, predict, kernels, tests, ddp or fsdp-shared" >&2
   exit 2
   ;;
 esac

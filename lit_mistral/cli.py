@@ -159,7 +159,9 @@ class LitMistralCLI(LightningCLI):
             sys.exit(2)
         except BaseException as err:  # SIGTERM, Ctrl+C, out of memory: a message with the way on
             callback = getattr(getattr(self, "trainer", None), "checkpoint_callback", None)
-            known = failure_message(err, self.subcommand, getattr(callback, "last_model_path", None) or None)
+            plan = getattr(getattr(self, "model", None), "memory_plan", None)
+            known = failure_message(err, self.subcommand, getattr(callback, "last_model_path", None) or None,
+                                    getattr(plan, "line", None))
             if known is None:
                 raise
             message, status = known

@@ -22,10 +22,11 @@ def raise_problems(problems: Sequence[str], fix: str, limit: int = 20) -> None:
     raise LitMistralError(f"{len(problems)} {noun} found:\n{shown}{more}\n{fix}")
 
 
-def failure_message(err: BaseException, subcommand: str | None = None,
-                    last_checkpoint: str | None = None) -> tuple[str, int] | None:
+def failure_message(err: BaseException, subcommand: str | None = None, last_checkpoint: str | None = None,
+                    plan: str | None = None) -> tuple[str, int] | None:
     """What to tell the user about a `subcommand` run that failed midway without bad input, and the exit status;
-    None for anything else (it keeps its traceback). `last_checkpoint`: the newest checkpoint fit wrote, if any."""
+    None for anything else (it keeps its traceback). `last_checkpoint`: the newest checkpoint fit wrote, if any;
+    `plan`: the memory plan's log line, if fit made one."""
     import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -52,7 +53,8 @@ def failure_message(err: BaseException, subcommand: str | None = None,
         first = str(err).strip().splitlines()[0] if str(err).strip() else "torch.OutOfMemoryError"
         resume = (f"Checkpoints written so far are intact: add --ckpt_path last ({last_checkpoint}) to continue."
                   if last_checkpoint else "No checkpoint was written yet.")
-        return (f"error: out of GPU memory ({first[:200]}). Fix: leave the memory settings to the plan, which "
+        made = f"The run's {plan[0].lower()}{plan[1:]} " if plan else ""
+        return (f"error: out of GPU memory ({first[:200]}). {made}Fix: leave the memory settings to the plan, which "
                 "chooses what fits at the start of fit (model.compute.gradient_checkpointing, checkpoint_layers, "
                 "offload_layers, micro_batch_tokens, keep_dequantized and dropout_masks all auto, the default), or "
                 "set some of them by hand: --model.compute.keep_dequantized false (the 16-bit weights kept for "

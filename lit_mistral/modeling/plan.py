@@ -70,10 +70,11 @@ class Plan:
     peak: int | None = None
     budget: int | None = None
     how: str = ""
+    line: str = ""  # as logged (`describe`): an out-of-memory error repeats it
 
     def record(self) -> dict:
         """What a checkpoint keeps (`from_record` reads it back)."""
-        return {k: v for k, v in asdict(self).items() if k != "how"}
+        return {k: v for k, v in asdict(self).items() if k not in ("how", "line")}
 
     @classmethod
     def from_record(cls, record: dict) -> "Plan":
@@ -99,8 +100,8 @@ class Facts:
 
 def fixed_settings(compute: Compute) -> list[str]:
     """The settings of `Compute.PLANNED` given in the config, as `name=value`, for the log."""
-    return [f"{name}={str(getattr(compute, name)).lower()}" for name in Compute.PLANNED
-            if getattr(compute, name) != "auto"]
+    given = {name: getattr(compute, name) for name in Compute.PLANNED if getattr(compute, name) != "auto"}
+    return [f"{name}={'null' if value is None else str(value).lower()}" for name, value in given.items()]
 
 
 def plain_plan(compute: Compute, layers: int, how: str) -> Plan:
@@ -357,7 +358,8 @@ def fit_plan(module) -> Plan:
         plan = agree(plan, module.trainer.strategy, module.device)
     apply(model, plan)
     module.memory_plan = plan
-    rank_zero_info(describe(plan, layers, compute))
+    plan.line = describe(plan, layers, compute)
+    rank_zero_info(plan.line)
     return plan
 
 

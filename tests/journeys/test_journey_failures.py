@@ -186,7 +186,10 @@ def test_out_of_memory_gives_the_settings_that_lower_it(tiny_model_dir, tmp_path
                    "--model.compute.memory_budget_gib", "--trainer.accumulate_grad_batches", "--data.max_length",
                    "No checkpoint was written yet."):
         assert advice in err
-    message, _ = failure_message(torch.OutOfMemoryError("CUDA out of memory."), "fit", "/runs/version_0/last.ckpt")
+    message, _ = failure_message(torch.OutOfMemoryError("CUDA out of memory."), "fit", "/runs/version_0/last.ckpt",
+                                 "model.compute plan: 32 of 32 decoder layers recompute, 0 on the GPU; whole batches.")
+    assert message.startswith("error: out of GPU memory (CUDA out of memory.). The run's model.compute plan: 32 of 32 "
+                              "decoder layers recompute, 0 on the GPU; whole batches. Fix: leave the memory settings")
     assert message.endswith("add --ckpt_path last (/runs/version_0/last.ckpt) to continue.")
     assert not list(tmp_path.glob("lightning_logs/*"))  # the run never started: no run folder
 
