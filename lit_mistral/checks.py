@@ -128,7 +128,7 @@ def _sharding_problems(subcommand: str, model, trainer, precision: str) -> list[
                      f"CPU only makes it slower. Fix: --model.load_on device, or --trainer.strategy {NAME}.")]
         return []
     problems = []
-    if subcommand in ("predict", "export"):
+    if subcommand in ("predict", "export", "serve", "chat"):
         problems.append(f"trainer.strategy={NAME} with {subcommand}: FSDP is for training, where it shards the "
                         "frozen base; generation would gather every layer for every new token. Fix: --trainer.strategy "
                         "ddp (several GPUs, each with the whole 4-bit base) or auto (one GPU).")

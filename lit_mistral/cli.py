@@ -1,4 +1,4 @@
-"""`python -m lit_mistral fit|validate|predict|export --config ...`: LightningCLI over `QLoRAModule` and
+"""`python -m lit_mistral fit|validate|predict|export|serve|chat --config ...`: LightningCLI over `QLoRAModule` and
 `InstructionDataModule`, with shared settings linked, the callbacks every run has, the run folder as the home of
 everything a run writes, and bad input reported as one clear error (exit status 2) instead of a traceback."""
 
@@ -104,6 +104,73 @@ class LitTrainer(Trainer):
         print(f"Exported the merged model to {written}")
         return written
 
+    def serve(self, model: QLoRAModule, datamodule: InstructionDataModule | None = None, ckpt_path: str | None = None,
+              host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+              max_request_bytes: int = 1 << 20, grace_period: float = 30.0, max_rows: int | None = None,
+              model_id: str | None = None) -> None:
+        """Serve the model over HTTP in OpenAI's shape (`/v1/chat/completions`, `/v1/completions`, `/v1/models`,
+        `/health`), every request on one continuous-batching engine, until SIGTERM or Ctrl+C.
+
+        Args:
+            ckpt_path: The `adapter` folder of a fit run, or one of its .ckpt files (None: the model as
+                `--model.*` builds it, e.g. an `export` folder as `--model.name_or_path`).
+            host: Address to listen on; 127.0.0.1 takes connections from this machine only, 0.0.0.0 from any.
+            port: Port to listen on.
+            api_key: Requests to /v1/ must send `Authorization: Bearer <api_key>` (default: $LIT_MISTRAL_API_KEY;
+                unset: no key asked).
+            max_request_bytes: Largest request body; a larger one is refused (413) unread.
+            grace_period: On SIGTERM or Ctrl+C, seconds the requests in flight get to finish (no new ones are
+                taken) before they are cut and the server exits.
+            max_rows: Answers generated together at most (default: `model.generation.max_rows`); more requests
+                wait for a free row. The KV cache is `model.generation.max_cache_tokens` positions, or unset, each
+                row's `data.max_length` + `model.generation.max_new_tokens`.
+            model_id: The model's name in /v1/models and in answers (default: the last part of
+                `model.name_or_path`).
+        """
+        from lit_mistral import serve, serving
+
+        model_id = model_id or Path(model.spec.name_or_path.rstrip("/")).name or "lit_mistral"
+        state = self._generation_state(model, datamodule, ckpt_path, max_rows)
+        server = serve.ServerState(state["loop"], state["prompter"], state["tokenizer"], state["model"], model_id,
+                                   model.generation, api_key=serve.api_key_from(api_key))
+        serving.warm_up(server.loop)
+        serve.serve(server, host, port, max_request_bytes, grace_period)
+
+    def chat(self, model: QLoRAModule, datamodule: InstructionDataModule | None = None, ckpt_path: str | None = None,
+             system: str | None = None) -> None:
+        """Chat with the model in the terminal: each line a user turn (typed, or piped in one per line), the answer
+        streamed as it is generated, the conversation kept (its oldest exchanges dropped, with a notice, when it no
+        longer fits). /reset clears it, /exit quits, Ctrl+C stops an answer. Sampling and the answer length are
+        `model.generation`'s.
+
+        Args:
+            ckpt_path: The `adapter` folder of a fit run, or one of its .ckpt files (None: the model as
+                `--model.*` builds it).
+            system: A system message opening the conversation.
+        """
+        from lit_mistral.chat import Chat
+
+        state = self._generation_state(model, datamodule, ckpt_path, rows=1)
+        try:
+            Chat(state["loop"], state["prompter"], state["tokenizer"], state["model"], model.generation, system).run()
+        finally:
+            state["loop"].close(timeout=5)
+
+    def _generation_state(self, module: QLoRAModule, datamodule: InstructionDataModule | None, ckpt_path: str | None,
+                          rows: int | None) -> dict:
+        """The model loaded as predict loads it, on one engine loop (run under this trainer's precision), and
+        prompts rendered as the data settings render them."""
+        from lit_mistral import serving
+
+        data = datamodule or InstructionDataModule()
+        template = Path(data.chat_template).read_text(encoding="utf-8") if data.chat_template else None
+        model, tokenizer = serving.load_for_generation(module, ckpt_path, self.strategy.root_device)
+        prompter = serving.Prompter(data.prompt_style, tokenizer, template)
+        single = rows == 1  # a chat: one row, as long as the model takes
+        loop = serving.engine_loop(model, tokenizer, module.generation, module.max_length, rows,
+                                   context=self.precision_plugin.forward_context, whole_context=single)
+        return {"loop": loop, "prompter": prompter, "tokenizer": tokenizer, "model": model}
+
 
 def read_config(path: Path):
     """The YAML document of the config file `path`, or one clear error naming the file, the line and the column (as
@@ -170,7 +237,8 @@ class LitMistralCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+        skipped = {"model", "datamodule"}  # given by the CLI
+        return {**LightningCLI.subcommands(), "export": skipped, "serve": skipped, "chat": skipped}
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         renamed = renamed_options(list(sys.argv[1:] if args is None else args))
@@ -208,7 +276,7 @@ class LitMistralCLI(LightningCLI):
         if path.is_dir() and subcommand == "fit":
             raise LitMistralError(f"fit --ckpt_path: {ckpt!r} is a folder. Fix: to resume, pass a .ckpt file or "
                                   "'last'; to start from a saved adapter, pass --model.adapter_path instead.")
-        if path.is_dir() and subcommand in ("validate", "predict"):
+        if path.is_dir() and subcommand in ("validate", "predict", "serve", "chat"):
             # a peft adapter folder: loaded onto the base as the model's adapter, not as a Lightning checkpoint; its
             # errors name the option it was given as
             self.adapter_key = f"{subcommand} --ckpt_path"
@@ -266,6 +334,11 @@ class LitMistralCLI(LightningCLI):
                 raise LitMistralError(f"checkpoint.dirpath: {str(dirpath)!r} holds the checkpoints of another run, "
                                       "whose last.ckpt this run would replace. Fix: choose an empty folder, or "
                                       "continue that run with --ckpt_path and its last.ckpt.")
+        if subcommand == "serve":
+            from lit_mistral.serve import api_key_from, check_settings as check_server
+
+            check_server(config.host, config.port, api_key_from(config.api_key), config.max_request_bytes,
+                         config.grace_period, config.max_rows)
         if subcommand == "predict" and config.predictions.get("path"):
             check_output_file(config.predictions.path, "predictions.path", "predictions.jsonl")
         if (subcommand == "validate" and config.evaluation.compare_base and config.get("ckpt_path") is None
