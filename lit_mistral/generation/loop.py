@@ -47,6 +47,7 @@ class EngineLoop:
         self._cancelled: list[int] = []
         self._jobs: dict[int, _Job] = {}  # key -> job, from its submission to its end
         self._closing = False
+        self._cancelled_total = 0  # prompts ended by `cancel` while waiting or running
         self._load = session.load()  # read by other threads: replaced whole after each step
         self._thread = threading.Thread(target=self._run, name="lit_mistral-engine", daemon=True)
         self._thread.start()
@@ -75,9 +76,10 @@ class EngineLoop:
             self._lock.notify()
 
     def load(self) -> dict[str, int]:
-        """Rows running and free, prompts waiting (in the engine and submitted), cache blocks free and in all."""
+        """Rows running and free, prompts waiting (in the engine and submitted), cache blocks free and in all, and
+        how many prompts were cancelled so far."""
         with self._lock:
-            return dict(self._load, waiting=self._load["waiting"] + len(self._new))
+            return dict(self._load, waiting=self._load["waiting"] + len(self._new), cancelled=self._cancelled_total)
 
     def close(self, timeout: float | None = None) -> None:
         """Cancel what is left and stop the thread."""
@@ -106,6 +108,7 @@ class EngineLoop:
             job = self._jobs.pop(key, None)
             if job is not None:
                 self.session.cancel(key)
+                self._cancelled_total += 1
                 job.on_finish(Answer([], "cancelled"))
         return not closing
 
