@@ -20,12 +20,13 @@ class Chat:
     """A conversation with the model behind `loop` (an `EngineLoop`)."""
 
     def __init__(self, loop, prompter: Prompter, tokenizer, model, generation, system: str | None = None,
-                 out: TextIO = sys.stdout, notices: TextIO = sys.stderr) -> None:
+                 out: TextIO | None = None, notices: TextIO | None = None) -> None:
         self.loop, self.prompter, self.tokenizer, self.model = loop, prompter, tokenizer, model
         self.max_new = generation.max_new_tokens
         self.sampling = (Sampling(generation.temperature, generation.top_p, generation.top_k, generation.seed)
                          if generation.do_sample else None)
-        self.system, self.out, self.notices = system, out, notices
+        # the streams of the moment (not of import time): a caller may have replaced sys.stdout
+        self.system, self.out, self.notices = system, out or sys.stdout, notices or sys.stderr
         self.history: list[dict] = []
 
     def notice(self, text: str) -> None:
@@ -102,7 +103,9 @@ class Chat:
             self.history += [{"role": "user", "content": line}, {"role": "assistant", "content": self.answer(ids)}]
         return True
 
-    def run(self, lines: TextIO = sys.stdin) -> None:
+    def run(self, lines: TextIO | None = None) -> None:
+        """Read turns from `lines` (default: stdin) until /exit or its end."""
+        lines = lines or sys.stdin
         interactive = lines.isatty()
         if interactive:
             self.notice(HELP)

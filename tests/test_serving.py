@@ -1,0 +1,53 @@
+"""What `serve` and `chat` share (`LitTrainer._generation_state`, lit_mistral/serving.py): the model loaded from an
+adapter on the 4-bit base or from an `export` folder, and the answer text streamed and cut at stop strings. Driven
+through `chat` in this process (a piped conversation): `serve` loads through the same function."""
+
+import io
+import sys
+
+import pytest
+from conftest import cli_args, run_cli
+
+from lit_mistral.serving import TextStream
+
+TURNS = ["Name a fish.", "Why?"]
+
+
+def chat(capsys, monkeypatch, model_dir, root, *extra) -> list[str]:
+    """The answers of a chat on `model_dir` to TURNS, piped in (greedy, 6 new tokens each), one line each."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(TURNS) + "\n"))
+    capsys.readouterr()
+    run_cli(*cli_args("chat", model_dir, root, "--model.compute.dtype", "float32",
+                      "--model.generation.max_new_tokens", "6", *extra))
+    out = capsys.readouterr().out
+    return out.split("\n")[:-1]
+
+
+def test_the_adapter_on_the_4bit_base_answers_as_its_export_folder(tiny_model_dir, adapter_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    base = chat(capsys, monkeypatch, tiny_model_dir, tmp_path / "runs")
+    adapter = chat(capsys, monkeypatch, tiny_model_dir, tmp_path / "runs", "--ckpt_path", adapter_dir)
+    exported = tmp_path / "merged"
+    run_cli("export", "--model.name_or_path", tiny_model_dir, "--model.compute.dtype", "float32",
+            "--trainer.accelerator", "cpu", "--ckpt_path", adapter_dir, "--output_dir", exported, "--dtype", "float32")
+    # the export folder holds the merged weights in float32: served as they are, not quantized again
+    merged = chat(capsys, monkeypatch, exported, tmp_path / "runs", "--model.quantization.method", "null")
+    assert len(adapter) == len(TURNS) and all(adapter)
+    assert merged == adapter
+    assert base != adapter  # the adapter was loaded: its answers are not the bare base's
+
+
+@pytest.mark.parametrize("stops, pieces, text, stopped", [
+    ([], ["a", "b", "c"], "abc", False),
+    (["bc"], ["", "a", ""], "a", True),  # the last letter is held back while it may begin "bc"
+    (["x"], ["a", "b", "c"], "abc", False),
+])
+def test_text_stream_holds_back_what_may_begin_a_stop_string(stops, pieces, text, stopped):
+    class Letters:  # token i is the letter "abc"[i]
+        @staticmethod
+        def decode(ids, skip_special_tokens=True):
+            return "".join("abc"[i] for i in ids)
+
+    stream = TextStream(Letters(), stops)
+    assert [stream.feed(i) for i in range(3)] == pieces
+    assert "".join(pieces) + stream.finish() == text and stream.stopped == stopped
