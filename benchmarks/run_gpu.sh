@@ -11,6 +11,10 @@
 #   benchmarks/run_gpu.sh predict   predict on the dolly-lengths workload (1,000 prompts): qlora-fast merged,
 #                                   qlora-24gb with the adapter kept apart; PEERS=1 adds transformers' peers and the
 #                                   seed's pipeline loop
+#   benchmarks/run_gpu.sh serve     `serve` under 64 and 256 streaming clients (openai's async client) on the same
+#                                   1,000 dolly-lengths requests, then predict on them in the same call: qlora-fast
+#                                   merged; RUNS="qlora-24gb:adapter" for the 4-bit base + adapter (a call of its own).
+#                                   Needs .whl-serve/ too (fastapi, uvicorn, openai and their dependencies)
 #   benchmarks/run_gpu.sh kernels   the LoRA dropout kernels against torch's dropout and multiplies
 #   benchmarks/run_gpu.sh tests     the GPU-marked tests (TESTS=-k expression to select)
 #   benchmarks/run_gpu.sh ddp       several GPUs (a 2-GPU machine): 1 GPU, 1 GPU accumulating 2, 2 GPUs DDP, and
@@ -28,7 +32,7 @@
 # by default: its memory plan fits the GPU).
 # Output: JSON lines in $OUT/<mode>.jsonl, and gpu.txt, versions.txt; name them for results/ as benchmarks/README.md says.
 set -uo pipefail
-MODE=${1:?usage: benchmarks/run_gpu.sh train|memory|plan|plan-long|big|predict|kernels|tests|ddp|fsdp-shared}
+MODE=${1:?usage: benchmarks/run_gpu.sh train|memory|plan|plan-long|big|predict|serve|kernels|tests|ddp|fsdp-shared}
 OUT=${OUT:-$PWD/bench-out}; mkdir -p "$OUT"
 # compiled as pip installs them for users (no --no-compile: the first import would compile them, a cold-start cost)
 python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -119,6 +123,19 @@ predict)
       && cp $DATA /tmp/seedbench/data/ && cp -r .bench/tokenizer /tmp/seedbench/data/mistral-7b-v0.1-tokenizer
     (cd /tmp/seedbench/bench && timeout 120 python3 seed_predict.py 4 8 256) 2>&1 | grep "^{" | tee -a "$OUT/$MODE.jsonl"
   fi
+  ;;
+serve)
+  if [ -d .whl-serve ]; then
+    python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl-serve/*.whl || exit 1
+  fi
+  PYTHONPATH=/tmp/site:$PWD python3 benchmarks/predict/dolly_lengths.py --tokenizer .bench/tokenizer --data $DATA \
+    --n 1000 --out /tmp/dolly-lengths.jsonl | tee -a "$OUT/$MODE.jsonl"
+  for run in ${RUNS:-qlora-fast:merged}; do
+    PYTHONPATH=/tmp/site timeout 540 python3 benchmarks/predict/bench_serve.py --model "$CKPT" \
+      --file /tmp/dolly-lengths.jsonl --config ${run%%:*} --clients 64 256 --predict --label "${run/:/-}" \
+      --work "$OUT/serve-${run%%:*}" --flags "--model.generation.max_new_tokens 512 --model.generation.weights ${run##*:}" \
+      | tee -a "$OUT/$MODE.jsonl"
+  done
   ;;
 kernels)
   for code in $(codes); do  # one way of timing for both: this checkout's script over each checkout's kernels
