@@ -43,8 +43,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(smollm2_gguf, tmp_path_factory):
-    """(process, base url, predict's records for QUESTIONS): the server started, and predict run on the same
-    questions in this process while it loads."""
+    """(process, base url, predict's records for QUESTIONS): the server started, then predict run on the same
+    questions in this process."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -54,12 +54,6 @@ def server(smollm2_gguf, tmp_path_factory):
                                     "--grace_period", "20", *SERVER_FLAGS], cwd=ROOT, env=env, stdout=out,
                                    stderr=subprocess.STDOUT)
     try:
-        root = tmp_path_factory.mktemp("predict")
-        (root / "questions.txt").write_text("\n".join(QUESTIONS) + "\n")
-        run_cli("predict", "--config", ROOT / "configs" / "demo.yaml", "--data.predict_path", root / "questions.txt",
-                "--predictions.path", root / "predictions.jsonl", "--trainer.default_root_dir", root,
-                "--trainer.enable_progress_bar", "false", *SERVER_FLAGS)
-        records = [json.loads(line) for line in (root / "predictions.jsonl").read_text().splitlines()]
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -72,6 +66,13 @@ def server(smollm2_gguf, tmp_path_factory):
             time.sleep(0.3)
         else:
             pytest.fail(f"the server did not start: {log.read_text()[-3000:]}")
+        # predict once the server idles (two processes computing at once on a few cores slow each other down)
+        root = tmp_path_factory.mktemp("predict")
+        (root / "questions.txt").write_text("\n".join(QUESTIONS) + "\n")
+        run_cli("predict", "--config", ROOT / "configs" / "demo.yaml", "--data.predict_path", root / "questions.txt",
+                "--predictions.path", root / "predictions.jsonl", "--trainer.default_root_dir", root,
+                "--trainer.enable_progress_bar", "false", *SERVER_FLAGS)
+        records = [json.loads(line) for line in (root / "predictions.jsonl").read_text().splitlines()]
         yield process, base, records
     finally:
         if process.poll() is None:
