@@ -222,6 +222,15 @@ def test_sigterm_finishes_the_answers_in_flight_then_exits_0(server, client):
     assert process.wait(30) == 0
 
 
+def test_the_api_key_comes_from_the_option_else_the_environment(monkeypatch):
+    from lit_mistral.serve import API_KEY_ENV, api_key_from
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert api_key_from(None) is None  # no key asked
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert api_key_from(None) == "from-env" and api_key_from("given") == "given"
+
+
 def test_bad_server_settings_fail_before_the_model_loads(smollm2_gguf, capsys):
     config = ["--config", ROOT / "configs" / "demo.yaml"]
     err = cli_fails(capsys, "serve", *config, "--port", "70000", "--max_request_bytes", "10")
