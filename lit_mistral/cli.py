@@ -112,20 +112,18 @@ class LitTrainer(Trainer):
         `/health`), every request on one continuous-batching engine, until SIGTERM or Ctrl+C.
 
         Args:
-            ckpt_path: The `adapter` folder of a fit run, or one of its .ckpt files (None: the model as
-                `--model.*` builds it, e.g. an `export` folder as `--model.name_or_path`).
-            host: Address to listen on; 127.0.0.1 takes connections from this machine only, 0.0.0.0 from any.
+            ckpt_path: The `adapter` folder of a fit run, or one of its .ckpt files (None: the model as `--model.*`
+                builds it, e.g. an `export` folder as `--model.name_or_path`).
+            host: Address to listen on: 127.0.0.1 (this machine only) or 0.0.0.0 (any).
             port: Port to listen on.
             api_key: Requests to /v1/ must send `Authorization: Bearer <api_key>` (default: $LIT_MISTRAL_API_KEY;
                 unset: no key asked).
             max_request_bytes: Largest request body; a larger one is refused (413) unread.
-            grace_period: On SIGTERM or Ctrl+C, seconds the requests in flight get to finish (no new ones are
-                taken) before they are cut and the server exits.
+            grace_period: Seconds the requests in flight get to finish on SIGTERM or Ctrl+C (no new ones are
+                taken) before they are cut.
             max_rows: Answers generated together at most (default: `model.generation.max_rows`); more requests
-                wait for a free row. The KV cache is `model.generation.max_cache_tokens` positions, or unset, each
-                row's `data.max_length` + `model.generation.max_new_tokens`.
-            model_id: The model's name in /v1/models and in answers (default: the last part of
-                `model.name_or_path`).
+                wait for a free row.
+            model_id: The model's name in /v1/models and answers (default: the last part of `model.name_or_path`).
         """
         from lit_mistral import serve, serving
 
