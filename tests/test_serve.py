@@ -97,8 +97,9 @@ def test_greedy_answers_are_predicts_token_for_token(server, client):
                                                 extra_body={"instruction": record["instruction"], "prompt": None})
         chat = client.chat.completions.create(model=model, temperature=0, max_tokens=24,
                                               messages=[{"role": "user", "content": record["instruction"]}])
-        for text, usage, finish in ((instruction.choices[0].text, instruction.usage, instruction.choices[0].finish_reason),
-                                    (chat.choices[0].message.content, chat.usage, chat.choices[0].finish_reason)):
+        answers = [(instruction.choices[0].text, instruction.usage, instruction.choices[0].finish_reason),
+                   (chat.choices[0].message.content, chat.usage, chat.choices[0].finish_reason)]
+        for text, usage, finish in answers:
             assert text.strip() == record["response"]
             assert usage.completion_tokens == record["response_tokens"]
             assert usage.prompt_tokens == record["prompt_tokens"]

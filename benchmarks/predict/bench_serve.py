@@ -71,8 +71,8 @@ class Memory:
     def now(self) -> float:
         """GiB held now."""
         if self.gpu:
-            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True).stdout
+            query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+            out = subprocess.run(query, capture_output=True, text=True).stdout
             return sum(float(mib) for pid, mib in (line.split(",") for line in out.splitlines() if "," in line)
                        if int(pid) == self.pid) / 1024
         try:

@@ -129,7 +129,8 @@ class EngineLoop:
                     self.session.step(self._finished, self._token)
                 except Exception as err:  # e.g. out of memory: the prompts in the engine fail, the loop goes on
                     log.exception("generation failed; the prompts it held end with an error")
-                    for key in [*(w[0] for w in self.session.waiting), *(r.index for r in self.session.running.values())]:
+                    held = [w[0] for w in self.session.waiting] + [r.index for r in self.session.running.values()]
+                    for key in held:
                         self.session.cancel(key)
                         job = self._jobs.pop(key, None)
                         if job is not None:
