@@ -13,7 +13,8 @@
 #                                   seed's pipeline loop
 #   benchmarks/run_gpu.sh serve     `serve` under 64 and 256 streaming clients (openai's async client) on the same
 #                                   1,000 dolly-lengths requests, then predict on them in the same call: qlora-fast
-#                                   merged; RUNS="qlora-24gb:adapter" for the 4-bit base + adapter (a call of its own).
+#                                   merged; RUNS="qlora-24gb:adapter" for the 4-bit base + adapter (a call of its own);
+#                                   PEERS=1 adds transformers' continuous batching on the same file (offline, no HTTP).
 #                                   Needs .whl-serve/ too (fastapi, uvicorn, openai and their dependencies)
 #   benchmarks/run_gpu.sh kernels   the LoRA dropout kernels against torch's dropout and multiplies
 #   benchmarks/run_gpu.sh tests     the GPU-marked tests (TESTS=-k expression to select)
@@ -136,6 +137,10 @@ serve)
       --work "$OUT/serve-${run%%:*}" --flags "--model.generation.max_new_tokens 512 --model.generation.weights ${run##*:}" \
       | tee -a "$OUT/$MODE.jsonl"
   done
+  if [ -n "${PEERS:-}" ]; then
+    PYTHONPATH=/tmp/site:$PWD timeout 200 python3 benchmarks/predict/bench_generate_peers.py --model "$CKPT" \
+      --file /tmp/dolly-lengths.jsonl --tokenizer .bench/tokenizer | tee -a "$OUT/$MODE.jsonl"
+  fi
   ;;
 kernels)
   for code in $(codes); do  # one way of timing for both: this checkout's script over each checkout's kernels
