@@ -174,7 +174,7 @@ def run_predict(args, cli: list[str], rows_file: Path, work: Path) -> dict:
     out = work / "predictions.jsonl"
     cmd = [sys.executable, "-m", "lit_mistral", "predict", *cli, "--data.predict_path", str(rows_file),
            "--predictions.path", str(out), "--trainer.default_root_dir", str(work / "predict"),
-           "--trainer.enable_progress_bar", "false"]
+           "--trainer.enable_progress_bar", "false", "--predictions.overwrite", "true"]
     started = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     wall = time.perf_counter() - started
