@@ -175,12 +175,15 @@ def test_bad_requests_get_4xx_while_a_good_request_completes(server, client):
         (chat, json.dumps({"messages": hello, "colour": "red"}), 400, "unknown field 'colour'"),
         (chat, json.dumps({"messages": hello, "max_tokens": 100000}), 400, "the KV cache holds 4096 positions"),
         (f"{base}/v1/completions", json.dumps({"prompt": "x" * 60000}), 400, "positions, more than"),
-        (chat, json.dumps({"messages": hello, "pad": "x" * (1 << 21)}), 413, "over 1048576 bytes"),
     ]
     for url, body, status, message in cases:
         got, response = call("POST", url, body, auth)
         assert got == status, (message, response)
         assert message in response["error"]["message"] and response["error"]["type"], response
+    # a body over the limit is refused by its Content-Length, unread (a client still sending a real 2 MiB body may
+    # see the connection close instead of the answer: the header alone says it)
+    got, response = call("POST", chat, b"{}", {**auth, "Content-Length": str(1 << 21)})
+    assert got == 413 and "over 1048576 bytes" in response["error"]["message"], response
     got, response = call("POST", chat, json.dumps({"messages": hello}), {"Content-Type": "application/json"})
     assert got == 401 and response["error"]["code"] == "invalid_api_key"
     assert call("GET", f"{base}/v1/models", headers={"Authorization": "Bearer wrong"})[0] == 401
