@@ -12,6 +12,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from lit_mistral.data import splits
 from lit_mistral.data.batching import BatchPlan, collate_packed, collate_padded
 from lit_mistral.data.prompts import check_prompt_style
 from lit_mistral.data.records import Fields, example_key, hub_rows, is_hub_id, read_inputs
@@ -229,43 +230,18 @@ class InstructionDataModule(LightningDataModule):
 
     def _split(self) -> tuple[list, list]:
         examples = self._read(self.path, "data.path")
-        train = self._slice(examples, self.train_records, "data.train_records", self.path)
+        train = splits.select(examples, self.train_records, "data.train_records", self.path)
         if self.val_path is not None:
             val = self._read(self.val_path, "data.val_path")
-            val = self._slice(val, self.val_records, "data.val_records", self.val_path)
-        elif self.val_records is not None:
-            val = self._slice(examples, self.val_records, "data.val_records", self.path)
-        elif self.val_fraction > 0:
-            g = torch.Generator().manual_seed(self.seed)
-            order = torch.randperm(len(train), generator=g).tolist()
-            n_val = max(1, round(len(train) * self.val_fraction))
-            if n_val >= len(train):
-                raise LitMistralError(f"data.val_fraction={self.val_fraction} leaves no training records out of "
-                                      f"{len(train)}. Fix: lower it.")
-            val = [train[i] for i in sorted(order[:n_val])]
-            train = [train[i] for i in sorted(order[n_val:])]
-        else:
-            val = []
-        return train, val
-
-    @staticmethod
-    def _slice(examples: list, rng: tuple[int, int] | None, key: str, source: str) -> list:
-        if rng is None:
-            return examples
-        start, stop = rng
-        if start >= len(examples):
-            raise LitMistralError(f"{key}={list(rng)} selects nothing: {source} has {len(examples)} records. "
-                                  f"Fix: choose a range below {len(examples)}.")
-        if stop > len(examples):
-            rank_zero_warn(f"{key}={list(rng)}: {source} has only {len(examples)} records; using [{start}, {len(examples)}].")
-        return examples[start:stop]
+            return train, splits.select(val, self.val_records, "data.val_records", self.val_path)
+        if self.val_records is not None:
+            return train, splits.select(examples, self.val_records, "data.val_records", self.path)
+        return splits.hold_out(train, self.val_fraction, self.seed)
 
     def prompt_items(self, examples: list) -> list[dict]:
         """Prompt items for generation (`input_ids`, `index`: position in `examples`, `example`), formatted and
         tokenized as training formats prompts (a conversation: up to its last user turn)."""
-        prompts = self.formatter.prompts(examples, self.context)
-        return [{"input_ids": ids, "index": i, "example": e, "max_new_tokens": e.max_new_tokens}
-                for i, (e, ids) in enumerate(zip(examples, prompts))]
+        return splits.prompt_items(self.formatter, examples, self.context)
 
     def predict_instructions(self) -> list[str]:
         """What identifies each predict input (its instruction; a conversation's messages as JSON), in input order
@@ -279,29 +255,8 @@ class InstructionDataModule(LightningDataModule):
                                   "(one instruction per line) or a .jsonl file with 'instruction' (and 'context'), "
                                   "or with 'messages' ending with a user turn.")
         items = self.prompt_items(self._read(self.predict_path, "data.predict_path", need_response=False))
-        self._check_cache(items)
+        splits.check_cache(items, self.predict_max_tokens, self.max_new_tokens, self.context)
         return items
-
-    def _answer_limit(self, item: dict) -> int:
-        """The most new tokens of a predict item's answer: its own limit, within the settings'."""
-        return min(item["max_new_tokens"] or self.max_new_tokens, self.max_new_tokens)
-
-    def _check_cache(self, items: list[dict]) -> None:
-        """`model.generation.max_cache_tokens` (linked here as `predict_max_tokens`) holds the longest prompt and
-        its answer, which it must to generate it: found before the model loads (prompts that do not fit the model's
-        context are skipped, and need no cache)."""
-        if self.predict_max_tokens is None:
-            return
-        needs = [(len(it["input_ids"]) + self._answer_limit(it), it) for it in items
-                 if self.context is None or len(it["input_ids"]) + self._answer_limit(it) <= self.context]
-        need, item = max(needs, key=lambda pair: pair[0], default=(0, None))
-        if need > self.predict_max_tokens:
-            over = sum(n > self.predict_max_tokens for n, _ in needs)
-            raise LitMistralError(
-                f"model.generation.max_cache_tokens={self.predict_max_tokens} holds fewer KV-cache positions than "
-                f"{over} input(s) need; the most, {need}, for {item['example'].where} ({len(item['input_ids'])} "
-                f"prompt tokens + {self._answer_limit(item)} new). Fix: --model.generation.max_cache_tokens {need} "
-                "or more (null: as many as the rows need), or a lower --model.generation.max_new_tokens.")
 
     # -- loaders -----------------------------------------------------------------------------------------------------
 
@@ -367,7 +322,7 @@ class InstructionDataModule(LightningDataModule):
         # longest prompts first (little padding per batch; the memory peak comes at once), done rows left out;
         # the writer puts the rows back in input order
         lengths = [len(item["input_ids"]) for item in self.predict_set]
-        news = [self._answer_limit(item) for item in self.predict_set]
+        news = [splits.answer_limit(item, self.max_new_tokens) for item in self.predict_set]
         todo = [i for i in range(len(lengths)) if i not in self.predict_done]
         batches = predict_batches(lengths, todo, self.predict_batch_size, self.predict_max_tokens, news)
         return DataLoader(self.predict_set, batch_sampler=PresetBatches(batches), num_workers=self.num_workers,
