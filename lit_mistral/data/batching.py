@@ -1,15 +1,17 @@
 """Batching for training and validation: dynamic padding, padding-free packing with per-example attention, and the
 batch plan (fixed size or token budget, length grouping, shuffled per epoch, split across processes, resumable
-mid-epoch)."""
+mid-epoch, its epoch length checked against the trainer's `val_check_interval` before the model loads)."""
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Sampler
 
 from lit_mistral.data.tokenize import IGNORE_INDEX, Filler
 from lit_mistral.distributed import in_step
+from lit_mistral.errors import LitMistralError
 
 
 def _loss_spans(item: dict, mask_prompt: bool) -> list[tuple[int, int]]:
@@ -143,6 +145,18 @@ class BatchPlan(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume(self, processed: int, saved_world_size: int) -> None:
+        """Skip what an interrupted run trained on of this epoch: the checkpoint's loop state says how many batches
+        (`processed`) each of its `saved_world_size` processes took; every process takes the same number of the
+        epoch's batches in turn, so with W processes then and W' now, W * processed of the epoch's batches are done
+        and each process skips W * processed // W' of its own."""
+        done = processed * saved_world_size
+        if done % self.world_size:
+            rank_zero_warn(f"Resuming on {self.world_size} processes a run saved on {saved_world_size}: up to "
+                           f"{self.world_size - 1} batches of this epoch are trained on twice.")
+        if done // self.world_size < len(self):
+            self.skip = done // self.world_size
+
     def _order(self) -> list[int]:
         n = len(self.lengths)
         if not self.shuffle:
@@ -197,3 +211,19 @@ class BatchPlan(Sampler[list[int]]):
         batches = self._batches()
         skip, self.skip = self.skip, 0
         yield from batches[skip:]
+
+
+def check_val_check_interval(trainer, train_plan: Callable[[], BatchPlan], examples: int) -> None:
+    """Lightning refuses an integer `val_check_interval` above the training batches of an epoch, but only once
+    the model is loaded; the batches are known before (`train_plan`, made only when the check applies), counted as
+    Lightning counts them: per process, within `limit_train_batches`."""
+    interval = getattr(trainer, "val_check_interval", None)
+    if not isinstance(interval, int) or trainer.check_val_every_n_epoch is None or not trainer.limit_val_batches:
+        return
+    batches, limit = len(train_plan()), trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    if interval > batches:
+        raise LitMistralError(
+            f"trainer.val_check_interval={interval} is more than the {batches} training batches of an epoch "
+            f"({examples} examples). Fix: --trainer.val_check_interval {batches} or less, "
+            "--trainer.check_val_every_n_epoch null to count batches across epochs, or more training records.")

@@ -9,16 +9,16 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lit_mistral.data import splits
-from lit_mistral.data.batching import BatchPlan, collate_packed, collate_padded
+from lit_mistral.data.batching import BatchPlan, check_val_check_interval, collate_packed, collate_padded
 from lit_mistral.data.prompts import check_prompt_style
 from lit_mistral.data.records import Fields, example_key, hub_rows, is_hub_id, read_inputs
 from lit_mistral.data.tokenize import Formatter, TokenizedDataset
 from lit_mistral.errors import LitMistralError, raise_problems
-from lit_mistral.data.prompt_batches import PresetBatches, collate_prompts, predict_batches
+from lit_mistral.data.prompt_batches import PresetBatches, collate_prompts
 from lit_mistral.sources import context_length, load_tokenizer
 
 
@@ -180,7 +180,8 @@ class InstructionDataModule(LightningDataModule):
             self.train_set = TokenizedDataset(items)
             rank_zero_info(f"Training on {len(items)} {self.formatter.kind} examples "
                            f"({sum(self.train_set.lengths)} tokens).")
-            self._check_val_check_interval()
+            check_val_check_interval(self.trainer, lambda: self._plan(self.train_set, training=True),
+                                     len(self.train_set))
         if val:
             # validation keeps every example (truncation only where needed) so that metrics see the same set
             # each item carries its position in val_examples (an example whose prompt alone is longer than max_length
@@ -196,22 +197,6 @@ class InstructionDataModule(LightningDataModule):
         elif stage == "validate":
             raise LitMistralError("validate: there is no validation data. Fix: set --data.val_path, "
                                   "--data.val_records or --data.val_fraction.")
-
-    def _check_val_check_interval(self) -> None:
-        """Lightning refuses an integer `val_check_interval` above the training batches of an epoch, but only once
-        the model is loaded; the batches are known here (as Lightning counts them: per process, within
-        `limit_train_batches`)."""
-        trainer = self.trainer
-        interval = getattr(trainer, "val_check_interval", None)
-        if not isinstance(interval, int) or trainer.check_val_every_n_epoch is None or not trainer.limit_val_batches:
-            return
-        batches, limit = len(self._plan(self.train_set, training=True)), trainer.limit_train_batches
-        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
-        if interval > batches:
-            raise LitMistralError(
-                f"trainer.val_check_interval={interval} is more than the {batches} training batches of an epoch "
-                f"({len(self.train_set)} examples). Fix: --trainer.val_check_interval {batches} or less, "
-                "--trainer.check_val_every_n_epoch null to count batches across epochs, or more training records.")
 
     def _read(self, source: str, key: str, need_response: bool = True) -> list:
         """The checked inputs of `source`; the first source read sets the kind (instruction records or
@@ -283,18 +268,9 @@ class InstructionDataModule(LightningDataModule):
         plan = self._train_plan = self._plan(self.train_set, training=True)
         if self.trainer is not None:
             plan.set_epoch(self.trainer.current_epoch)
-            # resuming mid-epoch: the checkpoint's loop state says how many batches each process trained on this
-            # epoch; every process takes the same number of the epoch's batches in turn, so with W processes then
-            # and W' now, W * done of the epoch's batches are done and each process skips W * done // W' of its own
             progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
             if self.trainer.fit_loop.restarting and progress.processed > 0:
-                done = progress.processed * getattr(self, "_saved_world_size", plan.world_size)
-                if done % plan.world_size:
-                    rank_zero_warn(f"Resuming on {plan.world_size} processes a run saved on "
-                                   f"{self._saved_world_size}: up to {plan.world_size - 1} batches of this epoch "
-                                   "are trained on twice.")
-                if done // plan.world_size < len(plan):
-                    plan.skip = done // plan.world_size
+                plan.resume(progress.processed, getattr(self, "_saved_world_size", plan.world_size))
         # its own generator: creating the iterator draws a worker seed, which must not move the global RNG that
         # LoRA dropout uses (a resumed run creates its iterator at another point than the uninterrupted one; and
         # it skips the validation that ran after the checkpoint it resumes from: so the other loaders too)
@@ -319,12 +295,9 @@ class InstructionDataModule(LightningDataModule):
                           pin_memory=self._to_gpu())
 
     def predict_dataloader(self) -> DataLoader:
-        # longest prompts first (little padding per batch; the memory peak comes at once), done rows left out;
-        # the writer puts the rows back in input order
-        lengths = [len(item["input_ids"]) for item in self.predict_set]
-        news = [splits.answer_limit(item, self.max_new_tokens) for item in self.predict_set]
-        todo = [i for i in range(len(lengths)) if i not in self.predict_done]
-        batches = predict_batches(lengths, todo, self.predict_batch_size, self.predict_max_tokens, news)
+        # done rows left out; the writer puts the rows back in input order
+        batches = splits.predict_plan(self.predict_set, self.predict_done, self.predict_batch_size,
+                                      self.predict_max_tokens, self.max_new_tokens)
         return DataLoader(self.predict_set, batch_sampler=PresetBatches(batches), num_workers=self.num_workers,
                           collate_fn=partial(collate_prompts, pad_id=self.tokenizer.pad_token_id),
                           generator=self._own_generator())

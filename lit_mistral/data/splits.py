@@ -1,11 +1,12 @@
 """What each split holds, checked before the model loads: the training and validation records (record ranges of a
 file, or a seeded fraction held out of the training records) and the predict prompts (tokenized as training
 formats them, each with its answer limit, within the KV cache the settings allow). Apart from the DataModule, whose
-`setup` calls these and then tokenizes, so that its hooks stay one job each."""
+`setup` and `predict_dataloader` call these, so that its hooks stay one job each."""
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lit_mistral.data.prompt_batches import predict_batches
 from lit_mistral.data.tokenize import Formatter
 from lit_mistral.errors import LitMistralError
 
@@ -49,6 +50,16 @@ def prompt_items(formatter: Formatter, examples: list, context: int | None) -> l
 def answer_limit(item: dict, max_new_tokens: int) -> int:
     """The most new tokens of a predict item's answer: its own limit, within the settings'."""
     return min(item["max_new_tokens"] or max_new_tokens, max_new_tokens)
+
+
+def predict_plan(items: list[dict], done: set[int], max_rows: int, max_cache_tokens: int | None,
+                 max_new_tokens: int) -> list[list[int]]:
+    """The batches of the predict items not `done`: longest prompts first (little padding per batch; the memory
+    peak comes at once), each batch within `max_rows` rows and `max_cache_tokens` KV-cache positions."""
+    lengths = [len(item["input_ids"]) for item in items]
+    news = [answer_limit(item, max_new_tokens) for item in items]
+    todo = [i for i in range(len(lengths)) if i not in done]
+    return predict_batches(lengths, todo, max_rows, max_cache_tokens, news)
 
 
 def check_cache(items: list[dict], max_cache_tokens: int | None, max_new_tokens: int, context: int | None) -> None:
