@@ -1,6 +1,7 @@
 """Batching: padded and packed collation with loss masking, and the batch plan (token budgets, length grouping,
 ranks, resuming mid-epoch, validation kept in step across processes)."""
 
+import pytest
 
 from lit_mistral.data.batching import BatchPlan, collate_packed, collate_padded
 from lit_mistral.data.tokenize import Filler, TokenizedDataset
@@ -80,6 +81,23 @@ def test_batch_plan_skips_batches_done_before_a_resume():
     plan.skip = 4
     assert list(plan) == full[4:]
     assert list(plan) == full  # the skip applies once
+
+
+def test_resume_skips_what_the_saved_processes_took_whatever_their_number():
+    """4 batches done by each of 2 processes then: 8 of the epoch's batches; alone now, skip 8 of its own; on 3
+    processes, 8 // 3 each (and a warning: up to 2 batches are trained on twice)."""
+    lengths = list(range(1, 41))
+    alone = BatchPlan(lengths, batch_size=2, seed=3)
+    full = list(alone)
+    alone.resume(4, saved_world_size=2)
+    assert list(alone) == full[8:]
+    three = BatchPlan(lengths, batch_size=2, seed=3, rank=1, world_size=3)
+    with pytest.warns(UserWarning, match="Resuming on 3 processes a run saved on 2: up to 2 batches"):
+        three.resume(4, saved_world_size=2)
+    assert three.skip == 2
+    past_the_end = BatchPlan(lengths, batch_size=2, seed=3)
+    past_the_end.resume(30, saved_world_size=1)
+    assert past_the_end.skip == 0
 
 
 def test_validation_plan_covers_every_example_on_any_number_of_ranks():
