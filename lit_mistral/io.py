@@ -118,10 +118,20 @@ def check_output_folder(path: str | os.PathLike, key: str) -> Path:
 
 def publish(tmp: str | os.PathLike, target: str | os.PathLike, folder: bool = False) -> None:
     """Give `tmp` (made private by mkstemp/mkdtemp) the permissions of an ordinary output, then rename it to
-    `target` in one step (an existing file is replaced; folders: see `writing_folder`)."""
+    `target` in one step (an existing file is replaced; folders: see `writing_folder`). A folder's contents get them
+    too: safetensors writes its files private (0600), so the weights of an adapter or an export would be the one
+    file of the folder that the rest of a team cannot read."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, (0o777 if folder else 0o666) & ~umask)
+    if folder:
+        for parent, folders, files in os.walk(tmp):
+            for name in folders:
+                os.chmod(os.path.join(parent, name), 0o777 & ~umask)
+            for name in files:
+                path = os.path.join(parent, name)
+                if not os.path.islink(path):
+                    os.chmod(path, (0o777 if os.stat(path).st_mode & 0o100 else 0o666) & ~umask)
     os.replace(tmp, target)
 
 

@@ -1,6 +1,7 @@
 """export: the adapter folded into the base, written as a plain Hugging Face folder that loads without lit_mistral."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -26,6 +27,11 @@ def test_export_writes_a_plain_hugging_face_folder(tiny_model_dir, adapter_dir, 
             "--dtype", "float32", "--adapter", "true")
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
     assert (out / "adapter" / "adapter_config.json").is_file()
+    # the weights are as readable as the rest (safetensors alone writes them 0600): what the umask gives any output
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
     # a process without lit_mistral (so without its attention registration) loads it and gets the same logits

@@ -1,5 +1,7 @@
 """Outputs written whole or not at all: folders, and files."""
 
+import os
+
 import pytest
 
 from lit_mistral.io import write_text, writing_folder
@@ -19,6 +21,26 @@ def test_output_folders_are_written_whole_and_a_cache_entry_built_meanwhile_wins
     with writing_folder(target, keep_existing=True) as tmp:  # a cache entry: the one already there stays
         (tmp / "a.txt").write_text("third")
     assert (target / "a.txt").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_outputs_get_the_mode_the_umask_gives_even_files_written_private(tmp_path):
+    """safetensors writes its files 0600; an adapter or export folder is published with every file readable as the
+    umask allows, like any other output (a team reads the adapter a run wrote)."""
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(0o027)
+    try:
+        with writing_folder(tmp_path / "adapter") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "adapter_model.safetensors"))
+            (tmp / "sub").mkdir(mode=0o700)
+            (tmp / "sub" / "config.json").write_text("{}")
+        write_text(tmp_path / "report.md", "x")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert modes == {"adapter": 0o750, "adapter_model.safetensors": 0o640, "sub": 0o750, "config.json": 0o640,
+                     "report.md": 0o640}
 
 
 def test_a_file_is_written_whole_or_left_as_it_was(tmp_path):
