@@ -11,6 +11,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Literal
 
+from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import CUDAAccelerator
@@ -20,6 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 
+from lit_mistral.argument_errors import argument_problems, prog
 from lit_mistral.callbacks import (JsonlPredictionWriter, LearningRateMonitor, PredictionProgressBar, SaveAdapter,
                                    Telemetry)
 from lit_mistral.checkpointing import (RandomState, SaveOnSigterm, StopOnSigterm, check_checkpoint_file,
@@ -244,10 +246,26 @@ class LitMistralCLI(LightningCLI):
             raise LitMistralError("options renamed when the settings were grouped:\n"
                                   + "".join(f"  {r}\n" for r in renamed)
                                   + "Fix: use the new names (`--help` lists every option by group).")
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:  # the parser's message alone, with every bad key, not its usage first
+            raise self.argument_error(str(err), list(sys.argv[1:] if args is None else args)) from None
         subcommand = self.config.get("subcommand")
         if subcommand is not None:  # before Lightning reads the checkpoint's hyperparameters (right after parsing)
             self.resolve_ckpt_path(subcommand, self.config[subcommand])
+
+    def argument_error(self, message: str, args: list[str]) -> LitMistralError:
+        """One error for what the parser refused: every unknown key (file:line for a --config), the closest valid
+        name of each, and the command that lists the options."""
+        parsers = getattr(self, "_subcommand_parsers", {})
+        subcommand = next((a for a in args if a in parsers), None)
+        options = set(parsers[subcommand].get_defaults().keys()) if subcommand is not None else set()
+        problems = argument_problems(message, args, subcommand, options)
+        command = f"{prog()} {subcommand} --help" if subcommand is not None else f"{prog()} --help"
+        noun = "problem" if len(problems) == 1 else "problems"
+        return LitMistralError(f"{len(problems)} {noun} with the options:\n" + "".join(f"  {p}\n" for p in problems)
+                               + f"Fix: correct {'it' if len(problems) == 1 else 'them'}; `{command}` lists every "
+                               "option with its type and default.")
 
     def resolve_ckpt_path(self, subcommand: str, config) -> None:
         """`--ckpt_path`: `last` becomes the newest last.ckpt under `--trainer.default_root_dir` (or one clear error:
@@ -406,5 +424,7 @@ def main(args: list[str] | None = None) -> None:
                           "callbacks": [SaveOnSigterm(), StopOnSigterm(), RandomState(), Telemetry(), SaveAdapter()]},
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
+        # errors come back as exceptions (`argument_error` reports them); usage names a command that can be run
+        parser_kwargs={"exit_on_error": False, "prog": prog()},
         args=args,
     )

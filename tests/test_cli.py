@@ -89,3 +89,24 @@ def test_a_run_that_fails_before_it_starts_leaves_no_run_folder(tmp_path):
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_1", "version_2"]
     RunLogger(tmp_path, version=1).finalize("failed")  # a resumed run's folder is never removed
     assert (tmp_path / "lightning_logs" / "version_1").is_dir()
+
+
+def test_argument_errors_come_first_and_alone_with_every_bad_key(tmp_path, capsys):
+    """Unknown keys in a --config and on the command line: all of them, each with its file:line and closest valid
+    name, a runnable `--help` command, and no usage dump (which used to come first, naming only one key)."""
+    from conftest import cli_fails
+
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  lora:\n    rr: 4\ntrainer:\n  max_step: 3\n")
+    err = cli_fails(capsys, "fit", "--config", config, "--data.max_lenght", "5")
+    assert err.startswith("lit_mistral: error: 3 problems with the options:\n"), err
+    assert f"{config}:3: 'model.lora.rr' is not an option; did you mean 'model.lora.r'?" in err
+    assert f"{config}:5: 'trainer.max_step' is not an option; did you mean 'trainer.max_steps'?" in err
+    assert "command line: --data.max_lenght is not an option; did you mean --data.max_length?" in err
+    assert "`python -m lit_mistral fit --help`" in err and "usage:" not in err and "__main__" not in err
+    assert len(err.splitlines()) == 5
+
+    config.write_text("model:\n  quantization:\n    method: nf5\n")
+    err = cli_fails(capsys, "fit", "--config", config)
+    assert f"{config}:3: Parser key \"model.quantization.method\": 'nf5' is not one of: 'nf4', 'fp4', null" in err
+    assert "usage:" not in err
