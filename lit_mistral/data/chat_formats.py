@@ -141,8 +141,12 @@ class TemplateFormat(ChatFormat):
 
     name = "chat_template"
 
-    def __init__(self, tokenizer, template: str | None = None) -> None:
+    PROBE = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."}]
+
+    def __init__(self, tokenizer, template: str | None = None, source: str | None = None) -> None:
         super().__init__(tokenizer)
+        # where the template comes from, for its errors: the file given, or the tokenizer's own
+        self.source = source or f"the chat template of the tokenizer {getattr(tokenizer, 'name_or_path', '')!r}"
         if template is None and not getattr(tokenizer, "chat_template", None):
             raise LitMistralError("prompt_style 'chat_template' needs a chat template, and this tokenizer has none. "
                                   "Fix: give a template (e.g. read from a .jinja file), or use prompt_style 'mistral'.")
@@ -156,12 +160,36 @@ class TemplateFormat(ChatFormat):
         self._adds_bos = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
         longest_first = sorted(self.special_texts, key=len, reverse=True)
         self._special_text = re.compile("|".join(map(re.escape, longest_first))) if longest_first else None
+        # rendered once before the data: a template that cannot render the simplest conversation is broken, and
+        # one error naming it beats every conversation "refused"
+        for messages, generation in ((self.PROBE, False), (self.PROBE[:1], True)):
+            self.render(messages, generation)
+
+    def template_error(self, err: Exception, where: str) -> LitMistralError:
+        """The template's own error (bad Jinja, or an expression that fails), naming the template and its line."""
+        import jinja2
+
+        line = err.lineno if isinstance(err, jinja2.TemplateSyntaxError) else None
+        tb = err.__traceback__
+        while tb is not None:  # jinja maps the rendering's frames to the template's lines, in a file "<template>"
+            if tb.tb_frame.f_code.co_filename == "<template>":
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        message = getattr(err, "message", None) or str(err) or type(err).__name__
+        at = f", line {line}" if line is not None else ""
+        return LitMistralError(f"{self.source}{at}: the Jinja template fails ({type(err).__name__}: {message}) "
+                               f"when rendering {where}. Fix: correct the template, or use prompt_style 'mistral'.")
 
     def render(self, messages: list[dict], generation: bool, where: str = "") -> str:
         try:
             return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                       add_generation_prompt=generation)
-        except Exception as err:  # jinja raises TemplateError (raise_exception in the template) and others
+        except Exception as err:
+            import jinja2
+
+            if not where or type(err) is not jinja2.TemplateError:  # not a refusal (raise_exception): broken
+                raise self.template_error(err, f"the conversation at {where}" if where else
+                                          "a user turn and an assistant turn") from None
             raise BadConversation(f"{where}: the chat template refuses this conversation ({err}); a template "
                                   "without a system role, for one, refuses system turns") from None
 
@@ -236,13 +264,14 @@ class TemplateFormat(ChatFormat):
 CHAT_FORMATS: dict[str, type[ChatFormat]] = {cls.name: cls for cls in (MistralFormat, TemplateFormat)}
 
 
-def chat_format(name: str, tokenizer, template: str | None = None) -> ChatFormat:
-    """The chat format registered under `name`; `template` (a Jinja string) replaces the tokenizer's own."""
+def chat_format(name: str, tokenizer, template: str | None = None, source: str | None = None) -> ChatFormat:
+    """The chat format registered under `name`; `template` (a Jinja string, read from `source`) replaces the
+    tokenizer's own."""
     if name not in CHAT_FORMATS:
         raise LitMistralError(f"data.prompt_style: unknown style for conversations {name!r}. "
                               f"Fix: use one of {', '.join(sorted(CHAT_FORMATS))}.")
     if name == TemplateFormat.name:
-        return TemplateFormat(tokenizer, template)
+        return TemplateFormat(tokenizer, template, source)
     if template is not None:
         raise LitMistralError(f"data.chat_template: a chat template was given with prompt_style {name!r}, which has "
                               "its own. Fix: use prompt_style 'chat_template' with it, or drop the template.")

@@ -206,7 +206,8 @@ class InstructionDataModule(LightningDataModule):
             if kind != "instruction":
                 rank_zero_info(f"{key}: {source} holds conversations ({kind} shape).")
             template = Path(self.chat_template).read_text(encoding="utf-8") if self.chat_template else None
-            self.formatter = Formatter(kind, self.prompt_style, self.tokenizer, template)
+            self.formatter = Formatter(kind, self.prompt_style, self.tokenizer, template,
+                                       f"data.chat_template {self.chat_template}" if self.chat_template else None)
         elif (kind == "instruction") != (self.formatter.kind == "instruction"):
             raise LitMistralError(f"{key}: {source} holds {kind} data where the data read before holds "
                                   f"{self.formatter.kind} data. Fix: give files of one kind (instruction records or "

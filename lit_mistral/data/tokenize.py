@@ -144,7 +144,8 @@ class Formatter:
     `style`, conversations ("messages", "sharegpt") through the chat format of the same name (`mistral` or
     `chat_template`, with `chat_template` a Jinja template replacing the tokenizer's own)."""
 
-    def __init__(self, kind: str, style: str, tokenizer, chat_template: str | None = None) -> None:
+    def __init__(self, kind: str, style: str, tokenizer, chat_template: str | None = None,
+                 template_source: str | None = None) -> None:
         from lit_mistral.data.chat_formats import chat_format
         from lit_mistral.data.prompts import prompt_style
 
@@ -155,7 +156,7 @@ class Formatter:
             raise LitMistralError("data.prompt_style=alpaca has no form for conversations. Fix: --data.prompt_style "
                                   "chat_template (the tokenizer's own template) or mistral.")
         else:
-            self.chat = chat_format(style, tokenizer, chat_template)
+            self.chat = chat_format(style, tokenizer, chat_template, template_source)
 
     def encode(self, items: Sequence, max_length: int, overlong: str, key: str,
                skip_invalid: bool = False) -> list[tuple]:

@@ -143,3 +143,24 @@ def test_an_enormous_record_is_cut_before_it_is_tokenized(tiny_model_dir, tmp_pa
         dm.setup("fit")
     assert max(longest) < 100_000 and len(dm.train_set) == 5
     assert len(dm.val_set) == 2 and max(dm.val_set.lengths) == 256  # validation keeps it, truncated
+
+
+@pytest.mark.parametrize("broken, line, error", [
+    ("{% for m in messages %}\n{{ m['content'] }}\n", 2, "TemplateSyntaxError"),  # no endfor: at the end
+    ("{% for m in messages %}\n<|{{ m['role'] }}|>\n{{ m.content.no_such() }}</s>{% endfor %}", 3, "UndefinedError"),
+])
+def test_a_broken_chat_template_is_named_with_its_line_before_the_data(tiny_model_dir, tmp_path, demo_records, broken,
+                                                                       line, error):
+    """Broken Jinja is the template's fault, not every conversation's: one error naming the template file and its
+    line, even with skip_invalid (which used to drop every conversation and then blame max_length)."""
+    template = tmp_path / "chat.jinja"
+    template.write_text(broken)
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat(demo_records[:2])] * 4)
+    for skip_invalid in (False, True):
+        dm = datamodule(tiny_model_dir, path, prompt_style="chat_template", chat_template=str(template),
+                        skip_invalid=skip_invalid)
+        with pytest.raises(LitMistralError) as err:
+            dm.setup("fit")
+        assert str(err.value).startswith(f"data.chat_template {template}, line {line}: the Jinja template fails "
+                                         f"({error}: "), str(err.value)
+        assert "Fix: correct the template" in str(err.value) and "chat.jsonl" not in str(err.value)
