@@ -41,16 +41,45 @@ def check_adapter_folder(path: str | os.PathLike, key: str) -> Path:
     weights = folder / "adapter_model.safetensors"
     if weights.is_file():
         try:
-            with safe_open(str(weights), "pt"):  # reads the header, which must cover the whole file
-                pass
+            with safe_open(str(weights), "pt") as f:  # reads the header, which must cover the whole file
+                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
         except Exception as err:  # safetensors' own error type, raised for every kind of damage
             raise LitMistralError(f"{key}: {weights} cannot be read ({str(err).strip()}): cut short or damaged. "
                                   f"{fix}") from None
+        wrong = rank_mismatches(settings, shapes)
+        if wrong:  # peft would build the layers at the config's rank, then fail on a cut-off state_dict error
+            rank = settings.get("r")
+            raise LitMistralError(
+                f"{key}: {config} says r={rank}, but {weights.name} holds LoRA weights of another rank: "
+                f"{'; '.join(wrong[:3])}{f' (and {len(wrong) - 3} more)' if len(wrong) > 3 else ''}. Fix: set r (and "
+                "rank_pattern, if any) in adapter_config.json to the rank the adapter was trained with, or write "
+                "the adapter again.")
     elif (folder / "adapter_model.bin").is_file():
         check_torch_file(folder / "adapter_model.bin", key, fix)
     else:
         raise LitMistralError(f"{key}: {folder} holds no adapter weights (adapter_model.safetensors). {fix}")
     return folder
+
+
+def rank_mismatches(settings: dict, shapes: dict[str, tuple]) -> list[str]:
+    """The LoRA weights (`shapes`: name -> shape, from the adapter's file) whose rank is not the one the adapter's
+    config (`settings`: `r`, and `rank_pattern` for modules of their own rank) gives their module. The rank is the
+    first axis of A ((r, in)) and the last of B ((out, r)), embeddings alike."""
+    rank, patterns = settings.get("r"), settings.get("rank_pattern") or {}
+    if not isinstance(rank, int):
+        return []
+    wrong = []
+    for name, shape in shapes.items():
+        path, _, part = name.removeprefix("base_model.model.").partition(".lora_")
+        axis = {"A.weight": 0, "embedding_A": 0, "B.weight": -1, "embedding_B": -1}.get(part)
+        if axis is None or len(shape) != 2:
+            continue
+        # peft's rank_pattern: a key matches a module whose path ends with it (a regular expression)
+        expected = next((r for pattern, r in patterns.items() if re.fullmatch(rf"(.*\.)?{pattern}", path)), rank)
+        if shape[axis] != expected:
+            wrong.append(f"{name.removeprefix('base_model.model.')} is {list(shape)} (rank {shape[axis]}, "
+                         f"not {expected})")
+    return wrong
 
 
 def adapter_mismatches(model, folder: str | os.PathLike) -> list[str]:

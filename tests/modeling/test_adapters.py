@@ -86,3 +86,30 @@ def test_damaged_adapter_folder_is_refused_before_the_base_loads(tiny_model_dir,
     with pytest.raises(LitMistralError, match=r"model.adapter_path: .*" + message + r".* Fix: write the adapter "
                                               r"again \(fit writes it to the run's `adapter` folder at its end\)"):
         make_module(tiny_model_dir, adapter_path=str(folder))
+
+
+def test_adapter_config_with_another_rank_than_its_weights_is_named_before_the_base_loads(tiny_model_dir, adapter_dir,
+                                                                                         tmp_path):
+    """An adapter_config.json whose r is not its weights' rank: peft built the layers at r and then failed with a
+    state_dict error cut off before its detail, blamed on the base model."""
+    import shutil
+
+    folder = Path(shutil.copytree(adapter_dir, tmp_path / "adapter"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    trained = config["r"]
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": trained * 2}))
+    with pytest.raises(LitMistralError) as err:
+        make_module(tiny_model_dir, adapter_path=str(folder))
+    message = str(err.value)
+    assert message.startswith(f"model.adapter_path: {folder / 'adapter_config.json'} says r={trained * 2}, but "
+                              "adapter_model.safetensors holds LoRA weights of another rank: "), message
+    import re
+
+    assert re.search(rf"model\.layers\.0\.\w+\.\w+\.lora_[AB]\.weight is \[\d+, \d+\] \(rank {trained}, "
+                     rf"not {trained * 2}\)", message), message
+    assert "Fix: set r (and rank_pattern, if any) in adapter_config.json to the rank the adapter was trained with" \
+        in message
+    # a rank_pattern that gives the modules their own rank is the config's, and fits
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": trained * 2,
+                                                            "rank_pattern": {"[a-z_]+": trained}}))
+    make_module(tiny_model_dir, adapter_path=str(folder))
