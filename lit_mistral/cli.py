@@ -36,6 +36,7 @@ from lit_mistral.modeling import prefetch
 from lit_mistral.modeling.adapters import check_adapter_folder
 from lit_mistral.module import QLoRAModule
 from lit_mistral.modeling.registry import register
+from lit_mistral.quiet import quiet_known_noise
 
 TRAINER_DEFAULTS = {
     "precision": "bf16-mixed",
@@ -412,6 +413,7 @@ class LitMistralCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Entry point of `python -m lit_mistral` and `lit-mistral`; `args` (for tests) replaces sys.argv[1:]."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_known_noise()
     # predict batches by prompt length on purpose; the writer restores input order (Lightning can't know that)
     warnings.filterwarnings("ignore", message="You are using a custom batch sampler .* for prediction")
     register()

@@ -296,8 +296,11 @@ def optimizer_and_schedule(params: list[torch.nn.Parameter], o: Optimization, to
     else:
         import bitsandbytes as bnb
 
+        name = o.optimizer
+        if all(p.device.type == "cpu" for p in params):  # paging moves states between GPU and CPU memory: on the
+            name = name.removeprefix("paged_")  # CPU the same optimizer unpaged (bitsandbytes warns, then does so)
         cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-               "adamw_8bit": bnb.optim.AdamW8bit}[o.optimizer]
+               "adamw_32bit": bnb.optim.AdamW32bit, "adamw_8bit": bnb.optim.AdamW8bit}[name]
         optimizer = cls(params, **kwargs)
     warmup = o.warmup_steps or math.ceil(o.warmup_ratio * total_steps)
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[o.lr_scheduler]

@@ -52,6 +52,20 @@ def settings_problems(val_path, train_records, val_records, val_fraction, chat_t
     return problems
 
 
+class ResumableLoader(DataLoader):
+    """The training loader, resumable as Lightning asks (`state_dict`/`load_state_dict`; without them Lightning warns
+    that a mid-epoch resume gives "unreliable results"). Its position needs no state of its own: the checkpoint's
+    loop progress says how many batches of the epoch were taken, and `train_dataloader` makes the batch plan skip
+    them (whatever the number of processes then and now), so a resumed run trains on what the uninterrupted one
+    would have."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class InstructionDataModule(LightningDataModule):
     """Instruction data (Dolly-style records: `instruction`, `context`, `response`, optional `category`) or
     conversations (`messages` as OpenAI's API takes them, or ShareGPT's `conversations`).
@@ -275,9 +289,9 @@ class InstructionDataModule(LightningDataModule):
         # its own generator: creating the iterator draws a worker seed, which must not move the global RNG that
         # LoRA dropout uses (a resumed run creates its iterator at another point than the uninterrupted one; and
         # it skips the validation that ran after the checkpoint it resumes from: so the other loaders too)
-        return DataLoader(self.train_set, batch_sampler=plan, num_workers=self.num_workers,
-                          collate_fn=self._collate(self.mask_prompt), generator=self._own_generator(),
-                          pin_memory=self._to_gpu())
+        return ResumableLoader(self.train_set, batch_sampler=plan, num_workers=self.num_workers,
+                               collate_fn=self._collate(self.mask_prompt), generator=self._own_generator(),
+                               pin_memory=self._to_gpu())
 
     def _own_generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)

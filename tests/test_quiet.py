@@ -1,0 +1,24 @@
+"""Known harmless messages of other libraries are filtered where they start; everything else still shows."""
+
+import logging
+import warnings
+
+from lit_mistral.quiet import quiet_known_noise
+
+
+def test_known_harmless_messages_are_dropped_and_others_kept(caplog):
+    quiet_known_noise()
+    quiet_known_noise()  # twice (each CLI run in one process): one filter
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+                       "`pip install kernels`", "No module named 'kernels'")
+        logger.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_noise()  # after simplefilter: its filters come first
+        warnings.warn("Backend impl for 'ascend' could not be imported: No module named 'torch_npu'")
+        warnings.warn("a warning that matters")
+    assert [str(w.message) for w in caught] == ["a warning that matters"]
