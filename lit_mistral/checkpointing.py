@@ -116,7 +116,7 @@ class SaveOnSigterm(Callback):
             path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
         else:
             path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # whole, as ModelCheckpoint's: resume needs all of it
         rank_zero_info(f"Received SIGTERM: saved {path} at step {trainer.global_step}. Continue with the same "
                        "command and --ckpt_path last.")
 

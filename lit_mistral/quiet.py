@@ -16,6 +16,8 @@ HARMLESS_LOGS = {
 HARMLESS_WARNINGS = [
     # Liger probes the kernels of every vendor when imported; those of other hardware cannot import, as expected
     r"Backend impl .* could not be imported",
+    # peft reads transformers' property by its old name, which transformers renamed; nothing a user can change
+    r"`is_gradient_checkpointing` is deprecated",
 ]
 
 
