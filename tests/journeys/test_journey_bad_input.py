@@ -109,18 +109,19 @@ def test_skip_invalid_leaves_bad_records_out_and_counts_them(tiny_model_dir, tmp
 
 # (case, options or a YAML config, what the message must say): none of these gets past the parsed config
 BAD_SETTINGS = [
-    ("unknown-option", ["--model.lora.rank", "4"], "error: unrecognized arguments: --model.lora.rank 4"),
+    ("unknown-option", ["--model.lora.rank", "4"],
+     "command line: --model.lora.rank is not an option; did you mean --model.lora.r?"),
     ("renamed-option", ["--model.lora_r", "4", "--model.compare_base", "true"],
      "options renamed when the settings were grouped:\n  --model.lora_r is now --model.lora.r\n  "
      "--model.compare_base is now --evaluation.compare_base\nFix: use the new names"),
     ("renamed-key-in-yaml", {"model": {"quantize": "nf4"}}, "model.quantize is now model.quantization.method"),
-    ("unknown-key-in-yaml", {"model": {"lora_rank": 4}}, "Subcommand 'fit' does not accept option 'model.lora_rank'"),
+    ("unknown-key-in-yaml", {"model": {"lora_rank": 4}}, "config.yaml:2: 'model.lora_rank' is not an option"),
     ("malformed-yaml", "model:\n  lora: [r: 4\n", "config.yaml:3:1: malformed YAML (while parsing a flow sequence; "
                                                    "expected ',' or ']', but got '<stream end>'). Fix: correct it"),
-    ("wrong-type", ["--model.lora.r", "eight"], 'Parser key "model.lora.r":\n  Expected a <class \'int\'>. '
-                                                 "Got value: eight"),
-    ("wrong-type-in-yaml", {"data": {"batch_size": "four"}}, 'Parser key "data.batch_size":\n  Expected a <class '
-                                                              "'int'>. Got value: four"),
+    ("wrong-type", ["--model.lora.r", "eight"], 'command line: Parser key "model.lora.r": Expected a '
+                                                 "<class 'int'>. Got value: eight"),
+    ("wrong-type-in-yaml", {"data": {"batch_size": "four"}}, 'config.yaml:2: Parser key "data.batch_size": '
+                                                              "Expected a <class 'int'>. Got value: four"),
     ("not-a-choice", ["--model.optimization.nonfinite", "ignore"], 'Parser key "model.optimization.nonfinite"'),
     ("out-of-range", ["--model.lora.dropout", "1.5"], "model.lora.dropout=1.5: expected 0 <= dropout < 1"),
     ("fp16-compute-with-4bit", ["--model.compute.dtype", "float16"],
