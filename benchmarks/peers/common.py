@@ -172,21 +172,53 @@ def versions(*names: str) -> dict:
     return out
 
 
-def oom_row(peer: str, mode: str, args: argparse.Namespace, clock: "Clock", err: BaseException) -> None:
-    """The line of a run that ran out of GPU memory: how far it got and at what speed until then."""
+def partial_row(peer: str, mode: str, args: argparse.Namespace, clock: "Clock", error: str, message: str) -> None:
+    """The line of a run that stopped early (out of GPU memory, or SIGTERM from its time limit): how far it got, its
+    speed until then (median over the steps after `--warm`, or over all after the first where fewer ran) and its
+    peak memory, so a cut run still reports."""
     import torch
 
-    rates = [clock.steps[i]["tokens"] / (clock.ends[i] - clock.ends[i - 1]) for i in range(1, len(clock.ends))]
-    print(json.dumps(dict(peer=peer, mode=mode, label=args.label, error="out of memory", steps_done=len(clock.ends),
-                          tokens_per_s_until_then=round(statistics.median(rates)) if rates else None,
-                          peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2 ** 30, 2),
-                          message=str(err).splitlines()[0][:300])), flush=True)
+    ends = list(clock.ends)
+    first = max(args.warm, 1) if len(ends) > args.warm + 1 else 1
+    rates = [clock.steps[i]["tokens"] / (ends[i] - ends[i - 1]) for i in range(first, len(ends))]
+    gib = 2 ** 30
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    print(json.dumps(dict(peer=peer, mode=mode, label=args.label, error=error, partial=True, steps_done=len(ends),
+                          steps=args.steps, tokens_per_s_until_then=round(statistics.median(rates)) if rates else None,
+                          steps_measured=len(rates),
+                          peak_allocated_gib=round(torch.cuda.max_memory_allocated() / gib, 2) if cuda else None,
+                          peak_reserved_gib=round(torch.cuda.max_memory_reserved() / gib, 2) if cuda else None,
+                          time_to_first_step_s=round(ends[0] - clock.started, 1) if ends else None,
+                          seconds_since_data_ready=round(time.perf_counter() - clock.started, 1),
+                          losses=[round(clock.losses[s], 4) for s in sorted(clock.losses)],
+                          message=message.splitlines()[0][:300] if message else "")), flush=True)
 
 
-def sft_train(model, tokenizer, steps: list[dict], clock: Clock, args: argparse.Namespace, **config) -> None:
+def oom_row(peer: str, mode: str, args: argparse.Namespace, clock: "Clock", err: BaseException) -> None:
+    """The line of a run that ran out of GPU memory."""
+    partial_row(peer, mode, args, clock, "out of memory", str(err))
+
+
+def report_if_stopped(peer: str, mode: str, args: argparse.Namespace, clock: "Clock") -> None:
+    """On SIGTERM (run.sh's `timeout -s TERM`), print the partial line and exit 124, as `timeout` would: Python runs
+    the handler in the main thread between bytecodes, so the allocator's peak counters are safe to read there."""
+    import signal
+
+    def stop(signum, frame):
+        partial_row(peer, mode, args, clock, "time limit (SIGTERM)", f"stopped after {len(clock.ends)} of "
+                    f"{args.steps} steps")
+        sys.stdout.flush()
+        os._exit(124)  # not SystemExit: a library's `except Exception`/`finally` must not run on in a cut run
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def sft_train(model, tokenizer, steps: list[dict], clock: Clock, args: argparse.Namespace, peft_config=None,
+              **config) -> bool:
     """Train `model` with TRL's SFTTrainer (as imported now: Unsloth patches it in place) over `steps`, one packed
     row per step in order, through TRL's padding-free collator (`seq_lengths` give each example's positions, as
-    TRL's own packing stores them). `config`: the peer's SFTConfig settings."""
+    TRL's own packing stores them). `peft_config`: the trainer's (SFTTrainer takes it, SFTConfig does not);
+    `config`: the peer's SFTConfig settings. Returns whether the trainer kept padding-free batching on."""
     import datasets
     import torch
     from transformers import TrainerCallback
@@ -205,6 +237,12 @@ def sft_train(model, tokenizer, steps: list[dict], clock: Clock, args: argparse.
                 clock.loss(state.global_step, logs["loss"])
 
     data = datasets.Dataset.from_list([{k: b[k] for k in ("input_ids", "labels", "seq_lengths")} for b in steps])
+    # Every row is one pack of at most `max_tokens` tokens. Unsloth's SFTTrainer turns padding-free batching off for
+    # a pre-tokenized split it cannot truncate to `max_length` (a packed split with `seq_lengths` and
+    # skip_prepare_dataset is one) unless the split claims its own width in this attribute, which it believes when
+    # the claim is at or below its `max_length` (unsloth/models/rl.py, `_TRUNCATION_ATTESTATION_ATTR`); it then sets
+    # `max_length` to None and keeps padding-free. TRL alone never reads it.
+    data._unsloth_truncated_to = max(len(b["input_ids"]) for b in steps)
     settings = dict(output_dir=tempfile.mkdtemp(prefix="peers-out-"), max_steps=len(steps),
                     per_device_train_batch_size=1, gradient_accumulation_steps=1, learning_rate=LEARNING_RATE,
                     weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_STEPS, lr_scheduler_type="cosine",
@@ -213,5 +251,8 @@ def sft_train(model, tokenizer, steps: list[dict], clock: Clock, args: argparse.
                     packing=False, max_length=None, dataset_kwargs={"skip_prepare_dataset": True})
     settings.update(config)
     trainer = InOrder(model=model, processing_class=tokenizer, train_dataset=data, args=SFTConfig(**settings),
-                      callbacks=[Timer()])
+                      callbacks=[Timer()], peft_config=peft_config)
+    padding_free = bool(trainer.args.padding_free)  # after the trainer's (and Unsloth's) checks of the settings
+    print(f"# trainer: padding_free={padding_free} max_length={trainer.args.max_length}", flush=True)
     trainer.train()
+    return padding_free

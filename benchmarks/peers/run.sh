@@ -2,15 +2,18 @@
 # The peers on lit_mistral's work, one GPU, from the repo root: benchmarks/peers/run.sh PEER [FLAGS...]
 #   PEER: setup (install, the random checkpoint, each peer's imports: run it in the call before the others),
 #         unsloth (its "unsloth" checkpointing), unsloth-nockpt, trl_liger (SFTConfig's default checkpointing),
-#         trl_liger-nockpt, torchtune, all (unsloth, unsloth-nockpt, trl_liger, torchtune, each within its time limit),
+#         trl_liger-nockpt, torchtune, unsloth-pair (unsloth and unsloth-nockpt), others (trl_liger and torchtune):
+#         each pair within one 10-minute device call, each run within its time limit,
 #         lit_mistral (qlora-fast through the CLI on the same data and steps: as shipped, with dropout 0 as Unsloth and
 #         torchtune train, and within Unsloth's memory, each a fresh process; LIT_RUNS="label:flags;..." replaces them)
 #   FLAGS go to each script (--steps, --warm, --dry-run, ...). One JSON line per run on stdout (and $OUT/peers.jsonl).
+#   A run cut at its limit still prints its line ("partial": true, steps_done, tokens_per_s_until_then, peaks).
 # Needs, at the repo root (git-ignored, carried): .whl/ (bitsandbytes, liger-kernel, datasets, ...), .whl-peers/a, b (the
 # peers' wheels), .bench/dolly-15k-head.jsonl and .bench/tokenizer/ (as run_gpu_round.sh has them).
 # Installs once into /tmp/site (kept while the machine stays warm); the random checkpoint is written once to $CKPT.
 set -uo pipefail
-PEER=${1:?usage: benchmarks/peers/run.sh unsloth|unsloth-nockpt|trl_liger|trl_liger-nockpt|torchtune|all [FLAGS]}
+USAGE="benchmarks/peers/run.sh setup|unsloth-pair|others|unsloth|unsloth-nockpt|trl_liger|trl_liger-nockpt|torchtune"
+PEER=${1:?usage: $USAGE|lit_mistral [FLAGS]}
 shift
 OUT=${OUT:-$PWD/bench-out}; mkdir -p "$OUT"
 HERE=benchmarks/peers
@@ -28,21 +31,27 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTHONPYCACHEPREFIX=/tmp/pyc
   CKPT=${CKPT:-/tmp/mistral7b-random} PATH=/tmp/site/bin:$PATH
 DATA=(--data .bench/dolly-15k-head.jsonl --tokenizer .bench/tokenizer --model "$CKPT")
 one() {  # SECONDS SCRIPT [ARGS...]: one run within its time limit; its JSON line to stdout and peers.jsonl, its log
+  # SIGTERM at the limit: the script prints its partial line (steps done, tokens/s so far, peak) and exits 124;
+  # SIGKILL 30 s later if it is stuck where Python cannot run the handler
   local limit=$1; shift
   local log="$OUT/$(echo "$*" | tr -c 'A-Za-z0-9_.-' '_').log"
-  timeout "$limit" python3 "$HERE/$@" "${DATA[@]}" "${FLAGS[@]}" > "$log" 2>&1
+  timeout -s TERM -k 30 "$limit" python3 "$HERE/$@" "${DATA[@]}" "${FLAGS[@]}" > "$log" 2>&1
   local rc=$?
-  grep -h '^{\|^# unsloth' "$log" | tee -a "$OUT/peers.jsonl"
-  [ $rc -eq 0 ] || { echo "{\"script\": \"$1 $*\", \"rc\": $rc, \"tail\": $(grep -v -i warn "$log" | tail -8 \
-    | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()[-1500:]))')}" | tee -a "$OUT/peers.jsonl"; }
+  grep -h '^{\|^# ' "$log" | tee -a "$OUT/peers.jsonl"
+  [ $rc -eq 0 ] || python3 - "$log" "$rc" "$limit" "$*" <<'PY' | tee -a "$OUT/peers.jsonl"
+import json, sys
+log, rc, limit, script = sys.argv[1:]
+lines = [l for l in open(log, errors="replace").read().replace("\r", "\n").splitlines() if "warn" not in l.lower()]
+print(json.dumps({"script": script, "rc": int(rc), "limit_s": int(limit), "tail": "\n".join(lines[-8:])[-1500:]}))
+PY
 }
 FLAGS=("$@")
 case "$PEER" in
-  unsloth) one 600 unsloth_peer.py --checkpointing unsloth ;;
-  unsloth-nockpt) one 600 unsloth_peer.py --checkpointing false ;;
-  trl_liger) one 600 trl_liger.py --checkpointing true ;;
-  trl_liger-nockpt) one 600 trl_liger.py --checkpointing false ;;
-  torchtune) one 600 torchtune_peer.py ;;
+  unsloth) one 540 unsloth_peer.py --checkpointing unsloth ;;
+  unsloth-nockpt) one 540 unsloth_peer.py --checkpointing false ;;
+  trl_liger) one 540 trl_liger.py --checkpointing true ;;
+  trl_liger-nockpt) one 540 trl_liger.py --checkpointing false ;;
+  torchtune) one 540 torchtune_peer.py ;;
   setup)
     [ -f "$CKPT/config.json" ] || python3 -c "
 import sys; sys.path.insert(0, '$HERE'); import common; common.make_checkpoint('$CKPT', '.bench/tokenizer')"
@@ -51,13 +60,19 @@ from unsloth.utils import attention_dispatch as a
 print('flash_attn', a.HAS_FLASH_ATTENTION, 'xformers', a.HAS_XFORMERS)
 sys.path.insert(0, '$HERE'); import torchtune_peer; torchtune_peer.recipe_class()" 2>&1 | grep -v -i warn | tail -5
     ls "$CKPT" ;;
-  all)  # within 9 minutes once `setup` ran (each capped): each peer within its share, 20 steps unless FLAGS say otherwise
+  unsloth-pair|others)  # one device call each (under 9 minutes once `setup` ran): each run capped, 20 steps unless
+    # FLAGS say otherwise; the caps leave room for Unsloth's and torchtune's compiling in the first step
     [ ${#FLAGS[@]} -gt 0 ] || FLAGS=(--steps 20)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/peers.jsonl"
-    one 150 unsloth_peer.py --checkpointing unsloth
-    one 110 unsloth_peer.py --checkpointing false
-    one 150 trl_liger.py --checkpointing true
-    one 130 torchtune_peer.py ;;
+    if [ "$PEER" = unsloth-pair ]; then
+      one 270 unsloth_peer.py --checkpointing unsloth
+      one 250 unsloth_peer.py --checkpointing false
+    else
+      one 300 trl_liger.py --checkpointing true
+      one 220 torchtune_peer.py
+    fi ;;
+  all) echo "run.sh all: more than one device call holds; run \`setup\`, then \`unsloth-pair\` and \`others\` apart"
+    exit 2 ;;
   lit_mistral)  # bench_cli.py's training file is the one common.py builds: the same steps in the same order
     [ ${#FLAGS[@]} -gt 0 ] || FLAGS=(--steps 20)
     IFS=';' read -ra RUNS <<< "${LIT_RUNS:-fast:;fast-dropout0:--model.lora.dropout 0;budget8-dropout0:--model.lora.dropout 0 --model.compute.memory_budget_gib 8}"

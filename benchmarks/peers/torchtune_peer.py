@@ -141,6 +141,7 @@ def main() -> None:
             pass
 
     STATE["clock"] = clock = common.Clock(steps)
+    common.report_if_stopped("torchtune", "compile", args, clock)
     recipe = Recipe(cfg=cfg)
     try:
         recipe.setup(cfg=cfg)

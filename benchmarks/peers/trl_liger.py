@@ -44,6 +44,7 @@ def main() -> None:
 
     common.make_checkpoint(args.model, args.tokenizer)
     clock = common.Clock(steps)
+    common.report_if_stopped("trl_liger", mode, args, clock)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
                                bnb_4bit_use_double_quant=False)
     model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quant, dtype=torch.bfloat16,
@@ -54,12 +55,13 @@ def main() -> None:
     settings = dict(use_liger_kernel=True, gradient_checkpointing=args.checkpointing == "true",
                     gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
-        common.sft_train(model, tokenizer, steps, clock, args, peft_config=lora, **settings)
+        padding_free = common.sft_train(model, tokenizer, steps, clock, args, peft_config=lora, **settings)
     except torch.OutOfMemoryError as err:
         common.oom_row("trl_liger", mode, args, clock, err)
         sys.exit(3)
     clock.report("trl_liger", mode, args, common.versions("trl", "liger-kernel", "accelerate", "datasets"),
-                 dict(settings, attn="sdpa", lora_dropout=args.lora_dropout, double_quant=False, packing="padding_free",
+                 dict(settings, attn="sdpa", lora_dropout=args.lora_dropout, double_quant=False,
+                      packing="padding_free" if padding_free else "padded rows (the trainer turned padding-free off)",
                       gradient_checkpointing_kwargs=None))
 
 

@@ -11,11 +11,13 @@ Set up as Unsloth's documentation says for speed:
   attention backends (FlashAttention 3, xFormers, SDPA)" (Unsloth docs, "3x Faster LLM Training with Unsloth Kernels
   + Packing", https://unsloth.ai/docs/blog/3x-faster-training-packing). The rows are TRL's packed layout
   (`input_ids` + `seq_lengths`) filled with lit_mistral's batches, in its order; Unsloth reads `seq_lengths` into
-  its `packed_seq_lengths` (unsloth/utils/packing.py) and runs each example's attention apart.
+  its `packed_seq_lengths` (unsloth/utils/packing.py) and runs each example's attention apart. Unsloth keeps
+  padding-free on for such a pre-tokenized split only when the split claims its width (`common.sft_train` says how);
+  the `# trainer:` line and `settings.packing` say what it ran.
 - Attention backend: Unsloth picks flash-attn, else xformers, else SDPA (unsloth/utils/attention_dispatch.py,
-  select_attention_backend). flash-attn has no wheel for this torch; xformers 0.0.35's wheel (torch's stable ABI)
-  loads on torch 2.11 once libcudart.so.12 is on LD_LIBRARY_PATH (run.sh does it). The line printed says which
-  backend Unsloth found.
+  select_attention_backend). flash-attn has no wheel for this torch; Unsloth refuses the xformers 0.0.35 wheel
+  because it was built for another torch, so it runs on SDPA. The `# unsloth attention:` line says which backend it
+  found.
 - Its defaults otherwise: NF4 with double quantization (what `load_in_4bit=True` gives), bf16.
 
     python benchmarks/peers/unsloth_peer.py --model /tmp/mistral7b-random [--checkpointing false] [--dry-run]
@@ -47,6 +49,7 @@ def main() -> None:
     steps = common.batches(args)
     common.make_checkpoint(args.model, args.tokenizer)
     clock = common.Clock(steps)
+    common.report_if_stopped("unsloth", mode, args, clock)
     checkpointing = "unsloth" if args.checkpointing == "unsloth" else False
     model, tokenizer = FastLanguageModel.from_pretrained(model_name=args.model, max_seq_length=args.max_tokens,
                                                          dtype=torch.bfloat16, load_in_4bit=True,
@@ -58,13 +61,14 @@ def main() -> None:
                    packed_backend=attention_dispatch.select_attention_backend(use_varlen=True))
     print("# unsloth attention:", backend, flush=True)
     try:
-        common.sft_train(model, tokenizer, steps, clock, args)
+        padding_free = common.sft_train(model, tokenizer, steps, clock, args)
     except torch.OutOfMemoryError as err:
         common.oom_row("unsloth", mode, args, clock, err)
         sys.exit(3)
     clock.report("unsloth", mode, args, common.versions("unsloth", "unsloth_zoo", "trl", "xformers", "datasets"),
                  dict(use_gradient_checkpointing=args.checkpointing, lora_dropout=0, attention=backend,
-                      double_quant=True, packing="padding_free"))
+                      double_quant=True,
+                      packing="padding_free" if padding_free else "padded rows (Unsloth turned padding-free off)"))
 
 
 if __name__ == "__main__":
