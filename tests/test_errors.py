@@ -64,8 +64,11 @@ def test_out_of_memory_quotes_the_first_line_and_lists_the_settings_that_lower_i
     message, status = failure_message(torch.OutOfMemoryError("CUDA out of memory. " + "x" * 300 + "\nsecond line"))
     assert status == 1
     first = f"CUDA out of memory. {'x' * 180}"  # the first line, cut at 200 characters
-    assert message.startswith(f"error: out of GPU memory ({first}). Fix: lower --data.batch_size")
-    assert "second line" not in message and message.endswith("add --ckpt_path last to continue.")
+    assert message.startswith(f"error: out of GPU memory ({first}). Fix: leave the memory settings to the plan")
+    for lever in ("keep_dequantized false", "checkpoint_layers", "offload_layers", "micro_batch_tokens",
+                  "memory_budget_gib", "--data.max_tokens", "--data.max_length"):
+        assert lever in message, lever
+    assert "second line" not in message and message.endswith("No checkpoint was written yet.")
     empty, _ = failure_message(torch.OutOfMemoryError(""))
     assert empty.startswith("error: out of GPU memory (torch.OutOfMemoryError). Fix:")
 

@@ -27,8 +27,9 @@ def test_fit_checkpoint_resume_predict(tiny_model_dir, tmp_path, demo_records):
 
     events = EventAccumulator(str(next(run.glob("events.out.tfevents.*"))))
     events.Reload()
+    tags = set(events.Tags()["scalars"])
     assert {"train/loss", "val/loss", "val/ppl", "train/grad_norm", "train/tokens_per_s",
-            "train/time_to_first_step_s", "lr-PagedAdamW32bit"} <= set(events.Tags()["scalars"])
+            "train/time_to_first_step_s"} <= tags and any(t.startswith("lr-") for t in tags), tags
     first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert first["global_step"] == 3
 
