@@ -73,14 +73,12 @@ def _known(key: str, options: set[str], groups: set[str]) -> bool:
 
 
 def _closest(key: str, options: set[str]) -> str:
-    """' (did you mean X?)' for the valid option nearest to `key` (by name within its group first), or ''."""
-    group, _, name = key.rpartition(".")
-    siblings = {o.rpartition(".")[2]: o for o in options if o.rpartition(".")[0] == group}
-    match = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
-    if match:
-        return siblings[match[0]]
-    match = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
-    return match[0] if match else ""
+    """The valid option nearest to `key`, or ''. A name written flat where the option sits in a group
+    (`model.lora_rank` for `model.lora.r`) is also tried with each `_` read as a `.`."""
+    spellings = [key] + [key[:i] + "." + key[i + 1:] for i, c in enumerate(key) if c == "_"]
+    scored = [(difflib.SequenceMatcher(None, spelling, option).ratio(), option)
+              for spelling in spellings for option in difflib.get_close_matches(spelling, options, n=3, cutoff=0.6)]
+    return max(scored)[1] if scored else ""
 
 
 def unknown_options(args: list[str], subcommand: str, options: set[str]) -> list[str]:
