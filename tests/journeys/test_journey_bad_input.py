@@ -115,7 +115,7 @@ BAD_SETTINGS = [
      "options renamed when the settings were grouped:\n  --model.lora_r is now --model.lora.r\n  "
      "--model.compare_base is now --evaluation.compare_base\nFix: use the new names"),
     ("renamed-key-in-yaml", {"model": {"quantize": "nf4"}}, "model.quantize is now model.quantization.method"),
-    ("unknown-key-in-yaml", {"model": {"lora_rank": 4}}, 
+    ("unknown-key-in-yaml", {"model": {"lora_rank": 4}},
      "config.yaml:2: 'model.lora_rank' is not an option; did you mean 'model.lora.r'?"),
     ("malformed-yaml", "model:\n  lora: [r: 4\n", "config.yaml:3:1: malformed YAML (while parsing a flow sequence; "
                                                    "expected ',' or ']', but got '<stream end>'). Fix: correct it"),
