@@ -10,7 +10,7 @@ import queue
 import sys
 from typing import TextIO
 
-from lit_mistral.generation.engine import Answer, Sampling
+from lit_mistral.generation.session import Answer, Sampling
 from lit_mistral.serving import BadRequest, Prompter, TextStream, limits
 
 HELP = "(/reset clears the conversation, /exit quits; Ctrl+C stops an answer)"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lit_mistral.errors import LitMistralError
-from lit_mistral.generation.engine import Answer, Sampling
+from lit_mistral.generation.session import Answer, Sampling
 from lit_mistral.serving import BadRequest, Prompter, TextStream, limits
 
 log = logging.getLogger(__name__)

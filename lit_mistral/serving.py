@@ -18,9 +18,10 @@ from lit_mistral.data.tokenize import encode_prompts
 from lit_mistral.errors import LitMistralError
 from lit_mistral.generation.answering import for_inference
 from lit_mistral.generation.batches import context_window
-from lit_mistral.generation.engine import Engine, Session, _sliding_window
+from lit_mistral.generation.engine import Engine, _sliding_window
 from lit_mistral.generation.loop import EngineLoop
 from lit_mistral.generation.predictor import eos_ids
+from lit_mistral.generation.session import Session
 
 
 class BadRequest(Exception):

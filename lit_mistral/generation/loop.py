@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lit_mistral.generation.engine import Answer, Sampling, Session
+from lit_mistral.generation.session import Answer, Sampling, Session
 
 log = logging.getLogger(__name__)
 

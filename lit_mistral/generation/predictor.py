@@ -12,7 +12,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_mistral.config import Generation
 from lit_mistral.generation.batches import context_window, generate, record, row_limits, skipped
-from lit_mistral.generation.engine import Engine, Session
+from lit_mistral.generation.engine import Engine
+from lit_mistral.generation.session import Session
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from lit_mistral.errors import LitMistralError
-from lit_mistral.generation.engine import Answer, Engine
+from lit_mistral.generation.engine import Engine
+from lit_mistral.generation.session import Answer
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=97, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=None,
