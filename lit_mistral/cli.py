@@ -22,8 +22,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_mistral.argument_errors import argument_problems, prog
-from lit_mistral.callbacks import (JsonlPredictionWriter, LearningRateMonitor, PredictionProgressBar, SaveAdapter,
-                                   Telemetry)
+from lit_mistral.callbacks import LearningRateMonitor, SaveAdapter, Telemetry
 from lit_mistral.checkpointing import (RandomState, SaveOnSigterm, StopOnSigterm, check_checkpoint_file,
                                        find_last_checkpoint, record_problems)
 from lit_mistral.checks import check_settings
@@ -36,6 +35,7 @@ from lit_mistral.modeling import prefetch
 from lit_mistral.modeling.adapters import check_adapter_folder
 from lit_mistral.module import QLoRAModule
 from lit_mistral.modeling.registry import register
+from lit_mistral.predictions import JsonlPredictionWriter, PredictionProgressBar
 from lit_mistral.quiet import quiet_known_noise
 
 TRAINER_DEFAULTS = {

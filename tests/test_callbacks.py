@@ -1,12 +1,11 @@
-"""Callbacks around training and prediction: telemetry per optimizer step, the adapter written at the end of fit,
-generation rates."""
+"""Callbacks around training: telemetry per optimizer step, the adapter written at the end of fit."""
 
 import pytest
 from conftest import make_module, trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 
-from lit_mistral.callbacks import GenerationRate, SaveAdapter, Telemetry
+from lit_mistral.callbacks import SaveAdapter, Telemetry
 from lit_mistral.data.datamodule import InstructionDataModule
 
 
@@ -59,13 +58,3 @@ def test_telemetry_logs_once_per_optimizer_step_and_adapter_is_saved(tiny_model_
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
-
-def test_generation_rate_counts_rows_and_tokens():
-    rate = GenerationRate()
-    rate.start()
-    rate.add([{"response_tokens": 3}, {"response_tokens": 5}])
-    rate.add([{"response_tokens": 0}])
-    assert (rate.rows, rate.tokens) == (3, 8)
-    rows, tokens = rate.per_second()
-    assert tokens == pytest.approx(rows * 8 / 3)
-    assert "rows/s" in str(rate) and "new tokens/s" in str(rate)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 
-from lit_mistral.callbacks import JsonlPredictionWriter  # noqa: E402
+from lit_mistral.predictions import JsonlPredictionWriter  # noqa: E402
 from lit_mistral.config import Generation, LoRA  # noqa: E402
 from lit_mistral.data.datamodule import InstructionDataModule  # noqa: E402
 from lit_mistral.module import QLoRAModule  # noqa: E402
