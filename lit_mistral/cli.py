@@ -3,11 +3,9 @@
 everything a run writes, and bad input reported as one clear error (exit status 2) instead of a traceback."""
 
 import os
-import shutil
 import sys
 import warnings
 from dataclasses import replace
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Literal
 
@@ -17,26 +15,23 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities import rank_zero_only
 
 from lit_mistral.argument_errors import argument_problems, prog
 from lit_mistral.callbacks import LearningRateMonitor, SaveAdapter, Telemetry
-from lit_mistral.checkpointing import (RandomState, SaveOnSigterm, StopOnSigterm, check_checkpoint_file,
-                                       find_last_checkpoint, record_problems)
+from lit_mistral.checkpointing import RandomState, SaveOnSigterm, StopOnSigterm, record_problems
 from lit_mistral.checks import check_settings
 from lit_mistral.config import DTYPES, RENAMED
 from lit_mistral.data.datamodule import InstructionDataModule
 from lit_mistral.errors import LitMistralError, failure_message, raise_problems
 from lit_mistral.evaluation.callback import Evaluation
-from lit_mistral.io import check_output_file, check_output_folder, claim_numbered_folder
+from lit_mistral.io import check_output_file, check_output_folder
 from lit_mistral.modeling import prefetch
-from lit_mistral.modeling.adapters import check_adapter_folder
 from lit_mistral.module import QLoRAModule
 from lit_mistral.modeling.registry import register
 from lit_mistral.predictions import JsonlPredictionWriter, PredictionProgressBar
 from lit_mistral.quiet import quiet_known_noise
+from lit_mistral.runs import RunLogger, resolve_ckpt_path
 
 TRAINER_DEFAULTS = {
     "precision": "bf16-mixed",
@@ -46,43 +41,6 @@ TRAINER_DEFAULTS = {
     # checkpoints written whole or not at all, and loaded without unpickling arbitrary objects
     "plugins": [{"class_path": "lit_mistral.checkpointing.AtomicCheckpointIO"}],
 }
-
-
-class RunLogger(TensorBoardLogger):
-    """Lightning's default logger (TensorBoard, `lightning_logs/version_N`), with the run folder claimed atomically:
-    Lightning picks N by listing the folder, so two runs started together in one root both took `version_0` (one
-    config.yaml overwritten, both curves in one folder); here the folder is created exclusively (`io.py`) and a run
-    that finds N taken takes the next. Claimed when Lightning first asks for it, as the run sets up; a run that fails
-    before it has logged or written anything but what setup writes (bad data, a failed load) removes it again, so a
-    failed run leaves no empty `version_N`. With a `version` given (resuming a run, SLURM's job id) nothing is claimed
-    or removed."""
-
-    SETUP_FILES = ("config.yaml", "hparams.yaml", "events.out.tfevents.*")
-
-    def __init__(self, save_dir, version: int | str | None = None, **kwargs) -> None:
-        super().__init__(save_dir, version=version, **kwargs)
-        self.given_version, self.claimed, self.logged = version, None, False
-
-    @property
-    def version(self) -> int | str:
-        if self.given_version is not None or rank_zero_only.rank != 0:  # other processes get process 0's folder
-            return super().version
-        if self.claimed is None:
-            self.claimed = claim_numbered_folder(self.root_dir, "version_")
-        return self.claimed
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.logged = True
-        super().log_metrics(metrics, step)
-
-    @rank_zero_only
-    def finalize(self, status: str) -> None:
-        super().finalize(status)
-        if status != "failed" or self.claimed is None or self.logged:
-            return
-        folder = Path(self.log_dir)
-        if folder.is_dir() and all(any(fnmatch(p.name, name) for name in self.SETUP_FILES) for p in folder.iterdir()):
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 class LitTrainer(Trainer):
@@ -253,7 +211,8 @@ class LitMistralCLI(LightningCLI):
             raise self.argument_error(str(err), list(sys.argv[1:] if args is None else args)) from None
         subcommand = self.config.get("subcommand")
         if subcommand is not None:  # before Lightning reads the checkpoint's hyperparameters (right after parsing)
-            self.resolve_ckpt_path(subcommand, self.config[subcommand])
+            found = resolve_ckpt_path(subcommand, self.config[subcommand])
+            self.resumed_run, self.checkpoint_record, self.adapter_key = found.run, found.record, found.adapter_key
 
     def argument_error(self, message: str, args: list[str]) -> LitMistralError:
         """One error for what the parser refused: every unknown key (file:line for a --config), the closest valid
@@ -267,40 +226,6 @@ class LitMistralCLI(LightningCLI):
         return LitMistralError(f"{len(problems)} {noun} with the options:\n" + "".join(f"  {p}\n" for p in problems)
                                + f"Fix: correct {'it' if len(problems) == 1 else 'them'}; `{command}` lists every "
                                "option with its type and default.")
-
-    def resolve_ckpt_path(self, subcommand: str, config) -> None:
-        """`--ckpt_path`: `last` becomes the newest last.ckpt under `--trainer.default_root_dir` (or one clear error:
-        a subcommand never runs without the adapter it was asked for); a file is checked before Lightning or torch
-        read it; an adapter folder becomes the model's adapter (validate, predict)."""
-        ckpt = config.get("ckpt_path")
-        if ckpt is None:
-            return
-        if ckpt == "last":
-            root = config.trainer.get("default_root_dir") or os.getcwd()
-            last = find_last_checkpoint(root)
-            if last is None:
-                fix = ("start without --ckpt_path, or set --trainer.default_root_dir to the earlier run's" if subcommand
-                       == "fit" else "pass the `adapter` folder or a .ckpt file of a fit run, or set "
-                       "--trainer.default_root_dir to the folder that fit ran in")
-                raise LitMistralError(f"{subcommand} --ckpt_path last: no last.ckpt under "
-                                      f"{Path(root) / 'lightning_logs'}/. Fix: {fix}.")
-            config.ckpt_path = ckpt = str(last)
-            self.resumed_run = last.parent.parent  # fit continues in that run's folder
-        path = Path(ckpt)
-        if not path.exists():
-            raise LitMistralError(f"{subcommand} --ckpt_path: {ckpt!r} does not exist. Fix: check the path"
-                                  + (", or use 'last'." if subcommand == "fit" else "."))
-        if path.is_dir() and subcommand == "fit":
-            raise LitMistralError(f"fit --ckpt_path: {ckpt!r} is a folder. Fix: to resume, pass a .ckpt file or "
-                                  "'last'; to start from a saved adapter, pass --model.adapter_path instead.")
-        if path.is_dir() and subcommand in ("validate", "predict", "serve", "chat"):
-            # a peft adapter folder: loaded onto the base as the model's adapter, not as a Lightning checkpoint; its
-            # errors name the option it was given as
-            self.adapter_key = f"{subcommand} --ckpt_path"
-            check_adapter_folder(path, self.adapter_key)
-            config.model.adapter_path, config.ckpt_path = ckpt, None
-        elif path.is_file():
-            self.checkpoint_record = check_checkpoint_file(path, f"{subcommand} --ckpt_path")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = self.config_init[str(self.subcommand)]["trainer"]

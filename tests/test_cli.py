@@ -4,7 +4,6 @@ option is one clear error."""
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_cli
@@ -56,39 +55,6 @@ def test_unknown_option_exits_2_without_traceback(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert "no_such_option" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_two_runs_started_together_take_a_run_folder_each(tmp_path):
-    """Lightning's logger picks version_N by listing the root: two runs that both ask before either has written
-    anything both get version_0. The CLI's logger claims the folder as it names it."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from lit_mistral.cli import RunLogger
-
-    listing = [TensorBoardLogger(tmp_path / "lightning") for _ in range(2)]
-    assert [logger.version for logger in listing] == [0, 0]  # what happened
-
-    first, second = RunLogger(tmp_path), RunLogger(tmp_path)
-    assert (first.log_dir, second.log_dir) == (str(tmp_path / "lightning_logs" / "version_0"),
-                                               str(tmp_path / "lightning_logs" / "version_1"))
-    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
-    assert RunLogger(tmp_path, version=0).log_dir == first.log_dir  # resuming a run: its own folder, nothing claimed
-
-
-def test_a_run_that_fails_before_it_starts_leaves_no_run_folder(tmp_path):
-    from lit_mistral.cli import RunLogger
-
-    failed, started, kept = RunLogger(tmp_path), RunLogger(tmp_path), RunLogger(tmp_path)
-    for logger in (failed, started, kept):
-        logger.experiment.add_text("setup", "x")  # what setup does: an events file
-        (Path(logger.log_dir) / "config.yaml").write_text("trainer: {}\n")
-    started.log_metrics({"train/loss": 1.0}, step=1)
-    (Path(kept.log_dir) / "checkpoints").mkdir()
-    for logger in (failed, started, kept):
-        logger.finalize("failed")
-    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_1", "version_2"]
-    RunLogger(tmp_path, version=1).finalize("failed")  # a resumed run's folder is never removed
-    assert (tmp_path / "lightning_logs" / "version_1").is_dir()
 
 
 def test_argument_errors_come_first_and_alone_with_every_bad_key(tmp_path, capsys):
