@@ -1,13 +1,17 @@
 """Bad options on the command line or in a --config file, reported first and alone: every unknown key (with the file
 and line that holds it and the closest valid name), then the parser's own complaint, then where the options are
 listed. jsonargparse prints its whole usage (over a hundred lines) before a one-line error naming only the first bad
-key, and points to `__main__.py fit --help`, which is not a command anyone can run."""
+key, and points to `__main__.py fit --help`, which is not a command anyone can run. Options renamed when the settings
+were grouped, and a --config file that is not YAML, are reported before the parser sees them."""
 
 import difflib
 import os
 import re
 import sys
 from pathlib import Path
+
+from lit_mistral.config import RENAMED
+from lit_mistral.errors import LitMistralError
 
 PROG = "python -m lit_mistral"
 
@@ -141,3 +145,40 @@ def argument_problems(message: str, args: list[str], subcommand: str | None, opt
     if unknown and about_unknown:
         return unknown
     return [located(message, args, subcommand, options), *unknown]
+
+
+def read_config(path: Path):
+    """The YAML document of the config file `path`, or one clear error naming the file, the line and the column (as
+    jsonargparse reports it, the error names no file)."""
+    import yaml
+
+    fix = "Fix: correct it (`python -m lit_mistral fit --print_config` prints a complete, valid config)."
+    try:
+        return yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise LitMistralError(f"--config {path}: not UTF-8 text (byte offset {err.start}). {fix}") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        what = "; ".join(str(part) for part in (err.context, err.problem) if part)
+        raise LitMistralError(f"--config {path}{where}: malformed YAML ({what}). {fix}") from None
+    except yaml.YAMLError as err:
+        raise LitMistralError(f"--config {path}: malformed YAML ({err}). {fix}") from None
+
+
+def renamed_options(args: list[str]) -> list[str]:
+    """The options of `args` (command line and --config files) that were renamed, each with its new name."""
+    found = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            key = arg[2:].split("=", 1)[0].removesuffix("+")
+            if key in RENAMED:
+                found.append(f"--{key} is now --{RENAMED[key]}")
+        if arg in ("--config", "-c") and i + 1 < len(args) or arg.startswith("--config="):
+            path = Path(args[i + 1] if arg in ("--config", "-c") else arg.split("=", 1)[1])
+            config = read_config(path) if path.is_file() else None  # a missing file: jsonargparse names it
+            for section, values in (config or {}).items() if isinstance(config, dict) else ():
+                for key in values if isinstance(values, dict) else ():
+                    if f"{section}.{key}" in RENAMED:
+                        found.append(f"{path}: {section}.{key} is now {RENAMED[f'{section}.{key}']}")
+    return found

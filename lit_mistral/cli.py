@@ -17,11 +17,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from lit_mistral.argument_errors import argument_problems, prog
+from lit_mistral.argument_errors import argument_problems, prog, renamed_options
 from lit_mistral.callbacks import LearningRateMonitor, SaveAdapter, Telemetry
 from lit_mistral.checkpointing import RandomState, SaveOnSigterm, StopOnSigterm, record_problems
 from lit_mistral.checks import check_settings
-from lit_mistral.config import DTYPES, RENAMED
+from lit_mistral.config import DTYPES
 from lit_mistral.data.datamodule import InstructionDataModule
 from lit_mistral.errors import LitMistralError, failure_message, raise_problems
 from lit_mistral.evaluation.callback import Evaluation
@@ -129,43 +129,6 @@ class LitTrainer(Trainer):
         loop = serving.engine_loop(model, tokenizer, module.generation, module.max_length, rows,
                                    context=self.precision_plugin.forward_context, whole_context=single)
         return {"loop": loop, "prompter": prompter, "tokenizer": tokenizer, "model": model}
-
-
-def read_config(path: Path):
-    """The YAML document of the config file `path`, or one clear error naming the file, the line and the column (as
-    jsonargparse reports it, the error names no file)."""
-    import yaml
-
-    fix = "Fix: correct it (`python -m lit_mistral fit --print_config` prints a complete, valid config)."
-    try:
-        return yaml.safe_load(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise LitMistralError(f"--config {path}: not UTF-8 text (byte offset {err.start}). {fix}") from None
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        what = "; ".join(str(part) for part in (err.context, err.problem) if part)
-        raise LitMistralError(f"--config {path}{where}: malformed YAML ({what}). {fix}") from None
-    except yaml.YAMLError as err:
-        raise LitMistralError(f"--config {path}: malformed YAML ({err}). {fix}") from None
-
-
-def renamed_options(args: list[str]) -> list[str]:
-    """The options of `args` (command line and --config files) that were renamed, each with its new name."""
-    found = []
-    for i, arg in enumerate(args):
-        if arg.startswith("--"):
-            key = arg[2:].split("=", 1)[0].removesuffix("+")
-            if key in RENAMED:
-                found.append(f"--{key} is now --{RENAMED[key]}")
-        if arg in ("--config", "-c") and i + 1 < len(args) or arg.startswith("--config="):
-            path = Path(args[i + 1] if arg in ("--config", "-c") else arg.split("=", 1)[1])
-            config = read_config(path) if path.is_file() else None  # a missing file: jsonargparse names it
-            for section, values in (config or {}).items() if isinstance(config, dict) else ():
-                for key in values if isinstance(values, dict) else ():
-                    if f"{section}.{key}" in RENAMED:
-                        found.append(f"{path}: {section}.{key} is now {RENAMED[f'{section}.{key}']}")
-    return found
 
 
 class LitMistralCLI(LightningCLI):
