@@ -17,7 +17,7 @@ from lit_mistral.data.tokenize import IGNORE_INDEX
 from lit_mistral.errors import raise_problems
 from lit_mistral.generation import lifecycle
 from lit_mistral.generation.predictor import Predictor
-from lit_mistral.modeling import build, plan
+from lit_mistral.modeling import build, fit_plan, plan
 from lit_mistral.modeling.adapters import check_adapter_folder
 from lit_mistral.modeling.attention import packed_kwargs
 from lit_mistral.modeling.loss import linear_cross_entropy
@@ -243,7 +243,7 @@ class QLoRAModule(LightningModule):
             self.log("train/grad_norm", norm)
 
     def on_train_start(self) -> None:
-        plan.fit_plan(self)
+        fit_plan.fit_plan(self)
 
     # -- optimizer ---------------------------------------------------------------------------------------------------
 

@@ -133,7 +133,7 @@ def choose_micro_tokens(try_size: Callable[[int], Trial], speed: Callable[[Trial
 
 
 def _training_pass(module, batch: dict) -> tuple[int | None, float]:
-    """One forward and backward pass of `module` on `batch` (on its device), as the model is set up (`plan.apply`):
+    """One forward and backward pass of `module` on `batch` (on its device), as the model is set up (`fit_plan.apply`):
     the CUDA allocator's peak (None if it ran out of memory) and the seconds it took. Gradients are dropped after;
     the random state (dropout) is left as it was."""
     device = module.device

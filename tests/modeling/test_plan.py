@@ -1,15 +1,13 @@
 """The memory plan (`modeling/plan.py`): its choice at each budget from a memory model shaped like Mistral-7B's at
 16,384 tokens per step (the probes replaced by the model), settings given in the config winning, the refusal when
-nothing fits, and a fit that plans, logs, saves its plan and reuses it on resume."""
+nothing fits. (A fit run making, keeping and reusing its plan: test_fit_plan.py.)"""
 
 import pytest
-import torch
-from conftest import fit_checkpointed, make_module
 
 from lit_mistral.config import Compute
-from lit_mistral.data.datamodule import InstructionDataModule
 from lit_mistral.errors import LitMistralError
 from lit_mistral.modeling import autofit, plan
+from lit_mistral.modeling.fit_plan import optimizer_state_bytes
 from lit_mistral.modeling.plan import Facts, Layout
 
 GIB = 2**30
@@ -35,7 +33,7 @@ def speed(layout: Layout) -> float:
 
 def facts(budget_gib: float, cpu_gib: float = 200) -> Facts:
     budget = int(budget_gib * GIB)
-    reserve = plan.optimizer_state_bytes("adamw", 21_000_000) + int(autofit.MARGIN * budget)
+    reserve = optimizer_state_bytes("adamw", 21_000_000) + int(autofit.MARGIN * budget)
     return Facts(LAYERS, int(0.406 * GIB), reserve, budget, TOKENS, 2048, int(cpu_gib * GIB))
 
 
@@ -118,69 +116,3 @@ def test_the_refusal_measures_the_smallest_plan_once_without_the_cap():
                                               r"recomputing, parts of 2,048 tokens\)"):
         plan.choose(lambda layout: None, speed, facts(5), Compute(), without_cap)
     assert uncapped == [Layout(32, 0, 2048, True)]
-
-
-def test_a_kept_plan_takes_the_settings_the_config_now_gives():
-    kept = plan.Plan.from_record(plan.Plan(10, 4, 8192, False, True, 20 * GIB, 24 * GIB, "x").record())
-    assert kept.how == "from the checkpoint resumed" and kept.micro_batch_tokens == 8192
-    now = plan.override(kept, Compute(micro_batch_tokens=None, dropout_masks="keep"), LAYERS)
-    assert (now.checkpoint_layers, now.offload_layers, now.micro_batch_tokens, now.regenerate_dropout) == (
-        10, 4, None, False)
-
-
-def test_fit_plans_logs_saves_and_reuses_its_plan(tiny_model_dir, demo_file, tmp_path, monkeypatch, caplog):
-    """A fit with every memory setting `auto` (the CUDA measurement replaced by a memory model: 1 GiB with both
-    layers recomputing, 1 GiB more per layer kept on the GPU, a 2.5 GiB budget) recomputes one layer, keeps the
-    16-bit weights (a tiny model's fit), logs its one line and saves the plan; resumed from its checkpoint, the run
-    takes it without measuring. Without a GPU the plan is the plain settings, and says so."""
-    from lit_mistral.modeling.build import checkpointable_layers
-
-    calls = []
-
-    def probe_peak(module, batch):
-        blocks = checkpointable_layers(module.model)
-        kept = sum(not b.gradient_checkpointing and not getattr(b, "offload_activations", False) for b in blocks)
-        calls.append((kept, batch["input_ids"].numel()))
-        return int((1 + kept) * GIB)
-
-    def run(max_steps, ckpt_path=None, **compute):
-        module = make_module(tiny_model_dir, compute=compute)
-        dm = InstructionDataModule(path=str(demo_file), tokenizer=str(tiny_model_dir), max_length=256,
-                                   batch_size=4, train_records=(0, 16), val_records=(16, 20))
-        return fit_checkpointed(tmp_path, module, dm, max_steps, ckpt_path)
-
-    with caplog.at_level("INFO"):
-        module, _ = run(1)
-    assert calls == [] and "(no GPU memory to measure: the plain settings)" in caplog.text
-    assert module.memory_plan.checkpoint_layers == 2  # every layer recomputes
-    assert "memory_plan" not in torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["lit_mistral"]
-
-    monkeypatch.setattr(autofit, "can_measure", lambda device: True)
-    monkeypatch.setattr(autofit, "budget_bytes", lambda device, gib: (int(2.5 * GIB), "memory_budget_gib"))
-    monkeypatch.setattr(autofit, "MARGIN", 0.0)
-    monkeypatch.setattr(autofit, "probe_peak", probe_peak)
-    monkeypatch.setattr(autofit, "probe_speed", lambda module, batch: 1.0)
-    for path in (tmp_path / "ckpt").glob("*.ckpt"):
-        path.unlink()
-    caplog.clear()
-    with caplog.at_level("INFO"):
-        module, dm = run(2)
-    made = module.memory_plan
-    assert (made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens, made.keep_dequantized) == (
-        1, 0, None, True)
-    assert calls[0] == (2, max(b["input_ids"].numel() for b in dm.train_dataloader()))  # the largest batch
-    lines = [r.message for r in caplog.records if r.message.startswith("model.compute plan:")]
-    assert len(lines) == 1 and lines[0].startswith(
-        "model.compute plan: 1 of 2 decoder layers recompute, 1 on the GPU; whole batches; 16-bit weights kept for "
-        "backward; dropout masks drawn again; predicted peak 2.0 of 2.5 GiB (measured against 2.5 GiB, "
-        "memory_budget_gib, on the largest batch of")
-    record = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["lit_mistral"]["memory_plan"]
-    assert record["checkpoint_layers"] == 1 and record["keep_dequantized"] is True
-    calls.clear()
-    caplog.clear()
-    with caplog.at_level("INFO"):
-        resumed, _ = run(3, ckpt_path=tmp_path / "ckpt" / "last.ckpt", keep_dequantized=False)
-    assert calls == [] and "(from the checkpoint resumed); set in the config, kept: keep_dequantized=false." in \
-        caplog.text
-    assert [b.gradient_checkpointing for b in checkpointable_layers(resumed.model)] == [True, False]
-    assert not any(m._keep_dequantized for m in resumed.model.modules() if "_keep_dequantized" in m.__dict__)
