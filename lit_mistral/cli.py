@@ -29,7 +29,7 @@ from lit_mistral.io import check_output_file, check_output_folder
 from lit_mistral.modeling import prefetch
 from lit_mistral.module import QLoRAModule
 from lit_mistral.modeling.registry import register
-from lit_mistral.predictions import JsonlPredictionWriter, PredictionProgressBar
+from lit_mistral.predictions import JsonlPredictionWriter, ProgressBar
 from lit_mistral.quiet import quiet_known_noise
 from lit_mistral.runs import RunLogger, resolve_ckpt_path
 
@@ -195,10 +195,10 @@ class LitMistralCLI(LightningCLI):
         if trainer.get("logger") in (None, True):  # Lightning's default logger, with the run folder claimed atomically
             kwargs["logger"] = RunLogger(save_dir=trainer.get("default_root_dir") or os.getcwd(),
                                          version=SLURMEnvironment.job_id())
-        if trainer.get("enable_progress_bar") is not False:  # Lightning's bar, with rows/s and tokens/s in predict
+        if trainer.get("enable_progress_bar") is not False:  # Lightning's bar, with its resume and predict additions
             callbacks = trainer.get("callbacks") or []
             kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]),
-                                   PredictionProgressBar()]
+                                   ProgressBar()]
         try:
             return super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as err:  # accelerator, strategy, devices, precision

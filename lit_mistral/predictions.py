@@ -1,6 +1,6 @@
 """Predict's callbacks: a JSONL writer that streams each row to `<path>.partial` as its batch finishes and writes
-the output whole, in input order, at the end; what resuming an interrupted run reads back and checks; and a progress
-bar with rows/s and generated tokens/s.
+the output whole, in input order, at the end; what resuming an interrupted run reads back and checks; and the CLI's
+progress bar (rows/s and generated tokens/s in predict; the epoch's total kept on a fit resumed mid-epoch).
 
 Apart from `callbacks.py` (telemetry and the adapter written after fit) because these concern one file and its
 rows: which file may be replaced, which rows belong to the current inputs and settings, and what is left behind
@@ -236,11 +236,33 @@ class JsonlPredictionWriter(BasePredictionWriter):
             self._lock = None
 
 
-class PredictionProgressBar(TQDMProgressBar):
-    """Lightning's progress bar, with rows/s and generated tokens/s while predicting, counting rows written (a batch
-    holds up to `max_rows` of them, and the continuous engine finishes rows of earlier batches)."""
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar as the CLI sets it up: with the epoch's total and time left on a run resumed
+    mid-epoch, and with rows/s and generated tokens/s while predicting, counting rows written (a batch holds up to
+    `max_rows` of them, and the continuous engine finishes rows of earlier batches)."""
 
     rows: int | None = None  # rows finished so far; None: the loader does not say how many it holds (batches counted)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """On a mid-epoch resume Lightning skips `on_train_epoch_start` for the resumed epoch, where its bar takes the
+        epoch's total and name, so the bar would count batches against no total and show no time left (Lightning
+        issue 20603). Set them here as the uninterrupted run's bar had them, starting at the batches the interrupted
+        run took, so that its rate and time left count only the batches this run trains on."""
+        super().on_train_start(trainer, pl_module)
+        loop = trainer.fit_loop
+        if not loop.restarted_mid_epoch or self.total_train_batches == float("inf"):  # inf: a loader of unknown length
+            return
+        done = loop.epoch_loop.batch_progress.current.processed
+        bar = self.train_progress_bar
+        # Lightning's total at an epoch's start: its batches, or fewer if max_steps comes first (then counted from now)
+        bar.total = min(trainer.num_training_batches, done + self.total_train_batches)
+        bar.initial = bar.n = bar.last_print_n = done
+        bar.set_description(f"Epoch {trainer.current_epoch}")  # and redraws
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        if self.train_progress_bar is not None:  # Lightning's reset redraws the bar before it sets `initial` to 0
+            self.train_progress_bar.initial = 0
+        super().on_train_epoch_start(trainer, *args)
 
     def on_predict_start(self, trainer, pl_module) -> None:
         super().on_predict_start(trainer, pl_module)

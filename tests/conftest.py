@@ -203,19 +203,19 @@ def trainer(root, **kw):
 
     kw.setdefault("enable_checkpointing", False)
     kw.setdefault("logger", False)
-    return Trainer(accelerator="cpu", devices=1, precision="32-true", enable_progress_bar=False,
-                   enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0,
+    kw.setdefault("enable_progress_bar", False)
+    return Trainer(accelerator="cpu", devices=1, precision="32-true", enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0,
                    use_distributed_sampler=False, **kw)
 
 
-def fit_checkpointed(root, module, datamodule, max_steps: int, ckpt_path=None):
+def fit_checkpointed(root, module, datamodule, max_steps: int, ckpt_path=None, callbacks=(), **kw):
     """Fit on the CPU (no validation) with a checkpoint at every step in `root/ckpt` (`last.ckpt` the newest),
-    resuming from `ckpt_path` if given."""
+    resuming from `ckpt_path` if given; `callbacks` and `kw` (Trainer arguments) added."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     checkpoints = ModelCheckpoint(dirpath=Path(root) / "ckpt", save_last=True, every_n_train_steps=1)
     trainer(root, max_steps=max_steps, limit_val_batches=0, enable_checkpointing=True,
-            callbacks=[checkpoints]).fit(module, datamodule, ckpt_path=ckpt_path)
+            callbacks=[checkpoints, *callbacks], **kw).fit(module, datamodule, ckpt_path=ckpt_path)
     return module, datamodule
 
 

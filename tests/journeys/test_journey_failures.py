@@ -111,7 +111,7 @@ def test_same_config_and_seed_give_the_same_run(reference, tiny_model_dir, tmp_p
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_is_the_uninterrupted_run(reference, tiny_model_dir, tmp_path):
+def test_sigkill_mid_epoch_then_resume_is_the_uninterrupted_run(reference, tiny_model_dir, tmp_path, capsys):
     process, run = start_paused(tiny_model_dir, tmp_path)
     process.send_signal(signal.SIGKILL)  # no handler, no cleanup: as a pre-empted machine or the OOM killer
     assert process.wait(timeout=60) == -signal.SIGKILL
@@ -119,9 +119,12 @@ def test_sigkill_mid_epoch_then_resume_is_the_uninterrupted_run(reference, tiny_
     # everything logged before the kill reached the disk
     assert logged(run) == {step: loss for step, loss in reference["losses"].items() if step < PAUSE_AT}
 
-    run_cli(*fit_args(tiny_model_dir, tmp_path, "--ckpt_path", "last"))
+    capsys.readouterr()
+    run_cli(*fit_args(tiny_model_dir, tmp_path, "--ckpt_path", "last", "--trainer.enable_progress_bar", "true"))
     assert not (tmp_path / "lightning_logs" / "version_1").exists()  # continued in the same run folder
     assert_same(outcome(run), reference)
+    # the bar goes on from the resumed batch with the epoch's total and the time left, as the uninterrupted run's
+    assert re.search(r"Epoch 0: +80%\|[^|]*\| 4/5 \[\d\d:\d\d<\d\d:\d\d", capsys.readouterr().out)
 
 
 @pytest.mark.slow
