@@ -222,26 +222,7 @@ def build_app(state: ServerState, max_request_bytes: int):
 
     async def run(request: Request, kind: str):
         body = parse(await request.body(), kind)
-        if kind == "chat":
-            if body.get("messages") is None:
-                raise BadRequest("messages: required", "messages")
-            ids = state.prompter.messages(body["messages"])
-        elif body.get("instruction") is not None:
-            if body.get("prompt") is not None:
-                raise BadRequest("give prompt or instruction (+ context), not both", "prompt")
-            ids = state.prompter.instruction(body["instruction"], body.get("context") or "")
-        else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                            for t in prompt):
-                ids = prompt
-            elif isinstance(prompt, str) and prompt:
-                ids = state.prompter.text(prompt)
-            else:
-                raise BadRequest("prompt: expected a non-empty string, a list of one, or a list of token ids (or "
-                                 "instruction + context)", "prompt")
+        ids = prompt_ids(state, body, kind)
         job = start(state, body, ids)
         made, rid = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         base = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": made,
@@ -258,30 +239,7 @@ def build_app(state: ServerState, max_request_bytes: int):
             return {**base, "choices": [{**choice, "finish_reason": job.finish}], "usage": job.usage()}
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
         base["object"] = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-        def chunk(piece: str | None, finish: str | None = None, role: bool = False) -> str:
-            if kind == "chat":
-                delta = ({"role": "assistant", "content": ""} if role else {} if piece is None else {"content": piece})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
-            return f"data: {json.dumps({**base, 'choices': [choice], **({'usage': None} if usage else {})})}\n\n"
-
-        async def events():
-            if kind == "chat":
-                yield chunk(None, role=True)
-            try:
-                async for piece in job.pieces():
-                    yield chunk(piece)
-            except RuntimeError as err:
-                yield f"data: {json.dumps(error_body(f'generation failed: {err}', kind='server_error'))}\n\n"
-                return
-            yield chunk(None, job.finish)
-            if usage:
-                yield f"data: {json.dumps({**base, 'choices': [], 'usage': job.usage()})}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(events(job, base, kind, usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/chat/completions")
@@ -293,6 +251,53 @@ def build_app(state: ServerState, max_request_bytes: int):
         return await run(request, "completion")
 
     return Gate(app, state, max_request_bytes)
+
+
+def prompt_ids(state: ServerState, body: dict, kind: str) -> list[int]:
+    """The prompt's token ids: chat messages rendered as training rendered them; a completion's instruction (+
+    context) under the prompt style, its raw text, or its token ids."""
+    if kind == "chat":
+        if body.get("messages") is None:
+            raise BadRequest("messages: required", "messages")
+        return state.prompter.messages(body["messages"])
+    if body.get("instruction") is not None:
+        if body.get("prompt") is not None:
+            raise BadRequest("give prompt or instruction (+ context), not both", "prompt")
+        return state.prompter.instruction(body["instruction"], body.get("context") or "")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    if isinstance(prompt, str) and prompt:
+        return state.prompter.text(prompt)
+    raise BadRequest("prompt: expected a non-empty string, a list of one, or a list of token ids (or instruction + "
+                     "context)", "prompt")
+
+
+async def events(job, base: dict, kind: str, usage: bool):
+    """A streamed answer as server-sent events in OpenAI's chunk format: the role first (chat), each piece of text,
+    the finish reason, the usage if asked, then `[DONE]`; a failure mid-stream as an error event."""
+    def chunk(piece: str | None, finish: str | None = None, role: bool = False) -> str:
+        if kind == "chat":
+            delta = ({"role": "assistant", "content": ""} if role else {} if piece is None else {"content": piece})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+        return f"data: {json.dumps({**base, 'choices': [choice], **({'usage': None} if usage else {})})}\n\n"
+
+    if kind == "chat":
+        yield chunk(None, role=True)
+    try:
+        async for piece in job.pieces():
+            yield chunk(piece)
+    except RuntimeError as err:
+        yield f"data: {json.dumps(error_body(f'generation failed: {err}', kind='server_error'))}\n\n"
+        return
+    yield chunk(None, job.finish)
+    if usage:
+        yield f"data: {json.dumps({**base, 'choices': [], 'usage': job.usage()})}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def serve(state: ServerState, host: str, port: int, max_request_bytes: int, grace_period: float) -> None:

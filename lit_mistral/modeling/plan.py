@@ -122,19 +122,7 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
             peaks[layout] = probe(layout)
         return peaks[layout]
 
-    checkpointing = compute.checkpointing()
-    masks = None if compute.dropout_masks == "auto" else compute.dropout_masks == "regenerate"
-    kd_given = None if compute.keep_dequantized == "auto" else compute.keep_dequantized
-    offload_given = 0 if not checkpointing or kd_given else (
-        None if compute.offload_layers == "auto" else min(compute.offload_layers, n))
-    movable = n - (offload_given or 0)  # layers that may recompute
-    layers_given = 0 if not checkpointing else (
-        None if compute.checkpoint_layers == "auto" else movable if compute.checkpoint_layers is None
-        else min(compute.checkpoint_layers, movable))
-    if compute.micro_batch_tokens == "auto":
-        sizes = [None if s == facts.tokens else s for s in autofit.part_sizes(facts.tokens, facts.longest)]
-    else:
-        sizes = [compute.micro_batch_tokens]
+    masks, kd_given, offload_given, movable, layers_given, sizes = _given(compute, facts)
 
     def weights(recompute: int, offload: int) -> int:
         """Bytes of the 16-bit weights kept for backward: those of the layers that keep their activations on the
@@ -190,19 +178,44 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
 
     # 3. some of the recomputing layers offload instead, where enough others hide the copies
     if offload_given is None and layers_given is None and recompute >= OFFLOAD_SPREAD:
-        per_layer = _bytes_per_layer(choice.probes)
-        count = min(OFFLOAD_MAX, recompute // OFFLOAD_SPREAD)
-        if per_layer:
-            count = min(count, int(OFFLOAD_CPU_SHARE * facts.cpu_free // per_layer))
-        if count > 0:
-            for layers in range(recompute - count, recompute - count + 2):  # the same kept, else one fewer kept
-                found = measure(Layout(layers, count, size, regenerate))
-                if fits(found, layers, count):
-                    recompute, offload, peak = layers, count, found
-                    break
+        for layers, count in _offload_candidates(recompute, choice.probes, facts):
+            found = measure(Layout(layers, count, size, regenerate))
+            if fits(found, layers, count):
+                recompute, offload, peak = layers, count, found
+                break
     shown = "whole batches" if size is None else f"parts of {size:,} tokens"
     return plan(recompute, offload, size, regenerate, peak, f"{len(peaks)} probes; {shown}")
 
+
+
+def _given(compute: Compute, facts: Facts) -> tuple:
+    """What `compute` fixes, None where the plan decides: (regenerate dropout masks, keep_dequantized, offloaded
+    layers, layers that may recompute, recomputing layers, the part sizes to try)."""
+    n, checkpointing = facts.layers, compute.checkpointing()
+    masks = None if compute.dropout_masks == "auto" else compute.dropout_masks == "regenerate"
+    kd_given = None if compute.keep_dequantized == "auto" else compute.keep_dequantized
+    offload_given = 0 if not checkpointing or kd_given else (
+        None if compute.offload_layers == "auto" else min(compute.offload_layers, n))
+    movable = n - (offload_given or 0)  # layers that may recompute
+    layers_given = 0 if not checkpointing else (
+        None if compute.checkpoint_layers == "auto" else movable if compute.checkpoint_layers is None
+        else min(compute.checkpoint_layers, movable))
+    if compute.micro_batch_tokens == "auto":
+        sizes = [None if s == facts.tokens else s for s in autofit.part_sizes(facts.tokens, facts.longest)]
+    else:
+        sizes = [compute.micro_batch_tokens]
+    return masks, kd_given, offload_given, movable, layers_given, sizes
+
+
+def _offload_candidates(recompute: int, probes, facts: Facts) -> list[tuple[int, int]]:
+    """(recomputing layers, offloaded layers) to try when some of `recompute` recomputing layers offload instead:
+    as many as enough others hide the copies of and the CPU's free memory holds, the same layers kept on the GPU,
+    else one fewer kept."""
+    per_layer = _bytes_per_layer(probes)
+    count = min(OFFLOAD_MAX, recompute // OFFLOAD_SPREAD)
+    if per_layer:
+        count = min(count, int(OFFLOAD_CPU_SHARE * facts.cpu_free // per_layer))
+    return [(layers, count) for layers in range(recompute - count, recompute - count + 2)] if count > 0 else []
 
 def _bytes_per_layer(probes: list[tuple[int, int | None]]) -> int | None:
     """The largest measured bytes per layer that keeps its activations, from probes (recomputing layers, peak)."""
