@@ -49,6 +49,7 @@ class EngineLoop:
         self._closing = False
         self._cancelled_total = 0  # prompts ended by `cancel` while waiting or running
         self._load = session.load()  # read by other threads: replaced whole after each step
+        self._ended: list[tuple[_Job, Answer]] = []  # told once `_load` shows their rows and blocks freed
         self._thread = threading.Thread(target=self._run, name="lit_mistral-engine", daemon=True)
         self._thread.start()
 
@@ -109,13 +110,24 @@ class EngineLoop:
             if job is not None:
                 self.session.cancel(key)
                 self._cancelled_total += 1
-                job.on_finish(Answer([], "cancelled"))
+                self._ended.append((job, Answer([], "cancelled")))
+        if self._ended:
+            self._publish()
         return not closing
+
+    def _publish(self) -> None:
+        """Publish the session's load, then tell the prompts that ended: whoever hears of an end sees its row and
+        cache blocks freed in `load()`."""
+        with self._lock:
+            self._load = self.session.load()
+        ended, self._ended = self._ended, []
+        for job, answer in ended:
+            job.on_finish(answer)
 
     def _finished(self, key: int, answer: Answer) -> None:
         job = self._jobs.pop(key, None)
         if job is not None:
-            job.on_finish(answer)
+            self._ended.append((job, answer))
 
     def _token(self, key: int, token: int) -> None:
         job = self._jobs.get(key)
@@ -134,6 +146,5 @@ class EngineLoop:
                         self.session.cancel(key)
                         job = self._jobs.pop(key, None)
                         if job is not None:
-                            job.on_finish(Answer([], f"error: {type(err).__name__}: {err}"))
-                with self._lock:
-                    self._load = self.session.load()
+                            self._ended.append((job, Answer([], f"error: {type(err).__name__}: {err}")))
+                self._publish()
