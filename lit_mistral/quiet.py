@@ -11,11 +11,12 @@ HARMLESS_LOGS = {
     # at import on CPUs with AVX-512 BF16, bitsandbytes tries an optional faster 4-bit matmul from the `kernels`
     # package (fetched from a hub) and falls back to its own, which is what runs without it
     "bitsandbytes.backends.cpu.ops": r"Failed to load CPU gemm_4bit_forward",
+    # Liger probes the kernels of every vendor when its ops are first used; those of other hardware (or of a
+    # library not installed) cannot import, as expected, and the kernels for this GPU run
+    "liger_kernel.backends.registry": r"Backend impl .* could not be imported",
 }
 # warnings (message patterns) that are harmless
 HARMLESS_WARNINGS = [
-    # Liger probes the kernels of every vendor when imported; those of other hardware cannot import, as expected
-    r"Backend impl .* could not be imported",
     # peft reads transformers' property by its old name, which transformers renamed; nothing a user can change
     r"`is_gradient_checkpointing` is deprecated",
 ]

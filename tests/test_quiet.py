@@ -16,9 +16,16 @@ def test_known_harmless_messages_are_dropped_and_others_kept(caplog):
                        "`pip install kernels`", "No module named 'kernels'")
         logger.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+    liger = logging.getLogger("liger_kernel.backends.registry")  # Liger logs these (liger_kernel/backends/registry.py)
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        liger.warning("Backend impl '%s' for op '%s' could not be imported: %s: %s",
+                      "liger_kernel.ops.backends._ascend.rope", "rope", "ImportError", "cannot import name 'tanh'")
+        liger.warning("a Liger warning that matters")
+    assert [r.getMessage() for r in caplog.records] == ["a Liger warning that matters"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_known_noise()  # after simplefilter: its filters come first
-        warnings.warn("Backend impl for 'ascend' could not be imported: No module named 'torch_npu'")
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed")
         warnings.warn("a warning that matters")
     assert [str(w.message) for w in caught] == ["a warning that matters"]
