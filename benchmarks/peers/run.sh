@@ -6,6 +6,7 @@
 #         each pair within one 10-minute device call, each run within its time limit,
 #         lit_mistral (qlora-fast through the CLI on the same data and steps: as shipped, with dropout 0 as Unsloth and
 #         torchtune train, and within Unsloth's memory, each a fresh process; LIT_RUNS="label:flags;..." replaces them)
+#   CAP: a single peer's time limit in seconds (default 540).
 #   FLAGS go to each script (--steps, --warm, --dry-run, ...). One JSON line per run on stdout (and $OUT/peers.jsonl).
 #   A run cut at its limit still prints its line ("partial": true, steps_done, tokens_per_s_until_then, peaks).
 # Needs, at the repo root (git-ignored, carried): .whl/ (bitsandbytes, liger-kernel, datasets, ...), .whl-peers/a, b (the
@@ -47,11 +48,11 @@ PY
 }
 FLAGS=("$@")
 case "$PEER" in
-  unsloth) one 540 unsloth_peer.py --checkpointing unsloth ;;
-  unsloth-nockpt) one 540 unsloth_peer.py --checkpointing false ;;
-  trl_liger) one 540 trl_liger.py --checkpointing true ;;
-  trl_liger-nockpt) one 540 trl_liger.py --checkpointing false ;;
-  torchtune) one 540 torchtune_peer.py ;;
+  unsloth) one ${CAP:-540} unsloth_peer.py --checkpointing unsloth ;;
+  unsloth-nockpt) one ${CAP:-540} unsloth_peer.py --checkpointing false ;;
+  trl_liger) one ${CAP:-540} trl_liger.py --checkpointing true ;;
+  trl_liger-nockpt) one ${CAP:-540} trl_liger.py --checkpointing false ;;
+  torchtune) one ${CAP:-540} torchtune_peer.py ;;
   setup)
     [ -f "$CKPT/config.json" ] || python3 -c "
 import sys; sys.path.insert(0, '$HERE'); import common; common.make_checkpoint('$CKPT', '.bench/tokenizer')"
