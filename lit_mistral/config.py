@@ -87,6 +87,8 @@ class Compute:
             None: all. `auto`: the memory plan's choice, as few as fit (measured at the start of fit).
         offload_layers: With gradient checkpointing, this many decoder layers keep their activations in
             pinned CPU memory instead of recomputing them (`modeling/offload.py`). 0: none. `auto`: the plan's.
+        offload_inputs: With gradient checkpointing, the recomputing layers keep their inputs (a batch's hidden
+            states each) in pinned CPU memory, copied while they compute (`modeling/offload.py`). `auto`: the plan's.
         memory_budget_gib: The GPU memory the memory plan may take (e.g. 8, 16, 24 on a larger or shared GPU), less
             if less is free at the start. None: what the GPU has free.
         micro_batch_tokens: Tokens per forward and backward pass: each batch runs in parts of at most this
@@ -111,6 +113,7 @@ class Compute:
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     checkpoint_layers: int | Literal["auto"] | None = "auto"
     offload_layers: int | Literal["auto"] = "auto"
+    offload_inputs: bool | Literal["auto"] = "auto"
     memory_budget_gib: float | None = None
     micro_batch_tokens: int | Literal["auto"] | None = "auto"
     kernels: Literal["liger"] | None = None
@@ -122,8 +125,8 @@ class Compute:
     keep_dequantized: bool | Literal["auto"] = "auto"
 
     # the settings the memory plan decides where they are `auto` (`modeling/plan.py`)
-    PLANNED = ("gradient_checkpointing", "checkpoint_layers", "offload_layers", "micro_batch_tokens",
-               "keep_dequantized", "dropout_masks")
+    PLANNED = ("gradient_checkpointing", "checkpoint_layers", "offload_layers", "offload_inputs",
+               "micro_batch_tokens", "keep_dequantized", "dropout_masks")
 
     def auto(self) -> set[str]:
         """The settings of `PLANNED` left to the memory plan."""
@@ -142,6 +145,7 @@ class Compute:
         layers = self.checkpoint_layers if self.checkpoint_layers != "auto" else None
         return replace(self, gradient_checkpointing=checkpointing, checkpoint_layers=layers if checkpointing else None,
                        offload_layers=0 if self.offload_layers == "auto" or not checkpointing else self.offload_layers,
+                       offload_inputs=checkpointing and self.offload_inputs is True,
                        micro_batch_tokens=None if self.micro_batch_tokens == "auto" else self.micro_batch_tokens,
                        keep_dequantized=self.keep_dequantized is True)
 
@@ -165,6 +169,9 @@ class Compute:
         if offload and (self.offload_layers < 0 or not self.checkpointing()):
             problems.append(f"model.compute.offload_layers={self.offload_layers}: needs "
                             "model.compute.gradient_checkpointing true or auto, and a count >= 0")
+        if self.offload_inputs is True and not self.checkpointing():
+            problems.append("model.compute.offload_inputs=true: needs model.compute.gradient_checkpointing true or "
+                            "auto (only recomputing layers keep just their inputs); set it, or offload_inputs false")
         if self.dropout_masks == "regenerate" and not self.fused_lora:
             problems.append("model.compute.dropout_masks=regenerate: needs model.compute.fused_lora=true (the fused "
                             "forward draws the masks again); set it, or dropout_masks keep")

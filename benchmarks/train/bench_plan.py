@@ -42,17 +42,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_cli import launch, scalars  # noqa: E402
 
 HAND = {  # the hand-tuned settings, every memory setting given (the plan decides nothing, but `auto` layer counts)
-    "8gb": dict(gradient_checkpointing="true", checkpoint_layers="null", offload_layers=0, micro_batch_tokens=4096,
-                keep_dequantized="false", dropout_masks="keep"),
-    "16gb": dict(gradient_checkpointing="true", checkpoint_layers="auto", offload_layers=8, micro_batch_tokens="null",
-                 keep_dequantized="false", dropout_masks="regenerate"),
-    "24gb": dict(gradient_checkpointing="true", checkpoint_layers="null", offload_layers=0, micro_batch_tokens="null",
-                 keep_dequantized="false", dropout_masks="keep"),
-    "auto": dict(gradient_checkpointing="true", checkpoint_layers="auto", offload_layers=0, micro_batch_tokens="null",
-                 keep_dequantized="false", dropout_masks="regenerate"),
-    "fast": dict(gradient_checkpointing="false", checkpoint_layers="null", offload_layers=0,
+    "8gb": dict(gradient_checkpointing="true", checkpoint_layers="null", offload_layers=0, offload_inputs="false",
+                micro_batch_tokens=4096, keep_dequantized="false", dropout_masks="keep"),
+    "16gb": dict(gradient_checkpointing="true", checkpoint_layers="auto", offload_layers=8, offload_inputs="false",
+                 micro_batch_tokens="null", keep_dequantized="false", dropout_masks="regenerate"),
+    "24gb": dict(gradient_checkpointing="true", checkpoint_layers="null", offload_layers=0, offload_inputs="false",
                  micro_batch_tokens="null", keep_dequantized="false", dropout_masks="keep"),
-    "fastkd": dict(gradient_checkpointing="false", checkpoint_layers="null", offload_layers=0,
+    "auto": dict(gradient_checkpointing="true", checkpoint_layers="auto", offload_layers=0, offload_inputs="false",
+                 micro_batch_tokens="null", keep_dequantized="false", dropout_masks="regenerate"),
+    "fast": dict(gradient_checkpointing="false", checkpoint_layers="null", offload_layers=0, offload_inputs="false",
+                 micro_batch_tokens="null", keep_dequantized="false", dropout_masks="keep"),
+    "fastkd": dict(gradient_checkpointing="false", checkpoint_layers="null", offload_layers=0, offload_inputs="false",
                    micro_batch_tokens="null", keep_dequantized="true", dropout_masks="keep"),
 }
 
@@ -167,7 +167,8 @@ def planned_flags(root: Path) -> list[str]:
         return flags(None, "24gb")
     layers, offload = record["checkpoint_layers"], record["offload_layers"]
     return flags(None, dict(gradient_checkpointing=str(bool(layers or offload)).lower(), checkpoint_layers=layers,
-                            offload_layers=offload, micro_batch_tokens=record["micro_batch_tokens"] or "null",
+                            offload_layers=offload, offload_inputs=str(bool(record.get("offload_inputs"))).lower(),
+                            micro_batch_tokens=record["micro_batch_tokens"] or "null",
                             keep_dequantized=str(record["keep_dequantized"]).lower(),
                             dropout_masks="regenerate" if record["regenerate_dropout"] else "keep"))
 

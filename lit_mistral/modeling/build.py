@@ -5,6 +5,7 @@ function with no Trainer in it: `fit`, `validate`, `predict`, `export` and the t
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -154,7 +155,7 @@ def prepare_base(model, spec: ModelSpec, device: torch.device, training: bool):
         apply_kernels(model, required=training)
     compute = spec.compute.plain()  # `auto` settings as their plain values until fit's memory plan (plan.py)
     if compute.gradient_checkpointing:
-        set_checkpointing(model, compute.checkpoint_layers, compute.offload_layers)
+        set_checkpointing(model, compute.checkpoint_layers, compute.offload_layers, compute.offload_inputs)
     return model
 
 
@@ -248,11 +249,12 @@ def checkpointable_layers(model) -> list:
             type(m).__name__.endswith(("DecoderLayer", "Block"))]
 
 
-def set_checkpointing(model, layers: int | None, offload: int = 0) -> None:
+def set_checkpointing(model, layers: int | None, offload: int = 0, inputs: bool = False) -> None:
     """Recompute the activations of `layers` decoder layers in backward (None: all but the offloaded ones), keep
     those of `offload` layers in CPU memory (`offload.py`), and those of the rest on the GPU. The offloaded layers are
     spread evenly among the first `layers + offload`, which recompute otherwise (their work hides the copies); the
-    last layers keep their activations on the GPU (their backward follows forward at once)."""
+    last layers keep their activations on the GPU (their backward follows forward at once). `inputs`: the
+    recomputing layers keep their inputs in CPU memory too (`offload.py`)."""
     # transformers >= 5.20 renamed the switch (and warns on the old name); 5.17 has only the old one
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
@@ -264,13 +266,17 @@ def set_checkpointing(model, layers: int | None, offload: int = 0) -> None:
     layers = len(blocks) - offload if layers is None else min(layers, len(blocks) - offload)
     spread = layers + offload
     offloaded = {k * spread // offload for k in range(offload)}
-    if offload:
-        ActivationOffload.install(model, blocks)
+    offloader = ActivationOffload.install(model, blocks) if offload or inputs else None
     for i, block in enumerate(blocks):
         # per-layer flag of transformers' GradientCheckpointingLayer: the rest keep their activations
         block.gradient_checkpointing = i < spread and i not in offloaded
-        if offload or hasattr(block, "offload_activations"):
+        if offloader is not None or hasattr(block, "offload_activations"):
             block.offload_activations = i in offloaded
+            block.offload_inputs = inputs and block.gradient_checkpointing
+        if block.gradient_checkpointing and inputs:
+            # what transformers' layer calls to checkpoint itself (set again by the enabling above)
+            block._gradient_checkpointing_func = partial(offloader.checkpoint_offloaded, i,
+                                                         block._gradient_checkpointing_func)
 
 
 def decoder(model) -> torch.nn.Module:

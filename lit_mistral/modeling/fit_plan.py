@@ -24,11 +24,11 @@ def apply(model: torch.nn.Module, plan: Plan | Layout, keep_dequantized: bool | 
     """Set `model` up as `plan` (or a probe's layout) says: which layers recompute or offload (`set_checkpointing`),
     and the fused LoRA layers' dropout masks and kept weights."""
     if isinstance(plan, Layout):
-        layers, offload, regenerate = plan.recompute, plan.offload, plan.regenerate
+        layers, offload, regenerate, inputs = plan.recompute, plan.offload, plan.regenerate, plan.inputs
     else:
         layers, offload, regenerate = plan.checkpoint_layers, plan.offload_layers, plan.regenerate_dropout
-        keep_dequantized = plan.keep_dequantized
-    set_checkpointing(model, layers, offload)
+        keep_dequantized, inputs = plan.keep_dequantized, plan.offload_inputs
+    set_checkpointing(model, layers, offload, inputs)
     for module in model.modules():
         if "_regenerate_dropout" in module.__dict__:
             module._regenerate_dropout = regenerate
@@ -76,6 +76,8 @@ def override(plan: Plan, compute: Compute, layers: int) -> Plan:
         changes["checkpoint_layers"] = given.checkpoint_layers
     if compute.gradient_checkpointing is False or compute.offload_layers != "auto":
         changes["offload_layers"] = given.offload_layers
+    if compute.gradient_checkpointing is False or compute.offload_inputs != "auto":
+        changes["offload_inputs"] = given.offload_inputs
     if compute.micro_batch_tokens != "auto":
         changes["micro_batch_tokens"] = given.micro_batch_tokens
     if compute.keep_dequantized != "auto":
@@ -87,8 +89,8 @@ def override(plan: Plan, compute: Compute, layers: int) -> Plan:
 
 def agree(plan: Plan, strategy, device: torch.device) -> Plan:
     """The most cautious of every process's plan, field by field (their batches and free memory differ): the most
-    layers recomputing and offloading, the smallest parts, weights kept only if all keep them, masks drawn again if
-    any draws them."""
+    layers recomputing and offloading, the smallest parts, weights kept only if all keep them, masks drawn again and
+    inputs offloaded if any does so."""
     def most(value: int) -> int:
         return int(strategy.reduce(torch.tensor(value, device=device), reduce_op="max"))
 
@@ -97,7 +99,8 @@ def agree(plan: Plan, strategy, device: torch.device) -> Plan:
     return replace(plan, checkpoint_layers=most(plan.checkpoint_layers), offload_layers=most(plan.offload_layers),
                    micro_batch_tokens=None if size == whole else size,
                    keep_dequantized=not most(int(not plan.keep_dequantized)),
-                   regenerate_dropout=bool(most(int(plan.regenerate_dropout))))
+                   regenerate_dropout=bool(most(int(plan.regenerate_dropout))),
+                   offload_inputs=bool(most(int(plan.offload_inputs))))
 
 
 def fit_plan(module) -> Plan:
@@ -135,7 +138,9 @@ def _measure(module, compute: Compute, layers: int) -> Plan:
     longest = int(batch["max_length"]) if "cu_seq_lens" in batch else batch["input_ids"].shape[-1]
     quantized = module.spec.quantization.method is not None
     weights16 = weights16_per_layer(module.model, compute.torch_dtype(module.device)) if quantized else 0
-    facts = Facts(layers, weights16, reserve, budget, tokens, longest, cpu_available())
+    hidden = module.model.config.hidden_size
+    layer_input = tokens * hidden * compute.torch_dtype(module.device).itemsize
+    facts = Facts(layers, weights16, reserve, budget, tokens, longest, cpu_available(), layer_input)
     module.model.train()
 
     def part(size: int | None) -> dict:

@@ -1,5 +1,7 @@
 """`--model.compute.offload_layers`: decoder layers that keep the activations their backward needs in the CPU's
-memory, instead of recomputing them (`checkpoint_layers`) or holding them on the GPU.
+memory, instead of recomputing them (`checkpoint_layers`) or holding them on the GPU; and
+`--model.compute.offload_inputs`: recomputing layers that keep their input (the hidden states their recomputation
+starts from, the one tensor a recomputing layer holds: a batch's tokens x the hidden size each) in the CPU's memory.
 
 In training, every tensor such a layer saves for backward (of `MIN_BYTES` or more, not a parameter) is copied during
 forward into pinned CPU memory on a stream of its own, overlapping the layers computed after it; its GPU memory is
@@ -10,10 +12,14 @@ backward comes. `build.set_checkpointing` spreads the offloaded layers among the
 forward; in backward, their recomputation) hides the copies; the last layers, whose backward follows forward at once,
 keep their activations on the GPU.
 
-Written by hand because torch's `torch.autograd.graph.save_on_cpu` copies on the computing stream: in forward each
-copy waits, and in backward each tensor comes back only when its node runs: a layer's activations, at a PCIe link's
-speed, would stall the GPU each way. On the CPU (tests) the same
-bookkeeping runs, with copies in the same memory."""
+A recomputing layer's input is what the checkpoint saves (`torch.utils.checkpoint` saves its inputs through the
+saved-tensor hooks around it): the layer's checkpoint function runs inside this offloader's hooks, and the same
+copies, waits and fetches apply to it. Its recomputation (a layer's forward) hides the copies.
+
+Written by hand because torch's `torch.autograd.graph.save_on_cpu` (which transformers' `offload=True`
+checkpointing uses, where it has it) copies on the computing stream: in forward each copy waits, and in backward
+each tensor comes back only when its node runs: a layer's activations, at a PCIe link's speed, would stall the GPU
+each way. On the CPU (tests) the same bookkeeping runs, with copies in the same memory."""
 
 import weakref
 from dataclasses import dataclass, field
@@ -63,8 +69,9 @@ class _Pass:
 
 
 class ActivationOffload:
-    """Offloads the activations of the decoder layers flagged `offload_activations` (`build.set_checkpointing` sets
-    the flags); installed once per model by `install`, acting in training passes only."""
+    """Offloads the activations of the decoder layers flagged `offload_activations`, and the inputs of those flagged
+    `offload_inputs` (`build.set_checkpointing` sets the flags and routes the latter's checkpoints through
+    `checkpoint_offloaded`); installed once per model by `install`, acting in training passes only."""
 
     def __init__(self, model: torch.nn.Module, layers: list[torch.nn.Module]) -> None:
         self.model, self.layers = model, layers
@@ -85,13 +92,15 @@ class ActivationOffload:
         offload = cls(model, layers)
         for i, layer in enumerate(layers):
             layer.offload_activations = getattr(layer, "offload_activations", False)
+            layer.offload_inputs = getattr(layer, "offload_inputs", False)
             layer.register_forward_pre_hook(partial(offload._enter, i))
             layer.register_forward_hook(partial(offload._exit, i), always_call=True)
         model._activation_offload = offload
         return offload
 
     def offloaded(self) -> list[int]:
-        return [i for i, layer in enumerate(self.layers) if layer.offload_activations]
+        """The layers whose activations or inputs go to the CPU, in order."""
+        return [i for i, layer in enumerate(self.layers) if layer.offload_activations or layer.offload_inputs]
 
     # -- forward: copy out -------------------------------------------------------------------------------------------
     @staticmethod
@@ -99,8 +108,21 @@ class ActivationOffload:
         return layer.training and torch.is_grad_enabled()
 
     def _enter(self, i: int, layer: torch.nn.Module, args) -> None:
-        if not (layer.offload_activations and self._training(layer)):
-            return
+        if layer.offload_activations and self._training(layer):
+            self._open(i)
+
+    def checkpoint_offloaded(self, i: int, checkpoint, function, *args):
+        """Layer `i`'s `checkpoint(function, *args)` with what it saves (the layer's inputs) offloaded."""
+        if not self._training(self.layers[i]):
+            return checkpoint(function, *args)
+        self._open(i)
+        try:
+            return checkpoint(function, *args)
+        finally:
+            self._close(i)
+
+    def _open(self, i: int) -> None:
+        """Layer `i`'s forward begins: what is saved for backward from here on is offloaded, until `_close`."""
         offloaded = self.offloaded()
         if i == offloaded[0]:  # a new pass
             self.params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
@@ -119,7 +141,7 @@ class ActivationOffload:
         hooks.__enter__()
         self.contexts[i] = hooks
 
-    def _exit(self, i: int, layer: torch.nn.Module, args, output) -> None:
+    def _close(self, i: int) -> None:
         hooks = self.contexts.pop(i, None)
         if hooks is not None:
             hooks.__exit__(None, None, None)
@@ -128,6 +150,10 @@ class ActivationOffload:
             state.entries = {}
             if self.streams is not None:
                 state.copied = self.streams[0].record_event()
+
+    def _exit(self, i: int, layer: torch.nn.Module, args, output) -> None:
+        if layer.offload_activations:
+            self._close(i)
         if not self._training(layer) or not self.passes:
             return
         out = output[0] if isinstance(output, tuple) else output

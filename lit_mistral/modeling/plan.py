@@ -1,6 +1,7 @@
 """The memory plan: at the start of fit on one GPU, the fastest setting of everything that trades GPU memory for speed
 without changing what is trained - which decoder layers recompute their activations (`checkpoint_layers`), which keep
-them in CPU memory (`offload_layers`), in how large parts a batch runs (`micro_batch_tokens`), whether the 16-bit
+them in CPU memory (`offload_layers`), whether the recomputing layers keep their inputs in CPU memory
+(`offload_inputs`), in how large parts a batch runs (`micro_batch_tokens`), whether the 16-bit
 weights are kept for backward (`keep_dequantized`), and whether dropout masks are kept or drawn again
 (`dropout_masks`) - that fits the budget (`memory_budget_gib`, else the GPU's free memory) for the epoch's largest
 batch. Dropout sharing, packing, the token budget and LoRA are never touched. A setting given in the config wins.
@@ -12,7 +13,8 @@ model's sizes where they are exact:
    weights of the layers that keep their activations (plus one layer's, while a recomputing layer's backward runs).
 2. else as few layers recompute as fit (`autofit.choose_checkpoint_layers`), in parts where parts are faster
    (`autofit.choose_micro_tokens`, timed), dropout masks drawn again (they take memory a layer's activations could
-   take); then some of the recomputing layers keep their activations in CPU memory instead, where enough others are
+   take). Where that needs parts, the same with the recomputing layers' inputs in CPU memory (a batch's hidden
+   states per layer less on the GPU, the copies hidden by the recomputation), the faster of the two kept; then some of the recomputing layers keep their activations in CPU memory instead, where enough others are
    left to hide the copies and the CPU has the memory; `keep_dequantized` where it fits on top (not with offloading).
 3. else fit stops before its first step, saying what the smallest plan needs and what would lower it.
 The optimizer's state (allocated at the first step, after the probes) is exact and kept aside, with a margin for the
@@ -42,12 +44,13 @@ GIB = 2**30
 class Layout:
     """What a probe runs with: `recompute` decoder layers recomputing, `offload` keeping their activations in CPU
     memory (the rest keep them on the GPU), batches in parts of `size` tokens (None: whole), dropout masks drawn
-    again in backward (`regenerate`)."""
+    again in backward (`regenerate`), the recomputing layers' inputs in CPU memory (`inputs`)."""
 
     recompute: int
     offload: int = 0
     size: int | None = None
     regenerate: bool = False
+    inputs: bool = False
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Plan:
     budget: int | None = None
     how: str = ""
     line: str = ""  # as logged (`describe`): an out-of-memory error repeats it
+    offload_inputs: bool = False
 
     def record(self) -> dict:
         """What a checkpoint keeps (`from_record` reads it back)."""
@@ -73,14 +77,15 @@ class Plan:
     def from_record(cls, record: dict) -> "Plan":
         return cls(**{k: record.get(k) for k in ("checkpoint_layers", "offload_layers", "micro_batch_tokens",
                                                  "keep_dequantized", "regenerate_dropout", "peak", "budget")},
-                   how="from the checkpoint resumed")
+                   how="from the checkpoint resumed", offload_inputs=bool(record.get("offload_inputs")))
 
 
 @dataclass
 class Facts:
     """What the plan knows exactly: decoder layers, bytes of one layer's 16-bit weights that `keep_dequantized`
     holds (0: it cannot: no fused LoRA or no 4-bit base), bytes kept aside (optimizer state and margin), the budget
-    (bytes), the largest batch's laid-out tokens and its longest example, and CPU memory available for offloading."""
+    (bytes), the largest batch's laid-out tokens and its longest example, CPU memory available for offloading, and
+    the bytes of one layer's input for the largest batch (0: unknown)."""
 
     layers: int
     weights16: int
@@ -89,6 +94,7 @@ class Facts:
     tokens: int
     longest: int
     cpu_free: int
+    layer_input: int = 0
 
 
 def fixed_settings(compute: Compute) -> list[str]:
@@ -104,7 +110,7 @@ def plain_plan(compute: Compute, layers: int, how: str) -> Plan:
     recompute = 0 if not plain.gradient_checkpointing else (
         layers - offload if plain.checkpoint_layers is None else min(plain.checkpoint_layers, layers - offload))
     return Plan(recompute, offload, plain.micro_batch_tokens, bool(plain.keep_dequantized),
-                compute.regenerate_dropout(), how=how)
+                compute.regenerate_dropout(), how=how, offload_inputs=bool(plain.offload_inputs) and recompute > 0)
 
 
 def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], float] | None, facts: Facts,
@@ -122,7 +128,7 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
             peaks[layout] = probe(layout)
         return peaks[layout]
 
-    masks, kd_given, offload_given, movable, layers_given, sizes = _given(compute, facts)
+    masks, kd_given, offload_given, inputs_given, movable, layers_given, sizes = _given(compute, facts)
 
     def weights(recompute: int, offload: int) -> int:
         """Bytes of the 16-bit weights kept for backward: those of the layers that keep their activations on the
@@ -139,63 +145,94 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
     def fits(peak: int | None, recompute: int, offload: int) -> bool:
         return peak is not None and with_weights(peak, recompute, offload)[1] <= limit
 
-    def plan(recompute: int, offload: int, size: int | None, regenerate: bool, peak: int, how: str) -> Plan:
+    def plan(recompute: int, offload: int, size: int | None, regenerate: bool, peak: int, how: str,
+             inputs: bool = False) -> Plan:
         keep, peak = with_weights(peak, recompute, offload)
-        return Plan(recompute, offload, size, keep, regenerate, peak + facts.reserve, facts.budget, how)
+        return Plan(recompute, offload, size, keep, regenerate, peak + facts.reserve, facts.budget, how,
+                    offload_inputs=inputs)
 
     # 1. nothing recomputes, whole batches (or the part size given)
-    if layers_given in (None, 0) and not offload_given:
+    if layers_given in (None, 0) and not offload_given and not inputs_given:
         layout = Layout(0, 0, sizes[0], bool(masks))
         peak = measure(layout)
         if fits(peak, 0, 0):
             return plan(0, 0, sizes[0], layout.regenerate, peak, "nothing recomputes")
 
-    # 2. as few layers recompute as fit, in the fastest part size that fits
+    # 2. as few layers recompute as fit, in the fastest part size that fits; where that takes parts (or nothing
+    # fits), the same in larger parts with the recomputing layers' inputs in CPU memory, if the CPU holds them (at
+    # equal parts they would only let a few more layers keep their activations): the faster wins
     regenerate = True if masks is None else masks
     offload = offload_given or 0
 
-    def try_size(size: int | None) -> autofit.Trial:
-        def at(layers: int) -> int | None:  # with the weights `keep_dequantized: true` holds
-            peak = measure(Layout(layers, offload, size, regenerate))
-            return peak if peak is None or not kd_given else peak + weights(layers, offload)
-        if layers_given is None:
-            layers, probes = autofit.choose_checkpoint_layers(at, movable, facts.budget, facts.reserve)
-        else:
-            layers, probes = layers_given, [(layers_given, at(layers_given))]
-        fits = any(k == layers and p is not None and p <= limit for k, p in probes)
-        return autofit.Trial(size, layers, fits, probes)
+    def parts(inputs: bool, sizes: list[int | None]) -> autofit.Trial:
+        def try_size(size: int | None) -> autofit.Trial:
+            def at(layers: int) -> int | None:  # with the weights `keep_dequantized: true` holds
+                peak = measure(Layout(layers, offload, size, regenerate, inputs))
+                return peak if peak is None or not kd_given else peak + weights(layers, offload)
+            if layers_given is None:
+                layers, probes = autofit.choose_checkpoint_layers(at, movable, facts.budget, facts.reserve)
+            else:
+                layers, probes = layers_given, [(layers_given, at(layers_given))]
+            fits = any(k == layers and p is not None and p <= limit for k, p in probes)
+            return autofit.Trial(size, layers, fits, probes)
 
-    timed = None if speed is None or layers_given is not None or len(sizes) == 1 else (
-        lambda trial: speed(Layout(trial.layers, offload, trial.size, regenerate)))
-    choice, trials = autofit.choose_micro_tokens(try_size, timed, sizes)
+        timed = None if speed is None or layers_given is not None or len(sizes) == 1 else (
+            lambda trial: speed(Layout(trial.layers, offload, trial.size, regenerate, inputs)))
+        return autofit.choose_micro_tokens(try_size, timed, sizes)[0]
+
+    inputs = inputs_given is True
+    choice = parts(inputs, sizes)
+    if inputs_given is None and (not choice.fits or choice.size is not None) and _cpu_holds_inputs(facts, movable):
+        larger = [s for s in sizes if not choice.fits or (s or facts.tokens) > choice.size]
+        other = parts(True, larger)
+        if other.fits and (not choice.fits or _faster(other, choice, speed, offload, regenerate)):
+            choice, inputs = other, True
     if not choice.fits:
         smallest = _smallest(peaks, facts)
         if peaks[smallest] is None and uncapped is not None:
             peaks[smallest] = uncapped(smallest)  # what it would take: the refusal names it
         raise LitMistralError(refusal(facts, compute, peaks))
     recompute, size = choice.layers, choice.size
-    peak = peaks[Layout(recompute, offload, size, regenerate)]
+    peak = peaks[Layout(recompute, offload, size, regenerate, inputs)]
 
-    # 3. some of the recomputing layers offload instead, where enough others hide the copies
-    if offload_given is None and layers_given is None and recompute >= OFFLOAD_SPREAD:
+    # 3. some of the recomputing layers offload instead, where enough others hide the copies (not beside the inputs'
+    # copies: the link is taken)
+    if offload_given is None and layers_given is None and recompute >= OFFLOAD_SPREAD and not inputs:
         for layers, count in _offload_candidates(recompute, choice.probes, facts):
             found = measure(Layout(layers, count, size, regenerate))
             if fits(found, layers, count):
                 recompute, offload, peak = layers, count, found
                 break
     shown = "whole batches" if size is None else f"parts of {size:,} tokens"
-    return plan(recompute, offload, size, regenerate, peak, f"{len(peaks)} probes; {shown}")
+    return plan(recompute, offload, size, regenerate, peak, f"{len(peaks)} probes; {shown}", inputs and recompute > 0)
 
+
+def _cpu_holds_inputs(facts: Facts, layers: int) -> bool:
+    """Whether the CPU's free memory holds the inputs of `layers` recomputing layers (pinned, within
+    `OFFLOAD_CPU_SHARE`); unknown sizes are taken to fit."""
+    return layers * facts.layer_input <= OFFLOAD_CPU_SHARE * facts.cpu_free
+
+
+def _faster(inputs: autofit.Trial, kept: autofit.Trial, speed, offload: int, regenerate: bool) -> bool:
+    """Whether the plan with the inputs in CPU memory trains faster than the one without, both fitting: timed where
+    the plan can time, else by their part sizes (larger parts are faster; at equal sizes the inputs stay)."""
+    if speed is None:
+        return (inputs.size or 2**62) > (kept.size or 2**62)
+    rates = [trial.speed if trial.speed is not None else
+             speed(Layout(trial.layers, offload, trial.size, regenerate, trial is inputs)) for trial in (inputs, kept)]
+    return rates[0] > rates[1]
 
 
 def _given(compute: Compute, facts: Facts) -> tuple:
     """What `compute` fixes, None where the plan decides: (regenerate dropout masks, keep_dequantized, offloaded
-    layers, layers that may recompute, recomputing layers, the part sizes to try)."""
+    layers, recomputing layers' inputs offloaded, layers that may recompute, recomputing layers, the part sizes to
+    try)."""
     n, checkpointing = facts.layers, compute.checkpointing()
     masks = None if compute.dropout_masks == "auto" else compute.dropout_masks == "regenerate"
     kd_given = None if compute.keep_dequantized == "auto" else compute.keep_dequantized
     offload_given = 0 if not checkpointing or kd_given else (
         None if compute.offload_layers == "auto" else min(compute.offload_layers, n))
+    inputs_given = False if not checkpointing else None if compute.offload_inputs == "auto" else compute.offload_inputs
     movable = n - (offload_given or 0)  # layers that may recompute
     layers_given = 0 if not checkpointing else (
         None if compute.checkpoint_layers == "auto" else movable if compute.checkpoint_layers is None
@@ -204,7 +241,7 @@ def _given(compute: Compute, facts: Facts) -> tuple:
         sizes = [None if s == facts.tokens else s for s in autofit.part_sizes(facts.tokens, facts.longest)]
     else:
         sizes = [compute.micro_batch_tokens]
-    return masks, kd_given, offload_given, movable, layers_given, sizes
+    return masks, kd_given, offload_given, inputs_given, movable, layers_given, sizes
 
 
 def _offload_candidates(recompute: int, probes, facts: Facts) -> list[tuple[int, int]]:
@@ -225,8 +262,10 @@ def _bytes_per_layer(probes: list[tuple[int, int | None]]) -> int | None:
 
 
 def _smallest(peaks: dict[Layout, int | None], facts: Facts) -> Layout:
-    """The layout probed that takes the least memory: the smallest parts, the most layers recomputing."""
-    return min(peaks, key=lambda layout: (layout.size or facts.tokens, -layout.recompute - layout.offload))
+    """The layout probed that takes the least memory: the smallest parts, the most layers recomputing, their inputs
+    in CPU memory."""
+    return min(peaks, key=lambda layout: (layout.size or facts.tokens, -layout.recompute - layout.offload,
+                                          not layout.inputs))
 
 
 def refusal(facts: Facts, compute: Compute, peaks: dict[Layout, int | None]) -> str:
@@ -236,6 +275,7 @@ def refusal(facts: Facts, compute: Compute, peaks: dict[Layout, int | None]) -> 
     need = (f"the smallest plan tried needs {(min(measured) + facts.reserve) / GIB:.1f} GiB" if measured else
             "even the smallest plan tried ran out of the GPU's memory")
     part = f"parts of {smallest.size:,} tokens" if smallest.size else "whole batches"
+    part += ", their inputs in CPU memory" if smallest.inputs else ""
     given = fixed_settings(compute)
     unset = (f"; or leave model.compute.{{{','.join(s.split('=')[0] for s in given)}}} auto (set in the config: "
              f"{', '.join(given)})") if given else ""
@@ -252,6 +292,8 @@ def describe(plan: Plan, facts_layers: int, compute: Compute) -> str:
     """The plan as one log line: the chosen values, the predicted peak, and the settings the config gave."""
     kept = facts_layers - plan.checkpoint_layers - plan.offload_layers
     layers = f"{plan.checkpoint_layers} of {facts_layers} decoder layers recompute"
+    if plan.offload_inputs:
+        layers += " (their inputs in CPU memory)"
     if plan.offload_layers:
         layers += f", {plan.offload_layers} keep their activations in CPU memory"
     layers += f", {kept} on the GPU"

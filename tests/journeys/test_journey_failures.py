@@ -191,7 +191,8 @@ def test_out_of_memory_gives_the_settings_that_lower_it(tiny_model_dir, tmp_path
     assert ("lit_mistral: error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
             "capacity of 23.55 GiB of which 1.02 GiB is free.). Fix: leave the memory settings to the plan") in err
     for advice in ("--model.compute.keep_dequantized false", "--model.compute.checkpoint_layers",
-                   "--model.compute.offload_layers", "--model.compute.micro_batch_tokens",
+                   "--model.compute.offload_layers", "--model.compute.offload_inputs",
+                   "--model.compute.micro_batch_tokens",
                    "--model.compute.memory_budget_gib", "--trainer.accumulate_grad_batches", "--data.max_length",
                    "No checkpoint was written yet."):
         assert advice in err

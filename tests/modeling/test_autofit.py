@@ -83,8 +83,8 @@ def test_a_budget_needs_something_left_to_the_plan():
     from lit_mistral.config import Compute
 
     assert Compute(memory_budget_gib=24).problems(True) == []  # every memory setting auto by default
-    fixed = dict(gradient_checkpointing=True, checkpoint_layers=None, offload_layers=0, micro_batch_tokens=None,
-                 keep_dequantized=False, dropout_masks="keep")
+    fixed = dict(gradient_checkpointing=True, checkpoint_layers=None, offload_layers=0, offload_inputs=False,
+                 micro_batch_tokens=None, keep_dequantized=False, dropout_masks="keep")
     assert "memory_budget_gib=24: a positive number, for the memory plan; it decides nothing when every one" in \
         Compute(memory_budget_gib=24, **fixed).problems(True)[0]
     assert "memory_budget_gib=0" in Compute(memory_budget_gib=0).problems(True)[0]

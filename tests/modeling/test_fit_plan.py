@@ -19,6 +19,11 @@ def test_a_kept_plan_takes_the_settings_the_config_now_gives():
     now = override(kept, Compute(micro_batch_tokens=None, dropout_masks="keep"), LAYERS)
     assert (now.checkpoint_layers, now.offload_layers, now.micro_batch_tokens, now.regenerate_dropout) == (
         10, 4, None, False)
+    assert not kept.offload_inputs  # a record without the field (a checkpoint from before it): inputs on the GPU
+    inputs = plan.Plan(31, 0, None, False, True, 7 * GIB, 8 * GIB, "x", offload_inputs=True)
+    kept = plan.Plan.from_record(inputs.record())
+    assert kept.offload_inputs and not override(kept, Compute(offload_inputs=False), LAYERS).offload_inputs
+    assert override(kept, Compute(), LAYERS).offload_inputs
 
 
 def test_fit_plans_logs_saves_and_reuses_its_plan(tiny_model_dir, demo_file, tmp_path, monkeypatch, caplog):

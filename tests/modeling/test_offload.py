@@ -25,8 +25,8 @@ def tiny_mistral(layers: int = 6, hidden: int = 64, device: str = "cpu"):
     return model
 
 
-def loss_and_grads(model, ids, layers, offload):
-    set_checkpointing(model, layers, offload)
+def loss_and_grads(model, ids, layers, offload, inputs=False):
+    set_checkpointing(model, layers, offload, inputs)
     model.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -60,6 +60,39 @@ def test_layers_are_spread_and_the_gradients_are_the_same(monkeypatch):
         for got, ref in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(got, ref, rtol=0, atol=0)
         assert getattr(model, "_activation_offload", None) is None or model._activation_offload.passes == {}
+
+
+def test_recomputing_layers_inputs_go_to_the_cpu_and_the_gradients_are_the_same(monkeypatch):
+    """`offload_inputs`: what each recomputing layer's checkpoint saves, its input (2 x 16 tokens x 64 here), is
+    copied out once per layer, beside layers that offload or keep their activations; the loss and gradients are
+    those of keeping everything, and nothing is left over after backward. Off again, no copies."""
+    monkeypatch.setattr(offload_module, "MIN_BYTES", 1)
+    copies = []
+    copy_out = offload_module.ActivationOffload._copy_out
+    monkeypatch.setattr(offload_module.ActivationOffload, "_copy_out",
+                        lambda self, span: copies.append(span.numel()) or copy_out(self, span))
+    model = tiny_mistral()
+    ids = torch.randint(0, 100, (2, 16))
+    ref_loss, ref_grads = loss_and_grads(model, ids, 0, 0)
+    for layers, offload, inputs, expected_inputs in [(None, 0, True, 6), (4, 0, True, 4), (2, 3, True, 2),
+                                                     (None, 0, False, 0)]:
+        copies.clear()
+        loss_and_grads(model, ids, layers, offload, False)
+        without = copies.count(2 * 16 * 64)  # the offloaded layers' tensors of that size
+        copies.clear()
+        loss, grads = loss_and_grads(model, ids, layers, offload, inputs)
+        flags = [b.offload_inputs for b in checkpointable_layers(model)]
+        assert flags == [inputs and b.gradient_checkpointing for b in checkpointable_layers(model)]
+        assert copies.count(2 * 16 * 64) - without == expected_inputs
+        assert torch.equal(loss, ref_loss)
+        for got, ref in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        assert model._activation_offload.passes == {} and model._activation_offload.contexts == {}
+    with torch.no_grad():  # no backward: nothing is copied
+        copies.clear()
+        set_checkpointing(model, None, 0, True)
+        model(input_ids=ids)
+    assert copies == []
 
 
 def test_views_come_back_with_their_strides_and_gapped_ones_stay(monkeypatch):
@@ -167,6 +200,31 @@ def test_offloading_on_a_gpu():
     for got, ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
     assert offloaded < 0.6 * kept, (offloaded, kept)
+
+
+@pytest.mark.gpu
+def test_recomputing_layers_inputs_on_a_gpu():
+    """On CUDA: every layer recomputing with its input in pinned CPU memory gives the gradients of keeping
+    everything (float32) and takes less memory than recomputing with the inputs on the GPU."""
+    device = "cuda"
+    model = tiny_mistral(layers=8, hidden=512, device=device)
+    ids = torch.randint(0, 100, (4, 1024), device=device)
+
+    def peak(inputs):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = loss_and_grads(model, ids, None, 0, inputs)
+        torch.cuda.synchronize()
+        return result, torch.cuda.max_memory_allocated() - before
+
+    (ref_loss, ref_grads), on_gpu = peak(False)
+    (loss, grads), on_cpu = peak(True)
+    assert model._activation_offload.bytes_out == 8 * 4 * 1024 * 512 * 4  # each layer's float32 input
+    assert torch.equal(loss, ref_loss)
+    for got, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert on_cpu < on_gpu - 4 * 4 * 1024 * 512 * 4, (on_cpu, on_gpu)  # at least half the inputs' memory less
 
 
 def test_each_offloaded_layer_comes_back_just_ahead_of_its_backward(monkeypatch):

@@ -14,27 +14,32 @@ GIB = 2**30
 LAYERS, TOKENS = 32, 16_384
 
 
+BOUNDARY = 0.125  # GiB: one layer's input (16,384 tokens x 4,096 x 2 bytes)
+
+
 def peak_gib(layout: Layout) -> float:
     """Mistral-7B-like: the 4-bit base, adapters and their gradients (fixed); per token share, the layers'
-    boundaries and one recomputing layer's working memory, each layer that keeps its activations on the GPU (less
-    with the masks drawn again), a little per offloaded layer and one in flight."""
+    boundaries (the recomputing layers' in CPU memory with `inputs`, one of them in flight each way) and one
+    recomputing layer's working memory, each layer that keeps its activations on the GPU (less with the masks drawn
+    again), a little per offloaded layer and one in flight."""
     share = (layout.size or TOKENS) / TOKENS
     kept = LAYERS - layout.recompute - layout.offload
     offloaded = 0.02 * layout.offload + (0.3 if layout.offload else 0)
-    return 4.5 + share * (6.8 + kept * (1.55 if layout.regenerate else 2.0) + offloaded)
+    inputs = BOUNDARY * (2 - layout.recompute) if layout.inputs and layout.recompute else 0
+    return 4.5 + share * (6.8 + kept * (1.55 if layout.regenerate else 2.0) + offloaded + inputs)
 
 
 def speed(layout: Layout) -> float:
     """Recomputing a layer costs a third of its forward; smaller parts run slower (smaller multiplies, more
-    launches)."""
+    launches); the inputs' copies, hidden by the recomputation, cost a little."""
     parts = {None: 1.0, 8192: 0.95, 4096: 0.75, 2048: 0.5}[layout.size]
-    return parts / (1 + layout.recompute / LAYERS / 3)
+    return parts * (0.97 if layout.inputs else 1) / (1 + layout.recompute / LAYERS / 3)
 
 
 def facts(budget_gib: float, cpu_gib: float = 200) -> Facts:
     budget = int(budget_gib * GIB)
     reserve = optimizer_state_bytes("adamw", 21_000_000) + int(autofit.MARGIN * budget)
-    return Facts(LAYERS, int(0.406 * GIB), reserve, budget, TOKENS, 2048, int(cpu_gib * GIB))
+    return Facts(LAYERS, int(0.406 * GIB), reserve, budget, TOKENS, 2048, int(cpu_gib * GIB), int(BOUNDARY * GIB))
 
 
 def choose(budget_gib: float, calls: list | None = None, cpu_gib: float = 200, **compute):
@@ -46,24 +51,36 @@ def choose(budget_gib: float, calls: list | None = None, cpu_gib: float = 200, *
 
 
 @pytest.mark.parametrize(("budget", "chosen", "probes"), [
-    # (recompute, offload, part tokens, keep_dequantized, masks drawn again)
-    (141, (0, 0, None, True, False), 1),  # everything fits, the 16-bit weights too: one probe
-    (80, (0, 0, None, False, False), 1),  # nothing recomputes, but the weights do not fit beside it
-    (40, (0, 0, 8192, False, True), 8),  # halves of the batch keep every layer's activations: faster than recomputing
-    (24, (10, 4, 8192, False, True), 14),  # halves, 14 recomputing, 4 of them offloading instead
-    (16, (22, 8, None, False, True), 10),  # qlora-16gb's choice: 22 recompute, 8 offload, 2 keep theirs
-    (8, (22, 8, 4096, False, True), 12),  # only quarters fit
+    # (recompute, offload, part tokens, keep_dequantized, masks drawn again, inputs in CPU memory)
+    (141, (0, 0, None, True, False, False), 1),  # everything fits, the 16-bit weights too: one probe
+    (80, (0, 0, None, False, False, False), 1),  # nothing recomputes, but the weights do not fit beside it
+    # halves of the batch keep every layer's activations: faster than recomputing, with their inputs offloaded or not
+    (40, (0, 0, 8192, False, True, False), 12),
+    (24, (10, 4, 8192, False, True, False), 18),  # halves, 14 recomputing, 4 of them offloading instead
+    (16, (22, 8, None, False, True, False), 10),  # qlora-16gb's choice: 22 recompute, 8 offload, 2 keep theirs
+    # whole batches only with the recomputing layers' inputs in CPU memory: faster than the parts they save
+    (12, (30, 0, None, False, True, True), 13),
+    (8, (31, 0, 8192, False, True, True), 15),  # halves with the inputs offloaded, against quarters without
 ])
 def test_the_fastest_plan_that_fits_each_budget(budget, chosen, probes):
     calls = []
     made = choose(budget, calls)
     assert (made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens, made.keep_dequantized,
-            made.regenerate_dropout) == chosen
+            made.regenerate_dropout, made.offload_inputs) == chosen
     assert len(calls) == len(set(calls)) == probes  # each layout probed once
     assert made.peak <= made.budget == int(budget * GIB)
     weights = 0.406 * (LAYERS + 0) if made.keep_dequantized else 0
-    layout = Layout(made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens, made.regenerate_dropout)
+    layout = Layout(made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens, made.regenerate_dropout,
+                    made.offload_inputs)
     assert made.peak / GIB == pytest.approx(peak_gib(layout) + weights + facts(budget).reserve / GIB, abs=1e-6)
+
+
+def test_inputs_stay_on_the_gpu_without_the_cpu_memory_for_them():
+    """32 layers' inputs take 4 GiB of pinned CPU memory: with less than twice that available, the plan at 8 GiB
+    runs quarters with the inputs on the GPU."""
+    made = choose(8, cpu_gib=7)
+    assert (made.checkpoint_layers, made.micro_batch_tokens, made.offload_inputs) == (22, 4096, False)
+    assert (made.offload_layers, choose(8, cpu_gib=9).offload_inputs) == (8, True)  # quarters' activations fit
 
 
 def test_no_offloading_without_the_cpu_memory_for_it():
@@ -82,6 +99,12 @@ def test_settings_given_in_the_config_win():
     made = choose(16, micro_batch_tokens=None, offload_layers=0, dropout_masks="keep")
     assert (made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens, made.regenerate_dropout) == (
         31, 0, None, False)  # masks kept: a layer's activations take more, so one fewer layer keeps them
+    made = choose(12, offload_inputs=False)  # the inputs stay on the GPU: halves instead of whole batches
+    assert (made.micro_batch_tokens, made.offload_inputs) == (8192, False)
+    made = choose(16, offload_inputs=True)  # given: no layer offloads beside them; fewer layers recompute
+    assert (made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens, made.offload_inputs) == (
+        28, 0, None, True)
+    assert "(their inputs in CPU memory)" in plan.describe(made, LAYERS, Compute(offload_inputs=True))
     made = choose(24, keep_dequantized=True)  # its weights counted in, and no offloading beside it
     assert made.keep_dequantized and made.offload_layers == 0 and made.peak <= made.budget
     line = plan.describe(made, LAYERS, Compute(keep_dequantized=True))
@@ -93,14 +116,14 @@ def test_refuses_before_the_first_step_when_nothing_fits():
         choose(5)
     message = str(refused.value)
     assert message.startswith("model.compute: no memory plan fits 5.0 GiB for the epoch's largest batch (16,384 "
-                              "tokens, its longest example 2,048): the smallest plan tried needs 5.8 GiB (32 of 32 "
-                              "decoder layers recomputing, parts of 2,048 tokens)")
+                              "tokens, its longest example 2,048): the smallest plan tried needs 5.3 GiB (32 of 32 "
+                              "decoder layers recomputing, parts of 2,048 tokens, their inputs in CPU memory)")
     for fix in ("--data.max_tokens", "--data.max_length", "--model.lora.target_modules", "--model.lora.r",
                 "--model.compute.memory_budget_gib"):
         assert fix in message
     with pytest.raises(LitMistralError, match=r"leave model.compute.\{micro_batch_tokens\} auto \(set in the "
                                               r"config: micro_batch_tokens=16384\)"):
-        choose(10, micro_batch_tokens=16384)
+        choose(7, micro_batch_tokens=16384)
 
 
 def test_the_refusal_measures_the_smallest_plan_once_without_the_cap():
@@ -112,7 +135,7 @@ def test_the_refusal_measures_the_smallest_plan_once_without_the_cap():
         uncapped.append(layout)
         return int(peak_gib(layout) * GIB)
 
-    with pytest.raises(LitMistralError, match=r"the smallest plan tried needs 5\.8 GiB \(32 of 32 decoder layers "
-                                              r"recomputing, parts of 2,048 tokens\)"):
+    with pytest.raises(LitMistralError, match=r"the smallest plan tried needs 5\.3 GiB \(32 of 32 decoder layers "
+                                              r"recomputing, parts of 2,048 tokens, their inputs in CPU memory\)"):
         plan.choose(lambda layout: None, speed, facts(5), Compute(), without_cap)
-    assert uncapped == [Layout(32, 0, 2048, True)]
+    assert uncapped == [Layout(32, 0, 2048, True, True)]
