@@ -164,21 +164,13 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
     regenerate = True if masks is None else masks
     offload = offload_given or 0
 
-    def parts(inputs: bool, sizes: list[int | None]) -> autofit.Trial:
-        def try_size(size: int | None) -> autofit.Trial:
-            def at(layers: int) -> int | None:  # with the weights `keep_dequantized: true` holds
-                peak = measure(Layout(layers, offload, size, regenerate, inputs))
-                return peak if peak is None or not kd_given else peak + weights(layers, offload)
-            if layers_given is None:
-                layers, probes = autofit.choose_checkpoint_layers(at, movable, facts.budget, facts.reserve)
-            else:
-                layers, probes = layers_given, [(layers_given, at(layers_given))]
-            fits = any(k == layers and p is not None and p <= limit for k, p in probes)
-            return autofit.Trial(size, layers, fits, probes)
+    def kept_weights(layout: Layout) -> int | None:  # the peak with the weights `keep_dequantized: true` holds
+        peak = measure(layout)
+        return peak if peak is None or not kd_given else peak + weights(layout.recompute, layout.offload)
 
-        timed = None if speed is None or layers_given is not None or len(sizes) == 1 else (
-            lambda trial: speed(Layout(trial.layers, offload, trial.size, regenerate, inputs)))
-        return autofit.choose_micro_tokens(try_size, timed, sizes)[0]
+    def parts(inputs: bool, sizes: list[int | None]) -> autofit.Trial:
+        return _search(kept_weights, speed, facts, layers_given, movable, sizes,
+                       lambda layers, size: Layout(layers, offload, size, regenerate, inputs))
 
     inputs = inputs_given is True
     choice = parts(inputs, sizes)
@@ -205,6 +197,28 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
                 break
     shown = "whole batches" if size is None else f"parts of {size:,} tokens"
     return plan(recompute, offload, size, regenerate, peak, f"{len(peaks)} probes; {shown}", inputs and recompute > 0)
+
+
+def _search(peak: Callable[[Layout], int | None], speed: Callable[[Layout], float] | None, facts: Facts,
+            layers_given: int | None, movable: int, sizes: list[int | None],
+            layout: Callable[[int, int | None], Layout]) -> autofit.Trial:
+    """As few of `movable` layers recomputing as fit (`layers_given` where the config fixes it), in the fastest of
+    `sizes` that fits (`autofit`); `layout(layers, size)` is what is probed, `peak(layout)` its peak."""
+    limit = facts.budget - facts.reserve
+
+    def try_size(size: int | None) -> autofit.Trial:
+        def at(layers: int) -> int | None:
+            return peak(layout(layers, size))
+        if layers_given is None:
+            layers, probes = autofit.choose_checkpoint_layers(at, movable, facts.budget, facts.reserve)
+        else:
+            layers, probes = layers_given, [(layers_given, at(layers_given))]
+        fits = any(k == layers and p is not None and p <= limit for k, p in probes)
+        return autofit.Trial(size, layers, fits, probes)
+
+    timed = None if speed is None or layers_given is not None or len(sizes) == 1 else (
+        lambda trial: speed(layout(trial.layers, trial.size)))
+    return autofit.choose_micro_tokens(try_size, timed, sizes)[0]
 
 
 def _cpu_holds_inputs(facts: Facts, layers: int) -> bool:
