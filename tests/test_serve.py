@@ -244,3 +244,46 @@ def test_bad_server_settings_fail_before_the_model_loads(smollm2_gguf, capsys):
         taken.listen()
         err = cli_fails(capsys, "serve", *config, "--port", str(taken.getsockname()[1]))
     assert "cannot listen there" in err
+
+
+def test_tokens_that_arrive_together_make_one_piece_after_one_wakeup():
+    """A whole engine step's tokens, handed over from the engine's thread at once, wake the event loop once and
+    reach the client as one piece; an error after some text still sends that text first."""
+    import asyncio
+
+    from lit_mistral.generation.session import Answer
+    from lit_mistral.serve import Generation, ServerState
+
+    class Letters:  # token i is the letter chr(97 + i)
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(97 + i) for i in ids)
+
+    class Engine:  # an engine loop whose thread delivers a step's items all at once
+        cancelled = None
+
+        def submit(self, ids, max_new, sampling, on_token, on_finish):
+            self.on_token, self.on_finish = on_token, on_finish
+            return 7
+
+        def cancel(self, key):
+            self.cancelled = key
+
+    async def answer(items):
+        engine = Engine()
+        state = ServerState(loop=engine, prompter=None, tokenizer=Letters(), model=None, model_id="m",
+                            generation=None)
+        job = Generation(state, [1, 2], 8, None, stop=[])
+
+        # the engine's step, all of it before the event loop's next turn (as when the engine's thread outruns it)
+        for item in items:
+            (engine.on_finish if isinstance(item, Answer) else engine.on_token)(item)
+        pieces = []
+        try:
+            async for piece in job.pieces():
+                pieces.append(piece)
+        except RuntimeError as err:
+            pieces.append(f"<{err}>")
+        return pieces, state.relay.wakeups, job.finish, engine.cancelled
+
+    assert asyncio.run(answer([0, 1, 2, Answer([0, 1, 2], "length")])) == (["abc"], 1, "length", None)
+    assert asyncio.run(answer([3, 4, Answer([], "error: boom")])) == (["de", "<error: boom>"], 1, None, None)
