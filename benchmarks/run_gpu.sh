@@ -14,7 +14,8 @@
 #   benchmarks/run_gpu.sh serve     `serve` under 64 and 256 streaming clients (openai's async client) on the same
 #                                   1,000 dolly-lengths requests, then predict on them in the same call: qlora-fast
 #                                   merged; RUNS="qlora-24gb:adapter" for the 4-bit base + adapter (a call of its own);
-#                                   PEERS=1 adds transformers' continuous batching on the same file (offline, no HTTP).
+#                                   PEERS=1 adds transformers' continuous batching on the same file (offline, no HTTP);
+#                                   CLIENTS="256" runs one client count.
 #                                   Needs .whl-serve/ too (fastapi, uvicorn, openai and their dependencies)
 #   benchmarks/run_gpu.sh kernels   the LoRA dropout kernels against torch's dropout and multiplies
 #   benchmarks/run_gpu.sh tests     the GPU-marked tests (TESTS=-k expression to select)
@@ -133,7 +134,7 @@ serve)
     --n 1000 --out /tmp/dolly-lengths.jsonl | tee -a "$OUT/$MODE.jsonl"
   for run in ${RUNS:-qlora-fast:merged}; do
     PYTHONPATH=/tmp/site timeout 540 python3 benchmarks/predict/bench_serve.py --model "$CKPT" \
-      --file /tmp/dolly-lengths.jsonl --config ${run%%:*} --clients 64 256 --predict --label "${run/:/-}" \
+      --file /tmp/dolly-lengths.jsonl --config ${run%%:*} --clients ${CLIENTS:-64 256} --predict --label "${run/:/-}" \
       --work "$OUT/serve-${run%%:*}" --flags "--model.generation.max_new_tokens 512 --model.generation.weights ${run##*:}" \
       | tee -a "$OUT/$MODE.jsonl"
   done
