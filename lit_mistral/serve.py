@@ -14,13 +14,13 @@ import os
 import secrets
 import signal
 import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from lit_mistral.errors import LitMistralError
+from lit_mistral.generation.loop import Relay
 from lit_mistral.generation.session import Answer, Sampling
 from lit_mistral.openai_requests import error_body, max_tokens_of, parse, sampling_of
 from lit_mistral.serving import BadRequest, Prompter, TextStream, limits
@@ -72,35 +72,7 @@ class ServerState:
     api_key: str | None = None
     draining: bool = False
     started: float = field(default_factory=time.time)
-    relay: "Relay | None" = None  # made for the server's event loop at its first request
-
-
-class Relay:
-    """Hands the engine loop's tokens and ends over to the requests' queues in the server's event loop, with one
-    wake-up of the event loop per batch, not per token: a step ends with a token for every running row, and a
-    `call_soon_threadsafe` for each (a write to the event loop's wake-up pipe, and both threads taking the GIL
-    in turn) slowed the engine's steps under load."""
-
-    def __init__(self, aloop: asyncio.AbstractEventLoop) -> None:
-        self.aloop = aloop
-        self._pending: list[tuple[asyncio.Queue, Any]] = []
-        self._lock = threading.Lock()
-        self.wakeups = 0
-
-    def put(self, queue: asyncio.Queue, item) -> None:
-        """On the engine loop's thread: `item` into `queue`, in order, at the event loop's next turn."""
-        with self._lock:
-            first = not self._pending
-            self._pending.append((queue, item))
-        if first:
-            self.wakeups += 1
-            self.aloop.call_soon_threadsafe(self._flush)
-
-    def _flush(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for queue, item in pending:
-            queue.put_nowait(item)
+    relay: Relay | None = None  # made for the server's event loop at its first request
 
 
 class Gate:

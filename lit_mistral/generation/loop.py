@@ -5,14 +5,16 @@ Written by hand: the engine's scheduling is the engine's (`Session.step`); what 
 threads. Callers `submit` a prompt with callbacks and may `cancel` it at any time; the loop takes both in between
 two engine steps, so a new prompt joins the running rows at the next step, and a cancelled one (a client gone, a
 stop string seen) leaves its row and cache blocks free for the next step. Callbacks run on the loop's thread: they
-must only hand the token over (e.g. `loop.call_soon_threadsafe` into an asyncio queue)."""
+must only hand the token over (`Relay` into asyncio queues)."""
 
+import asyncio
 import contextlib
 import itertools
 import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -148,3 +150,31 @@ class EngineLoop:
                         if job is not None:
                             self._ended.append((job, Answer([], f"error: {type(err).__name__}: {err}")))
                 self._publish()
+
+
+class Relay:
+    """Hands an `EngineLoop`'s tokens and ends over to asyncio queues in one event loop (`serve`'s requests), with
+    one wake-up of the event loop per batch, not per token: a step ends with a token for every running row, and a
+    `call_soon_threadsafe` for each (a write to the event loop's wake-up pipe, and both threads taking the GIL
+    in turn) slowed the engine's steps under load."""
+
+    def __init__(self, aloop: asyncio.AbstractEventLoop) -> None:
+        self.aloop = aloop
+        self._pending: list[tuple[asyncio.Queue, Any]] = []
+        self._lock = threading.Lock()
+        self.wakeups = 0
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        """On the engine loop's thread: `item` into `queue`, in order, at the event loop's next turn."""
+        with self._lock:
+            first = not self._pending
+            self._pending.append((queue, item))
+        if first:
+            self.wakeups += 1
+            self.aloop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)

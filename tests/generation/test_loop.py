@@ -53,3 +53,26 @@ def test_a_rows_own_sampling_gives_its_answer_whatever_shares_its_batch():
         assert runs[1][1] != alone  # another seed, another prompt: another answer
     finally:
         loop.close(timeout=10)
+
+
+def test_the_relay_hands_another_threads_items_over_in_order_with_few_wakeups():
+    """`Relay`: items put from another thread (the engine loop's) reach their asyncio queues in order, with one
+    event-loop wake-up per batch that arrived meanwhile, not one per item."""
+    import asyncio
+
+    from lit_mistral.generation.loop import Relay
+
+    async def main():
+        relay, queues = Relay(asyncio.get_running_loop()), [asyncio.Queue(), asyncio.Queue()]
+
+        def engine_steps():
+            for i in range(2000):
+                relay.put(queues[i % 2], i)
+
+        await asyncio.to_thread(engine_steps)
+        got = [[await q.get() for _ in range(1000)] for q in queues]
+        return got, relay.wakeups
+
+    got, wakeups = asyncio.run(main())
+    assert got == [list(range(0, 2000, 2)), list(range(1, 2000, 2))]
+    assert 1 <= wakeups < 500, wakeups
