@@ -305,11 +305,13 @@ async def events(job, base: dict, kind: str, usage: bool):
             choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
         return f"data: {json.dumps({**base, 'choices': [choice], **({'usage': None} if usage else {})})}\n\n"
 
+    # a text chunk is the same JSON but for its text: rendered once around a placeholder, each piece put in its place
+    before, after = chunk("\0").split(json.dumps("\0"))
     if kind == "chat":
         yield chunk(None, role=True)
     try:
         async for piece in job.pieces():
-            yield chunk(piece)
+            yield before + json.dumps(piece) + after
     except RuntimeError as err:
         yield f"data: {json.dumps(error_body(f'generation failed: {err}', kind='server_error'))}\n\n"
         return

@@ -140,7 +140,11 @@ class Prompter:
 class TextStream:
     """Answer text as token ids arrive: each `feed` returns the new text that is final (decoded in context, so a
     word's leading space survives, and not ending in half a character), held back while it could be the start of a
-    stop string; `stopped` once a stop string appears (the text ends before it)."""
+    stop string; `stopped` once a stop string appears (the text ends before it).
+
+    With a fast tokenizer that does not clean up spaces after decoding, `tokenizers`' own `DecodeStream` decodes
+    (one call into Rust per token: under many streams, transformers' `decode` twice per token was a fifth of the
+    server's event loop); otherwise each token's text is the decoded window's growth."""
 
     tokenizer: object
     stops: Sequence[str] = ()
@@ -150,6 +154,14 @@ class TextStream:
         self.text, self.sent = "", 0  # text decoded so far; how much of it was handed out
         self._prefix = self._read = 0  # ids[_prefix:_read]: the context the next piece is decoded after
         self.stopped = False
+        self._stream = self._backend = None
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            try:
+                from tokenizers.decoders import DecodeStream
+            except ImportError:  # tokenizers before 0.21
+                return
+            self._stream, self._backend = DecodeStream(skip_special_tokens=True), backend
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -158,6 +170,9 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token)
+        if self._stream is not None:
+            self.text += self._stream.step(self._backend, token) or ""
+            return self._release(final=False)
         before = self._decode(self.ids[self._prefix:self._read])
         after = self._decode(self.ids[self._prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):

@@ -51,3 +51,26 @@ def test_text_stream_holds_back_what_may_begin_a_stop_string(stops, pieces, text
     stream = TextStream(Letters(), stops)
     assert [stream.feed(i) for i in range(3)] == pieces
     assert "".join(pieces) + stream.finish() == text and stream.stopped == stopped
+
+
+TEXTS = ["Hello wörld, the café is open!", "  two  spaces, 日本語 and émoji 🙂 ok", "New\nline\ttab end."]
+
+
+@pytest.mark.parametrize("which", ["demo", "word"])
+def test_text_stream_token_by_token_is_the_whole_answer_decoded(which, smollm2_gguf, tiny_model_dir):
+    """Fed one token at a time, the stream's text is the answer decoded at once, through `tokenizers`' DecodeStream
+    (both are fast tokenizers: the demo model's byte-level BPE, the tests' word tokenizer) and through the decoded
+    windows (the same tokenizer seen without its backend)."""
+    from lit_mistral.sources import load_tokenizer
+
+    tokenizer = load_tokenizer(*smollm2_gguf) if which == "demo" else load_tokenizer(str(tiny_model_dir))
+    class Windows:  # only `decode`: the way for tokenizers without a `tokenizers` backend
+        decode = staticmethod(tokenizer.decode)
+
+    for text in TEXTS:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        for decoder in (tokenizer, Windows()):
+            stream = TextStream(decoder)
+            assert (stream._stream is not None) == (decoder is tokenizer)
+            streamed = "".join(stream.feed(i) for i in ids) + stream.finish()
+            assert streamed == tokenizer.decode(ids, skip_special_tokens=True), (text, streamed)
