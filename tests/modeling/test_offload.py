@@ -39,14 +39,20 @@ def layout(model) -> str:
                    for b in checkpointable_layers(model))
 
 
-def test_layers_are_spread_and_the_gradients_are_the_same(monkeypatch):
-    """Offloaded layers spread among the recomputing ones, the last layers keeping theirs; every layout gives the
-    loss and gradients of keeping all activations (the copies made, and let go after backward)."""
-    monkeypatch.setattr(offload_module, "MIN_BYTES", 1)  # the tiny model's tensors are small
-    copies = []
+@pytest.fixture
+def copies(monkeypatch) -> list[int]:
+    """The sizes of the spans copied out, every tensor counted however small (the tiny model's are)."""
+    monkeypatch.setattr(offload_module, "MIN_BYTES", 1)
+    seen = []
     copy_out = offload_module.ActivationOffload._copy_out
     monkeypatch.setattr(offload_module.ActivationOffload, "_copy_out",
-                        lambda self, span: copies.append(span.numel()) or copy_out(self, span))
+                        lambda self, span: seen.append(span.numel()) or copy_out(self, span))
+    return seen
+
+
+def test_layers_are_spread_and_the_gradients_are_the_same(copies):
+    """Offloaded layers spread among the recomputing ones, the last layers keeping theirs; every layout gives the
+    loss and gradients of keeping all activations (the copies made, and let go after backward)."""
     model = tiny_mistral()
     ids = torch.randint(0, 100, (2, 16))
     ref_loss, ref_grads = loss_and_grads(model, ids, 0, 0)
@@ -62,15 +68,10 @@ def test_layers_are_spread_and_the_gradients_are_the_same(monkeypatch):
         assert getattr(model, "_activation_offload", None) is None or model._activation_offload.passes == {}
 
 
-def test_recomputing_layers_inputs_go_to_the_cpu_and_the_gradients_are_the_same(monkeypatch):
+def test_recomputing_layers_inputs_go_to_the_cpu_and_the_gradients_are_the_same(copies):
     """`offload_inputs`: what each recomputing layer's checkpoint saves, its input (2 x 16 tokens x 64 here), is
     copied out once per layer, beside layers that offload or keep their activations; the loss and gradients are
     those of keeping everything, and nothing is left over after backward. Off again, no copies."""
-    monkeypatch.setattr(offload_module, "MIN_BYTES", 1)
-    copies = []
-    copy_out = offload_module.ActivationOffload._copy_out
-    monkeypatch.setattr(offload_module.ActivationOffload, "_copy_out",
-                        lambda self, span: copies.append(span.numel()) or copy_out(self, span))
     model = tiny_mistral()
     ids = torch.randint(0, 100, (2, 16))
     ref_loss, ref_grads = loss_and_grads(model, ids, 0, 0)
