@@ -143,8 +143,8 @@ class TextStream:
     stop string; `stopped` once a stop string appears (the text ends before it).
 
     With a fast tokenizer that does not clean up spaces after decoding, `tokenizers`' own `DecodeStream` decodes
-    (one call into Rust per token: under many streams, transformers' `decode` twice per token was a fifth of the
-    server's event loop); otherwise each token's text is the decoded window's growth."""
+    (one call into Rust per token, where the windows take two calls of transformers' `decode`, run on the server's
+    event loop for every stream); otherwise each token's text is the decoded window's growth."""
 
     tokenizer: object
     stops: Sequence[str] = ()

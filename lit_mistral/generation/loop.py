@@ -155,8 +155,8 @@ class EngineLoop:
 class Relay:
     """Hands an `EngineLoop`'s tokens and ends over to asyncio queues in one event loop (`serve`'s requests), with
     one wake-up of the event loop per batch, not per token: a step ends with a token for every running row, and a
-    `call_soon_threadsafe` for each (a write to the event loop's wake-up pipe, and both threads taking the GIL
-    in turn) slowed the engine's steps under load."""
+    `call_soon_threadsafe` for each would be a write to the event loop's wake-up pipe, and a hand-over of the GIL,
+    per token."""
 
     def __init__(self, aloop: asyncio.AbstractEventLoop) -> None:
         self.aloop = aloop

@@ -137,9 +137,9 @@ def _measure(module, compute: Compute, layers: int) -> Plan:
     tokens = batch["input_ids"].numel()
     longest = int(batch["max_length"]) if "cu_seq_lens" in batch else batch["input_ids"].shape[-1]
     quantized = module.spec.quantization.method is not None
-    weights16 = weights16_per_layer(module.model, compute.torch_dtype(module.device)) if quantized else 0
-    hidden = module.model.config.hidden_size
-    layer_input = tokens * hidden * compute.torch_dtype(module.device).itemsize
+    dtype = compute.torch_dtype(module.device)
+    weights16 = weights16_per_layer(module.model, dtype) if quantized else 0
+    layer_input = tokens * module.model.config.hidden_size * dtype.itemsize
     facts = Facts(layers, weights16, reserve, budget, tokens, longest, cpu_available(), layer_input)
     module.model.train()
 
