@@ -144,7 +144,9 @@ class TextStream:
 
     With a fast tokenizer that does not clean up spaces after decoding, `tokenizers`' own `DecodeStream` decodes
     (one call into Rust per token, where the windows take two calls of transformers' `decode`, run on the server's
-    event loop for every stream); otherwise each token's text is the decoded window's growth."""
+    event loop for every stream); otherwise each token's text is the decoded window's growth. `DecodeStream` refuses
+    some byte-fallback tokens that do not form UTF-8 (a model can generate them; Mistral's tokenizer has 256): the
+    stream then goes on with the windows, from the same place."""
 
     tokenizer: object
     stops: Sequence[str] = ()
@@ -171,17 +173,34 @@ class TextStream:
             return ""
         self.ids.append(token)
         if self._stream is not None:
-            self.text += self._stream.step(self._backend, token) or ""
-            return self._release(final=False)
-        before = self._decode(self.ids[self._prefix:self._read])
-        after = self._decode(self.ids[self._prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
-            self._prefix, self._read = self._read, len(self.ids)
+            try:
+                piece = self._stream.step(self._backend, token)
+            except Exception:  # tokenizers raises a bare Exception ("Invalid prefix encountered"): windows from here
+                self._stream = None
+            else:
+                if piece is not None:
+                    self.text += piece
+                    self._prefix, self._read = self._read, len(self.ids)
+                return self._release(final=False)
+        self._grow(final=False)
         return self._release(final=False)
 
+    def _grow(self, final: bool) -> None:
+        """Adds the text of ids[_read:], decoded after ids[_prefix:_read]; unless `final`, not while it ends in
+        half a character."""
+        if self._read == len(self.ids):
+            return
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        if final or (len(after) > len(before) and not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+
     def finish(self) -> str:
-        """The text still held back, at the end of the answer."""
+        """The text still held back, at the end of the answer (half a character included, as a whole decode
+        shows it)."""
+        if not self.stopped:
+            self._grow(final=True)
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:

@@ -74,3 +74,30 @@ def test_text_stream_token_by_token_is_the_whole_answer_decoded(which, smollm2_g
             assert (stream._stream is not None) == (decoder is tokenizer)
             streamed = "".join(stream.feed(i) for i in ids) + stream.finish()
             assert streamed == tokenizer.decode(ids, skip_special_tokens=True), (text, streamed)
+
+
+def test_text_stream_goes_on_through_bytes_that_are_not_utf8(mistral_tokenizer):
+    """Mistral's tokenizer has a token per byte; a model can generate bytes that form no character, which
+    `tokenizers`' DecodeStream refuses ("Invalid prefix encountered"). The stream goes on with the windows from
+    where it was: the same text as the windows alone give, and the whole decode wherever that is valid text."""
+    import random
+
+    class Windows:
+        decode = staticmethod(mistral_tokenizer.decode)
+
+    refused = [26688, 107, 150, 19539]  # a word, two bytes that are no character, a word: DecodeStream raises
+    stream = TextStream(mistral_tokenizer)
+    text = "".join(stream.feed(i) for i in refused) + stream.finish()
+    assert stream._stream is None and text.startswith(mistral_tokenizer.decode(refused[:1])) and "\ufffd" in text
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.randrange(3, 259) if rng.random() < 0.4 else rng.randrange(mistral_tokenizer.vocab_size)
+               for _ in range(30)]
+        texts = []
+        for decoder in (mistral_tokenizer, Windows()):
+            stream = TextStream(decoder, stops=["\n\n"])
+            texts.append("".join(stream.feed(i) for i in ids) + stream.finish())
+        assert texts[0] == texts[1]
+        whole = mistral_tokenizer.decode(ids, skip_special_tokens=True).split("\n\n")[0]
+        if "\ufffd" not in whole:
+            assert texts[0] == whole
