@@ -14,8 +14,8 @@
 #   benchmarks/run_gpu.sh serve     `serve` under 64 and 256 streaming clients (openai's async client) on the same
 #                                   1,000 dolly-lengths requests, then predict on them in the same call: qlora-fast
 #                                   merged; RUNS="qlora-24gb:adapter" for the 4-bit base + adapter (a call of its own);
-#                                   PEERS=1 adds transformers' continuous batching on the same file (offline, no HTTP);
-#                                   CLIENTS="256" runs one client count.
+#                                   PEERS=1 adds `transformers serve --continuous-batching` under the same load
+#                                   (PEER_N rows, PEER_CLIENTS clients, PEER_S seconds); CLIENTS="256" runs one count.
 #                                   Needs .whl-serve/ too (fastapi, uvicorn, openai and their dependencies)
 #   benchmarks/run_gpu.sh kernels   the LoRA dropout kernels against torch's dropout and multiplies
 #   benchmarks/run_gpu.sh tests     the GPU-marked tests (TESTS=-k expression to select)
@@ -138,9 +138,10 @@ serve)
       --work "$OUT/serve-${run%%:*}" --flags "--model.generation.max_new_tokens 512 --model.generation.weights ${run##*:}" \
       | tee -a "$OUT/$MODE.jsonl"
   done
-  if [ -n "${PEERS:-}" ]; then
-    PYTHONPATH=/tmp/site:$PWD timeout 200 python3 benchmarks/predict/bench_generate_peers.py --model "$CKPT" \
-      --file /tmp/dolly-lengths.jsonl --tokenizer .bench/tokenizer | tee -a "$OUT/$MODE.jsonl"
+  if [ -n "${PEERS:-}" ]; then  # transformers' own server on the same base, under the same load on the first PEER_N
+    PYTHONPATH=/tmp/site timeout ${PEER_S:-240} python3 benchmarks/predict/bench_serve.py --model "$CKPT" \
+      --file /tmp/dolly-lengths.jsonl --n ${PEER_N:-1000} --peer transformers --clients ${PEER_CLIENTS:-256} \
+      --label transformers-serve --work "$OUT/serve-transformers" | tee -a "$OUT/$MODE.jsonl"
   fi
   ;;
 kernels)

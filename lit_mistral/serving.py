@@ -45,6 +45,11 @@ def load_for_generation(module, ckpt_path: str | None, device: torch.device):
     return model.eval(), module.tokenizer
 
 
+# decoding steps a request may wait for others to share its prefill, when enough rows are running that refilling waits
+# for a batch (Session's `patience`): at one step every ~15 ms on a GPU, up to ~60 ms more to the first token
+PATIENCE = 4
+
+
 def engine_loop(model, tokenizer, generation, max_length: int, rows: int | None = None,
                 context=contextlib.nullcontext, whole_context: bool = False) -> EngineLoop:
     """One engine for all requests: `rows` (default `model.generation.max_rows`) rows, and the cache
@@ -62,7 +67,7 @@ def engine_loop(model, tokenizer, generation, max_length: int, rows: int | None 
     per_row = whole if whole_context else min(max_length + generation.max_new_tokens, whole)
     engine = Engine(model, max_rows=rows, max_tokens=generation.max_cache_tokens or rows * per_row,
                     cuda_graphs=generation.cuda_graphs)
-    return EngineLoop(Session(engine, sorted(eos_ids(model, tokenizer))), context)
+    return EngineLoop(Session(engine, sorted(eos_ids(model, tokenizer)), patience=PATIENCE), context)
 
 
 def warm_up(loop: EngineLoop) -> None:

@@ -16,6 +16,9 @@ Prints one JSON line per run:
 GPU (Mistral-7B's architecture, random weights; benchmarks/run_gpu.sh serve runs it):
     python benchmarks/predict/bench_serve.py --model /tmp/mistral7b-random --file /tmp/dolly-lengths.jsonl \
         --config qlora-fast --clients 64 256 --predict
+The peer, `transformers serve --continuous-batching` on the same base, under the same load (add --n to shorten):
+    python benchmarks/predict/bench_serve.py --model /tmp/mistral7b-random --file /tmp/dolly-lengths.jsonl \
+        --peer transformers --clients 256
 Dry run on the CPU (the demo model and config, a few short requests: checks the script, measures nothing):
     python benchmarks/predict/bench_serve.py --dry-run
 """
@@ -106,10 +109,11 @@ async def one(client, model: str, row: dict, record: dict) -> None:
     sent = time.perf_counter()
     last = None
     try:
+        # lit_mistral renders the instruction/context pair itself; a peer gets the same prompt as text
+        pair = {"instruction": row["instruction"], "context": row.get("context") or ""}
         stream = await client.completions.create(
-            model=model, prompt=None, max_tokens=row["max_new_tokens"], stream=True,
-            stream_options={"include_usage": True},
-            extra_body={"instruction": row["instruction"], "context": row.get("context") or ""})
+            model=model, prompt=row.get("prompt"), max_tokens=row["max_new_tokens"], stream=True,
+            stream_options={"include_usage": True}, **({} if "prompt" in row else {"extra_body": pair}))
         async for chunk in stream:
             now = time.perf_counter()
             if chunk.choices and chunk.choices[0].text:
@@ -126,17 +130,21 @@ async def one(client, model: str, row: dict, record: dict) -> None:
         record["error"] = f"{type(err).__name__}: {err}"[:300]
 
 
-async def load(base_url: str, key: str, model: str, rows: list[dict], clients: int) -> tuple[list[dict], float]:
-    """`clients` concurrent clients working through `rows`; returns (one record per row, wall seconds)."""
+async def load(base_url: str, key: str, model: str, rows: list[dict], clients: int,
+               todo=None) -> tuple[list[dict], float]:
+    """`clients` concurrent clients working through `rows` (those `todo` hands out: default all, in order); returns
+    (one record per row, `sent` where it was sent, wall seconds)."""
     import openai
 
     # openai's own connection pool (up to 1,000 connections): enough for one per client
     client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=600.0)
-    records = [{"ttft": None, "gaps": [], "tokens": None, "asked": r["max_new_tokens"], "error": None} for r in rows]
-    todo = iter(range(len(rows)))
+    records = [{"ttft": None, "gaps": [], "tokens": None, "asked": r["max_new_tokens"], "error": None, "sent": False}
+               for r in rows]
+    todo = iter(range(len(rows))) if todo is None else todo
 
     async def worker():
         for i in todo:
+            records[i]["sent"] = True
             await one(client, model, rows[i], records[i])
 
     started = time.perf_counter()
@@ -146,31 +154,50 @@ async def load(base_url: str, key: str, model: str, rows: list[dict], clients: i
     return records, wall
 
 
+_NEXT = None  # in a load process: the shared counter of the next row to send
+
+
+def _share(counter) -> None:
+    global _NEXT
+    _NEXT = counter
+    import openai  # noqa: F401  (imported before the common start)
+
+
+def _claims(n: int):
+    """Row indices from the counter the load processes share: each row is sent once, by whichever client is free
+    first, as one process's clients share its queue."""
+    while True:
+        with _NEXT.get_lock():
+            i, _NEXT.value = _NEXT.value, _NEXT.value + 1
+        if i >= n:
+            return
+        yield i
+
+
 def _shard(base_url: str, key: str, model: str, rows: list[dict], clients: int, start_at: float):
-    """One load process: its clients over its rows, from `start_at` (wall clock) on; (records, its end)."""
+    """One load process: its clients over the rows it claims, from `start_at` (wall clock) on; (records, its end)."""
     time.sleep(max(0.0, start_at - time.time()))
-    records, _ = asyncio.run(load(base_url, key, model, rows, clients))
+    records, _ = asyncio.run(load(base_url, key, model, rows, clients, _claims(len(rows))))
     return records, time.time()
 
 
 def load_spread(base_url: str, key: str, model: str, rows: list[dict], clients: int,
                 procs: int) -> tuple[list[dict], float]:
-    """`load` spread over `procs` processes (the rows dealt out in turn, the clients shared), started together:
-    one Python process parsing every stream's events runs out of CPU before a fast server does. Returns (one
-    record per row, in order; wall seconds from the common start to the last process's end)."""
+    """`load` spread over `procs` processes (the clients shared out, the rows taken from one shared queue), started
+    together: one Python process parsing every stream's events runs out of CPU before a fast server does. Returns
+    (one record per row, in order; wall seconds from the common start to the last process's end)."""
     procs = max(1, min(procs, clients))
     if procs == 1:
         return asyncio.run(load(base_url, key, model, rows, clients))
     import multiprocessing
 
-    start_at = time.time() + 3.0  # after every process has started and imported the client
-    jobs = [(base_url, key, model, rows[i::procs], clients // procs + (i < clients % procs), start_at)
-            for i in range(procs)]
-    with multiprocessing.get_context("spawn").Pool(procs) as pool:
-        results = pool.starmap(_shard, jobs)
-    records: list[dict] = [{}] * len(rows)
-    for i, (shard, _) in enumerate(results):
-        records[i::procs] = shard
+    context = multiprocessing.get_context("spawn")
+    counter = context.Value("i", 0)
+    with context.Pool(procs, initializer=_share, initargs=(counter,)) as pool:
+        start_at = time.time() + 3.0  # after every process has started and imported the client (`_share`)
+        jobs = [(base_url, key, model, rows, clients // procs + (i < clients % procs), start_at) for i in range(procs)]
+        results = pool.starmap(_shard, jobs, chunksize=1)
+    records = [next(shard[i] for shard, _ in results if shard[i]["sent"]) for i in range(len(rows))]
     return records, max(end for _, end in results) - start_at
 
 
@@ -185,6 +212,17 @@ def summary(records: list[dict], wall: float) -> dict:
                 ttft_p50_ms=ms(percentile(ttft, 50)), ttft_p99_ms=ms(percentile(ttft, 99)),
                 between_tokens_p50_ms=ms(percentile(gaps, 50)), between_tokens_p99_ms=ms(percentile(gaps, 99)),
                 short_answers=sum(r["tokens"] < r["asked"] for r in ok))
+
+
+def engine_work(before: dict, after: dict, wall: float) -> dict | None:
+    """What the engine did in a phase, from /health's counts before and after it: decoding steps and their mean
+    rows, prefills and their mean prompt tokens, ms per step (prefills included), and its busy share of the wall."""
+    if "steps" not in after or "steps" not in before:
+        return None
+    d = {k: after[k] - before[k] for k in ("steps", "rows", "prefills", "prompt_tokens", "busy_s")}
+    return dict(steps=d["steps"], mean_rows=round(d["rows"] / max(1, d["steps"]), 1), prefills=d["prefills"],
+                prompt_tokens_per_prefill=round(d["prompt_tokens"] / max(1, d["prefills"])),
+                ms_per_step=round(1000 * d["busy_s"] / max(1, d["steps"]), 1), busy_share=round(d["busy_s"] / wall, 3))
 
 
 def health(base: str) -> dict | None:
@@ -213,10 +251,12 @@ def run_predict(args, cli: list[str], rows_file: Path, work: Path) -> dict:
     answers = [json.loads(line) for line in out.read_text().split("\n") if line]  # not splitlines: U+2028 may be in answers
     tokens = sum(r["response_tokens"] for r in answers)
     rate = re.search(r"([0-9.]+) new tokens/s", text)
+    engine = re.search(r"Generation engine: (.*)", text)
     peak = re.search(r"peak ([0-9.]+) GiB", text)
     return dict(kind="predict", label=args.label, prompts=len(answers), generated_tokens=tokens,
                 tokens_per_s=float(rate.group(1)) if rate else None, end_to_end_tokens_per_s=round(tokens / wall, 1),
-                wall_s=round(wall, 1), peak_gib=float(peak.group(1)) if peak else None)
+                wall_s=round(wall, 1), peak_gib=float(peak.group(1)) if peak else None,
+                engine=engine.group(1) if engine else None)
 
 
 def main() -> None:
@@ -233,6 +273,10 @@ def main() -> None:
     p.add_argument("--client_procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                    help="processes the clients are spread over (default: half the CPUs, at most 8)")
     p.add_argument("--predict", action="store_true", help="also run predict on the same rows, after serve")
+    p.add_argument("--peer", choices=["transformers"], default=None,
+                   help="serve with `transformers serve --continuous-batching` on --model instead (its own server "
+                        "and continuous batching; the prompts rendered in --prompt_style, sent as text)")
+    p.add_argument("--prompt_style", default="mistral", help="the prompt style a peer's prompts are rendered in")
     p.add_argument("--label", default="")
     p.add_argument("--timeout", type=int, default=300, help="seconds for predict, and for serve to start")
     p.add_argument("--work", default=None, help="folder for logs and the rows file (default: a temporary one)")
@@ -255,11 +299,22 @@ def main() -> None:
     port, key = free_port(), "bench"
     base = f"http://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if args.peer == "transformers":  # its own server on the same base, the same prompts as text (lit_mistral's style)
+        sys.path.insert(0, str(ROOT))
+        from lit_mistral.data.prompts import prompt_style
+        from lit_mistral.data.records import Example
+
+        style = prompt_style(args.prompt_style)
+        rows = [dict(r, prompt=style.apply(Example(r["instruction"], r.get("context") or ""))[0]) for r in rows]
+        command = [sys.executable, "-c", "import sys; from transformers.cli.transformers import app; "
+                   "sys.argv[0] = 'transformers'; app()", "serve", args.model,
+                   "--continuous-batching", "--host", "127.0.0.1", "--port", str(port), *shlex.split(args.serve_flags)]
+    else:
+        command = [sys.executable, "-m", "lit_mistral", "serve", *cli, "--port", str(port), "--api_key", key,
+                   *shlex.split(args.serve_flags)]
     log = (work / "serve.log").open("w")
     launched = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "lit_mistral", "serve", *cli, "--port", str(port), "--api_key",
-                               key, *shlex.split(args.serve_flags)], cwd=ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     memory = Memory(server.pid)
     results = []
     try:
@@ -270,21 +325,23 @@ def main() -> None:
                 return
             time.sleep(0.5)
         up = time.perf_counter() - launched
-        model = health(base)["model"]
+        model = health(base).get("model", args.model)
         first, _ = asyncio.run(load(f"{base}/v1", key, model, [{**rows[0], "max_new_tokens": 1}], 1))
         answered = time.perf_counter() - launched
         time.sleep(1.0)
-        print(json.dumps(dict(kind="serve-start", label=args.label, config=args.config, start_to_health_s=round(up, 1),
+        print(json.dumps(dict(kind="serve-start", label=args.label, config=args.peer or args.config,
+                              start_to_health_s=round(up, 1),
                               start_to_first_answer_s=round(answered, 1), first_error=first[0]["error"],
                               idle_gib=round(memory.now(), 2), memory="gpu" if memory.gpu else "rss")), flush=True)
         for clients in args.clients:
             memory.reset()
+            before = health(base) or {}
             records, wall = load_spread(f"{base}/v1", key, model, rows, clients, args.client_procs)
             state = health(base) or {}
-            results.append(dict(kind="serve", label=args.label, config=args.config, clients=clients,
+            results.append(dict(kind="serve", label=args.label, config=args.peer or args.config, clients=clients,
                                 **summary(records, wall), peak_gib=round(memory.peak, 2),
-                                rows_left_running=state.get("running_rows"), flags=args.flags,
-                                serve_flags=args.serve_flags, client_procs=args.client_procs))
+                                rows_left_running=state.get("running_rows"), engine=engine_work(before, state, wall),
+                                flags=args.flags, serve_flags=args.serve_flags, client_procs=args.client_procs))
             print(json.dumps(results[-1]), flush=True)
     finally:
         if server.poll() is None:

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +51,8 @@ class EngineLoop:
         self._jobs: dict[int, _Job] = {}  # key -> job, from its submission to its end
         self._closing = False
         self._cancelled_total = 0  # prompts ended by `cancel` while waiting or running
-        self._load = session.load()  # read by other threads: replaced whole after each step
+        self._busy = 0.0  # seconds in `session.step`
+        self._load = dict(session.load(), **session.counts, busy_s=0.0)  # read by other threads: replaced whole
         self._ended: list[tuple[_Job, Answer]] = []  # told once `_load` shows their rows and blocks freed
         self._thread = threading.Thread(target=self._run, name="lit_mistral-engine", daemon=True)
         self._thread.start()
@@ -78,9 +80,10 @@ class EngineLoop:
             self._cancelled.append(key)
             self._lock.notify()
 
-    def load(self) -> dict[str, int]:
-        """Rows running and free, prompts waiting (in the engine and submitted), cache blocks free and in all, and
-        how many prompts were cancelled so far."""
+    def load(self) -> dict[str, int | float]:
+        """Rows running and free, prompts waiting (in the engine and submitted), cache blocks free and in all, how
+        many prompts were cancelled so far, and the engine's work so far: decoding steps, rows decoded over them,
+        prefills, prompt tokens prefilled, and seconds spent stepping (`busy_s`)."""
         with self._lock:
             return dict(self._load, waiting=self._load["waiting"] + len(self._new), cancelled=self._cancelled_total)
 
@@ -121,7 +124,7 @@ class EngineLoop:
         """Publish the session's load, then tell the prompts that ended: whoever hears of an end sees its row and
         cache blocks freed in `load()`."""
         with self._lock:
-            self._load = self.session.load()
+            self._load = dict(self.session.load(), **self.session.counts, busy_s=round(self._busy, 3))
         ended, self._ended = self._ended, []
         for job, answer in ended:
             job.on_finish(answer)
@@ -139,6 +142,7 @@ class EngineLoop:
     def _run(self) -> None:
         with torch.inference_mode(), self.context(), self.session.engine._prepare():
             while self._take_commands():
+                started = time.perf_counter()
                 try:
                     self.session.step(self._finished, self._token)
                 except Exception as err:  # e.g. out of memory: the prompts in the engine fail, the loop goes on
@@ -149,6 +153,7 @@ class EngineLoop:
                         job = self._jobs.pop(key, None)
                         if job is not None:
                             self._ended.append((job, Answer([], f"error: {type(err).__name__}: {err}")))
+                self._busy += time.perf_counter() - started
                 self._publish()
 
 

@@ -55,15 +55,22 @@ class Session:
     """One stream of prompts through an `Engine`: prompts are added in portions (`add`), and `run` answers them,
     returning each prompt's answer as it finishes; rows keep running between calls, so the next portion fills the
     rows that free up (what `predict` does with each batch of its dataloader). Sampling settings hold for the
-    session; a prompt's key (its index in the input) seeds its sampling, so answers do not depend on the portions."""
+    session; a prompt's key (its index in the input) seeds its sampling, so answers do not depend on the portions.
+
+    Rows that free up are refilled in batches of `Engine.refill_rows` prompts (each prefill reads all the weights,
+    as a decoding step does). `patience` is for prompts that arrive one at a time (a server's requests): a prompt
+    waits at most that many decoding steps for others to share its prefill, where otherwise each arrival would be
+    a prefill of its own. None (predict): prompts come in portions, and the last few of the queue go at once."""
 
     def __init__(self, engine: "Engine", eos_token_ids: int | Sequence[int] | None = None, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> None:
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                 patience: int | None = None) -> None:
         self.engine = engine
+        self.patience = patience
         self.eos = {eos_token_ids} if isinstance(eos_token_ids, int) else set(eos_token_ids or ())
         self.sampling = (do_sample, temperature, top_p, top_k, seed)
-        # (key, prompt, max_new, its own sampling or None), in order
-        self.waiting: deque[tuple[int, Sequence[int], int, Sampling | None]] = deque()
+        # (key, prompt, max_new, its own sampling or None, the decoding steps run when it was added), in order
+        self.waiting: deque[tuple[int, Sequence[int], int, Sampling | None, int]] = deque()
         self.running: dict[int, _Row] = {}  # slot -> row, in starting order
         self.free_slots = list(range(engine.max_rows - 1, -1, -1))
         self.free_blocks = list(range(engine.num_blocks - 1, 0, -1))
@@ -82,7 +89,8 @@ class Session:
         """Queue prompts (checked with `Engine.problems` by the caller) under their keys, each with its own
         `sampling` if given (None: the session's)."""
         self.engine._check(prompts, max_new_tokens)
-        self.waiting.extend(zip(keys, prompts, max_new_tokens, sampling or [None] * len(prompts)))
+        self.waiting.extend((key, prompt, new, own, self.counts["steps"]) for key, prompt, new, own in
+                            zip(keys, prompts, max_new_tokens, sampling or [None] * len(prompts)))
 
     def cancel(self, key: int) -> bool:
         """Drop the prompt of `key`: out of the queue, or out of its row, whose slot and cache blocks are free for
@@ -163,18 +171,22 @@ class Session:
 
         # the waiting prompts, in order, that have a free row and the blocks for their whole answer
         ready, spare = 0, len(self.free_blocks)
-        for _, prompt, new, _ in self.waiting:
+        for _, prompt, new, *_ in self.waiting:
             need = engine._blocks_needed(len(prompt), new)
             if ready == len(self.free_slots) or need > spare:
                 break
             ready, spare = ready + 1, spare - need
         # refill in large batches (each prefill reads all weights), unless few rows are running
-        self.filling = ready > 0 and (self.filling or ready >= min(engine.refill_rows, len(self.waiting))
-                                      or len(self.running) < engine.refill_rows)
+        if self.patience is None:
+            batch = self.filling or ready >= min(engine.refill_rows, len(self.waiting))
+        else:  # a fill cut short by the prefill budget goes on; the oldest prompt waits `patience` steps at most
+            batch = self.filling or ready >= engine.refill_rows or (
+                ready > 0 and self.counts["steps"] - self.waiting[0][4] >= self.patience)
+        self.filling = ready > 0 and (batch or len(self.running) < engine.refill_rows)
         if self.filling:
             started, budget = [], engine.prefill_tokens
             while len(started) < ready and (not started or len(self.waiting[0][1]) <= budget):
-                key, prompt, new, sampling = self.waiting.popleft()
+                key, prompt, new, sampling, _ = self.waiting.popleft()
                 budget -= len(prompt)
                 blocks = [self.free_blocks.pop() for _ in range(engine._blocks_needed(len(prompt), new))]
                 started.append(_Row(key, self.free_slots.pop(), blocks, len(prompt), new, [], prompt, sampling))
@@ -182,6 +194,8 @@ class Session:
             self.counts["prefills"] += 1
             self.counts["prompt_tokens"] += sum(len(r.prompt) for r in started)
             take(started, self._pick(engine._prefill(started), started))
+            if self.patience is not None:
+                self.filling = len(started) < ready
         if self.running:
             rows = list(self.running.values())
             self.counts["steps"] += 1

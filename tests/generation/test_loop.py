@@ -34,6 +34,10 @@ def test_submitted_prompts_answer_as_generate_and_a_cancelled_one_frees_its_row(
         state = loop.load()
         assert state["cancelled"] == 1 and state["running_rows"] == 0
         assert state["free_blocks"] == state["total_blocks"] and state["free_rows"] == 3
+        # the engine's work so far, as /health shows it: every prompt was prefilled, every answer's later tokens
+        # decoded (the first comes from the prefill; the cancelled one may not have begun)
+        assert state["prompt_tokens"] >= sum(map(len, prompts)) and state["prefills"] >= 1
+        assert state["rows"] >= sum(news) - len(news) and state["steps"] >= max(news) - 1 and state["busy_s"] > 0
     finally:
         loop.close(timeout=10)
 

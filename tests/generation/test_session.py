@@ -1,5 +1,6 @@
 """`Session`: prompts added in portions answer as one `Engine.generate` call does (greedy and sampled: a prompt's
-key seeds it, not its portion), and a cancelled prompt, waiting or running, gives back its row and cache blocks."""
+key seeds it, not its portion), a cancelled prompt, waiting or running, gives back its row and cache blocks, and
+prompts arriving one at a time (a server's) share their prefills within the session's patience."""
 
 import torch
 from test_engine import tiny, workload
@@ -38,3 +39,29 @@ def test_cancelled_prompts_free_their_rows_and_blocks():
     assert session.load() == {"running_rows": 0, "free_rows": 2, "waiting": 0, "free_blocks": held["total_blocks"],
                               "total_blocks": held["total_blocks"]}
     assert not session.cancel(0)  # neither waiting nor running any more
+
+
+def test_a_prompt_arriving_alone_waits_patience_steps_to_share_a_prefill():
+    """With 6 of 10 rows running (refill_rows 2), a prompt that arrives alone waits for another to share its prefill,
+    up to `patience` decoding steps; two together go at once; without patience (predict) it goes at once."""
+    engine = Engine(tiny(), max_rows=10, max_tokens=2000, refill_rows=2)
+    prompts, _ = workload(9)
+
+    def prefills_after(session, steps: int) -> int:
+        with torch.inference_mode(), engine._prepare():
+            for _ in range(steps):
+                session.step()
+        return session.counts["prefills"]
+
+    for patience in (None, 3):
+        session = Session(engine, patience=patience)
+        session.add(prompts[:6], [100] * 6, range(6))
+        assert prefills_after(session, 1) == 1 and session.load()["running_rows"] == 6
+        session.add(prompts[6:7], [100], [6])
+        if patience is None:
+            assert prefills_after(session, 1) == 2
+            continue
+        assert prefills_after(session, 3) == 1  # waited 3 steps: the next step takes it
+        assert prefills_after(session, 1) == 2 and session.load()["waiting"] == 0
+        session.add(prompts[7:9], [100] * 2, [7, 8])  # two arrive together: a batch of refill_rows
+        assert prefills_after(session, 1) == 3 and session.load()["running_rows"] == 9
