@@ -7,11 +7,14 @@ official `openai` async client. Each client sends its next request when its answ
 Prints one JSON line per run:
   serve-start:  seconds from launch to /health answering and to the first answer; memory at idle (GPU: the
                 server's process as nvidia-smi sees it; CPU: its resident memory);
-  serve:        per client count: aggregate generated tokens/s (completion tokens over the phase's wall time), time
-                to first token p50/p99, time between tokens p50/p99 (gaps between streamed chunks), failed requests,
-                answers shorter than asked (EOS), peak memory;
+  serve:        per client count: aggregate generated tokens/s (completion tokens over the phase's wall time), the
+                same until the last request was sent (`steady_tokens_per_s`: every client busy, before the drain),
+                time to first token p50/p99, time between tokens p50/p99 (gaps between streamed chunks), failed
+                requests, answers shorter than asked (EOS), peak memory, the engine's work from /health;
   predict:      predict on the same rows with the same config and flags: its generation tokens/s (the engine's log
-                line) and end to end, and `serve`'s throughput at each client count as a share of it.
+                line) and end to end, and `serve`'s throughput at each client count as a share of it, whole and
+                steady. predict plans the longest answers first, so it has no drain; 1,000 requests in file order
+                through a closed loop end with one (the last long answers run with few rows busy).
 
 GPU (Mistral-7B's architecture, random weights; benchmarks/run_gpu.sh serve runs it):
     python benchmarks/predict/bench_serve.py --model /tmp/mistral7b-random --file /tmp/dolly-lengths.jsonl \
@@ -105,8 +108,10 @@ def rows_of(args) -> list[dict]:
 
 
 async def one(client, model: str, row: dict, record: dict) -> None:
-    """One streamed completion; fills `record`: ttft, gaps, tokens, asked, error."""
+    """One streamed completion; fills `record`: ttft, gaps, tokens, asked, error, and the wall-clock times it was
+    sent, got its first text and ended (`at`: [sent, first, end])."""
     sent = time.perf_counter()
+    record["at"] = [time.time(), None, None]
     last = None
     try:
         # lit_mistral renders the instruction/context pair itself; a peer gets the same prompt as text
@@ -119,11 +124,13 @@ async def one(client, model: str, row: dict, record: dict) -> None:
             if chunk.choices and chunk.choices[0].text:
                 if last is None:
                     record["ttft"] = now - sent
+                    record["at"][1] = record["at"][0] + record["ttft"]
                 else:
                     record["gaps"].append(now - last)
                 last = now
             if chunk.usage is not None:
                 record["tokens"] = chunk.usage.completion_tokens
+        record["at"][2] = record["at"][0] + time.perf_counter() - sent
         if record["tokens"] is None:
             record["error"] = "no usage in the stream"
     except Exception as err:  # a failed request: counted, the load goes on
@@ -147,10 +154,12 @@ async def load(base_url: str, key: str, model: str, rows: list[dict], clients: i
             records[i]["sent"] = True
             await one(client, model, rows[i], records[i])
 
-    started = time.perf_counter()
+    started = time.time()
     await asyncio.gather(*(worker() for _ in range(clients)))
-    wall = time.perf_counter() - started
+    wall = time.time() - started
     await client.close()
+    for record in records:
+        record["start"] = started
     return records, wall
 
 
@@ -198,7 +207,27 @@ def load_spread(base_url: str, key: str, model: str, rows: list[dict], clients: 
         jobs = [(base_url, key, model, rows, clients // procs + (i < clients % procs), start_at) for i in range(procs)]
         results = pool.starmap(_shard, jobs, chunksize=1)
     records = [next(shard[i] for shard, _ in results if shard[i]["sent"]) for i in range(len(rows))]
+    for record in records:
+        record["start"] = start_at
     return records, max(end for _, end in results) - start_at
+
+
+def steady_rate(records: list[dict]) -> float | None:
+    """Tokens/s from the start until the last request was sent: while every client had a request out, before the
+    drain at the end (where fewer requests than rows are left, and the longest answers run alone). Each answer's
+    tokens count as spread evenly from its first text to its end."""
+    ok = [r for r in records if r["error"] is None and r.get("at") and r["at"][2] is not None]
+    if not ok:
+        return None
+    start, last_sent = records[0]["start"], max(r["at"][0] for r in records if r.get("at"))
+    tokens = 0.0
+    for r in ok:
+        _, first, end = r["at"]
+        if end <= last_sent:
+            tokens += r["tokens"]
+        elif first is not None and first < last_sent:
+            tokens += r["tokens"] * (last_sent - first) / max(end - first, 1e-9)
+    return round(tokens / max(last_sent - start, 1e-9), 1)
 
 
 def summary(records: list[dict], wall: float) -> dict:
@@ -208,7 +237,7 @@ def summary(records: list[dict], wall: float) -> dict:
     gaps = [g for r in ok for g in r["gaps"]]
     errors = sorted({r["error"] for r in records if r["error"]})
     return dict(requests=len(records), failed=len(records) - len(ok), errors=errors[:5], generated_tokens=tokens,
-                tokens_per_s=round(tokens / wall, 1), wall_s=round(wall, 1),
+                tokens_per_s=round(tokens / wall, 1), steady_tokens_per_s=steady_rate(records), wall_s=round(wall, 1),
                 ttft_p50_ms=ms(percentile(ttft, 50)), ttft_p99_ms=ms(percentile(ttft, 99)),
                 between_tokens_p50_ms=ms(percentile(gaps, 50)), between_tokens_p99_ms=ms(percentile(gaps, 99)),
                 short_answers=sum(r["tokens"] < r["asked"] for r in ok))
@@ -358,6 +387,8 @@ def main() -> None:
         rate = figures.get("tokens_per_s")
         if rate:
             figures["serve_share_of_predict"] = {r["clients"]: round(r["tokens_per_s"] / rate, 3) for r in results}
+            figures["steady_share_of_predict"] = {r["clients"]: round(r["steady_tokens_per_s"] / rate, 3)
+                                                  for r in results if r["steady_tokens_per_s"]}
         # the same requests under the same settings: the same number of tokens, unless answers end at EOS by chance
         figures["serve_generated_tokens"] = {r["clients"]: r["generated_tokens"] for r in results}
         print(json.dumps(figures), flush=True)

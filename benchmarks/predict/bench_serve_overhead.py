@@ -43,7 +43,8 @@ class PacedSession:
         self.Answer, self.rows, self.step_s, self.vocab = Answer, rows, step_s, vocab
         self.waiting: list = []
         self.running: dict = {}  # key -> [tokens, max_new]
-        self.steps, self.stepping_s = 0, 0.0
+        self.stepping_s = 0.0
+        self.counts = {"steps": 0, "rows": 0, "prefills": 0, "prompt_tokens": 0}  # as Session counts
         self.engine = self
 
     # the engine's part that EngineLoop reads
@@ -64,13 +65,14 @@ class PacedSession:
     def load(self) -> dict:
         return {"running_rows": len(self.running), "free_rows": self.rows - len(self.running),
                 "waiting": len(self.waiting), "free_blocks": 0, "total_blocks": 0,
-                "stepping_s": self.stepping_s, "steps": self.steps}
+                "stepping_s": self.stepping_s}
 
     def step(self, on_finish, on_token) -> None:
         started = time.perf_counter()
         while self.waiting and len(self.running) < self.rows:
             key, max_new = self.waiting.pop(0)
             self.running[key] = [0, max_new]
+        self.counts["rows"] += len(self.running)
         time.sleep(self.step_s)
         for key, row in list(self.running.items()):
             on_token(key, self.vocab[(key + row[0]) % len(self.vocab)])
@@ -78,7 +80,7 @@ class PacedSession:
             if row[0] >= row[1]:
                 del self.running[key]
                 on_finish(key, self.Answer([0] * row[0], "length"))
-        self.steps += 1
+        self.counts["steps"] += 1
         self.stepping_s += time.perf_counter() - started
 
 

@@ -58,9 +58,10 @@ class Session:
     session; a prompt's key (its index in the input) seeds its sampling, so answers do not depend on the portions.
 
     Rows that free up are refilled in batches of `Engine.refill_rows` prompts (each prefill reads all the weights,
-    as a decoding step does). `patience` is for prompts that arrive one at a time (a server's requests): a prompt
-    waits at most that many decoding steps for others to share its prefill, where otherwise each arrival would be
-    a prefill of its own. None (predict): prompts come in portions, and the last few of the queue go at once."""
+    as a decoding step does). `patience` is for prompts that arrive one at a time (a server's requests): fewer than
+    `refill_rows` are prefilled once the first of them has waited `patience` decoding steps and the last prefill is
+    as many steps back, where otherwise each arrival, or under a full load each row that frees up, would be a
+    prefill of its own. None (predict): prompts come in portions, and the last few of the queue go at once."""
 
     def __init__(self, engine: "Engine", eos_token_ids: int | Sequence[int] | None = None, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
@@ -75,6 +76,7 @@ class Session:
         self.free_slots = list(range(engine.max_rows - 1, -1, -1))
         self.free_blocks = list(range(engine.num_blocks - 1, 0, -1))
         self.filling = False
+        self._prefilled_at = -(patience or 0)  # counts["steps"] at the last prefill
         self.counts = {"steps": 0, "rows": 0, "prefills": 0, "prompt_tokens": 0}  # rows: summed over the steps
 
     def describe(self) -> str:
@@ -179,9 +181,11 @@ class Session:
         # refill in large batches (each prefill reads all weights), unless few rows are running
         if self.patience is None:
             batch = self.filling or ready >= min(engine.refill_rows, len(self.waiting))
-        else:  # a fill cut short by the prefill budget goes on; the oldest prompt waits `patience` steps at most
+        else:  # a fill cut short by the prefill budget goes on; else a batch, or a late prompt and a late prefill
+            steps = self.counts["steps"]
             batch = self.filling or ready >= engine.refill_rows or (
-                ready > 0 and self.counts["steps"] - self.waiting[0][4] >= self.patience)
+                ready > 0 and steps - self.waiting[0][4] >= self.patience
+                and steps - self._prefilled_at >= self.patience)
         self.filling = ready > 0 and (batch or len(self.running) < engine.refill_rows)
         if self.filling:
             started, budget = [], engine.prefill_tokens
@@ -192,6 +196,7 @@ class Session:
                 started.append(_Row(key, self.free_slots.pop(), blocks, len(prompt), new, [], prompt, sampling))
                 self.running[started[-1].slot] = started[-1]
             self.counts["prefills"] += 1
+            self._prefilled_at = self.counts["steps"]
             self.counts["prompt_tokens"] += sum(len(r.prompt) for r in started)
             take(started, self._pick(engine._prefill(started), started))
             if self.patience is not None:

@@ -65,3 +65,20 @@ def test_a_prompt_arriving_alone_waits_patience_steps_to_share_a_prefill():
         assert prefills_after(session, 1) == 2 and session.load()["waiting"] == 0
         session.add(prompts[7:9], [100] * 2, [7, 8])  # two arrive together: a batch of refill_rows
         assert prefills_after(session, 1) == 3 and session.load()["running_rows"] == 9
+
+
+def test_under_a_full_load_prefills_are_patience_steps_apart():
+    """All rows busy and a queue: each row that frees up would be a prefill of its own. Two prompts arrive at step
+    1 with one free row: the first goes at step 4 (it waited 3); the row that frees at step 4 takes the second at
+    step 7, 3 steps after the last prefill, though it has waited longer."""
+    engine = Engine(tiny(), max_rows=7, max_tokens=3000, refill_rows=3)
+    prompts, _ = workload(8)
+    session, prefills = Session(engine, patience=3), []
+    session.add(prompts[:6], [100] * 5 + [6], range(6))  # the sixth ends after its 6 tokens, at step 4
+    with torch.inference_mode(), engine._prepare():
+        for step in range(9):
+            if step == 1:
+                session.add(prompts[6:8], [100, 100], [6, 7])
+            session.step()
+            prefills.append(session.counts["prefills"])
+    assert prefills == [1, 1, 1, 1, 2, 2, 2, 3, 3]
