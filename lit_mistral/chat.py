@@ -57,10 +57,9 @@ class Chat:
     def answer(self, ids: list[int]) -> str:
         """Stream the answer to `ids` to `out`; Ctrl+C stops it (what was written is kept). Returns its text."""
         tokens: queue.SimpleQueue = queue.SimpleQueue()
-        key = self.loop.submit(ids, self.max_new, self.sampling, tokens.put, tokens.put)
-        stream = TextStream(self.tokenizer)
-        text = ""
+        stream, text, key = TextStream(self.tokenizer), "", None
         try:
+            key = self.loop.submit(ids, self.max_new, self.sampling, tokens.put, tokens.put)
             while True:
                 try:
                     item = tokens.get(timeout=0.1)  # a timed wait lets Ctrl+C through
@@ -77,7 +76,8 @@ class Chat:
                         self.notice(f"(generation failed: {item.finish})")
                     break
         except KeyboardInterrupt:
-            self.loop.cancel(key)
+            if key is not None:
+                self.loop.cancel(key)
             self.notice("\n(stopped)")
         self.out.write("\n")
         self.out.flush()
@@ -119,5 +119,8 @@ class Chat:
                 break
             if not interactive and not line:  # the pipe's end
                 break
-            if not self.turn(line):
-                break
+            try:
+                if not self.turn(line):
+                    break
+            except KeyboardInterrupt:  # before the answer began (its own Ctrl+C stops the answer)
+                self.notice("\n(stopped)")
