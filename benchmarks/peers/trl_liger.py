@@ -5,6 +5,11 @@ Set up as TRL's and Liger's documentation say for speed and memory:
   https://huggingface.co/docs/trl/v1.14.0/liger_kernel_integration): Liger's RoPE, RMSNorm, SwiGLU and fused
   linear + cross-entropy replace Mistral's. The same page: "with this memory reduction, you can potentially turn off
   ... gradient checkpointing to further boost the performance" (--checkpointing false; SFTConfig's default is on).
+  TRL 1.15 (the version carried) deprecates `use_liger_kernel` for the Hub's kernels (`model_init_kwargs=
+  {"use_kernels": True}`, which cannot be fetched offline). With it, TRL applies Liger's layer kernels only and
+  computes the loss through its own fused LM head, a chunked log-probability Triton kernel, in place of Liger's fused
+  linear + cross-entropy (trl/trainer/sft_trainer.py). On the CPU (no Triton) the trainer builds with these
+  settings, padding-free kept on, and stops at that kernel.
 - `padding_free=True` (TRL docs, Reducing Memory Usage, "Padding-free",
   https://huggingface.co/docs/trl/v1.6.0/reducing_memory_usage): one row per step, `position_ids` restarting per
   example. The rows are TRL's packed layout (`input_ids` + `seq_lengths`, what `packing=True` stores), filled with
