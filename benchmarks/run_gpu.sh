@@ -15,7 +15,8 @@
 #                                   1,000 dolly-lengths requests, then predict on them in the same call: qlora-fast
 #                                   merged; RUNS="qlora-24gb:adapter" for the 4-bit base + adapter (a call of its own);
 #                                   PEERS=1 adds `transformers serve --continuous-batching` under the same load
-#                                   (PEER_N rows, PEER_CLIENTS clients, PEER_S seconds); CLIENTS="256" runs one count.
+#                                   (PEER_N rows, PEER_CLIENTS clients, PEER_S seconds); CLIENTS="256" runs one count;
+#                                   SERVE_FLAGS go to serve only (e.g. "--max_rows 256": a row for every client).
 #                                   Needs .whl-serve/ too (fastapi, uvicorn, openai and their dependencies)
 #   benchmarks/run_gpu.sh kernels   the LoRA dropout kernels against torch's dropout and multiplies
 #   benchmarks/run_gpu.sh tests     the GPU-marked tests (TESTS=-k expression to select)
@@ -136,7 +137,7 @@ serve)
     PYTHONPATH=/tmp/site timeout 540 python3 benchmarks/predict/bench_serve.py --model "$CKPT" \
       --file /tmp/dolly-lengths.jsonl --config ${run%%:*} --clients ${CLIENTS:-64 256} --predict --label "${run/:/-}" \
       --work "$OUT/serve-${run%%:*}" --flags "--model.generation.max_new_tokens 512 --model.generation.weights ${run##*:}" \
-      | tee -a "$OUT/$MODE.jsonl"
+      --serve_flags "${SERVE_FLAGS:-}" | tee -a "$OUT/$MODE.jsonl"
   done
   if [ -n "${PEERS:-}" ]; then  # transformers' own server on the same base, under the same load on the first PEER_N
     PYTHONPATH=/tmp/site timeout ${PEER_S:-240} python3 benchmarks/predict/bench_serve.py --model "$CKPT" \
