@@ -8,6 +8,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -278,3 +280,14 @@ def answer_alone(model, tokenizer, input_ids: list[int], max_new_tokens: int) ->
                          pad_token_id=tokenizer.pad_token_id)[0, len(input_ids):].tolist()
     out = out[:out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
     return tokenizer.decode(out, skip_special_tokens=True).strip(), len(out)
+
+
+def popen_with_ctrl_c(command: list[str], **kwargs) -> subprocess.Popen:
+    """`subprocess.Popen` with Ctrl+C's default in the child, as in a terminal: a suite started in the background of
+    a shell without job control has SIGINT ignored, which a child inherits (and Python then never raises
+    KeyboardInterrupt); a signal caught here is reset to its default in the child."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(command, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT
+from conftest import ROOT, popen_with_ctrl_c
 
 # a small cache (as many positions as a few short exchanges), so that the conversation must be trimmed
 FLAGS = ["--model.generation.max_new_tokens", "16", "--model.generation.max_cache_tokens", "96"]
@@ -37,10 +37,10 @@ def test_piped_turns_keep_the_history_trim_it_with_a_notice_and_reset(smollm2_gg
 
 def test_ctrl_c_stops_the_answer_not_the_chat(smollm2_gguf):
     leader, follower = pty.openpty()
-    process = subprocess.Popen(chat_command("--model.generation.max_new_tokens", "400",
-                                            "--model.generation.max_cache_tokens", "1024"),
-                               stdin=follower, stdout=follower, stderr=follower, cwd=ROOT, close_fds=True,
-                               env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+    process = popen_with_ctrl_c(chat_command("--model.generation.max_new_tokens", "400",
+                                             "--model.generation.max_cache_tokens", "1024"),
+                                stdin=follower, stdout=follower, stderr=follower, cwd=ROOT, close_fds=True,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
     os.close(follower)
     seen = b""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_DATA, ROOT, cli_args, run_cli
+from conftest import DEMO_DATA, ROOT, cli_args, popen_with_ctrl_c, run_cli
 
 from lit_mistral.errors import failure_message
 from lit_mistral.module import QLoRAModule
@@ -85,16 +85,8 @@ def start_paused_at(args: list[str], root: Path, pause: str, **where) -> subproc
     callback = {"class_path": f"harness.{pause}", "init_args": {**where, "marker": str(marker)}}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     with open(root / "stdout", "w") as out, open(root / "stderr", "w") as err:
-        # Ctrl+C's default in the child, as in a terminal: a suite started in the background of a shell without job
-        # control has SIGINT ignored, which a child inherits (and Python then never raises KeyboardInterrupt); a
-        # signal caught here is reset to its default in the child
-        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-        try:
-            process = subprocess.Popen([sys.executable, "-m", "lit_mistral", *args,
-                                        f"--trainer.callbacks=[{json.dumps(callback)}]"], stdout=out, stderr=err,
-                                       env=env)
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        process = popen_with_ctrl_c([sys.executable, "-m", "lit_mistral", *args,
+                                     f"--trainer.callbacks=[{json.dumps(callback)}]"], stdout=out, stderr=err, env=env)
     deadline = time.monotonic() + 300
     while not marker.exists():
         if process.poll() is not None or time.monotonic() > deadline:
