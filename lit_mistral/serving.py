@@ -46,7 +46,8 @@ def load_for_generation(module, ckpt_path: str | None, device: torch.device):
 
 
 # decoding steps a request may wait for others to share its prefill, when enough rows are running that refilling waits
-# for a batch (Session's `patience`): at one step every ~15 ms on a GPU, up to ~60 ms more to the first token
+# for a batch (Session's `patience`): a few steps more to the first token, for fewer prefills that each read all the
+# weights, as a decoding step does
 PATIENCE = 4
 
 
