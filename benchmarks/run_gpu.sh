@@ -6,7 +6,9 @@
 #   benchmarks/run_gpu.sh plan      the memory plan at 8, 16, 24, 40, 80 GiB and the whole GPU, each against the
 #                                   hand-tuned settings for that budget (benchmarks/train/bench_plan.py --part budgets)
 #   benchmarks/run_gpu.sh plan-long the plan at 24 GiB on 2,048-token rows for LONG_STEPS (200) steps, then the time to
-#                                   the first step with the plan against its settings fixed, cold and resumed
+#                                   the first step with the plan against its settings fixed, cold and resumed;
+#                                   CAP_MEMORY=1 (plan and plan-long) keeps the allocator capped at the budget during the
+#                                   steps too, as a card of the budget's size would (benchmarks/train/cap_memory.py)
 #   benchmarks/run_gpu.sh big       Llama-2-70B's architecture (random, built layer by layer in NF4) with qlora-24gb
 #   benchmarks/run_gpu.sh predict   predict on the dolly-lengths workload (1,000 prompts): qlora-fast merged,
 #                                   qlora-24gb with the adapter kept apart; PEERS=1 adds transformers' peers and the
@@ -93,8 +95,9 @@ memory)
   ;;
 plan|plan-long)  # each within 9 minutes on an H100 (the script skips what could not end in time, and says so)
   part=$([ $MODE = plan ] && echo budgets || echo long)
+  cap=$([ -n "${CAP_MEMORY:-}" ] && echo "--trainer.callbacks+=benchmarks.train.cap_memory.CapMemory")
   PYTHONPATH=/tmp/site timeout 560 python3 benchmarks/train/bench_plan.py --model "$CKPT" --data $DATA --part $part \
-    --long_steps ${LONG_STEPS:-200} | tee -a "$OUT/$MODE.jsonl"
+    --long_steps ${LONG_STEPS:-200} --extra="$cap" | tee -a "$OUT/$MODE.jsonl"
   grep -h "model.compute plan:\|Time to the first\|Error\|error" /tmp/bench-plan/*.log | cut -c1-600 \
     | tee -a "$OUT/$MODE-logs.txt"
   ;;
