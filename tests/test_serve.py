@@ -142,12 +142,17 @@ def test_eight_concurrent_requests_share_the_engine(server, client):
     async def all_of_them():
         return await asyncio.gather(*(one(i) for i in range(8)))
 
+    before = health(server[1])
     results = asyncio.run(all_of_them())
     for chunks in results:
         assert chunks[-1].usage.completion_tokens > 0
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     state = health(server[1])
     assert state["running_rows"] == 0 and state["free_blocks"] == state["total_blocks"]
+    # the engine's work, as /health counts it: the 8 prompts prefilled, every later token decoded
+    assert 1 <= state["prefills"] - before["prefills"] <= 8 and state["busy_s"] > before["busy_s"]
+    tokens = sum(chunks[-1].usage.completion_tokens for chunks in results)
+    assert state["rows"] - before["rows"] >= tokens - 8
 
 
 def test_bad_requests_get_4xx_while_a_good_request_completes(server, client):
