@@ -3,13 +3,14 @@ prefilled when, which rows decode) over a stand-in engine that answers at once, 
 `bench_serve.py` (N clients, each sending its next request of the dolly-lengths file as its answer ends, after
 `--latency` steps), and by predict's order (every prompt at once, the longest answer limit first). Counts only,
 no times: decoding steps, their mean rows, prefills and their prompt tokens, for the whole run and until the last
-request is sent (before the drain, where fewer requests than rows are left).
+request is sent (before the drain, where fewer requests than rows are left), and the decoding steps a request
+waits for its first token (p50, p99).
 
 On a GPU these counts are what the engine did (`bench_serve.py` reads them from /health), and each step and
 prefill has its cost; here they say what a change of policy does to them, in seconds on the CPU:
 
     python benchmarks/predict/schedule_serve.py --file /tmp/dolly-lengths.jsonl \\
-        --tokenizer ../shared/data/mistral-7b-v0.1-tokenizer --clients 64 256 --patience 4
+        --tokenizer ../shared/data/mistral-7b-v0.1-tokenizer --clients 64 256 --predict
 """
 
 import argparse
@@ -57,6 +58,11 @@ def closed_loop(prompts: list[list[int]], news: list[int], clients: int, args) -
     due: deque[tuple[int, int]] = deque()  # (step it is sent at, row)
     due.extend((0, i) for i in range(min(clients, len(prompts))))
     sent, before_drain = len(due), None
+    added, waited = {}, []  # row -> the step it was added at; steps each waited for its first token
+
+    def token(key, _) -> None:
+        if key in added:
+            waited.append(session.counts["steps"] - added.pop(key))
 
     def finished(key, answer) -> None:
         nonlocal sent, before_drain
@@ -71,8 +77,11 @@ def closed_loop(prompts: list[list[int]], news: list[int], clients: int, args) -
             while due and due[0][0] <= session.counts["steps"]:
                 _, i = due.popleft()
                 session.add([prompts[i]], [news[i]], [i])
-            session.step(finished)
-    return figures(session.counts, before_drain)
+                added[i] = session.counts["steps"]
+            session.step(finished, token)
+    waited.sort()
+    return dict(figures(session.counts, before_drain), first_token_steps_p50=waited[len(waited) // 2],
+                first_token_steps_p99=waited[min(len(waited) - 1, round(0.99 * len(waited)) - 1)])
 
 
 def predict_order(prompts: list[list[int]], news: list[int], args) -> dict:
@@ -104,6 +113,7 @@ def main() -> None:
     p.add_argument("--patience", type=int, default=None, help="Session's patience (default: serve's; 0: none, each "
                    "arrival prefilled at once as predict's rule does)")
     p.add_argument("--latency", type=int, default=0, help="steps from an answer's end to its client's next request")
+    p.add_argument("--predict", action="store_true", help="also predict's order (every prompt at once)")
     args = p.parse_args()
     if args.patience is None:
         from lit_mistral.serving import PATIENCE
@@ -123,9 +133,11 @@ def main() -> None:
     else:
         prompts = [[0] * max(1, len(t) // 4) for t in texts]
     news = [r["max_new_tokens"] for r in rows]
-    print(json.dumps(dict(kind="predict-order", **predict_order(prompts, news, args))), flush=True)
+    if args.predict:
+        print(json.dumps(dict(kind="predict-order", **predict_order(prompts, news, args))), flush=True)
     for clients in args.clients:
-        print(json.dumps(dict(kind="closed-loop", clients=clients, patience=args.patience, latency=args.latency,
+        print(json.dumps(dict(kind="closed-loop", clients=clients, rows=args.rows, patience=args.patience,
+                              latency=args.latency,
                               **closed_loop(prompts, news, clients, args))), flush=True)
 
 
