@@ -23,6 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench_serve import percentile  # noqa: E402
+
+from lit_mistral.data.prompt_batches import predict_batches  # noqa: E402
+from lit_mistral.generation.engine import Engine  # noqa: E402
 from lit_mistral.generation.session import Session  # noqa: E402
 
 
@@ -36,8 +40,7 @@ class InstantEngine:
         self.num_blocks = -(-max_tokens // block_size) + 1
         self.device = torch.device("cpu")
 
-    def _blocks_needed(self, prompt_len: int, max_new: int) -> int:
-        return -(-(prompt_len + max_new - 1) // self.block_size)
+    _blocks_needed = Engine._blocks_needed
 
     def _check(self, prompts, max_new_tokens) -> None:
         pass
@@ -79,14 +82,14 @@ def closed_loop(prompts: list[list[int]], news: list[int], clients: int, args) -
                 session.add([prompts[i]], [news[i]], [i])
                 added[i] = session.counts["steps"]
             session.step(finished, token)
-    waited.sort()
-    return dict(figures(session.counts, before_drain), first_token_steps_p50=waited[len(waited) // 2],
-                first_token_steps_p99=waited[min(len(waited) - 1, round(0.99 * len(waited)) - 1)])
+    return dict(figures(session.counts, before_drain), first_token_steps_p50=percentile(waited, 50),
+                first_token_steps_p99=percentile(waited, 99))
 
 
 def predict_order(prompts: list[list[int]], news: list[int], args) -> dict:
     session = Session(InstantEngine(args.rows, args.cache), eos_token_ids=[1])
-    order = sorted(range(len(prompts)), key=lambda i: (-news[i], -len(prompts[i])))
+    order = [i for batch in predict_batches([len(p) for p in prompts], range(len(prompts)), args.rows, args.cache,
+                                            news) for i in batch]  # predict's plan: the longest answers first
     session.add([prompts[i] for i in order], [news[i] for i in order], order)
     session.run()
     return figures(session.counts, None)

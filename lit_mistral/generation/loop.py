@@ -52,7 +52,7 @@ class EngineLoop:
         self._closing = False
         self._cancelled_total = 0  # prompts ended by `cancel` while waiting or running
         self._busy = 0.0  # seconds in `session.step`
-        self._load = dict(session.load(), **session.counts, busy_s=0.0)  # read by other threads: replaced whole
+        self._load = self._snapshot()  # read by other threads: replaced whole after each step
         self._ended: list[tuple[_Job, Answer]] = []  # told once `_load` shows their rows and blocks freed
         self._thread = threading.Thread(target=self._run, name="lit_mistral-engine", daemon=True)
         self._thread.start()
@@ -120,11 +120,15 @@ class EngineLoop:
             self._publish()
         return not closing
 
+    def _snapshot(self) -> dict[str, int | float]:
+        """The session's load and counts, and the seconds spent stepping."""
+        return dict(self.session.load(), **self.session.counts, busy_s=round(self._busy, 3))
+
     def _publish(self) -> None:
         """Publish the session's load, then tell the prompts that ended: whoever hears of an end sees its row and
         cache blocks freed in `load()`."""
         with self._lock:
-            self._load = dict(self.session.load(), **self.session.counts, busy_s=round(self._busy, 3))
+            self._load = self._snapshot()
         ended, self._ended = self._ended, []
         for job, answer in ended:
             job.on_finish(answer)
