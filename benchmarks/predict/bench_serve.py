@@ -277,7 +277,8 @@ def run_predict(args, cli: list[str], rows_file: Path, work: Path) -> dict:
     (work / "predict.log").write_text(text)
     if done.returncode:
         return dict(kind="predict", label=args.label, rc=done.returncode, tail=text.splitlines()[-15:])
-    answers = [json.loads(line) for line in out.read_text().split("\n") if line]  # not splitlines: U+2028 may be in answers
+    # split on newlines only, not splitlines: U+2028 may be in answers
+    answers = [json.loads(line) for line in out.read_text().split("\n") if line]
     tokens = sum(r["response_tokens"] for r in answers)
     rate = re.search(r"([0-9.]+) new tokens/s", text)
     engine = re.search(r"Generation engine: (.*)", text)

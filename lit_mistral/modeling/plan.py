@@ -14,8 +14,9 @@ model's sizes where they are exact:
 2. else as few layers recompute as fit (`autofit.choose_checkpoint_layers`), in parts where parts are faster
    (`autofit.choose_micro_tokens`, timed), dropout masks drawn again (they take memory a layer's activations could
    take). Where that needs parts, the same with the recomputing layers' inputs in CPU memory (a batch's hidden
-   states per layer less on the GPU, the copies hidden by the recomputation), the faster of the two kept; then some of the recomputing layers keep their activations in CPU memory instead, where enough others are
-   left to hide the copies and the CPU has the memory; `keep_dequantized` where it fits on top (not with offloading).
+   states per layer less on the GPU, the copies hidden by the recomputation), the faster of the two kept; then some
+   of the recomputing layers keep their activations in CPU memory instead, where enough others are left to hide the
+   copies and the CPU has the memory; `keep_dequantized` where it fits on top (not with offloading).
 3. else fit stops before its first step, saying what the smallest plan needs and what would lower it.
 The optimizer's state (allocated at the first step, after the probes) is exact and kept aside, with a margin for the
 allocator's fragmentation (`autofit.MARGIN`). The choice is logged in one line, kept in checkpoints and reused when
