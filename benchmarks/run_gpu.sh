@@ -18,7 +18,7 @@
 #                                   merged; RUNS="qlora-24gb:adapter" for the 4-bit base + adapter (a call of its own);
 #                                   PEERS=1 adds `transformers serve --continuous-batching` under the same load
 #                                   (PEER_N rows, PEER_CLIENTS clients, PEER_S seconds); CLIENTS="256" runs one count;
-#                                   SERVE_FLAGS go to serve only (e.g. "--max_rows 256": a row for every client).
+#                                   SERVE_FLAGS go to serve only (e.g. "--max_rows 200": fewer rows than its 256).
 #                                   Needs .whl-serve/ too (fastapi, uvicorn, openai and their dependencies)
 #   benchmarks/run_gpu.sh kernels   the LoRA dropout kernels against torch's dropout and multiplies
 #   benchmarks/run_gpu.sh tests     the GPU-marked tests (TESTS=-k expression to select)

@@ -82,14 +82,17 @@ class LitTrainer(Trainer):
             max_request_bytes: Largest request body; a larger one is refused (413) unread.
             grace_period: Seconds the requests in flight get to finish on SIGTERM or Ctrl+C (no new ones are
                 taken) before they are cut.
-            max_rows: Answers generated together at most (default: `model.generation.max_rows`); more requests
-                wait for a free row.
+            max_rows: Answers generated together at most (default: 256, or `model.generation.max_rows` if
+                larger); more requests wait for a free row. The KV cache stays as `model.generation` sizes it
+                (`max_cache_tokens`, or unset: what its `max_rows` need): a row waits for free pages too.
             model_id: The model's name in /v1/models and answers (default: the last part of `model.name_or_path`).
         """
         from lit_mistral import serve, serving
 
         model_id = model_id or Path(model.spec.name_or_path.rstrip("/")).name or "lit_mistral"
-        state = self._generation_state(model, datamodule, ckpt_path, max_rows)
+        rows = max_rows or max(serving.SERVE_ROWS, model.generation.max_rows)
+        state = self._generation_state(model, datamodule, ckpt_path, rows,
+                                       cache_rows=max_rows or model.generation.max_rows)
         server = serve.ServerState(state["loop"], state["prompter"], state["tokenizer"], state["model"], model_id,
                                    model.generation, api_key=serve.api_key_from(api_key))
         serving.warm_up(server.loop)
@@ -116,7 +119,7 @@ class LitTrainer(Trainer):
             state["loop"].close(timeout=5)
 
     def _generation_state(self, module: QLoRAModule, datamodule: InstructionDataModule | None, ckpt_path: str | None,
-                          rows: int | None) -> dict:
+                          rows: int | None, cache_rows: int | None = None) -> dict:
         """The model loaded as predict loads it, on one engine loop (run under this trainer's precision), and
         prompts rendered as the data settings render them."""
         from lit_mistral import serving
@@ -127,7 +130,8 @@ class LitTrainer(Trainer):
         prompter = serving.Prompter(data.prompt_style, tokenizer, template)
         single = rows == 1  # a chat: one row, as long as the model takes
         loop = serving.engine_loop(model, tokenizer, module.generation, module.max_length, rows,
-                                   context=self.precision_plugin.forward_context, whole_context=single)
+                                   context=self.precision_plugin.forward_context, whole_context=single,
+                                   cache_rows=cache_rows)
         return {"loop": loop, "prompter": prompter, "tokenizer": tokenizer, "model": model}
 
 

@@ -50,13 +50,20 @@ def load_for_generation(module, ckpt_path: str | None, device: torch.device):
 # weights, as a decoding step does
 PATIENCE = 4
 
+# rows a server decodes together unless told: one for each of 256 concurrent clients, as vLLM's `max_num_seqs`.
+# More rows than the cache holds cost nothing but their line of the block table: a request whose pages are not free
+# waits for them, so the cache (and the memory) stays as `model.generation` sizes it. With 200 rows, 256 streaming
+# clients waited 2.3 s at p99 for their first token; with 256, 1.3 s (BENCHMARKS.md, Serve).
+SERVE_ROWS = 256
+
 
 def engine_loop(model, tokenizer, generation, max_length: int, rows: int | None = None,
-                context=contextlib.nullcontext, whole_context: bool = False) -> EngineLoop:
+                context=contextlib.nullcontext, whole_context: bool = False,
+                cache_rows: int | None = None) -> EngineLoop:
     """One engine for all requests: `rows` (default `model.generation.max_rows`) rows, and the cache
-    `model.generation.max_cache_tokens` says, or unset, `max_length` + `max_new_tokens` positions per row (with
-    `whole_context`: the model's whole context, or its sliding window), within the model's context. `context`: what
-    the engine's thread runs in (the precision's autocast)."""
+    `model.generation.max_cache_tokens` says, or unset, `max_length` + `max_new_tokens` positions (with
+    `whole_context`: the model's whole context, or its sliding window) for each of `cache_rows` (default: `rows`)
+    rows, within the model's context. `context`: what the engine's thread runs in (the precision's autocast)."""
     ok, why = Engine.supports(model)
     if not ok:
         raise LitMistralError(f"serve and chat run on lit_mistral's generation engine, which cannot run this model: "
@@ -66,7 +73,7 @@ def engine_loop(model, tokenizer, generation, max_length: int, rows: int | None 
     slide = _sliding_window(model.config)
     whole = min(w for w in (window, slide, 1 << 20) if w)
     per_row = whole if whole_context else min(max_length + generation.max_new_tokens, whole)
-    engine = Engine(model, max_rows=rows, max_tokens=generation.max_cache_tokens or rows * per_row,
+    engine = Engine(model, max_rows=rows, max_tokens=generation.max_cache_tokens or (cache_rows or rows) * per_row,
                     cuda_graphs=generation.cuda_graphs)
     return EngineLoop(Session(engine, sorted(eos_ids(model, tokenizer)), patience=PATIENCE), context)
 

@@ -149,6 +149,8 @@ def test_eight_concurrent_requests_share_the_engine(server, client):
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     state = health(server[1])
     assert state["running_rows"] == 0 and state["free_blocks"] == state["total_blocks"]
+    # serve's rows: 256 by default (more than the config's 8), over the cache the config sizes (4,096 positions)
+    assert state["free_rows"] == 256 and state["total_blocks"] * 16 == 4096
     # the engine's work, as /health counts it: the 8 prompts prefilled, every later token decoded
     assert 1 <= state["prefills"] - before["prefills"] <= 8 and state["busy_s"] > before["busy_s"]
     tokens = sum(chunks[-1].usage.completion_tokens for chunks in results)
@@ -212,7 +214,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server, client):
             break
         time.sleep(0.1)
     assert state["cancelled"] == before + 1 and state["running_rows"] == 0
-    assert state["free_blocks"] == state["total_blocks"] and state["free_rows"] == 8
+    assert state["free_blocks"] == state["total_blocks"] and state["free_rows"] == 256
 
 
 def test_sigterm_finishes_the_answers_in_flight_then_exits_0(server, client):
