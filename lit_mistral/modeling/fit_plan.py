@@ -117,8 +117,8 @@ def fit_plan(module) -> Plan:
         why = "fsdp_qlora: each GPU cannot measure alone" if module.sharded else "no GPU memory to measure"
         plan = plain_plan(compute, layers, f"{why}: the plain settings")
     else:
-        plan = _measure(module, compute, layers)
-        plan.how += f", {time.perf_counter() - started:.1f} s"
+        plan, passes = _measure(module, compute, layers)
+        plan.how += f", {time.perf_counter() - started:.1f} s, {passes:.1f} s of it in the training passes"
     if module.trainer.world_size > 1:
         plan = agree(plan, module.trainer.strategy, module.device)
     apply(model, plan)
@@ -128,8 +128,9 @@ def fit_plan(module) -> Plan:
     return plan
 
 
-def _measure(module, compute: Compute, layers: int) -> Plan:
-    """`choose` with the probes run on the epoch's largest batch on the GPU."""
+def _measure(module, compute: Compute, layers: int) -> tuple[Plan, float]:
+    """`choose` with the probes run on the epoch's largest batch on the GPU, and the seconds its training passes
+    took (the rest of planning's time: the layouts' setup, pinning CPU memory for offloading, freeing the cache)."""
     batch = module.trainer.strategy.batch_to_device(autofit.largest_batch(module.trainer))
     budget, source = autofit.budget_bytes(module.device, compute.memory_budget_gib)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -147,13 +148,21 @@ def _measure(module, compute: Compute, layers: int) -> Plan:
         parts = [batch] if size is None else split_batch(batch, size)
         return max(parts, key=lambda p: p["input_ids"].numel())
 
-    def probe(layout: Layout) -> int | None:
+    passes = [0.0]
+
+    def timed(measure, layout: Layout):
         apply(module.model, layout, keep_dequantized=False)
-        return autofit.probe_peak(module, part(layout.size))
+        started = time.perf_counter()
+        try:
+            return measure(module, part(layout.size))
+        finally:
+            passes[0] += time.perf_counter() - started
+
+    def probe(layout: Layout) -> int | None:
+        return timed(autofit.probe_peak, layout)
 
     def speed(layout: Layout) -> float:
-        apply(module.model, layout, keep_dequantized=False)
-        return autofit.probe_speed(module, part(layout.size))
+        return timed(autofit.probe_speed, layout)
 
     def uncapped(layout: Layout) -> int | None:
         with autofit.capped(module.device, None):
@@ -163,4 +172,4 @@ def _measure(module, compute: Compute, layers: int) -> Plan:
         plan = choose(probe, speed, facts, compute, uncapped)
     plan.how = f"measured against {budget / GIB:.1f} GiB, {source}, on the largest batch of {tokens:,} tokens: " \
                + plan.how
-    return plan
+    return plan, passes[0]

@@ -1,6 +1,8 @@
 """A fit run's memory plan (`modeling/fit_plan.py`): a kept plan takes the settings the config now gives, and a fit
 plans, logs, saves its plan and reuses it on resume."""
 
+import re
+
 import torch
 from conftest import fit_checkpointed, make_module
 
@@ -72,6 +74,8 @@ def test_fit_plans_logs_saves_and_reuses_its_plan(tiny_model_dir, demo_file, tmp
         "model.compute plan: 1 of 2 decoder layers recompute, 1 on the GPU; whole batches; 16-bit weights kept for "
         "backward; dropout masks drawn again; predicted peak 2.0 of 2.5 GiB (measured against 2.5 GiB, "
         "memory_budget_gib, on the largest batch of")
+    # where planning's time goes: in all, and in the training passes
+    assert re.search(r", [0-9.]+ s, [0-9.]+ s of it in the training passes\)\.$", lines[0])
     record = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["lit_mistral"]["memory_plan"]
     assert record["checkpoint_layers"] == 1 and record["keep_dequantized"] is True
     calls.clear()
