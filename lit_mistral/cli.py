@@ -82,9 +82,8 @@ class LitTrainer(Trainer):
             max_request_bytes: Largest request body; a larger one is refused (413) unread.
             grace_period: Seconds the requests in flight get to finish on SIGTERM or Ctrl+C (no new ones are
                 taken) before they are cut.
-            max_rows: Answers generated together at most (default: 256, or `model.generation.max_rows` if
-                larger); more requests wait for a free row. The KV cache stays as `model.generation` sizes it
-                (`max_cache_tokens`, or unset: what its `max_rows` need): a row waits for free pages too.
+            max_rows: Answers generated together at most (default: 256, or `model.generation.max_rows` if larger,
+                over the cache `model.generation` sizes); more requests wait for a free row or free cache pages.
             model_id: The model's name in /v1/models and answers (default: the last part of `model.name_or_path`).
         """
         from lit_mistral import serve, serving
