@@ -4,7 +4,8 @@
 #   benchmarks/run_gpu.sh train     the seed recipe, then qlora-fast, qlora-24gb and qlora-16gb through the CLI
 #   benchmarks/run_gpu.sh memory    qlora-24gb against its `auto` modes within 24 and 16 GiB budgets
 #   benchmarks/run_gpu.sh plan      the memory plan at 8, 16, 24, 40, 80 GiB and the whole GPU, each against the
-#                                   hand-tuned settings for that budget (benchmarks/train/bench_plan.py --part budgets)
+#                                   hand-tuned settings for that budget (benchmarks/train/bench_plan.py --part budgets);
+#                                   ONLY="plan-40 handauto-40 ..." runs those labels alone
 #   benchmarks/run_gpu.sh plan-long the plan at 24 GiB on 2,048-token rows for LONG_STEPS (200) steps, then the time to
 #                                   the first step with the plan against its settings fixed, cold and resumed;
 #                                   CAP_MEMORY=1 (plan and plan-long) keeps the allocator capped at the budget during the
@@ -97,7 +98,7 @@ plan|plan-long)  # each within 9 minutes on an H100 (the script skips what could
   part=$([ $MODE = plan ] && echo budgets || echo long)
   cap=$([ -n "${CAP_MEMORY:-}" ] && echo "--trainer.callbacks+=benchmarks.train.cap_memory.CapMemory")
   PYTHONPATH=/tmp/site timeout 560 python3 benchmarks/train/bench_plan.py --model "$CKPT" --data $DATA --part $part \
-    --long_steps ${LONG_STEPS:-200} --extra="$cap" | tee -a "$OUT/$MODE.jsonl"
+    --long_steps ${LONG_STEPS:-200} --extra="$cap" ${ONLY:+--only $ONLY} | tee -a "$OUT/$MODE.jsonl"
   grep -h "model.compute plan:\|Time to the first\|Error\|error" /tmp/bench-plan/*.log | cut -c1-600 \
     | tee -a "$OUT/$MODE-logs.txt"
   ;;
