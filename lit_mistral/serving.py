@@ -52,9 +52,8 @@ PATIENCE = 4
 
 # rows a server decodes together unless told: one for each of 256 concurrent clients, as vLLM's `max_num_seqs`.
 # More rows than the cache holds cost nothing but their line of the block table: a request whose pages are not free
-# waits for them, so the cache (and the memory) stays as `model.generation` sizes it. Under 256 streaming clients, a
-# request waits 33 decoding steps for its first token at p99 with 200 rows, and 4 with 256 (`schedule_serve.py`);
-# an H100 gave 1.3 s at p99 with 256 (BENCHMARKS.md, Serve).
+# waits for them, so the cache (and the memory) stays as `model.generation` sizes it. With fewer rows than clients,
+# a request waits for a row to free up: its time to first token grows by whole answers (BENCHMARKS.md, Serve).
 SERVE_ROWS = 256
 
 

@@ -17,7 +17,7 @@ the examples of lit_mistral's steps, in their order, are cut into micro-batches 
 collate function pads them), with `global_batch_size` the mean number of examples in lit_mistral's steps, rounded
 to a multiple of the micro-batch: the steps hold the same examples until they drift by a few. tokens/s counts the
 real tokens of each step (no padding). The recipe's default micro-batch is 1 example (no padding, a small forward
-each); 4 pads 53% of what it computes on these examples (`--dry-run` prints the share).
+each); larger ones pad (`--dry-run` prints the share of padding).
 
     python benchmarks/peers/litgpt_peer.py --model /tmp/mistral7b-random [--micro_batch_size 4] [--dry-run]
 """
@@ -54,7 +54,7 @@ def litgpt_steps(steps: list[dict], micro: int, count: int) -> tuple[int, list[l
     size = max(micro, round(mean / micro) * micro)
     flat = examples(steps)
     if len(flat) < size * count:
-        sys.exit(f"error: {len(flat)} examples for {count} steps of {size}; give more --steps to common.batches")
+        sys.exit(f"error: {len(flat)} examples for {count} steps of {size}: lit_mistral's batches ran out")
     return size, [flat[i * size:(i + 1) * size] for i in range(count)]
 
 
