@@ -10,6 +10,8 @@
 #                                   the first step with the plan against its settings fixed, cold and resumed;
 #                                   CAP_MEMORY=1 (plan and plan-long) keeps the allocator capped at the budget during the
 #                                   steps too, as a card of the budget's size would (benchmarks/train/cap_memory.py)
+#   benchmarks/run_gpu.sh plan-cost the cost of planning: the time to the first step with the plan (where its time
+#                                   went, time_plan.py) against its settings fixed, cold and resumed, at BUDGETS (16 24)
 #   benchmarks/run_gpu.sh big       Llama-2-70B's architecture (random, built layer by layer in NF4) with qlora-24gb
 #   benchmarks/run_gpu.sh predict   predict on the dolly-lengths workload (1,000 prompts): qlora-fast merged,
 #                                   qlora-24gb with the adapter kept apart; PEERS=1 adds transformers' peers and the
@@ -38,7 +40,7 @@
 # by default: its memory plan fits the GPU).
 # Output: JSON lines in $OUT/<mode>.jsonl, and gpu.txt, versions.txt; name them for results/ as benchmarks/README.md says.
 set -uo pipefail
-MODE=${1:?usage: benchmarks/run_gpu.sh train|memory|plan|plan-long|big|predict|serve|kernels|tests|ddp|fsdp-shared}
+MODE=${1:?usage: benchmarks/run_gpu.sh train|memory|plan|plan-long|plan-cost|big|predict|serve|kernels|tests|ddp|fsdp-shared}
 OUT=${OUT:-$PWD/bench-out}; mkdir -p "$OUT"
 # compiled as pip installs them for users (no --no-compile: the first import would compile them, a cold-start cost)
 python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -94,11 +96,12 @@ memory)
     fit . "auto-$budget" qlora-24gb "${STEPS:-15}" "$flags"
   done
   ;;
-plan|plan-long)  # each within 9 minutes on an H100 (the script skips what could not end in time, and says so)
-  part=$([ $MODE = plan ] && echo budgets || echo long)
+plan|plan-long|plan-cost)  # each within 9 minutes on an H100 (the script skips what could not end in time, and says so)
+  part=$(case $MODE in plan) echo budgets ;; plan-long) echo long ;; *) echo cost ;; esac)
   cap=$([ -n "${CAP_MEMORY:-}" ] && echo "--trainer.callbacks+=benchmarks.train.cap_memory.CapMemory")
   PYTHONPATH=/tmp/site timeout 560 python3 benchmarks/train/bench_plan.py --model "$CKPT" --data $DATA --part $part \
-    --long_steps ${LONG_STEPS:-200} --extra="$cap" ${ONLY:+--only $ONLY} | tee -a "$OUT/$MODE.jsonl"
+    --long_steps ${LONG_STEPS:-200} --extra="$cap" ${ONLY:+--only $ONLY} ${BUDGETS:+--budgets $BUDGETS} \
+    | tee -a "$OUT/$MODE.jsonl"
   grep -h "model.compute plan:\|Time to the first\|Error\|error" /tmp/bench-plan/*.log | cut -c1-600 \
     | tee -a "$OUT/$MODE-logs.txt"
   ;;

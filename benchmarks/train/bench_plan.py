@@ -15,6 +15,11 @@ and over the steps alone, the largest gap between what the allocator held and wh
 (`fragmentation_gib`: the margin the plan keeps, `autofit.MARGIN`, should cover it), the time to the first step, and
 the plan's log line; then one `summary` line per budget: the plan against the fastest hand-tuned run of that budget.
 
+`--part cost`: the cost of planning. At each of --budgets (16 and 24 GiB), the plan through `time_plan.py` (where
+its time went: each training pass, the layouts' setup, pinned CPU memory) for 3 steps, then the same settings given
+as flags (no probes); at the first budget both resumed from their checkpoints too (the plan reused). One `plan-cost`
+line per budget: the time to the first step of each.
+
 `--part long`: 24 GiB on the longest rows (every example cut to 2,048 tokens: Dolly's responses repeated) for
 --long_steps steps (no out-of-memory, the peak within the budget); then the time to the first step of the plan's own
 settings given as flags (no probes) against the plan (cold), and of both resumed from their last checkpoint (the plan
@@ -110,9 +115,11 @@ class Bench:
         self.work = Path(args.work)
 
     def fit(self, label: str, train: Path, val: Path, steps: int, extra: list[str], budget: float | None,
-            resume: bool = False) -> dict:
+            resume: bool = False, timed: bool = False) -> dict:
         root = self.work / label.removesuffix("-resume")
-        cmd = [sys.executable, "-m", "lit_mistral", "fit", "--config", str(ROOT / "configs" / "qlora-fast.yaml"),
+        # timed: through time_plan.py, which prints where the plan's time went (the same CLI, the same plan)
+        runner = [str(HERE / "time_plan.py")] if timed else ["-m", "lit_mistral"]
+        cmd = [sys.executable, *runner, "fit", "--config", str(ROOT / "configs" / "qlora-fast.yaml"),
                "--model.name_or_path", self.args.model, "--data.path", str(train), "--data.val_path", str(val),
                "--data.train_records", "null", "--data.val_records", "null", "--trainer.max_steps", str(steps),
                "--trainer.val_check_interval", str(steps + 1), "--trainer.default_root_dir", str(root),
@@ -128,6 +135,10 @@ class Bench:
         rc, wall, text = launch(cmd, ROOT, self.work / f"{label}.log", int(min(self.args.timeout, left)))
         plan_line = next((line for line in text.splitlines() if "model.compute plan:" in line), None)
         row.update(rc=rc, wall_s=round(wall), plan=plan_line and plan_line[plan_line.index("model.compute plan:"):])
+        timing = next((json.loads(line) for line in text.splitlines() if line.startswith('{"kind": "plan_timing"')),
+                      None)
+        if timing is not None:
+            row["plan_timing"] = {k: v for k, v in timing.items() if k not in ("kind", "plan")}
         if rc:
             row["tail"] = [line for line in text.splitlines() if "warn" not in line.lower()][-8:]
             return row
@@ -177,7 +188,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="Dolly .jsonl with at least 228 records")
-    p.add_argument("--part", choices=["budgets", "long"], required=True)
+    p.add_argument("--part", choices=["budgets", "long", "cost"], required=True)
+    p.add_argument("--budgets", nargs="*", type=float, default=[16, 24], help="the cost part's budgets (GiB)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warm", type=int, default=4)
     p.add_argument("--long_steps", type=int, default=200, help="steps of the 24 GiB run on 2,048-token rows")
@@ -216,6 +228,23 @@ def main() -> None:
                       best_hand_tokens_per_s=best and best["tokens_per_s"], best_hand_peak_gib=best and best["peak_gib"],
                       plan_vs_best=round(plan["tokens_per_s"] / best["tokens_per_s"], 3)
                       if best and plan.get("tokens_per_s") else None))
+        return
+    if args.part == "cost":
+        train = work / "train.jsonl"
+        train.write_text("\n".join(rows[i % 200] for i in range(200 * 45)) + "\n")
+        for i, budget in enumerate(args.budgets):
+            label = f"cost-{budget:g}"
+            plan = emit(bench.fit(f"plan-{label}", train, val, 3, flags(budget, None), budget, timed=True))
+            fixed = ["'<the plan's>'"] if args.dry_run else planned_flags(work / f"plan-{label}")
+            given = emit(bench.fit(f"fixed-{label}", train, val, 3, fixed, None))
+            row = dict(kind="plan-cost", budget=budget, plan_s=plan.get("time_to_first_step_s"),
+                       fixed_s=given.get("time_to_first_step_s"))
+            if i == 0:  # resumed from the checkpoint each saved at its third step: the plan reused, no probes
+                row["plan_resumed_s"] = emit(bench.fit(f"plan-{label}-resume", train, val, 6, flags(budget, None),
+                                                       budget, True)).get("time_to_first_step_s")
+                row["fixed_resumed_s"] = emit(bench.fit(f"fixed-{label}-resume", train, val, 6, fixed, None,
+                                                        True)).get("time_to_first_step_s")
+            emit(row)
         return
     longest = work / "long.jsonl"
     long_rows(rows[:200], longest, 8 * (args.long_steps + 10))
