@@ -161,16 +161,15 @@ def test_auto_run_measures_logs_saves_and_reuses_the_part_size(tiny_model_dir, d
     def recomputing(module) -> int:
         return sum(b.gradient_checkpointing for b in checkpointable_layers(module.model))
 
-    def peak(module, batch):
+    def training_pass(module, batch):  # (peak, seconds)
         tokens, layers = batch["input_ids"].numel(), recomputing(module)
         calls.append((tokens, layers))
-        return int(tokens / 100 * (1 + 0.5 * (2 - layers)) * GIB)
+        return int(tokens / 100 * (1 + 0.5 * (2 - layers)) * GIB), tokens / (1000.0 - 100 * layers)
 
     monkeypatch.setattr(autofit, "can_measure", lambda device: True)
     monkeypatch.setattr(autofit, "budget_bytes", lambda device, gib: (int(2.2 * GIB), "memory_budget_gib"))
     monkeypatch.setattr(autofit, "MARGIN", 0.0)
-    monkeypatch.setattr(autofit, "probe_peak", peak)
-    monkeypatch.setattr(autofit, "probe_speed", lambda module, batch: 1000.0 - 100 * recomputing(module))
+    monkeypatch.setattr(autofit, "training_pass", training_pass)
 
     def run(max_steps, ckpt_path=None):
         module = make_module(tiny_model_dir, compute={"offload_layers": 0})

@@ -105,7 +105,7 @@ def timed_plan(original, module):
         print("\n" + json.dumps(out), flush=True)  # on a line of its own, after a progress bar
 
 
-wrap(autofit, "_training_pass", timed_pass)
+wrap(autofit, "training_pass", timed_pass)
 wrap(fit_plan, "apply", timed_apply)
 wrap(autofit, "largest_batch", timed_largest)
 wrap(offload.ActivationOffload, "_copy_out", timed_copy_out)

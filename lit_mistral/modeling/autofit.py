@@ -1,15 +1,17 @@
 """The measurements behind the memory plan (`plan.py`): how many decoder layers must recompute their activations
 (`checkpoint_layers`), in how large parts each batch runs (`micro_batch_tokens`), found by training passes on the
-epoch's largest batch measured by the CUDA allocator's peak, and timed where speed decides.
+epoch's largest batch measured by the CUDA allocator's peak, and timed where speed decides. Each pass costs about a
+training step, so the search makes few.
 
 Layers: every layer that keeps its activations saves its share of the recomputation (about a third of its forward),
-and costs its activations' memory. Three to six probes: all layers checkpointed (the least memory; if even that does
-not fit, all it is), an eighth fewer (the memory a layer's activations take), then counts where the line through the
-measured peaks meets the budget, until the count that fits and the one that does not are neighbours
-(`choose_checkpoint_layers`). Parts (`data.batching.split_batch`): smaller parts take less activation memory, so fewer
-layers need to recompute, but make smaller matrix multiplies and read the 4-bit weights once more per part; the whole
-batch, then halves, each with the layer count it needs, each that fits timed (one more pass) while smaller parts keep
-getting faster (by `PARTS_GAIN` at least) and some layers still recompute (`choose_micro_tokens`)."""
+and costs its activations' memory. Two to five probes: all layers checkpointed (the least memory; if even that does
+not fit, all it is), an eighth fewer (the memory a layer's activations take; or straight where the bytes per layer
+already measured on larger parts meet the budget), then counts where the line through the measured peaks meets the
+budget, until the line says no more fits (`choose_checkpoint_layers`). Parts (`data.batching.split_batch`): smaller
+parts take less activation memory, so fewer layers need to recompute, but make smaller matrix multiplies and read the
+4-bit weights once more per part; the whole batch, then halves, each with the layer count it needs, each that fits
+timed (by its probe's own pass where that ran warm, `plan.warm`) while smaller parts keep getting faster (by
+`PARTS_GAIN` at least) and some layers still recompute (`choose_micro_tokens`)."""
 
 import math
 import time
@@ -28,8 +30,8 @@ MARGIN = 0.05
 PARTS_GAIN = 0.02
 
 
-def choose_checkpoint_layers(measure: Callable[[int], int | None], total: int, budget: int,
-                             reserve: int) -> tuple[int, list[tuple[int, int | None]]]:
+def choose_checkpoint_layers(measure: Callable[[int], int | None], total: int, budget: int, reserve: int,
+                             slope: float | None = None) -> tuple[int, list[tuple[int, int | None]]]:
     """The fewest checkpointed layers (of `total`) whose measured peak plus `reserve` bytes fits `budget` bytes.
     `measure(layers)` is the peak of a training pass with that many layers checkpointed, or None if it ran out of
     memory. Returns the count and the probes made, as (layers, peak).
@@ -37,10 +39,13 @@ def choose_checkpoint_layers(measure: Callable[[int], int | None], total: int, b
     Searched by the number of layers that keep their activations, `kept`, between the most known to fit (`low`) and
     the fewest known not to (`high`): first all checkpointed (if even that does not fit, all it is), then
     `total // 8` kept (at least 2): the first layers kept cost less than the rest (a recomputed layer's passing memory
-    overlaps them: about half as much for the first two), so the slope is read over several. Each next count is
-    where the line through the two measured peaks nearest the limit
-    reaches it, one past `low` if that line says none more fits, the middle of the interval where the nearest
-    failure ran out of memory (no peak to draw a line through)."""
+    overlaps them: about half as much for the first two), so the slope is read over several. Where `slope` (bytes
+    per layer kept) is known already (measured on larger parts, scaled), the second count is where it meets the
+    limit instead. Each next count is where the line through the two measured peaks nearest the limit reaches it,
+    the middle of the interval where the nearest failure ran out of memory (no peak to draw a line through). Where
+    that line says that not even one more layer fits, the search ends without measuring it: each probe costs a
+    training pass, and a line that errs costs at most one layer recomputing more than needed (about 0.3% of a step
+    for a 32-layer model)."""
     limit = budget - reserve
     probes: list[tuple[int, int | None]] = []
     peaks: dict[int, int | None] = {}  # kept -> peak
@@ -54,7 +59,10 @@ def choose_checkpoint_layers(measure: Callable[[int], int | None], total: int, b
     if total == 0 or not fits(0):
         return total, probes  # nothing to choose, or not even full checkpointing fits: the caller says so
     low, high = 0, total + 1  # high: total + 1 while no count is known not to fit
-    kept = min(max(2, total // 8), total)
+    if slope:
+        kept = min(max(1, int((limit - peaks[0]) // slope)), total)
+    else:
+        kept = min(max(2, total // 8), total)
     while True:
         if fits(kept):
             low = kept
@@ -63,10 +71,13 @@ def choose_checkpoint_layers(measure: Callable[[int], int | None], total: int, b
         if high - low <= 1:
             return total - low, probes
         kept = _next_kept(peaks, low, high, limit, total)
+        if kept is None:
+            return total - low, probes
 
 
-def _next_kept(peaks: dict[int, int | None], low: int, high: int, limit: int, total: int) -> int:
-    """The next count of layers keeping their activations to measure, strictly between `low` and `high`."""
+def _next_kept(peaks: dict[int, int | None], low: int, high: int, limit: int, total: int) -> int | None:
+    """The next count of layers keeping their activations to measure, strictly between `low` and `high`; None where
+    the line through two measured peaks says that `low + 1` does not fit."""
     measured = high <= total and peaks[high] is not None
     if measured:
         other = high
@@ -76,7 +87,7 @@ def _next_kept(peaks: dict[int, int | None], low: int, high: int, limit: int, to
         slope = (peaks[other] - peaks[low]) / (other - low)  # bytes per layer kept
         guess = low + math.floor((limit - peaks[low]) / slope) if slope > 0 else high - 1
         if guess <= low:
-            return low + 1  # the line says none more fits: check the next one
+            return None  # the line says none more fits
         if guess < high:
             return guess
     if high > total:
@@ -132,10 +143,10 @@ def choose_micro_tokens(try_size: Callable[[int], Trial], speed: Callable[[Trial
     return best or trials[-1], trials
 
 
-def _training_pass(module, batch: dict) -> tuple[int | None, float]:
+def training_pass(module, batch: dict) -> tuple[int | None, float]:
     """One forward and backward pass of `module` on `batch` (on its device), as the model is set up (`fit_plan.apply`):
-    the CUDA allocator's peak (None if it ran out of memory) and the seconds it took. Gradients are dropped after;
-    the random state (dropout) is left as it was."""
+    the CUDA allocator's peak (None if it ran out of memory) and the seconds it took (infinite if it ran out).
+    Gradients are dropped after; the random state (dropout) is left as it was."""
     device = module.device
     with torch.random.fork_rng(devices=[device]):
         try:
@@ -154,17 +165,6 @@ def _training_pass(module, batch: dict) -> tuple[int | None, float]:
             module.zero_grad(set_to_none=True)
             loss = count = None
             torch.cuda.empty_cache()
-
-
-def probe_peak(module, batch: dict) -> int | None:
-    """The peak memory of a training pass on `batch` as the model is set up; None: out of memory."""
-    return _training_pass(module, batch)[0]
-
-
-def probe_speed(module, batch: dict) -> float:
-    """Tokens per second of a training pass on `batch` (laid-out tokens) as the model is set up, timed after the
-    memory probes at the same shapes (so not the first pass of its kind)."""
-    return batch["input_ids"].numel() / _training_pass(module, batch)[1]
 
 
 def can_measure(device: torch.device) -> bool:

@@ -117,8 +117,8 @@ def fit_plan(module) -> Plan:
         why = "fsdp_qlora: each GPU cannot measure alone" if module.sharded else "no GPU memory to measure"
         plan = plain_plan(compute, layers, f"{why}: the plain settings")
     else:
-        plan, passes = _measure(module, compute, layers)
-        plan.how += f", {time.perf_counter() - started:.1f} s, {passes:.1f} s of it in the training passes"
+        plan, spent, passes = _measure(module, compute, layers)
+        plan.how += f", {time.perf_counter() - started:.1f} s, {spent:.1f} s of it in {passes} training passes"
     if module.trainer.world_size > 1:
         plan = agree(plan, module.trainer.strategy, module.device)
     apply(model, plan)
@@ -128,9 +128,9 @@ def fit_plan(module) -> Plan:
     return plan
 
 
-def _measure(module, compute: Compute, layers: int) -> tuple[Plan, float]:
-    """`choose` with the probes run on the epoch's largest batch on the GPU, and the seconds its training passes
-    took (the rest of planning's time: the layouts' setup, pinning CPU memory for offloading, freeing the cache)."""
+def _measure(module, compute: Compute, layers: int) -> tuple[Plan, float, int]:
+    """`choose` with the probes run on the epoch's largest batch on the GPU; the seconds its training passes took
+    (the rest of planning's time: the layouts' setup, the largest batch) and their count."""
     batch = module.trainer.strategy.batch_to_device(autofit.largest_batch(module.trainer))
     budget, source = autofit.budget_bytes(module.device, compute.memory_budget_gib)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -148,28 +148,30 @@ def _measure(module, compute: Compute, layers: int) -> tuple[Plan, float]:
         parts = [batch] if size is None else split_batch(batch, size)
         return max(parts, key=lambda p: p["input_ids"].numel())
 
-    passes = [0.0]
+    passes: list[tuple[Layout, float]] = []  # each training pass: its layout and tokens/s
+    spent = [0.0]  # seconds in training passes, their setup apart
 
-    def timed(measure, layout: Layout):
+    def run(layout: Layout) -> int | None:
         apply(module.model, layout, keep_dequantized=False)
+        batch = part(layout.size)
         started = time.perf_counter()
         try:
-            return measure(module, part(layout.size))
+            peak, seconds = autofit.training_pass(module, batch)
         finally:
-            passes[0] += time.perf_counter() - started
-
-    def probe(layout: Layout) -> int | None:
-        return timed(autofit.probe_peak, layout)
+            spent[0] += time.perf_counter() - started
+        passes.append((layout, batch["input_ids"].numel() / seconds))
+        return peak
 
     def speed(layout: Layout) -> float:
-        return timed(autofit.probe_speed, layout)
+        run(layout)
+        return passes[-1][1]
 
     def uncapped(layout: Layout) -> int | None:
         with autofit.capped(module.device, None):
-            return probe(layout)
+            return run(layout)
 
     with autofit.capped(module.device, budget):
-        plan = choose(probe, speed, facts, compute, uncapped)
+        plan = choose(run, speed, facts, compute, uncapped, passes)
     plan.how = f"measured against {budget / GIB:.1f} GiB, {source}, on the largest batch of {tokens:,} tokens: " \
                + plan.how
-    return plan, passes[0]
+    return plan, spent[0], len(passes)

@@ -25,6 +25,7 @@ the run resumes (no probes). Without a GPU to measure, or under `fsdp_qlora`, th
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 from lit_mistral.config import Compute
 from lit_mistral.errors import LitMistralError
@@ -115,14 +116,20 @@ def plain_plan(compute: Compute, layers: int, how: str) -> Plan:
 
 
 def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], float] | None, facts: Facts,
-           compute: Compute, uncapped: Callable[[Layout], int | None] | None = None) -> Plan:
+           compute: Compute, uncapped: Callable[[Layout], int | None] | None = None,
+           passes: list[tuple[Layout, float]] | None = None) -> Plan:
     """The fastest plan that fits (see the module's docstring), or a `LitMistralError` if none does. `probe(layout)`
     is the peak (bytes) of a training pass laid out so, None if it ran out of memory (probes are capped at the
-    budget); `speed(layout)` its tokens/s (None: part sizes are not timed); `uncapped(layout)` the peak without the
-    cap, measured once for the refusal's figure when even the smallest plan ran out. Settings given in `compute`
-    (not `auto`) are kept as given."""
+    budget); `speed(layout)` its tokens/s, by one more pass (None: part sizes are not timed); `uncapped(layout)` the
+    peak without the cap, measured once for the refusal's figure when even the smallest plan ran out. `passes`: the
+    training passes run so far, in order, as (layout, tokens/s; 0 where it ran out of memory), which the probes add
+    to: a probe's own pass stands for its layout's speed where it ran warm after passes that ran through (`warm`),
+    and saves the pass `speed` would run. Settings given in
+    `compute` (not `auto`) are kept as given."""
     n, limit = facts.layers, facts.budget - facts.reserve
     peaks: dict[Layout, int | None] = {}
+    if speed is not None:
+        speed = partial(_speed, speed, passes if passes is not None else [])
 
     def measure(layout: Layout) -> int | None:  # each layout probed once
         if layout not in peaks:
@@ -169,9 +176,11 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
         peak = measure(layout)
         return peak if peak is None or not kd_given else peak + weights(layout.recompute, layout.offload)
 
+    per_token: dict[bool, float] = {}  # bytes per layer keeping its activations, per laid-out token, as measured
+
     def parts(inputs: bool, sizes: list[int | None]) -> autofit.Trial:
         return _search(kept_weights, speed, facts, layers_given, movable, sizes,
-                       lambda layers, size: Layout(layers, offload, size, regenerate, inputs))
+                       lambda layers, size: Layout(layers, offload, size, regenerate, inputs), per_token)
 
     inputs = inputs_given is True
     choice = parts(inputs, sizes)
@@ -200,18 +209,44 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
     return plan(recompute, offload, size, regenerate, peak, f"{len(peaks)} probes; {shown}", inputs and recompute > 0)
 
 
+def _speed(timed: Callable[[Layout], float], passes: list[tuple[Layout, float]], layout: Layout) -> float:
+    """Tokens/s laid out as `layout`: of its probe's pass where that ran warm, else of one more pass (`timed`)."""
+    for i, (done, rate) in enumerate(passes):
+        if done == layout and rate > 0 and warm(layout, [earlier for earlier, r in passes[:i] if r > 0]):
+            return rate
+    return timed(layout)
+
+
+def warm(layout: Layout, earlier: list[Layout]) -> bool:
+    """Whether a training pass laid out as `layout`, after the passes `earlier`, times the speed it trains at: one of
+    them ran at the same part size (the kernels compiled and tuned for those shapes) with the same layers offloading
+    and, where the inputs are offloaded, at least as many (the pinned CPU memory allocated already). The first pass
+    of its kind pays those once, as a run with the settings fixed pays them in its first step."""
+    return any(e.size == layout.size and e.offload == layout.offload and e.inputs == layout.inputs
+               and (not layout.inputs or e.recompute >= layout.recompute) for e in earlier)
+
+
 def _search(peak: Callable[[Layout], int | None], speed: Callable[[Layout], float] | None, facts: Facts,
             layers_given: int | None, movable: int, sizes: list[int | None],
-            layout: Callable[[int, int | None], Layout]) -> autofit.Trial:
+            layout: Callable[[int, int | None], Layout], per_token: dict) -> autofit.Trial:
     """As few of `movable` layers recomputing as fit (`layers_given` where the config fixes it), in the fastest of
-    `sizes` that fits (`autofit`); `layout(layers, size)` is what is probed, `peak(layout)` its peak."""
+    `sizes` that fits (`autofit`); `layout(layers, size)` is what is probed, `peak(layout)` its peak. A layer's
+    activations grow with the tokens of a part: the bytes per layer measured at one size (kept in `per_token`,
+    by whether the inputs are offloaded, the first measured standing for both) seed the search at the next."""
     limit = facts.budget - facts.reserve
+    inputs = layout(0, None).inputs
 
     def try_size(size: int | None) -> autofit.Trial:
         def at(layers: int) -> int | None:
             return peak(layout(layers, size))
+        tokens = size or facts.tokens
         if layers_given is None:
-            layers, probes = autofit.choose_checkpoint_layers(at, movable, facts.budget, facts.reserve)
+            known = per_token.get(inputs, next(iter(per_token.values()), None))
+            layers, probes = autofit.choose_checkpoint_layers(at, movable, facts.budget, facts.reserve,
+                                                              known and known * tokens)
+            measured = _bytes_per_layer(probes)
+            if measured:
+                per_token[inputs] = measured / tokens
         else:
             layers, probes = layers_given, [(layers_given, at(layers_given))]
         fits = any(k == layers and p is not None and p <= limit for k, p in probes)

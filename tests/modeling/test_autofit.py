@@ -27,8 +27,17 @@ def test_picks_the_fewest_checkpointed_layers_that_fit():
     calls = []
     layers, probes = autofit.choose_checkpoint_layers(linear_memory(10, 1, 32, calls), 32, 20 * GIB, GIB)
     assert layers == 23  # 9 layers keep their activations: 10 + 9 + 1 (reserve) = 20 GiB
-    # all, an eighth kept, where the line meets the budget, and the next (the line says it does not fit: checked)
-    assert calls == [32, 28, 23, 22] and [p for _, p in probes] == [10 * GIB, 14 * GIB, 19 * GIB, 20 * GIB]
+    # all, an eighth kept, where the line meets the budget; the line says the next does not fit: not measured
+    assert calls == [32, 28, 23] and [p for _, p in probes] == [10 * GIB, 14 * GIB, 19 * GIB]
+
+
+def test_a_slope_known_from_larger_parts_goes_straight_to_the_limit():
+    calls = []
+    layers, _ = autofit.choose_checkpoint_layers(linear_memory(10, 1, 32, calls), 32, 20 * GIB, GIB, slope=GIB)
+    assert layers == 23 and calls == [32, 23]
+    calls.clear()  # a slope measured too low: the first guess runs out, the line through it finds the count
+    layers, _ = autofit.choose_checkpoint_layers(linear_memory(10, 1, 32, calls), 32, 20 * GIB, GIB, slope=GIB / 2)
+    assert layers == 23 and calls == [32, 14, 23]
 
 
 def test_steps_back_when_the_estimate_was_optimistic():

@@ -32,7 +32,7 @@ def peak_gib(layout: Layout) -> float:
 def speed(layout: Layout) -> float:
     """Recomputing a layer costs a third of its forward; smaller parts run slower (smaller multiplies, more
     launches); the inputs' copies, hidden by the recomputation, cost a little."""
-    parts = {None: 1.0, 8192: 0.95, 4096: 0.75, 2048: 0.5}[layout.size]
+    parts = {None: 1.0, TOKENS: 1.0, 8192: 0.95, 4096: 0.75, 2048: 0.5}[layout.size]
     return parts * (0.97 if layout.inputs else 1) / (1 + layout.recompute / LAYERS / 3)
 
 
@@ -42,12 +42,24 @@ def facts(budget_gib: float, cpu_gib: float = 200) -> Facts:
     return Facts(LAYERS, int(0.406 * GIB), reserve, budget, TOKENS, 2048, int(cpu_gib * GIB), int(BOUNDARY * GIB))
 
 
-def choose(budget_gib: float, calls: list | None = None, cpu_gib: float = 200, **compute):
+def choose(budget_gib: float, calls: list | None = None, cpu_gib: float = 200, timed: list | None = None,
+           **compute):
+    """`plan.choose` on the memory model; `calls` gets each layout probed, `timed` each one timed by a pass of its
+    own (a probe's pass, where warm, times its layout without one)."""
+    passes = []
+
     def probe(layout):
         if calls is not None:
             calls.append(layout)
+        passes.append((layout, speed(layout)))
         return int(peak_gib(layout) * GIB)
-    return plan.choose(probe, speed, facts(budget_gib, cpu_gib), Compute(**compute))
+
+    def timing(layout):
+        if timed is not None:
+            timed.append(layout)
+        passes.append((layout, speed(layout)))
+        return speed(layout)
+    return plan.choose(probe, timing, facts(budget_gib, cpu_gib), Compute(**compute), passes=passes)
 
 
 @pytest.mark.parametrize(("budget", "chosen", "probes"), [
@@ -55,24 +67,48 @@ def choose(budget_gib: float, calls: list | None = None, cpu_gib: float = 200, *
     (141, (0, 0, None, True, False, False), 1),  # everything fits, the 16-bit weights too: one probe
     (80, (0, 0, None, False, False, False), 1),  # nothing recomputes, but the weights do not fit beside it
     # halves of the batch keep every layer's activations: faster than recomputing, with their inputs offloaded or not
-    (40, (0, 0, 8192, False, True, False), 12),
-    (24, (10, 4, 8192, False, True, False), 18),  # halves, 14 recomputing, 4 of them offloading instead
-    (16, (22, 8, None, False, True, False), 10),  # qlora-16gb's choice: 22 recompute, 8 offload, 2 keep theirs
+    (40, (0, 0, 8192, False, True, False), 9),
+    (24, (10, 4, 8192, False, True, False), 12),  # halves, 14 recomputing, 4 of them offloading instead
+    (16, (22, 8, None, False, True, False), 7),  # qlora-16gb's choice: 22 recompute, 8 offload, 2 keep theirs
     # whole batches only with the recomputing layers' inputs in CPU memory: faster than the parts they save
-    (12, (30, 0, None, False, True, True), 13),
-    (8, (31, 0, 8192, False, True, True), 15),  # halves with the inputs offloaded, against quarters without
+    (12, (30, 0, None, False, True, True), 8),
+    (8, (31, 0, 8192, False, True, True), 11),  # halves with the inputs offloaded, against quarters without
 ])
 def test_the_fastest_plan_that_fits_each_budget(budget, chosen, probes):
-    calls = []
-    made = choose(budget, calls)
+    """Every training pass counts (each costs about a step): each layout is probed once, the layer search at a part
+    size starts from the bytes per layer measured at the larger one, and the probes' own passes time the speeds
+    compared (each ran after another pass at its part size): no pass runs only to time."""
+    calls, timed = [], []
+    made = choose(budget, calls, timed=timed)
     assert (made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens, made.keep_dequantized,
             made.regenerate_dropout, made.offload_inputs) == chosen
-    assert len(calls) == len(set(calls)) == probes  # each layout probed once
+    assert len(calls) == len(set(calls)) == probes and timed == []  # each layout probed once
     assert made.peak <= made.budget == int(budget * GIB)
     weights = 0.406 * (LAYERS + 0) if made.keep_dequantized else 0
     layout = Layout(made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens, made.regenerate_dropout,
                     made.offload_inputs)
     assert made.peak / GIB == pytest.approx(peak_gib(layout) + weights + facts(budget).reserve / GIB, abs=1e-6)
+
+
+def test_a_probe_times_its_layout_only_where_it_ran_warm():
+    """A pass times what training would see only after another pass at its part size (kernels compiled and tuned
+    for those shapes) with the same offloading (pinned CPU memory allocated), and only if that one ran through."""
+    whole, inputs = Layout(22, 0, None, True), Layout(30, 0, None, True, True)
+    assert not plan.warm(whole, []) and not plan.warm(whole, [Layout(32, 0, 8192, True)])
+    assert plan.warm(whole, [Layout(32, 0, None, True)])
+    assert not plan.warm(Layout(22, 8, None, True), [Layout(32, 0, None, True)])  # offloading: its pinned memory
+    assert plan.warm(inputs, [Layout(32, 0, None, True, True)]) and not plan.warm(inputs, [Layout(28, 0, None, True,
+                                                                                                  True)])
+    timed = []
+
+    def timing(layout):
+        timed.append(layout)
+        return 2.0
+
+    passes = [(Layout(32, 0, None, True), 0.0), (whole, 1.0)]  # the first ran out of memory: not warm
+    assert plan._speed(timing, passes, whole) == 2.0 and timed == [whole]
+    passes = [(Layout(32, 0, None, True), 0.5), (whole, 1.0)]
+    assert plan._speed(timing, passes, whole) == 1.0 and timed == [whole]
 
 
 def test_inputs_stay_on_the_gpu_without_the_cpu_memory_for_them():
