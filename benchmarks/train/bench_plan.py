@@ -16,8 +16,8 @@ and over the steps alone, the largest gap between what the allocator held and wh
 the plan's log line; then one `summary` line per budget: the plan against the fastest hand-tuned run of that budget.
 
 `--part cost`: the cost of planning. At each of --budgets (16 and 24 GiB), the plan through `time_plan.py` (where
-its time went: each training pass, the layouts' setup, pinned CPU memory) for 3 steps, then the same settings given
-as flags (no probes); at the first budget both resumed from their checkpoints too (the plan reused). One `plan-cost`
+its time went: each training pass, the layouts' setup, pinned CPU memory) for --steps steps, then the same settings
+given as flags (no probes) for 3; at the first budget both resumed from their checkpoints too (the plan reused). One `plan-cost`
 line per budget: the time to the first step of each.
 
 `--part long`: 24 GiB on the longest rows (every example cut to 2,048 tokens: Dolly's responses repeated) for
@@ -234,14 +234,14 @@ def main() -> None:
         train.write_text("\n".join(rows[i % 200] for i in range(200 * 45)) + "\n")
         for i, budget in enumerate(args.budgets):
             label = f"cost-{budget:g}"
-            plan = emit(bench.fit(f"plan-{label}", train, val, 3, flags(budget, None), budget, timed=True))
+            plan = emit(bench.fit(f"plan-{label}", train, val, args.steps, flags(budget, None), budget, timed=True))
             fixed = ["'<the plan's>'"] if args.dry_run else planned_flags(work / f"plan-{label}")
             given = emit(bench.fit(f"fixed-{label}", train, val, 3, fixed, None))
             row = dict(kind="plan-cost", budget=budget, plan_s=plan.get("time_to_first_step_s"),
-                       fixed_s=given.get("time_to_first_step_s"))
+                       fixed_s=given.get("time_to_first_step_s"), plan_tokens_per_s=plan.get("tokens_per_s"))
             if i == 0:  # resumed from the checkpoint each saved at its third step: the plan reused, no probes
-                row["plan_resumed_s"] = emit(bench.fit(f"plan-{label}-resume", train, val, 6, flags(budget, None),
-                                                       budget, True)).get("time_to_first_step_s")
+                row["plan_resumed_s"] = emit(bench.fit(f"plan-{label}-resume", train, val, args.steps + 3,
+                                                       flags(budget, None), budget, True)).get("time_to_first_step_s")
                 row["fixed_resumed_s"] = emit(bench.fit(f"fixed-{label}-resume", train, val, 6, fixed, None,
                                                         True)).get("time_to_first_step_s")
             emit(row)
