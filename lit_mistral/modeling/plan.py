@@ -124,8 +124,7 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
     peak without the cap, measured once for the refusal's figure when even the smallest plan ran out. `passes`: the
     training passes run so far, in order, as (layout, tokens/s; 0 where it ran out of memory), which the probes add
     to: a probe's own pass stands for its layout's speed where it ran warm after passes that ran through (`warm`),
-    and saves the pass `speed` would run. Settings given in
-    `compute` (not `auto`) are kept as given."""
+    and saves the pass `speed` would run. Settings given in `compute` (not `auto`) are kept as given."""
     n, limit = facts.layers, facts.budget - facts.reserve
     peaks: dict[Layout, int | None] = {}
     if speed is not None:
