@@ -17,8 +17,8 @@ the plan's log line; then one `summary` line per budget: the plan against the fa
 
 `--part cost`: the cost of planning. At each of --budgets (16 and 24 GiB), the plan through `time_plan.py` (where
 its time went: each training pass, the layouts' setup, pinned CPU memory) for --steps steps, then the same settings
-given as flags (no probes) for 3; at the first budget both resumed from their checkpoints too (the plan reused). One `plan-cost`
-line per budget: the time to the first step of each.
+given as flags (no probes) for 3; at the first budget both resumed from their checkpoints too (the plan reused).
+One `plan-cost` line per budget: the time to the first step of each.
 
 `--part long`: 24 GiB on the longest rows (every example cut to 2,048 tokens: Dolly's responses repeated) for
 --long_steps steps (no out-of-memory, the peak within the budget); then the time to the first step of the plan's own
@@ -98,6 +98,13 @@ def long_rows(rows: list[str], path: Path, count: int) -> None:
         r["response"] = (r["response"] + " ") * (1 + 8192 // max(1, len(r["response"])))
         out.append(json.dumps(r))
     path.write_text("\n".join(out) + "\n")
+
+
+def training_file(rows: list[str], work: Path) -> Path:
+    """The training file of the budgets and cost parts: the first 200 records repeated 45 times, in `work`."""
+    train = work / "train.jsonl"
+    train.write_text("\n".join(rows[i % 200] for i in range(200 * 45)) + "\n")
+    return train
 
 
 def gpu_gib() -> float:
@@ -210,8 +217,7 @@ def main() -> None:
     val = work / "val.jsonl"
     val.write_text("\n".join(rows[200:228]) + "\n")
     if args.part == "budgets":
-        train = work / "train.jsonl"
-        train.write_text("\n".join(rows[i % 200] for i in range(200 * 45)) + "\n")
+        train = training_file(rows, work)
         total = args.gpu_gib if args.gpu_gib is not None else gpu_gib()
         emit(dict(kind="plan-gpu", gpu_gib=round(total, 1)))
         done: dict[str, dict] = {}
@@ -230,8 +236,7 @@ def main() -> None:
                       if best and plan.get("tokens_per_s") else None))
         return
     if args.part == "cost":
-        train = work / "train.jsonl"
-        train.write_text("\n".join(rows[i % 200] for i in range(200 * 45)) + "\n")
+        train = training_file(rows, work)
         for i, budget in enumerate(args.budgets):
             label = f"cost-{budget:g}"
             plan = emit(bench.fit(f"plan-{label}", train, val, args.steps, flags(budget, None), budget, timed=True))
@@ -239,7 +244,7 @@ def main() -> None:
             given = emit(bench.fit(f"fixed-{label}", train, val, 3, fixed, None))
             row = dict(kind="plan-cost", budget=budget, plan_s=plan.get("time_to_first_step_s"),
                        fixed_s=given.get("time_to_first_step_s"), plan_tokens_per_s=plan.get("tokens_per_s"))
-            if i == 0:  # resumed from the checkpoint each saved at its third step: the plan reused, no probes
+            if i == 0:  # resumed from the checkpoint each saved at its end: the plan reused, no probes
                 row["plan_resumed_s"] = emit(bench.fit(f"plan-{label}-resume", train, val, args.steps + 3,
                                                        flags(budget, None), budget, True)).get("time_to_first_step_s")
                 row["fixed_resumed_s"] = emit(bench.fit(f"fixed-{label}-resume", train, val, 6, fixed, None,

@@ -4,9 +4,9 @@
 
 runs lit_mistral's CLI (the same arguments) with the plan's parts timed, and prints one JSON line `plan_timing` when
 the plan is made: its wall time; each training pass (the layout probed, seconds, peak GiB or null where it ran out
-of memory, the pinned-memory allocator's counters that grew during it, and the CPU seconds spent starting copies to the CPU:
-pinning pages included); the seconds spent setting layouts up (`fit_plan.apply`) and finding the largest batch; the
-rest. Run from the repository root (or with it on PYTHONPATH).
+of memory, the pinned-memory allocator's counters that grew during it, and the CPU seconds spent starting copies to
+the CPU: pinning pages included); the seconds spent setting layouts up (`fit_plan.apply`) and finding the largest
+batch; the rest. Run from the repository root (or with it on PYTHONPATH).
 
 A benchmark, not part of the package: it wraps the plan's functions from outside, so the plan it times is the one
 users get."""
@@ -14,6 +14,7 @@ users get."""
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ def timed_pass(original, module, batch):
     peak, seconds = original(module, batch)
     layout = layout_now[0]
     record["passes"].append(dict(
-        layout=None if layout is None else vars(layout) if hasattr(layout, "__dict__") else str(layout),
+        layout=None if layout is None else asdict(layout),
         tokens=int(batch["input_ids"].numel()), wall_s=round(time.perf_counter() - started, 3),
         pass_s=None if seconds == float("inf") else round(seconds, 3),
         peak_gib=None if peak is None else round(peak / GIB, 3),
@@ -65,29 +66,20 @@ def timed_pass(original, module, batch):
     return peak, seconds
 
 
+def adding_seconds(key: str):
+    """A wrapper body (for `wrap`) that adds the call's seconds to `record[key]`."""
+    def on_call(original, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            record[key] += time.perf_counter() - started
+    return on_call
+
+
 def timed_apply(original, model, plan, *args, **kwargs):
-    layout_now[0] = plan
-    started = time.perf_counter()
-    try:
-        return original(model, plan, *args, **kwargs)
-    finally:
-        record["apply_s"] += time.perf_counter() - started
-
-
-def timed_copy_out(original, self, span):
-    started = time.perf_counter()
-    try:
-        return original(self, span)
-    finally:
-        record["copy_out_s"] += time.perf_counter() - started
-
-
-def timed_largest(original, trainer):
-    started = time.perf_counter()
-    try:
-        return original(trainer)
-    finally:
-        record["largest_batch_s"] += time.perf_counter() - started
+    layout_now[0] = plan  # what the next training pass runs
+    return adding_seconds("apply_s")(original, model, plan, *args, **kwargs)
 
 
 def timed_plan(original, module):
@@ -107,8 +99,8 @@ def timed_plan(original, module):
 
 wrap(autofit, "training_pass", timed_pass)
 wrap(fit_plan, "apply", timed_apply)
-wrap(autofit, "largest_batch", timed_largest)
-wrap(offload.ActivationOffload, "_copy_out", timed_copy_out)
+wrap(autofit, "largest_batch", adding_seconds("largest_batch_s"))
+wrap(offload.ActivationOffload, "_copy_out", adding_seconds("copy_out_s"))
 wrap(fit_plan, "fit_plan", timed_plan)
 
 if __name__ == "__main__":
