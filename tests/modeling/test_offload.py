@@ -249,3 +249,21 @@ def test_each_offloaded_layer_comes_back_just_ahead_of_its_backward(monkeypatch)
         else:
             fetched[i] = at
     assert fetched == {4: 6, 2: 4, 0: 2}  # each when backward reached the layer AHEAD above it
+
+
+def test_pinned_memory_is_registered_unless_the_user_says_how_to_pin(monkeypatch):
+    """The offloaded activations' CPU memory is pinned by registering pages; the user's allocator settings are passed
+    again beside it, and a pinning setting of theirs wins."""
+    applied = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", applied.append)
+    pinning = offload_module.PINNING
+    assert offload_module.register_pinned_pages({}) == pinning
+    assert offload_module.register_pinned_pages({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}) \
+        == f"expandable_segments:True,{pinning}"
+    assert offload_module.register_pinned_pages({"PYTORCH_ALLOC_CONF": "pinned_use_background_threads:True"}) is None
+    assert applied == [pinning, f"expandable_segments:True,{pinning}"]
+
+    def refuses(settings):
+        raise RuntimeError("unknown setting")
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", refuses)
+    assert offload_module.register_pinned_pages({}) is None  # the default pinning stays
