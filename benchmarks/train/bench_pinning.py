@@ -24,12 +24,16 @@ import time
 GIB = 2**30
 
 
+def registering(setting: str) -> str:
+    """The allocator setting that pins by registering pages with the threads `setting` (`...:N`) names."""
+    return f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{setting.split(':')[1]}"
+
+
 def child(setting: str, layers: int, tokens: int) -> dict:
     import torch
 
     if setting.startswith("runtime-register:"):
-        torch.cuda.memory._set_allocator_settings(
-            f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{setting.split(':')[1]}")
+        torch.cuda.memory._set_allocator_settings(registering(setting))
     torch.cuda.init()
     torch.empty(1, device="cuda")
     shapes = [(tokens, 4096)] * 4 + [(tokens, 14336)] * 3
@@ -71,8 +75,7 @@ def main() -> None:
     for setting in args.settings:
         env = dict(os.environ)
         if setting.startswith("register:"):
-            env["PYTORCH_CUDA_ALLOC_CONF"] = \
-                f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{setting.split(':')[1]}"
+            env["PYTORCH_CUDA_ALLOC_CONF"] = registering(setting)
         done = subprocess.run([sys.executable, __file__, "--child", setting, "--layers", str(args.layers),
                                "--tokens", str(args.tokens)], env=env, capture_output=True, text=True, timeout=240)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]

@@ -54,8 +54,8 @@ HAND = {  # the hand-tuned settings, every memory setting given (the plan decide
                  micro_batch_tokens="null", keep_dequantized="false", dropout_masks="regenerate"),
     "24gb": dict(gradient_checkpointing="true", checkpoint_layers="null", offload_layers=0, offload_inputs="false",
                  micro_batch_tokens="null", keep_dequantized="false", dropout_masks="keep"),
-    # the fastest found by hand at 24 GiB: the earlier search's whole batches with offloading (13,506 tokens/s on an
-    # H100, BENCHMARKS.md), which the search that makes fewer passes missed (parts of 8,191: 12,762)
+    # the fastest found by hand at 24 GiB: whole batches, some recomputing layers offloading instead (BENCHMARKS.md,
+    # Memory modes)
     "24best": dict(gradient_checkpointing="true", checkpoint_layers=18, offload_layers=8, offload_inputs="false",
                    micro_batch_tokens="null", keep_dequantized="false", dropout_masks="regenerate"),
     "auto": dict(gradient_checkpointing="true", checkpoint_layers="auto", offload_layers=0, offload_inputs="false",

@@ -34,10 +34,10 @@ MIN_BYTES = 1 << 20  # smaller saved tensors stay where they are (a norm's stati
 # an offloaded layer comes back when backward reaches the layer this many above it: the backward (with recomputation)
 # of two layers outlasts the copy of one layer's activations over a PCIe link
 AHEAD = 2
-# how the CPU memory for the copies is pinned: pages allocated as usual, touched by 8 threads and registered with
-# CUDA (`cudaHostRegister`), instead of torch's default `cudaHostAlloc`: 2.8x as fast to pin on an H100 machine, the
-# copies as fast (BENCHMARKS.md, Memory modes); 8 offloaded layers pin about 19 GiB at 16,384 tokens, which
-# `cudaHostAlloc` took 9 s for. Torch's own setting of its pinned-memory allocator (PYTORCH_CUDA_ALLOC_CONF)
+# how the CPU memory for the copies is pinned (torch's own setting of its pinned-memory allocator,
+# PYTORCH_CUDA_ALLOC_CONF): pages allocated as usual, touched by 8 threads and registered with CUDA
+# (`cudaHostRegister`), instead of torch's default `cudaHostAlloc`, which pins one block at a time and is several
+# times slower for the gigabytes offloaded layers take; the copies run as fast (BENCHMARKS.md, Memory modes)
 PINNING = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
 
 
