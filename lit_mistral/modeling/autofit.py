@@ -98,13 +98,15 @@ def _next_kept(peaks: dict[int, int | None], low: int, high: int, limit: int, to
 @dataclass
 class Trial:
     """One part size tried for `micro_batch_tokens: auto`: the layers that must recompute at that size, whether that
-    fits, the peaks measured on the way, (layers, bytes or None), and the measured speed (tokens/s) if it fits."""
+    fits, the peaks measured on the way, (layers, bytes or None), the measured speed (tokens/s) if it fits, and how
+    many layers keep their activations in CPU memory instead of recomputing (`plan`: where some of them do)."""
 
     size: int | None
     layers: int
     fits: bool
     probes: list[tuple[int, int | None]]
     speed: float | None = None
+    offload: int = 0
 
 
 def part_sizes(tokens: int, longest: int, count: int = 5) -> list[int]:

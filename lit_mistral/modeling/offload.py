@@ -22,6 +22,7 @@ each tensor comes back only when its node runs: a layer's activations, at a PCIe
 each way. On the CPU (tests) the same bookkeeping runs, with copies in the same memory."""
 
 import os
+import time
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
@@ -87,6 +88,7 @@ class ActivationOffload:
         self.streams: tuple | None = None  # (to the CPU, back to the GPU), made at the first CUDA copy
         self.device: torch.device | None = None
         self.bytes_out = 0  # copied to the CPU in the latest training pass
+        self.pinning = 0.0  # seconds the latest training pass waited for CPU memory to be pinned (`pinning_seconds`)
         self.bounded = True  # wait for an offloaded layer's copies before the next one's forward (see `_enter`)
 
     @classmethod
@@ -132,7 +134,7 @@ class ActivationOffload:
         offloaded = self.offloaded()
         if i == offloaded[0]:  # a new pass
             self.params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-            self.bytes_out = 0
+            self.bytes_out, self.pinning = 0, 0.0
         elif self.bounded:
             # The CPU runs ahead of the GPU; an offloaded tensor's memory can be handed out again only once its copy
             # has run on the GPU, so with a link slower than the layers between, the offloaded activations would
@@ -184,6 +186,7 @@ class ActivationOffload:
         if self.streams is None:
             self.streams, self.device = (torch.cuda.Stream(span.device), torch.cuda.Stream(span.device)), span.device
             register_pinned_pages()
+        started = time.perf_counter()
         try:
             cpu = torch.empty(span.shape, dtype=span.dtype, pin_memory=True)
         except RuntimeError as err:
@@ -191,6 +194,8 @@ class ActivationOffload:
                 f"model.compute.offload_layers: could not pin {span.numel() * span.element_size():,} bytes of CPU "
                 f"memory for a layer's activations ({str(err).strip().splitlines()[0][:200]}). Fix: fewer "
                 "--model.compute.offload_layers (each takes ~its activations' size in CPU memory), or 0.") from None
+        finally:
+            self.pinning += time.perf_counter() - started
         out_stream = self.streams[0]
         out_stream.wait_stream(torch.cuda.current_stream(span.device))  # after the kernels that wrote it
         with torch.cuda.stream(out_stream):
@@ -252,6 +257,15 @@ def _dense(t: torch.Tensor) -> bool:
 def _span(t: torch.Tensor) -> torch.Tensor:
     """The memory `t` covers, as a flat tensor in storage order (no copy)."""
     return t.detach().as_strided((t.numel(),), (1,))
+
+
+def pinning_seconds(model: torch.nn.Module) -> float:
+    """The seconds `model`'s latest training pass waited for CPU memory to be pinned for its offloaded tensors (0
+    where nothing offloads). Torch's pinned-memory allocator keeps what it pinned for the tensors of later passes of
+    the same sizes, so only a pass that is the first of its sizes waits: the memory plan leaves this wait out when it
+    times a pass (`fit_plan`), to time what training will see."""
+    offload = getattr(model, "_activation_offload", None)
+    return offload.pinning if offload is not None and offload.offloaded() else 0.0
 
 
 def register_pinned_pages(environ=os.environ) -> str | None:

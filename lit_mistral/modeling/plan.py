@@ -11,12 +11,15 @@ budget meanwhile, so probing never takes more of a shared GPU than the run may) 
 model's sizes where they are exact:
 1. nothing recomputes, whole batches: one pass. `keep_dequantized` on top where it fits: it holds exactly the 16-bit
    weights of the layers that keep their activations (plus one layer's, while a recomputing layer's backward runs).
-2. else as few layers recompute as fit (`autofit.choose_checkpoint_layers`), in parts where parts are faster
-   (`autofit.choose_micro_tokens`, timed), dropout masks drawn again (they take memory a layer's activations could
-   take). Where that needs parts, the same with the recomputing layers' inputs in CPU memory (a batch's hidden
-   states per layer less on the GPU, the copies hidden by the recomputation), the faster of the two kept; then some
-   of the recomputing layers keep their activations in CPU memory instead, where enough others are left to hide the
-   copies and the CPU has the memory; `keep_dequantized` where it fits on top (not with offloading).
+2. else as few layers recompute as fit (`autofit.choose_checkpoint_layers`), some of them keeping their activations
+   in CPU memory instead where enough others are left to hide the copies and the CPU has the memory, in parts where
+   parts are faster (`autofit.choose_micro_tokens`, each size timed as it would train, its offloading included),
+   dropout masks drawn again (they take memory a layer's activations could take). Where a larger part size does not
+   fit (or none does), the same in those sizes with the recomputing layers' inputs in CPU memory (a batch's hidden
+   states per layer less on the GPU, the copies hidden by the recomputation), the faster kept. (Where a size fits
+   without, its inputs in CPU memory would let only a layer or two more keep their activations, a layer's input
+   being a small share of them: not worth their copies.) `keep_dequantized` where it fits on top (not with
+   offloading).
 3. else fit stops before its first step, saying what the smallest plan needs and what would lower it.
 The optimizer's state (allocated at the first step, after the probes) is exact and kept aside, with a margin for the
 allocator's fragmentation (`autofit.MARGIN`). The choice is logged in one line, kept in checkpoints and reused when
@@ -165,9 +168,9 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
         if fits(peak, 0, 0):
             return plan(0, 0, sizes[0], layout.regenerate, peak, "nothing recomputes")
 
-    # 2. as few layers recompute as fit, in the fastest part size that fits; where that takes parts (or nothing
-    # fits), the same in larger parts with the recomputing layers' inputs in CPU memory, if the CPU holds them (at
-    # equal parts they would only let a few more layers keep their activations): the faster wins
+    # 2. as few layers recompute as fit, some of them keeping their activations in CPU memory instead, in the fastest
+    # part size that fits; where a larger part size does not fit (or none does), the same in those sizes with the
+    # recomputing layers' inputs in CPU memory, if the CPU holds them: the faster wins
     regenerate = True if masks is None else masks
     offload = offload_given or 0
 
@@ -175,37 +178,46 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
         peak = measure(layout)
         return peak if peak is None or not kd_given else peak + weights(layout.recompute, layout.offload)
 
+    def layout_of(inputs: bool, layers: int, size: int | None, moved: int = 0) -> Layout:
+        return Layout(layers, offload + moved, size, regenerate, inputs)
+
+    def offloading(trial: autofit.Trial) -> None:
+        """Some of `trial`'s recomputing layers keep their activations in CPU memory instead, where enough others
+        hide the copies and it fits."""
+        for layers, count in _offload_candidates(trial.layers, trial.probes, facts):
+            if fits(measure(Layout(layers, count, trial.size, regenerate)), layers, count):
+                trial.layers, trial.offload = layers, count
+                return
+
     per_token: dict[bool, float] = {}  # bytes per layer keeping its activations, per laid-out token, as measured
 
-    def parts(inputs: bool, sizes: list[int | None]) -> autofit.Trial:
-        return _search(kept_weights, speed, facts, layers_given, movable, sizes,
-                       lambda layers, size: Layout(layers, offload, size, regenerate, inputs), per_token)
+    def parts(inputs: bool, sizes: list[int | None]) -> tuple[autofit.Trial, list[autofit.Trial]]:
+        # not beside the inputs' copies (the link is taken), nor where the config fixes the layers
+        moving = offloading if offload_given is None and layers_given is None and not inputs else None
+        return _search(kept_weights, speed, facts, layers_given, movable, sizes, partial(layout_of, inputs),
+                       per_token, moving)
 
     inputs = inputs_given is True
-    choice = parts(inputs, sizes)
-    if inputs_given is None and (not choice.fits or choice.size is not None) and _cpu_holds_inputs(facts, movable):
-        larger = [s for s in sizes if not choice.fits or (s or facts.tokens) > choice.size]
-        other = parts(True, larger)
-        if other.fits and (not choice.fits or _faster(other, choice, speed, offload, regenerate)):
+    choice, trials = parts(inputs, sizes)
+    tokens = facts.tokens
+    larger = [t.size for t in trials
+              if not t.fits and (not choice.fits or (t.size or tokens) > (choice.size or tokens))]
+    if inputs_given is None and larger and _cpu_holds_inputs(facts, movable):
+        other = parts(True, larger)[0]
+        if other.fits and (not choice.fits or _faster(
+                (other, choice), (layout_of(True, other.layers, other.size), layout_of(False, choice.layers,
+                                                                                        choice.size, choice.offload)),
+                speed)):
             choice, inputs = other, True
     if not choice.fits:
         smallest = _smallest(peaks, facts)
         if peaks[smallest] is None and uncapped is not None:
             peaks[smallest] = uncapped(smallest)  # what it would take: the refusal names it
         raise LitMistralError(refusal(facts, compute, peaks))
-    recompute, size = choice.layers, choice.size
-    peak = peaks[Layout(recompute, offload, size, regenerate, inputs)]
-
-    # 3. some of the recomputing layers offload instead, where enough others hide the copies (not beside the inputs'
-    # copies: the link is taken)
-    if offload_given is None and layers_given is None and recompute >= OFFLOAD_SPREAD and not inputs:
-        for layers, count in _offload_candidates(recompute, choice.probes, facts):
-            found = measure(Layout(layers, count, size, regenerate))
-            if fits(found, layers, count):
-                recompute, offload, peak = layers, count, found
-                break
-    shown = "whole batches" if size is None else f"parts of {size:,} tokens"
-    return plan(recompute, offload, size, regenerate, peak, f"{len(peaks)} probes; {shown}", inputs and recompute > 0)
+    chosen = layout_of(inputs, choice.layers, choice.size, choice.offload)
+    shown = "whole batches" if chosen.size is None else f"parts of {chosen.size:,} tokens"
+    return plan(chosen.recompute, chosen.offload, chosen.size, regenerate, peaks[chosen],
+                f"{len(peaks)} probes; {shown}", inputs and chosen.recompute > 0)
 
 
 def _speed(timed: Callable[[Layout], float], passes: list[tuple[Layout, float]], layout: Layout) -> float:
@@ -217,21 +229,23 @@ def _speed(timed: Callable[[Layout], float], passes: list[tuple[Layout, float]],
 
 
 def warm(layout: Layout, earlier: list[Layout]) -> bool:
-    """Whether a training pass laid out as `layout`, after the passes `earlier`, times the speed it trains at: one of
-    them ran at the same part size (the kernels compiled and tuned for those shapes) with the same layers offloading
-    and, where the inputs are offloaded, at least as many (the pinned CPU memory allocated already). The first pass
-    of its kind pays those once, as a run with the settings fixed pays them in its first step."""
-    return any(e.size == layout.size and e.offload == layout.offload and e.inputs == layout.inputs
-               and (not layout.inputs or e.recompute >= layout.recompute) for e in earlier)
+    """Whether a training pass laid out as `layout`, after the passes `earlier` (those that ran through), times the
+    speed it trains at: one of them ran at the same part size (the kernels compiled and tuned for those shapes). The
+    first pass of a size pays that once, as a run with the settings fixed pays it in its first step. (The wait for
+    pinned CPU memory, which the first pass offloading at a size pays, is left out of the passes' times.)"""
+    return any(e.size == layout.size for e in earlier)
 
 
 def _search(peak: Callable[[Layout], int | None], speed: Callable[[Layout], float] | None, facts: Facts,
-            layers_given: int | None, movable: int, sizes: list[int | None],
-            layout: Callable[[int, int | None], Layout], per_token: dict) -> autofit.Trial:
+            layers_given: int | None, movable: int, sizes: list[int | None], layout: Callable[..., Layout],
+            per_token: dict, offloading: Callable[[autofit.Trial], None] | None = None
+            ) -> tuple[autofit.Trial, list[autofit.Trial]]:
     """As few of `movable` layers recomputing as fit (`layers_given` where the config fixes it), in the fastest of
-    `sizes` that fits (`autofit`); `layout(layers, size)` is what is probed, `peak(layout)` its peak. A layer's
-    activations grow with the tokens of a part: the bytes per layer measured at one size (kept in `per_token`,
-    by whether the inputs are offloaded, the first measured standing for both) seed the search at the next."""
+    `sizes` that fits (`autofit`); `layout(layers, size, offloaded)` is what is probed, `peak(layout)` its peak, and
+    `offloading(trial)` moves some of a fitting trial's recomputing layers to offloading, so that each size is timed
+    as it would train. A layer's activations grow with the tokens of a part: the bytes per layer measured at one size
+    (kept in `per_token`, by whether the inputs are offloaded, the first measured standing for both) seed the search
+    at the next. Returns the choice and every trial."""
     limit = facts.budget - facts.reserve
     inputs = layout(0, None).inputs
 
@@ -248,12 +262,15 @@ def _search(peak: Callable[[Layout], int | None], speed: Callable[[Layout], floa
                 per_token[inputs] = measured / tokens
         else:
             layers, probes = layers_given, [(layers_given, at(layers_given))]
-        fits = any(k == layers and p is not None and p <= limit for k, p in probes)
-        return autofit.Trial(size, layers, fits, probes)
+        trial = autofit.Trial(size, layers, any(k == layers and p is not None and p <= limit for k, p in probes),
+                              probes)
+        if trial.fits and offloading is not None:
+            offloading(trial)
+        return trial
 
     timed = None if speed is None or layers_given is not None or len(sizes) == 1 else (
-        lambda trial: speed(layout(trial.layers, trial.size)))
-    return autofit.choose_micro_tokens(try_size, timed, sizes)[0]
+        lambda trial: speed(layout(trial.layers, trial.size, trial.offload)))
+    return autofit.choose_micro_tokens(try_size, timed, sizes)
 
 
 def _cpu_holds_inputs(facts: Facts, layers: int) -> bool:
@@ -262,13 +279,12 @@ def _cpu_holds_inputs(facts: Facts, layers: int) -> bool:
     return layers * facts.layer_input <= OFFLOAD_CPU_SHARE * facts.cpu_free
 
 
-def _faster(inputs: autofit.Trial, kept: autofit.Trial, speed, offload: int, regenerate: bool) -> bool:
-    """Whether the plan with the inputs in CPU memory trains faster than the one without, both fitting: timed where
-    the plan can time, else by their part sizes (larger parts are faster; at equal sizes the inputs stay)."""
+def _faster(trials: tuple[autofit.Trial, autofit.Trial], layouts: tuple[Layout, Layout], speed) -> bool:
+    """Whether the first of two fitting trials (laid out as `layouts`) trains faster than the second: timed where the
+    plan can time, else by their part sizes (larger parts are faster)."""
     if speed is None:
-        return (inputs.size or 2**62) > (kept.size or 2**62)
-    rates = [trial.speed if trial.speed is not None else
-             speed(Layout(trial.layers, offload, trial.size, regenerate, trial is inputs)) for trial in (inputs, kept)]
+        return (trials[0].size or 2**62) > (trials[1].size or 2**62)
+    rates = [trial.speed if trial.speed is not None else speed(layout) for trial, layout in zip(trials, layouts)]
     return rates[0] > rates[1]
 
 

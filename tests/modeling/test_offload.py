@@ -179,8 +179,9 @@ def test_the_settings_are_checked():
 
 @pytest.mark.gpu
 def test_offloading_on_a_gpu():
-    """On CUDA: pinned copies on side streams, the same gradients as keeping the activations (float32), and less
-    peak memory than keeping them."""
+    """On CUDA: pinned copies on side streams, the same gradients as keeping the activations (float32), less peak
+    memory than keeping them, and the wait for pinned memory counted (`pinning_seconds`), in the first pass of its
+    sizes only."""
     device = "cuda"
     model = tiny_mistral(layers=8, hidden=512, device=device)
     ids = torch.randint(0, 100, (4, 1024), device=device)
@@ -194,7 +195,11 @@ def test_offloading_on_a_gpu():
         return result, torch.cuda.max_memory_allocated() - before
 
     (ref_loss, ref_grads), kept = peak(0, 0)
+    assert offload_module.pinning_seconds(model) == 0  # nothing offloads
     (loss, grads), offloaded = peak(0, 6)
+    first = offload_module.pinning_seconds(model)
+    peak(0, 6)  # the same sizes again: torch's pinned-memory allocator hands back what it pinned
+    assert 0 < offload_module.pinning_seconds(model) < first
     assert layout(model) == "ooooookk"
     assert model._activation_offload.streams is not None and model._activation_offload.passes == {}
     assert torch.equal(loss, ref_loss)
