@@ -204,7 +204,8 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
               if not t.fits and (not choice.fits or (t.size or tokens) > (choice.size or tokens))]
     if inputs_given is None and larger and _cpu_holds_inputs(facts, movable):
         other = parts(True, larger)[0]
-        layouts = layout_of(True, other.layers, other.size), layout_of(False, choice.layers, choice.size, choice.offload)
+        layouts = (layout_of(True, other.layers, other.size),
+                   layout_of(False, choice.layers, choice.size, choice.offload))
         if other.fits and (not choice.fits or _faster((other, choice), layouts, speed)):
             choice, inputs = other, True
     if not choice.fits:
