@@ -185,7 +185,7 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
         """Some of `trial`'s recomputing layers keep their activations in CPU memory instead, where enough others
         hide the copies and it fits."""
         for layers, count in _offload_candidates(trial.layers, trial.probes, facts):
-            if fits(measure(Layout(layers, count, trial.size, regenerate)), layers, count):
+            if fits(measure(layout_of(False, layers, trial.size, count)), layers, count):
                 trial.layers, trial.offload = layers, count
                 return
 
