@@ -10,7 +10,9 @@
 #                                   the first step with the plan against its settings fixed, cold and resumed;
 #                                   CAP_MEMORY=1 (plan and plan-long) keeps the allocator capped at the budget during the
 #                                   steps too, as a card of the budget's size would (benchmarks/train/cap_memory.py);
-#                                   DEADLINE (plan, plan-long, plan-cost): seconds after which no fit starts (520)
+#                                   DEADLINE (plan, plan-long, plan-cost): seconds after which no fit starts (520);
+#                                   each plan's facts and training passes (layout, peak, times) go to $MODE-logs.txt
+#                                   (benchmarks/train/plan_passes.py)
 #   benchmarks/run_gpu.sh plan-cost the cost of planning: the time to the first step with the plan (where its time
 #                                   went, time_plan.py) against its settings fixed, cold and resumed, at BUDGETS (16 24)
 #   benchmarks/run_gpu.sh big       Llama-2-70B's architecture (random, built layer by layer in NF4) with qlora-24gb
@@ -99,12 +101,13 @@ memory)
   ;;
 plan|plan-long|plan-cost)  # each within 9 minutes on an H100 (the script skips what could not end in time, and says so)
   part=$(case $MODE in plan) echo budgets ;; plan-long) echo long ;; *) echo cost ;; esac)
-  cap=$([ -n "${CAP_MEMORY:-}" ] && echo "--trainer.callbacks+=benchmarks.train.cap_memory.CapMemory")
+  callbacks="--trainer.callbacks+=benchmarks.train.plan_passes.ShowPlanPasses"
+  callbacks+=$([ -n "${CAP_MEMORY:-}" ] && echo " --trainer.callbacks+=benchmarks.train.cap_memory.CapMemory")
   PYTHONPATH=/tmp/site timeout 560 python3 benchmarks/train/bench_plan.py --model "$CKPT" --data $DATA --part $part \
-    --long_steps ${LONG_STEPS:-200} --extra="$cap" ${ONLY:+--only $ONLY} ${BUDGETS:+--budgets $BUDGETS} \
+    --long_steps ${LONG_STEPS:-200} --extra="$callbacks" ${ONLY:+--only $ONLY} ${BUDGETS:+--budgets $BUDGETS} \
     ${DEADLINE:+--deadline $DEADLINE} \
     | tee -a "$OUT/$MODE.jsonl"
-  grep -h "model.compute plan:\|Time to the first\|Error\|error" /tmp/bench-plan/*.log | cut -c1-600 \
+  grep -h "model.compute plan:\|memory plan \|Time to the first\|Error\|error" /tmp/bench-plan/*.log | cut -c1-600 \
     | tee -a "$OUT/$MODE-logs.txt"
   ;;
 big)

@@ -6,6 +6,7 @@ the module for checkpoints.
 Apart from `plan.py`, whose choice is a pure function of the probes and the facts (tested without a GPU), because
 this part touches the run: the module, its trainer, the GPU and the CPU's memory."""
 
+import logging
 import os
 import time
 from dataclasses import replace
@@ -19,6 +20,8 @@ from lit_mistral.modeling import autofit
 from lit_mistral.modeling.build import checkpointable_layers, set_checkpointing
 from lit_mistral.modeling.offload import pinning_seconds
 from lit_mistral.modeling.plan import GIB, Facts, Layout, Plan, choose, describe, plain_plan
+
+log = logging.getLogger(__name__)
 
 
 def apply(model: torch.nn.Module, plan: Plan | Layout, keep_dequantized: bool | None = None) -> None:
@@ -143,6 +146,7 @@ def _measure(module, compute: Compute, layers: int) -> tuple[Plan, float, int]:
     weights16 = weights16_per_layer(module.model, dtype) if quantized else 0
     layer_input = tokens * module.model.config.hidden_size * dtype.itemsize
     facts = Facts(layers, weights16, reserve, budget, tokens, longest, cpu_available(), layer_input)
+    log.debug("memory plan facts: %s", facts)
     module.model.train()
 
     def part(size: int | None) -> dict:
@@ -150,7 +154,8 @@ def _measure(module, compute: Compute, layers: int) -> tuple[Plan, float, int]:
         return max(parts, key=lambda p: p["input_ids"].numel())
 
     # each training pass: its layout and tokens/s, the wait for CPU memory to be pinned left out (training waits
-    # for it in its first step only: `offload.pinning_seconds`)
+    # for it in its first step only: `offload.pinning_seconds`); logged at DEBUG with its peak and times, which with
+    # the facts show why the plan chose as it did
     passes: list[tuple[Layout, float]] = []
     spent = [0.0]  # seconds in training passes, their setup apart
 
@@ -162,7 +167,11 @@ def _measure(module, compute: Compute, layers: int) -> tuple[Plan, float, int]:
             peak, seconds = autofit.training_pass(module, batch)
         finally:
             spent[0] += time.perf_counter() - started
-        passes.append((layout, batch["input_ids"].numel() / (seconds - pinning_seconds(module.model))))
+        pinning = pinning_seconds(module.model)
+        passes.append((layout, batch["input_ids"].numel() / (seconds - pinning)))
+        log.debug("memory plan pass %d: %s; %s; %.3f s, %.3f s of it pinning CPU memory; %.0f tokens/s", len(passes),
+                  layout, "out of memory" if peak is None else f"peak {peak / GIB:.2f} GiB", seconds, pinning,
+                  passes[-1][1])
         return peak
 
     def speed(layout: Layout) -> float:

@@ -62,7 +62,7 @@ def test_fit_plans_logs_saves_and_reuses_its_plan(tiny_model_dir, demo_file, tmp
     for path in (tmp_path / "ckpt").glob("*.ckpt"):
         path.unlink()
     caplog.clear()
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO"), caplog.at_level("DEBUG", logger="lit_mistral.modeling.fit_plan"):
         module, dm = run(2)
     made = module.memory_plan
     assert (made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens, made.keep_dequantized) == (
@@ -73,6 +73,13 @@ def test_fit_plans_logs_saves_and_reuses_its_plan(tiny_model_dir, demo_file, tmp
         "model.compute plan: 1 of 2 decoder layers recompute, 1 on the GPU; whole batches; 16-bit weights kept for "
         "backward; dropout masks drawn again; predicted peak 2.0 of 2.5 GiB (measured against 2.5 GiB, "
         "memory_budget_gib, on the largest batch of")
+    # at DEBUG, the facts and each training pass: its layout, peak and times
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("memory plan facts: Facts(layers=2, ") for m in messages)
+    passes = [m for m in messages if m.startswith("memory plan pass")]
+    assert len(passes) == len(calls) and passes[0].startswith(
+        "memory plan pass 1: Layout(recompute=0, offload=0, size=None, regenerate=False, inputs=False); peak 3.00 GiB; "
+        "1.000 s, 0.000 s of it pinning CPU memory; ")
     # where planning's time goes: in all, and in the training passes
     assert re.search(rf", [0-9.]+ s, [0-9.]+ s of it in {len(calls)} training passes\)\.$", lines[0])
     record = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["lit_mistral"]["memory_plan"]
