@@ -3,8 +3,11 @@ plans, logs, saves its plan and reuses it on resume."""
 
 import re
 
+import pytest
 import torch
 from conftest import fit_checkpointed, make_module
+
+from benchmarks.train.replay_plan import main, parse, replay
 
 from lit_mistral.config import Compute
 from lit_mistral.data.datamodule import InstructionDataModule
@@ -28,10 +31,11 @@ def test_a_kept_plan_takes_the_settings_the_config_now_gives():
     assert override(kept, Compute(), LAYERS).offload_inputs
 
 
-def test_fit_plans_logs_saves_and_reuses_its_plan(tiny_model_dir, demo_file, tmp_path, monkeypatch, caplog):
+def test_fit_plans_logs_saves_and_reuses_its_plan(tiny_model_dir, demo_file, tmp_path, monkeypatch, caplog, capsys):
     """A fit with every memory setting `auto` (the CUDA measurement replaced by a memory model: 1 GiB with both
     layers recomputing, 1 GiB more per layer kept on the GPU, a 2.5 GiB budget) recomputes one layer, keeps the
-    16-bit weights (a tiny model's fit), logs its one line and saves the plan; resumed from its checkpoint, the run
+    16-bit weights (a tiny model's fit), logs its one line (at DEBUG its facts and passes too, from which the plan
+    is made again without a GPU) and saves the plan; resumed from its checkpoint, the run
     takes it without measuring. Without a GPU the plan is the plain settings, and says so."""
     from lit_mistral.modeling.build import checkpointable_layers
 
@@ -78,8 +82,23 @@ def test_fit_plans_logs_saves_and_reuses_its_plan(tiny_model_dir, demo_file, tmp
     assert any(m.startswith("memory plan facts: Facts(layers=2, ") for m in messages)
     passes = [m for m in messages if m.startswith("memory plan pass")]
     assert len(passes) == len(calls) and passes[0].startswith(
-        "memory plan pass 1: Layout(recompute=0, offload=0, size=None, regenerate=False, inputs=False); peak 3.00 GiB; "
-        "1.000 s, 0.000 s of it pinning CPU memory; ")
+        "memory plan pass 1: Layout(recompute=0, offload=0, size=None, regenerate=False, inputs=False); peak 3.00 GiB "
+        f"({3 * GIB} bytes); 1.000 s, 0.000 s of it pinning CPU memory; ")
+    # made again from the log without a GPU (benchmarks/train/replay_plan.py): the same choice; with the parts
+    # answered as faster than whole batches, the replay goes on to smaller parts, which the fit did not run, and says so
+    replayed, line, logged = replay(caplog.text)
+    assert replayed.record() == made.record() and line.split("(")[0] == logged.split("(")[0]
+    size = next(layout.size for layout, _, _ in parse(caplog.text)[1] if layout.size is not None)
+    with pytest.raises(SystemExit, match=rf"no \(further\) pass laid out as Layout\(recompute=\d+, offload=0, "
+                                         rf"size={size // 2},"):
+        replay(caplog.text, {(1, 0, size, False): 1e6})
+    (tmp_path / "fit.log").write_text(caplog.text * 2)  # two plans: the second is picked by --plan
+    assert main([str(tmp_path / "fit.log"), "--plan", "2"]) == 0 and capsys.readouterr().out.endswith(
+        "the same choice\n")
+    with pytest.raises(SystemExit, match="2 'memory plan facts' lines, not 3"):
+        main([str(tmp_path / "fit.log"), "--plan", "3"])
+    with pytest.raises(SystemExit, match=f"size={size // 2},"):
+        main([str(tmp_path / "fit.log"), "--rate", f"1,0,{size}=1000000"])
     # where planning's time goes: in all, and in the training passes
     assert re.search(rf", [0-9.]+ s, [0-9.]+ s of it in {len(calls)} training passes\)\.$", lines[0])
     record = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["lit_mistral"]["memory_plan"]
