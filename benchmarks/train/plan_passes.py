@@ -8,7 +8,6 @@ a benchmark of the plan shows them so that a choice slower than the best hand-tu
 pass that misled it, and replayed without a GPU (`plan.choose` with those facts, peaks and speeds)."""
 
 import logging
-import sys
 
 import lightning as L
 
@@ -20,6 +19,6 @@ class ShowPlanPasses(L.Callback):
         logger = logging.getLogger(LOGGER)
         logger.setLevel(logging.DEBUG)
         if not any(isinstance(h, logging.StreamHandler) and h.level <= logging.DEBUG for h in logger.handlers):
-            handler = logging.StreamHandler(sys.stdout)
+            handler = logging.StreamHandler()  # stderr, beside the plan's line (in order where they are captured)
             handler.setLevel(logging.DEBUG)
             logger.addHandler(handler)
