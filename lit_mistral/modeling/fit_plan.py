@@ -169,9 +169,9 @@ def _measure(module, compute: Compute, layers: int) -> tuple[Plan, float, int]:
             spent[0] += time.perf_counter() - started
         pinning = pinning_seconds(module.model)
         passes.append((layout, batch["input_ids"].numel() / (seconds - pinning)))
-        log.debug("memory plan pass %d: %s; %s; %.3f s, %.3f s of it pinning CPU memory; %.0f tokens/s", len(passes),
-                  layout, "out of memory" if peak is None else f"peak {peak / GIB:.2f} GiB ({peak} bytes)", seconds, pinning,
-                  passes[-1][1])
+        memory = "out of memory" if peak is None else f"peak {peak / GIB:.2f} GiB ({peak} bytes)"
+        log.debug("memory plan pass %d: %s; %s; %.3f s, %.3f s of it pinning CPU memory; %.0f tokens/s",
+                  len(passes), layout, memory, seconds, pinning, passes[-1][1])
         return peak
 
     def speed(layout: Layout) -> float:
