@@ -89,6 +89,11 @@ def replay(text: str, rates: dict[tuple, float] | None = None, nth: int = 1) -> 
     return made, describe(made, facts.layers, compute), line
 
 
+def chosen(line: str) -> str:
+    """The chosen values of a plan's line: what comes before its predicted peak and how it was found."""
+    return line.split("; predicted peak")[0]
+
+
 def _rate(text: str) -> tuple[tuple, float]:
     layout, rate = text.split("=")
     recompute, offload, size, *inputs = layout.split(",")
@@ -103,9 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", action="append", default=[], type=_rate,
                    help="RECOMPUTE,OFFLOAD,SIZE[,inputs]=TOKENS/S: answer that layout's passes with this speed")
     args = p.parse_args(argv)
-    made, line, logged = replay(args.log.read_text(), dict(args.rate), args.plan)
-    chosen = line.split("; predicted peak")[0]
-    same = chosen == logged.split("; predicted peak")[0]
+    _, line, logged = replay(args.log.read_text(), dict(args.rate), args.plan)
+    same = chosen(line) == chosen(logged)
     print(f"replayed: {line}\nthe fit:  {logged}\n{'the same choice' if same else 'a different choice'}")
     return 0
 

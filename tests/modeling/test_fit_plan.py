@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import fit_checkpointed, make_module
 
-from benchmarks.train.replay_plan import main, parse, replay
+from benchmarks.train.replay_plan import chosen, main, parse, replay
 
 from lit_mistral.config import Compute
 from lit_mistral.data.datamodule import InstructionDataModule
@@ -87,7 +87,7 @@ def test_fit_plans_logs_saves_and_reuses_its_plan(tiny_model_dir, demo_file, tmp
     # made again from the log without a GPU (benchmarks/train/replay_plan.py): the same choice; with the parts
     # answered as faster than whole batches, the replay goes on to smaller parts, which the fit did not run, and says so
     replayed, line, logged = replay(caplog.text)
-    assert replayed.record() == made.record() and line.split("(")[0] == logged.split("(")[0]
+    assert replayed.record() == made.record() and chosen(line) == chosen(logged)
     size = next(layout.size for layout, _, _ in parse(caplog.text)[1] if layout.size is not None)
     with pytest.raises(SystemExit, match=rf"no \(further\) pass laid out as Layout\(recompute=\d+, offload=0, "
                                          rf"size={size // 2},"):
