@@ -3,13 +3,13 @@ and the training passes that the fit logged (`ShowPlanPasses`, which `benchmarks
 in the order the fit ran it:
 
     python benchmarks/train/replay_plan.py /tmp/bench-plan/plan-24.log
-    python benchmarks/train/replay_plan.py plan-logs.txt --plan 2 --rate 18,8,whole=13506 --rate 12,6,8191=12762
+    python benchmarks/train/replay_plan.py plan-logs.txt --plan 2 --rate 18,8,whole=TOKENS_PER_S
 
 prints the plan made again (the line the fit logs) and whether it is the fit's; `--plan N` picks the Nth plan of a
-log with several. `--rate RECOMPUTE,OFFLOAD,SIZE=TOKENS/S`
-(SIZE `whole` or tokens; `,inputs` after it for the layout with the recomputing layers' inputs in CPU memory) answers
-that layout's passes with another speed, such as the one it trained at in a hand-tuned run of the same settings: a
-plan that then chooses otherwise was misled by that pass's timing. A layout the fit did not run (because the answers
+log with several. `--rate RECOMPUTE,OFFLOAD,SIZE=TOKENS/S` (SIZE `whole` or tokens; `,inputs` after it for the
+layout with the recomputing layers' inputs in CPU memory) answers that layout's passes with another speed, such as
+the one it trained at in a hand-tuned run of the same settings: a plan that then chooses otherwise was misled by
+that pass's timing. A layout the fit did not run (because the answers
 changed) ends the replay, naming it. The settings the fit's config gave are read from its plan line."""
 
 import argparse
