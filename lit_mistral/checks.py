@@ -60,16 +60,16 @@ def check_settings(subcommand: str, model, trainer, data=None, checkpoint=None, 
                             f"{torch.version.cuda} (pip install -U bitsandbytes), or set --model.quantization.method "
                             "null --model.optimization.optimizer adamw.")
     if fit and precision == "16-true" and optimizer == "adamw":
-        problems.append("trainer.precision=16-true with model.optimization.optimizer=adamw: torch's AdamW on float16 LoRA weights "
-                        "adds eps=1e-8, which is 0 in float16, so 0/0 turns the adapters NaN at the second step. Fix: "
-                        "--trainer.precision bf16-mixed or 16-mixed (float32 adapters), or a bitsandbytes optimizer "
-                        "(paged_adamw_32bit keeps its state in float32).")
+        problems.append("trainer.precision=16-true with model.optimization.optimizer=adamw: torch's AdamW on "
+                        "float16 LoRA weights adds eps=1e-8, which is 0 in float16, so 0/0 turns the adapters NaN at "
+                        "the second step. Fix: --trainer.precision bf16-mixed or 16-mixed (float32 adapters), or a "
+                        "bitsandbytes optimizer (paged_adamw_32bit keeps its state in float32).")
     if fit and quantize and precision in FP16_PRECISIONS:
         problems.append(f"trainer.precision={precision} with model.quantization.method={quantize}: float16 matmuls "
-                        "on a 4-bit base overflow in LoRA training (NaN losses, often thousands of steps in; the reason "
-                        "model.compute.dtype=float16 is refused too). Fix: --trainer.precision bf16-mixed on GPUs with "
-                        "bfloat16 (Ampere or newer), 32-true with --model.compute.dtype float32 on older ones, or "
-                        "--model.quantization.method null.")
+                        "on a 4-bit base overflow in LoRA training (NaN losses, often thousands of steps in; the "
+                        "reason model.compute.dtype=float16 is refused too). Fix: --trainer.precision bf16-mixed on "
+                        "GPUs with bfloat16 (Ampere or newer), 32-true with --model.compute.dtype float32 on older "
+                        "ones, or --model.quantization.method null.")
     if fit and kernels == "liger" and device != "cuda":  # off a GPU only fit applies them (see config.Compute)
         problems.append("model.compute.kernels=liger: Liger's Triton kernels run on CUDA GPUs only. Fix: set "
                         "--model.compute.kernels null on this machine.")
@@ -143,5 +143,6 @@ def _sharding_problems(subcommand: str, model, trainer, precision: str) -> list[
     if subcommand == "fit" and model.get("compute.micro_batch_tokens") not in (None, "auto"):
         problems.append(f"model.compute.micro_batch_tokens with trainer.strategy={NAME}: FSDP reduces the gradients "
                         "at the end of every backward pass and expects one per step. Fix: auto or null (whole "
-                        "batches); for less memory, lower --data.max_tokens and raise --trainer.accumulate_grad_batches.")
+                        "batches); for less memory, lower --data.max_tokens and raise "
+                        "--trainer.accumulate_grad_batches.")
     return problems

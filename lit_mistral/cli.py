@@ -27,8 +27,8 @@ from lit_mistral.errors import LitMistralError, failure_message, raise_problems
 from lit_mistral.evaluation.callback import Evaluation
 from lit_mistral.io import check_output_file, check_output_folder
 from lit_mistral.modeling import prefetch
-from lit_mistral.module import QLoRAModule
 from lit_mistral.modeling.registry import register
+from lit_mistral.module import QLoRAModule
 from lit_mistral.predictions import JsonlPredictionWriter, ProgressBar
 from lit_mistral.quiet import quiet_known_noise
 from lit_mistral.runs import RunLogger, resolve_ckpt_path
@@ -243,7 +243,8 @@ class LitMistralCLI(LightningCLI):
                                       "whose last.ckpt this run would replace. Fix: choose an empty folder, or "
                                       "continue that run with --ckpt_path and its last.ckpt.")
         if subcommand == "serve":
-            from lit_mistral.serve import api_key_from, check_settings as check_server
+            from lit_mistral.serve import api_key_from
+            from lit_mistral.serve import check_settings as check_server
 
             check_server(config.host, config.port, api_key_from(config.api_key), config.max_request_bytes,
                          config.grace_period, config.max_rows)

@@ -86,4 +86,3 @@ def max_tokens_of(body: dict, generation) -> int:
     if value < 1:
         raise BadRequest(f"max_tokens={value}: expected >= 1", "max_tokens")
     return value
-

@@ -19,7 +19,6 @@ from lit_mistral.data.records import input_key
 from lit_mistral.errors import LitMistralError
 from lit_mistral.io import OutputLock, check_output_file, write_text
 
-
 ROW_KEYS = {"index", "instruction"}  # what every row of a predictions file has (and names it)
 
 
@@ -135,7 +134,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
         """Before any generation: check the output can be written, and find the rows already done."""
         if stage != "predict":
             return
-        self.target = Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
+        run_folder = Path(trainer.log_dir or trainer.default_root_dir)
+        self.target = Path(self.path) if self.path else run_folder / "predictions.jsonl"
         if not self.path:
             self.target.parent.mkdir(parents=True, exist_ok=True)  # the run folder
         check_output_file(self.target, "predictions.path", "predictions.jsonl")

@@ -100,4 +100,3 @@ def resolve_ckpt_path(subcommand: str, config) -> CkptPath:
     elif path.is_file():
         found.record = check_checkpoint_file(path, f"{subcommand} --ckpt_path")
     return found
-

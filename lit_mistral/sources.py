@@ -78,7 +78,8 @@ def model_folder(name_or_path: str, gguf_file: str | None = None) -> str:
         return location
     gguf = Path(gguf_file) if Path(gguf_file).is_absolute() else Path(location) / gguf_file
     stat = gguf.stat()
-    digest = hashlib.sha256(f"{CONVERSION_VERSION}|{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = f"{CONVERSION_VERSION}|{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     target = cache_dir() / f"gguf-{gguf.stem}-{digest}"
     if (target / "config.json").is_file():
         return str(target)
@@ -97,7 +98,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         state = model.state_dict()
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # safetensors refuses shared storage; the config re-ties it
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         drop_quantization_config(tmp)  # the weights are dequantized now; bitsandbytes may quantize them
         model.generation_config.save_pretrained(tmp)

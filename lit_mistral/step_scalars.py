@@ -4,10 +4,10 @@ the GPU has computed them, a step or so later, instead of at once.
 Reading a GPU tensor's value at once (`.item()`, `float()`, `bool()`, `torch.cuda.synchronize()`; Lightning does it
 for every tensor given to `self.log` when it updates the progress bar and the loggers) makes the CPU wait for all the
 work queued before it; the GPU then idles while the CPU runs what comes next (the end of the step's loop, the next
-batch, its first kernels): gaps of idle GPU in every step. Here each scalar is copied into pinned CPU memory behind the work
-that makes it (`non_blocking`) and a CUDA event marks when it arrived; the CPU reads it when the event has passed,
-and waits only for entries more than `behind` steps old, by which time the GPU has newer steps queued. Lightning's
-loop has no such mode, and torch's `GradScaler` reads its inf flag at once too."""
+batch, its first kernels): gaps of idle GPU in every step. Here each scalar is copied into pinned CPU memory behind
+the work that makes it (`non_blocking`) and a CUDA event marks when it arrived; the CPU reads it when the event has
+passed, and waits only for entries more than `behind` steps old, by which time the GPU has newer steps queued.
+Lightning's loop has no such mode, and torch's `GradScaler` reads its inf flag at once too."""
 
 from collections import deque
 

@@ -206,8 +206,8 @@ def trainer(root, **kw):
     kw.setdefault("enable_checkpointing", False)
     kw.setdefault("logger", False)
     kw.setdefault("enable_progress_bar", False)
-    return Trainer(accelerator="cpu", devices=1, precision="32-true", enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0,
-                   use_distributed_sampler=False, **kw)
+    return Trainer(accelerator="cpu", devices=1, precision="32-true", enable_model_summary=False, default_root_dir=root,
+                   num_sanity_val_steps=0, use_distributed_sampler=False, **kw)
 
 
 def fit_checkpointed(root, module, datamodule, max_steps: int, ckpt_path=None, callbacks=(), **kw):
@@ -228,7 +228,8 @@ def tensorboard(run: Path) -> tuple[dict, dict]:
     events = EventAccumulator(str(run), size_guidance={"tensors": 0, "scalars": 0})
     events.Reload()
     scalars = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
-    texts = {t.removesuffix("/text_summary"): [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(t)]
+    texts = {t.removesuffix("/text_summary"):
+             [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(t)]
              for t in events.Tags()["tensors"]}
     return scalars, texts
 

@@ -57,4 +57,3 @@ def test_telemetry_logs_once_per_optimizer_step_and_adapter_is_saved(tiny_model_
     assert telemetry.last["train/tokens_per_s"] > 0 and len(tokens) == 6
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-

@@ -75,7 +75,8 @@ def test_disk_full_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr("lit_mistral.checkpointing._write_durably", full_disk)
     with pytest.raises(LitMistralError, match=r"No space left on device\. The previous last\.ckpt is intact\. Fix: "
                                               r"free space there, or set --trainer\.default_root_dir to a disk with "
-                                              r"room \(a checkpoint takes 1\.0 MiB\); then continue with --ckpt_path last"):
+                                              r"room \(a checkpoint takes 1\.0 MiB\); then continue with "
+                                              r"--ckpt_path last"):
         io_.save_checkpoint(state(2.0), path)
     assert temp_files(tmp_path) == []
     assert io_.load_checkpoint(path)["global_step"] == 1

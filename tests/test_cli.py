@@ -35,7 +35,8 @@ def test_help_groups_options_by_concern(capsys):
 
 
 def help_options(text: str) -> list[str]:
-    """The options of a `--help` text's usage block, each with its choices (`--model.lora.bias {none,all,lora_only}`)."""
+    """The options of a `--help` text's usage block, each with its choices
+    (`--model.lora.bias {none,all,lora_only}`)."""
     usage = text.split("\n\n", 1)[0]
     return sorted({" ".join(filter(None, m)) for m in re.findall(r"\[(--[\w.]+)(?: (\{[^}]*\}))?", usage)})
 

@@ -46,7 +46,8 @@ def test_dropout_masks_are_drawn_again_where_memory_decides_the_speed():
 def test_lora_settings_are_peft_arguments():
     from peft import LoraConfig
 
-    config = LoraConfig(task_type="CAUSAL_LM", **LoRA(r=4, alpha=8, dropout=0.1, target_modules=["q_proj"]).peft_kwargs())
+    lora = LoRA(r=4, alpha=8, dropout=0.1, target_modules=["q_proj"])
+    config = LoraConfig(task_type="CAUSAL_LM", **lora.peft_kwargs())
     assert (config.r, config.lora_alpha, config.lora_dropout, config.target_modules) == (4, 8, 0.1, {"q_proj"})
 
 

@@ -116,7 +116,8 @@ def test_a_renamed_or_unknown_option_fails_the_check():
     assert parse_error(["fit", "--config", "configs/demo.yaml", "--evaluation.compare_base", "true"]) is None
     assert "is now --evaluation.compare_base" in parse_error(
         ["fit", "--config", "configs/demo.yaml", "--model.compare_base", "true"])
-    assert "--model.no_such_option" in parse_error(["fit", "--config", "configs/demo.yaml", "--model.no_such_option", "1"])
+    unknown = ["fit", "--config", "configs/demo.yaml", "--model.no_such_option", "1"]
+    assert "--model.no_such_option" in parse_error(unknown)
 
 
 @pytest.fixture(scope="module")

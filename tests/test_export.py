@@ -12,7 +12,6 @@ from conftest import adapted, make_module, run_cli
 from lit_mistral.errors import LitMistralError
 from lit_mistral.export import export
 
-
 TARGETS = {"target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj", "lm_head"]}
 IDS = torch.tensor([[1, 10, 20, 30, 40, 50, 60], [1, 7, 8, 9, 3, 3, 3]])
 

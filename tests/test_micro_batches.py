@@ -7,8 +7,8 @@ from conftest import fit_checkpointed, make_module, trainer
 
 from lit_mistral.data.batching import collate_packed, collate_padded, split_batch
 from lit_mistral.data.datamodule import InstructionDataModule
-from lit_mistral.modeling import autofit
 from lit_mistral.errors import LitMistralError
+from lit_mistral.modeling import autofit
 
 GIB = 2**30
 

@@ -85,7 +85,8 @@ def test_loss_matches_transformers_and_packing_changes_nothing(tiny_model_dir, d
 
 def test_tiny_model_trains_and_loss_falls(tiny_model_dir, demo_file, tmp_path):
     seed_everything(0)
-    module = make(tiny_model_dir, optimization={"learning_rate": 3e-2, "optimizer": "adamw", "lr_scheduler": "constant"},
+    module = make(tiny_model_dir,
+                  optimization={"learning_rate": 3e-2, "optimizer": "adamw", "lr_scheduler": "constant"},
                   lora={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                                            "lm_head"]})
     dm = data(tiny_model_dir, demo_file, train_records=(0, 8), val_records=(0, 8), val_path=str(demo_file),
@@ -301,7 +302,8 @@ def test_nonfinite_loss_stops_naming_step_and_batch(tiny_model_dir, demo_file, t
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
     with pytest.raises(LitMistralError, match=r"the training loss is nan at step 2 \(epoch 0, batch 2 of the "
                                               r"epoch\)\. Checkpoints written so far hold finite weights\. Fix: lower "
-                                              r"--model\.optimization\.learning_rate .* --model\.optimization\.nonfinite skip"):
+                                              r"--model\.optimization\.learning_rate .* "
+                                              r"--model\.optimization\.nonfinite skip"):
         trainer(tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[ckpt]).fit(module, dm)
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 2
@@ -330,7 +332,8 @@ def test_nonfinite_loss_skipped_when_asked(tiny_model_dir, demo_file, tmp_path):
     with pytest.warns(UserWarning, match=r"the training loss is inf at step 2 \(epoch 0, batch 2 of the epoch\): "
                                          r"batch skipped \(model.optimization.nonfinite=skip; 1 so far\)"):
         trainer(tmp_path, max_steps=5, callbacks=[moved]).fit(module, dm)
-    assert moved.changed == {0: True, 1: True, 2: False, 3: True, 4: True}  # no update from the bad batch, then training goes on
+    # no update from the bad batch, then training goes on
+    assert moved.changed == {0: True, 1: True, 2: False, 3: True, 4: True}
     assert module.losses.skipped_batches == 1
     assert all(torch.isfinite(v).all() for v in adapter_state(module).values())
 

@@ -33,7 +33,8 @@ def test_sampling_and_max_tokens_default_to_the_config():
     assert sampling_of({}, greedy) == (None, [])
     assert sampling_of({"seed": 3, "stop": "END"}, sampled) == (Sampling(0.5, 0.9, 7, 3), ["END"])
     assert sampling_of({"temperature": 1, "top_k": -1, "seed": 1}, greedy)[0] == Sampling(1.0, 0.95, 0, 1)
-    assert max_tokens_of({}, sampled) == 9 and max_tokens_of({"max_completion_tokens": 4, "max_tokens": 5}, sampled) == 4
+    assert max_tokens_of({}, sampled) == 9
+    assert max_tokens_of({"max_completion_tokens": 4, "max_tokens": 5}, sampled) == 4
     for body, param in [({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"stop": [""]}, "stop")]:
         with pytest.raises(BadRequest, match=param):
             sampling_of(body, greedy)

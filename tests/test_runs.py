@@ -42,9 +42,11 @@ def test_a_run_that_fails_before_it_starts_leaves_no_run_folder(tmp_path):
 def test_ckpt_path_is_resolved_or_refused_before_anything_loads(tmp_path):
     assert resolve_ckpt_path("predict", Namespace(ckpt_path=None)) == CkptPath()
     last = Namespace(ckpt_path="last", trainer=Namespace(default_root_dir=str(tmp_path)))
-    with pytest.raises(LitMistralError, match=r"predict --ckpt_path last: no last.ckpt under .*Fix: pass the `adapter`"):
+    with pytest.raises(LitMistralError,
+                       match=r"predict --ckpt_path last: no last.ckpt under .*Fix: pass the `adapter`"):
         resolve_ckpt_path("predict", last)
-    with pytest.raises(LitMistralError, match=r"fit --ckpt_path: 'nowhere' does not exist. Fix: check the path, or use"):
+    with pytest.raises(LitMistralError,
+                       match=r"fit --ckpt_path: 'nowhere' does not exist. Fix: check the path, or use"):
         resolve_ckpt_path("fit", Namespace(ckpt_path="nowhere"))
     with pytest.raises(LitMistralError, match=r"fit --ckpt_path: .* is a folder. Fix: to resume, pass a .ckpt file"):
         resolve_ckpt_path("fit", Namespace(ckpt_path=str(tmp_path)))

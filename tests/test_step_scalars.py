@@ -129,14 +129,15 @@ def test_decided_later_a_skipped_batch_leaves_the_weights(deciding_later, tiny_m
 def test_on_a_gpu_no_step_waits_for_it_and_a_nan_batch_is_skipped(tiny_model_dir, demo_file, tmp_path):
     """On CUDA with `adamw` (torch's fused): after the first steps nothing in a training step makes the CPU wait for
     the GPU (torch's sync debug mode raises at any such call: the loss, its flag, the gradient norm, the progress
-    bar, the telemetry, the learning-rate monitor), a NaN batch's update is skipped by the optimizer, and every other step's loss is logged at
-    its own step."""
+    bar, the telemetry, the learning-rate monitor), a NaN batch's update is skipped by the optimizer, and every other
+    step's loss is logged at its own step."""
     from lightning.pytorch import Trainer
 
     from lit_mistral.callbacks import LearningRateMonitor, Telemetry
 
     seed_everything(0)
-    module = make_module(tiny_model_dir, optimization={"optimizer": "adamw", "learning_rate": 5e-3, "nonfinite": "skip"},
+    module = make_module(tiny_model_dir,
+                         optimization={"optimizer": "adamw", "learning_rate": 5e-3, "nonfinite": "skip"},
                          compute={"kernels": "liger", "shared_dropout": True, "dropout_kernel": True})  # qlora-fast's
     poison_loss(module, at_batch=4, value=float("nan"))
     recorder, telemetry, changed = Recorder(), Telemetry(), {}

@@ -91,7 +91,8 @@ def shape(label: str, n: int, k: int, r: int, p: float, tilings: list[str]) -> N
     dropped, mask = torch.native_dropout(x, p, True)
     torch_ms = {
         "forward": timed(lambda: torch.native_dropout(x, p, True)[0] @ a.t()),
-        "backward": timed(lambda: (dh.t() @ dropped, torch.ops.aten.native_dropout_backward(dh @ a, mask, 1 / (1 - p)))),
+        "backward": timed(lambda: (dh.t() @ dropped,
+                                   torch.ops.aten.native_dropout_backward(dh @ a, mask, 1 / (1 - p)))),
     }
     print(json.dumps({"shape": label, "tokens": n, "features": k, "rank": r, "path": "torch",
                       **{key: round(v, 3) for key, v in torch_ms.items()}}), flush=True)

@@ -1,5 +1,5 @@
-"""The peers of lit_mistral's predict on the dolly-lengths workload (benchmarks/predict/dolly_lengths.py), one GPU, the same
-merged bf16 Mistral-7B (random weights) and prompts (`[INST] {instruction}\\n\\n{context} [/INST]`, as predict
+"""The peers of lit_mistral's predict on the dolly-lengths workload (benchmarks/predict/dolly_lengths.py), one GPU,
+the same merged bf16 Mistral-7B (random weights) and prompts (`[INST] {instruction}\\n\\n{context} [/INST]`, as predict
 formats them), greedy:
 
 - `static64`: plain transformers `generate` in static batches of 64 prompts in input order, each batch running to
@@ -69,7 +69,8 @@ def main() -> None:
         print(json.dumps(dict(peer=f"plain generate, static batches of {args.batch}", prompts=len(static),
                               useful_new_tokens=generated, seconds=round(seconds, 1),
                               tokens_per_s=round(generated / seconds, 1),
-                              peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if DEVICE == 0 else None)), flush=True)
+                              peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if DEVICE == 0 else None)),
+              flush=True)
     if "generate_batch" in args.peers:
         # transformers' continuous batching, each request with its own max_new_tokens (the manager's add_request);
         # no EOS, so each answer runs to its length as ours do

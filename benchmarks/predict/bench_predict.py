@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 
-from lit_mistral.predictions import JsonlPredictionWriter  # noqa: E402
 from lit_mistral.config import Generation, LoRA  # noqa: E402
 from lit_mistral.data.datamodule import InstructionDataModule  # noqa: E402
 from lit_mistral.module import QLoRAModule  # noqa: E402
+from lit_mistral.predictions import JsonlPredictionWriter  # noqa: E402
 
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 

@@ -3,7 +3,8 @@ row with its own `max_new_tokens` = min(L_i, 512), L_i the Mistral-7B token coun
 plus EOS. Random weights almost never emit EOS, so each answer runs to exactly its length, and the total generated
 must equal the sum of the lengths (printed). Writes a .jsonl that `predict --data.predict_path` reads.
 
-    python benchmarks/predict/dolly_lengths.py --tokenizer mistral-7b-v0.1-tokenizer --data dolly.jsonl --n 1000 --out f.jsonl
+    python benchmarks/predict/dolly_lengths.py --tokenizer mistral-7b-v0.1-tokenizer --data dolly.jsonl --n 1000 \
+        --out f.jsonl
 """
 
 import argparse

@@ -74,7 +74,8 @@ def main() -> None:
     def fit(name, path):
         return run(name, ["fit", "--config", "configs/demo-chat.yaml", "--data.path", str(path),
                           "--data.train_records", "null", "--data.val_records", "null", "--data.val_fraction", "0",
-                          "--trainer.limit_val_batches", "0", "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false",
+                          "--trainer.limit_val_batches", "0", "--trainer.max_steps", "1",
+                          "--trainer.enable_progress_bar", "false",
                           "--trainer.default_root_dir", str(work / name)])
 
     results = [predict("predict", normal_q), predict("predict_huge", huge_q), fit("fit", normal_c),

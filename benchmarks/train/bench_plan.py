@@ -236,7 +236,8 @@ def main() -> None:
             best = max(hands, key=lambda r: r["tokens_per_s"], default=None)
             emit(dict(kind="plan-summary", budget=budget, plan_tokens_per_s=plan.get("tokens_per_s"),
                       plan_peak_gib=plan.get("peak_gib"), best_hand=best and best["run"],
-                      best_hand_tokens_per_s=best and best["tokens_per_s"], best_hand_peak_gib=best and best["peak_gib"],
+                      best_hand_tokens_per_s=best and best["tokens_per_s"],
+                      best_hand_peak_gib=best and best["peak_gib"],
                       plan_vs_best=round(plan["tokens_per_s"] / best["tokens_per_s"], 3)
                       if best and plan.get("tokens_per_s") else None))
         return

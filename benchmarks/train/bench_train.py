@@ -105,7 +105,8 @@ def run_variant(module, name, opts, data_file, steps, warm, tokenizer_dir):
                     p.data = p.data.to(torch.bfloat16)
     dm = InstructionDataModule(path=str(data_file), tokenizer=tokenizer_dir, prompt_style="mistral",
                                mask_prompt=False, max_length=512, overlong="truncate",
-                               batch_size=int(opts.get("bs", 4)), packing=max_tokens is not None or opts.get("pack") == "1",
+                               batch_size=int(opts.get("bs", 4)),
+                               packing=max_tokens is not None or opts.get("pack") == "1",
                                max_tokens=max_tokens, seed=0)
     clock, telemetry = Clock(warm), Telemetry()
     trainer = Trainer(accelerator="gpu" if CUDA else "cpu", devices=1, precision="bf16-mixed" if CUDA else "32-true",

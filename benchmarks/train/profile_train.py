@@ -125,7 +125,8 @@ def summarize(trace: dict, steps: int, rank: int) -> dict:
                 idle_by_gap={k: round(v * per_step, 2) for k, v in gaps.items()},
                 idle_before={c: [round(v * per_step, 2), round(n / steps, 1)] for c, (v, n) in
                              sorted(after_gap.items(), key=lambda kv: -kv[1][0])[:20]},
-                top_kernels=[[n, round(v * per_step, 3)] for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]],
+                top_kernels=[[n, round(v * per_step, 3)]
+                             for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]],
                 top_kernels_by_ops={n: {c: round(v * per_step, 2) for c, v in sorted(by_chain[n].items(),
                                                                                     key=lambda kv: -kv[1])[:4]}
                                     for n, _ in sorted(by_name.items(), key=lambda kv: -kv[1])[:16]})

@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader
 
 from lit_mistral.data import splits
 from lit_mistral.data.batching import BatchPlan, check_val_check_interval, collate_packed, collate_padded
+from lit_mistral.data.prompt_batches import PresetBatches, collate_prompts
 from lit_mistral.data.prompts import check_prompt_style
 from lit_mistral.data.records import Fields, example_key, hub_rows, is_hub_id, read_inputs
 from lit_mistral.data.tokenize import Formatter, TokenizedDataset
 from lit_mistral.errors import LitMistralError, raise_problems
-from lit_mistral.data.prompt_batches import PresetBatches, collate_prompts
 from lit_mistral.sources import context_length, load_tokenizer
 
 
@@ -148,11 +148,13 @@ class InstructionDataModule(LightningDataModule):
                                          batch_size, predict_batch_size, predict_max_tokens, max_tokens, num_workers),
                        "Fix: correct these data settings.")
         self.path, self.val_path, self.predict_path = path, val_path, predict_path
-        self.train_records, self.val_records, self.val_fraction, self.seed = train_records, val_records, val_fraction, seed
+        self.train_records, self.val_records = train_records, val_records
+        self.val_fraction, self.seed = val_fraction, seed
         self.format, self.prompt_style, self.chat_template = format, prompt_style, chat_template
         self.mask_prompt = mask_prompt
         self.max_length, self.overlong = max_length, overlong
-        self.batch_size, self.packing, self.max_tokens, self.length_grouped = batch_size, packing, max_tokens, length_grouped
+        self.batch_size, self.packing = batch_size, packing
+        self.max_tokens, self.length_grouped = max_tokens, length_grouped
         self.predict_batch_size = predict_batch_size or batch_size
         self.predict_max_tokens, self.max_new_tokens = predict_max_tokens, max_new_tokens
         self.predict_done: set[int] = set()  # rows an interrupted predict run already wrote (set by the writer)

@@ -60,7 +60,8 @@ def _record_to_example(row, where: str, fields: Fields, need_response: bool) -> 
             return None
         value = row[key]
         if not isinstance(value, str):
-            problems.append(f"{where}: field {key!r} must be a string, got {type(value).__name__} ({str(value)[:40]!r})")
+            problems.append(f"{where}: field {key!r} must be a string, got {type(value).__name__} "
+                            f"({str(value)[:40]!r})")
             return None
         if non_empty and not value.strip():
             problems.append(f"{where}: field {key!r} is empty")
@@ -122,7 +123,8 @@ def _raw_rows(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
         try:
             document = json.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8"))
         except UnicodeDecodeError as err:
-            raise LitMistralError(f"{path}: not valid UTF-8 (byte offset {err.start}). Fix: save the file as UTF-8.") from None
+            raise LitMistralError(f"{path}: not valid UTF-8 (byte offset {err.start}). "
+                                  "Fix: save the file as UTF-8.") from None
         except json.JSONDecodeError as err:
             raise LitMistralError(f"{path}:{err.lineno}: {_malformed(err)}. "
                                   "Fix: the file must hold one JSON list of records.") from None

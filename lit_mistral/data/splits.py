@@ -21,7 +21,8 @@ def select(examples: list, rng: tuple[int, int] | None, key: str, source: str) -
         raise LitMistralError(f"{key}={list(rng)} selects nothing: {source} has {len(examples)} records. "
                               f"Fix: choose a range below {len(examples)}.")
     if stop > len(examples):
-        rank_zero_warn(f"{key}={list(rng)}: {source} has only {len(examples)} records; using [{start}, {len(examples)}].")
+        rank_zero_warn(f"{key}={list(rng)}: {source} has only {len(examples)} records; "
+                       f"using [{start}, {len(examples)}].")
     return examples[start:stop]
 
 

@@ -33,8 +33,8 @@ def build_report(results: dict[str, dict[str, float]], records: dict[str, list[d
     document = dict(info, metrics={label[c]: results[c] for c in columns},
                     examples=_merged(records, columns, label))
 
-    lines = [f"# Evaluation of {info['model']}" + (f" with the adapter {info['adapter']}" if info.get("adapter") else ""),
-             "", _describe(info), ""]
+    adapter = f" with the adapter {info['adapter']}" if info.get("adapter") else ""
+    lines = [f"# Evaluation of {info['model']}{adapter}", "", _describe(info), ""]
     if info.get("date"):
         step = f" at step {info['global_step']}" if info.get("global_step") else ""  # unknown for an adapter folder
         lines += [f"Measured {info['date']}{step}, with "

@@ -7,8 +7,8 @@ import time
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_mistral.distributed import gather_objects, in_step
 from lit_mistral.data.prompt_batches import collate_prompts, predict_batches
+from lit_mistral.distributed import gather_objects, in_step
 from lit_mistral.generation.predictor import Predictor
 
 

@@ -11,7 +11,8 @@ def context_window(model) -> int | None:
 
 def row_limits(batch: dict, max_new_tokens: int) -> list[int]:
     """Each row's most new tokens: its own limit, within `max_new_tokens`."""
-    return [min(n or max_new_tokens, max_new_tokens) for n in batch.get("max_new_tokens") or [None] * len(batch["index"])]
+    limits = batch.get("max_new_tokens") or [None] * len(batch["index"])
+    return [min(n or max_new_tokens, max_new_tokens) for n in limits]
 
 
 def record(index, example, prompt_tokens: int, response: str | None, response_tokens: int, finish: str,

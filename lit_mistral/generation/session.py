@@ -50,7 +50,6 @@ class Sampling:
     seed: int = 0
 
 
-
 class Session:
     """One stream of prompts through an `Engine`: prompts are added in portions (`add`), and `run` answers them,
     returning each prompt's answer as it finishes; rows keep running between calls, so the next portion fills the

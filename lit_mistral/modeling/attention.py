@@ -151,7 +151,6 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     return packed_attention(q, k, v, cu_seq_lens_q, max_length_q, scale, window)[None], None
 
 
-
 def packed_kwargs(batch: dict, implementation: str) -> dict:
     """The forward arguments that lay out `batch`: its padding mask, or, for a packed row, the example boundaries
     (`position_ids`, and for this module's implementation `cu_seq_lens`)."""

@@ -6,7 +6,8 @@ the packed 4-bit storage as if it were numbers; and its checkpoints gather the w
 4-bit weights' quantization state does not survive. Here:
 
 - Each decoder layer is one FSDP unit holding its frozen base weights (the 4-bit ones stored in the compute dtype,
-  `model.quantization.storage`, so that they flatten with the rest), sharded across the GPUs: each GPU keeps 1/N of them.
+  `model.quantization.storage`, so that they flatten with the rest), sharded across the GPUs: each GPU keeps 1/N of
+  them.
   What is left (embeddings, final norm, head) is the root unit, sharded too.
 - The adapters are left out of FSDP (`ignored_states`): every GPU holds all of them (80 MiB for Mistral-7B at r=8) and
   `QLoRAFSDPStrategy.post_backward` averages their gradients in one all-reduce, as DDP would. Written by hand

@@ -60,6 +60,7 @@ def merge_adapter(peft_model, dtype: torch.dtype) -> torch.nn.Module:
     model.to(dtype)
     model.config.dtype = dtype
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    if getattr(model.config, "tie_word_embeddings", False) and head is not None and head.weight is not embeddings.weight:
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied and head is not None and head.weight is not embeddings.weight:
         model.config.tie_word_embeddings = False  # an adapted lm_head is no longer the embedding matrix
     return model

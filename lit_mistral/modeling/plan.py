@@ -318,6 +318,7 @@ def _offload_candidates(recompute: int, probes, facts: Facts) -> list[tuple[int,
         count = min(count, int(OFFLOAD_CPU_SHARE * facts.cpu_free // per_layer))
     return [(layers, count) for layers in range(recompute - count, recompute - count + 2)] if count > 0 else []
 
+
 def _bytes_per_layer(probes: list[tuple[int, int | None]]) -> int | None:
     """The largest measured bytes per layer that keeps its activations, from probes (recomputing layers, peak)."""
     known = sorted((k, p) for k, p in probes if p is not None)

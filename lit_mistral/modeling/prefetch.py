@@ -3,8 +3,9 @@ setup, so that they overlap it instead of adding to the time to the first step.
 
 Importing peft and Liger's patching module and Triton's first cache key (a SHA-256 of its compiler library, taken
 when the first Triton kernel runs, in the first step) take seconds, while the data's setup before them (tokenizing
-in Rust without holding the interpreter's lock) leaves the interpreter free. `build_model` waits for the thread before its own imports, so nothing is imported by two
-threads at once from there on; a failure here is dropped (the build's own import then raises its clear error)."""
+in Rust without holding the interpreter's lock) leaves the interpreter free. `build_model` waits for the thread
+before its own imports, so nothing is imported by two threads at once from there on; a failure here is dropped (the
+build's own import then raises its clear error)."""
 
 import contextlib
 import importlib

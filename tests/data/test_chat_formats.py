@@ -219,7 +219,8 @@ def test_bos_is_added_once_when_the_template_does_not_write_it(llama3_tokenizer)
 
 
 def test_chat_format_settings(llama3_tokenizer, mistral_tokenizer):
-    with pytest.raises(LitMistralError, match="unknown style for conversations 'chatml'. Fix: use one of chat_template, mistral"):
+    with pytest.raises(LitMistralError,
+                       match="unknown style for conversations 'chatml'. Fix: use one of chat_template, mistral"):
         chat_format("chatml", llama3_tokenizer)
     with pytest.raises(LitMistralError, match="Fix: use prompt_style 'chat_template' with it"):
         chat_format("mistral", mistral_tokenizer, LLAMA3_TEMPLATE)

@@ -35,7 +35,8 @@ def test_reads_every_training_format(tmp_path, fmt, demo_records):
 
 def test_field_names_can_be_remapped(tmp_path):
     path = write_jsonl(tmp_path / "alpaca.jsonl", [{"prompt": "Say hi.", "input": None, "output": "Hi."}])
-    [example] = read_examples(str(path), Fields(instruction="prompt", context="input", response="output", category=None), "data.path")
+    fields = Fields(instruction="prompt", context="input", response="output", category=None)
+    [example] = read_examples(str(path), fields, "data.path")
     assert (example.instruction, example.context, example.response) == ("Say hi.", "", "Hi.")
 
 

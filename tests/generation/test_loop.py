@@ -7,8 +7,8 @@ import threading
 from test_engine import tiny, workload
 
 from lit_mistral.generation.engine import Engine
-from lit_mistral.generation.session import Sampling, Session
 from lit_mistral.generation.loop import EngineLoop
+from lit_mistral.generation.session import Sampling, Session
 
 
 def collect(loop: EngineLoop, prompt, max_new, sampling=None):

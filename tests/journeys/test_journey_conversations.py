@@ -39,7 +39,8 @@ def test_fit_resume_and_predict_on_conversations(tiny_model_dir, tmp_path, demo_
                        "--model.generation.max_new_tokens", "4", "--predictions.path", out)
     run_cli(*predict)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["messages"] for r in rows] == [json.loads(line)["messages"] for line in questions.read_text().splitlines()]
+    asked = [json.loads(line)["messages"] for line in questions.read_text().splitlines()]
+    assert [r["messages"] for r in rows] == asked
     assert [r["instruction"] for r in rows] == [demo_records[0]["instruction"], demo_records[2]["instruction"]]
     assert all(0 < r["response_tokens"] <= 4 for r in rows)
     # an interrupted run resumes by the messages: the kept row stays, the missing one is generated

@@ -83,7 +83,8 @@ def start_paused_at(args: list[str], root: Path, pause: str, **where) -> subproc
     root.mkdir(parents=True, exist_ok=True)
     marker = root / "paused"
     callback = {"class_path": f"harness.{pause}", "init_args": {**where, "marker": str(marker)}}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     with open(root / "stdout", "w") as out, open(root / "stderr", "w") as err:
         process = popen_with_ctrl_c([sys.executable, "-m", "lit_mistral", *args,
                                      f"--trainer.callbacks=[{json.dumps(callback)}]"], stdout=out, stderr=err, env=env)

@@ -24,7 +24,8 @@ def questions(tmp_path):
 
 
 def test_rows_in_input_order_and_merged_equals_adapter(tiny_model_dir, adapter_dir, questions, tmp_path):
-    merged = predict(tiny_model_dir, adapter_dir, questions, tmp_path / "merged.jsonl", "--model.generation.weights", "merged")
+    merged = predict(tiny_model_dir, adapter_dir, questions, tmp_path / "merged.jsonl",
+                     "--model.generation.weights", "merged")
     applied = predict(tiny_model_dir, adapter_dir, questions, tmp_path / "adapter.jsonl",
                       "--model.generation.weights", "adapter")
     assert [r["instruction"] for r in merged] == QUESTIONS and [r["index"] for r in merged] == list(range(5))
@@ -36,8 +37,8 @@ def test_rows_in_input_order_and_merged_equals_adapter(tiny_model_dir, adapter_d
 def test_resume_keeps_finished_rows_and_fills_the_rest(tiny_model_dir, adapter_dir, questions, tmp_path):
     out = tmp_path / "answers.jsonl"
     # a generated text may hold U+2028/U+0085, which JSON leaves raw: they must not split rows
-    done = {"index": 3, "instruction": QUESTIONS[3], "context": "", "response": "kept\u2028line\x85", "prompt_tokens": 1,
-            "response_tokens": 1, "finish": "eos"}
+    done = {"index": 3, "instruction": QUESTIONS[3], "context": "", "response": "kept\u2028line\x85",
+            "prompt_tokens": 1, "response_tokens": 1, "finish": "eos"}
     out.write_text(json.dumps(done, ensure_ascii=False) + "\n" + '{"index": 1, "instruction": "What is')  # killed
     with pytest.raises(SystemExit):  # an existing file is never overwritten silently
         predict(tiny_model_dir, adapter_dir, questions, out)
@@ -176,8 +177,9 @@ def test_temperature_zero_is_greedy_on_both_engines(tiny_model_dir, adapter_dir,
     and transformers' generate failed after the load; a negative temperature is refused before anything loads."""
     greedy = predict(tiny_model_dir, adapter_dir, questions, tmp_path / "greedy.jsonl")
     for engine in ("continuous", "static"):
-        rows = predict(tiny_model_dir, adapter_dir, questions, tmp_path / f"{engine}.jsonl", "--model.generation.engine",
-                       engine, "--model.generation.do_sample", "true", "--model.generation.temperature", "0")
+        rows = predict(tiny_model_dir, adapter_dir, questions, tmp_path / f"{engine}.jsonl",
+                       "--model.generation.engine", engine, "--model.generation.do_sample", "true",
+                       "--model.generation.temperature", "0")
         assert [r["response"] for r in rows] == [r["response"] for r in greedy], engine
     with pytest.raises(SystemExit) as exit_info:
         predict(tiny_model_dir, adapter_dir, questions, tmp_path / "bad.jsonl", "--model.generation.do_sample", "true",
@@ -274,7 +276,8 @@ def test_a_huge_input_is_cut_before_tokenizing_and_its_skip_is_said(tiny_model_d
     rows = predict(tiny_model_dir, adapter_dir, questions, tmp_path / "out.jsonl")
     assert longest[0] <= 1025 * longest_token(load_tokenizer(str(tiny_model_dir))) + 100  # + the prompt's own words
     assert rows[1]["instruction"] == huge and rows[1]["finish"] == "skipped"  # the row holds the input as it was
-    assert "the prompt has more than 1024 tokens: it does not fit the model's context of 1024 tokens" in rows[1]["error"]
+    assert ("the prompt has more than 1024 tokens: it does not fit the model's context of 1024 tokens"
+            in rows[1]["error"])
     assert "1 of the 2 rows generated now were skipped, without an answer (finish 'skipped'" in caplog.text
 
 
@@ -293,7 +296,8 @@ def test_a_cache_too_small_for_the_longest_prompt_is_refused_before_the_load(tin
     assert not (tmp_path / "out.jsonl.partial").exists()
     one = tmp_path / "one.txt"
     one.write_text("Why?\n")
-    rows = predict(tiny_model_dir, adapter_dir, one, tmp_path / "one.jsonl", "--model.generation.max_cache_tokens", "12",
+    rows = predict(tiny_model_dir, adapter_dir, one, tmp_path / "one.jsonl",
+                   "--model.generation.max_cache_tokens", "12",
                    "--model.generation.max_new_tokens", "2")  # 10 prompt tokens + 2
     assert rows[0]["finish"] == "length" and rows[0]["response_tokens"] == 2
 

@@ -54,7 +54,8 @@ def test_fit_checkpoint_resume_predict(tiny_model_dir, tmp_path, demo_records):
                       "--model.generation.max_new_tokens", "5", "--predictions.path", out))
     assert out.read_text().count("\n") == 3
     run_cli(*args("predict", "--data.predict_path", questions, "--ckpt_path", run / "checkpoints" / "last.ckpt",
-                  "--model.generation.max_new_tokens", "5", "--predictions.path", out, "--predictions.overwrite", "true"))
+                  "--model.generation.max_new_tokens", "5", "--predictions.path", out,
+                  "--predictions.overwrite", "true"))
     assert out.read_text().count("\n") == 3
 
 

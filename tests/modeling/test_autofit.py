@@ -2,7 +2,6 @@
 check, and the real measurement on a GPU (the plan's choice itself: test_plan.py)."""
 
 import pytest
-import torch
 from conftest import make_module
 
 from lit_mistral.data.batching import BatchPlan

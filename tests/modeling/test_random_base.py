@@ -33,7 +33,8 @@ def test_decoder_linear_layers_are_4bit_and_the_rest_in_the_compute_dtype():
     assert all(m.weight.dtype == torch.uint8 and m.compute_dtype == torch.bfloat16 for m in quantized)
     assert {p.dtype for n, p in model.named_parameters() if "layers" not in n or "norm" in n} == {torch.bfloat16}
     assert type(model.lm_head) is torch.nn.Linear and not model.training
-    assert model.is_loaded_in_4bit and model.is_quantized and model.config.quantization_config.bnb_4bit_quant_type == "fp4"
+    assert model.is_loaded_in_4bit and model.is_quantized
+    assert model.config.quantization_config.bnb_4bit_quant_type == "fp4"
     assert model.hf_quantizer is not None
 
 
