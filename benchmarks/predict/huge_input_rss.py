@@ -37,7 +37,7 @@ def child(args: list[str]) -> None:
 def run(name: str, args: list[str]) -> dict:
     start = time.perf_counter()
     done = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, cwd=ROOT)
-    line = next((l for l in done.stdout.splitlines() if l.startswith("RSS ")), None)
+    line = next((row for row in done.stdout.splitlines() if row.startswith("RSS ")), None)
     result = json.loads(line[4:]) if line else {}
     if result.get("status") != 0:
         sys.exit(f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
