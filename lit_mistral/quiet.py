@@ -14,6 +14,8 @@ HARMLESS_LOGS = {
     # Liger probes the kernels of every vendor when its ops are first used; those of other hardware (or of a
     # library not installed) cannot import, as expected, and the kernels for this GPU run
     "liger_kernel.backends.registry": r"Backend impl .* could not be imported",
+    # Lightning advertises its cloud logger at every Trainer whose loggers are not that one; runs log to TensorBoard
+    "lightning.pytorch.utilities.rank_zero": r"Tip: For seamless cloud logging",
 }
 # warnings (message patterns) that are harmless
 HARMLESS_WARNINGS = [

@@ -29,3 +29,20 @@ def test_known_harmless_messages_are_dropped_and_others_kept(caplog):
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed")
         warnings.warn("a warning that matters")
     assert [str(w.message) for w in caught] == ["a warning that matters"]
+
+
+def test_lightnings_advert_is_dropped_and_its_other_lines_kept(tmp_path):
+    from lightning.pytorch import Trainer
+
+    quiet_known_noise()
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where rank_zero_info logs
+    logger.addHandler(handler)
+    try:
+        Trainer(accelerator="cpu", devices=1, default_root_dir=tmp_path, enable_progress_bar=False)
+    finally:
+        logger.removeHandler(handler)
+    assert any(m.startswith("GPU available") for m in seen), seen
+    assert not any("litlogger" in m for m in seen), seen
