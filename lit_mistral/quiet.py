@@ -21,6 +21,9 @@ HARMLESS_LOGS = {
 HARMLESS_WARNINGS = [
     # peft reads transformers' property by its old name, which transformers renamed; nothing a user can change
     r"`is_gradient_checkpointing` is deprecated",
+    # Lightning's batch flattening (lightning/pytorch/utilities/_pytree.py) makes torch's `LeafSpec`, which newer
+    # torch deprecates; nothing a user can change
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 ]
 
 

@@ -27,6 +27,8 @@ def test_known_harmless_messages_are_dropped_and_others_kept(caplog):
         warnings.simplefilter("always")
         quiet_known_noise()  # after simplefilter: its filters come first
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed")
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and "
+                      "treespec.is_leaf()` instead.", FutureWarning)
         warnings.warn("a warning that matters")
     assert [str(w.message) for w in caught] == ["a warning that matters"]
 
