@@ -9,8 +9,8 @@ prints the plan made again (the line the fit logs) and whether it is the fit's; 
 log with several. `--rate RECOMPUTE,OFFLOAD,SIZE=TOKENS/S` (SIZE `whole` or tokens; `,inputs` after it for the
 layout with the recomputing layers' inputs in CPU memory) answers that layout's passes with another speed, such as
 the one it trained at in a hand-tuned run of the same settings: a plan that then chooses otherwise was misled by
-that pass's timing. A layout the fit did not run (because the answers
-changed) ends the replay, naming it. The settings the fit's config gave are read from its plan line."""
+that pass's timing. A layout the fit did not run (because the answers changed) ends the replay, naming it. The
+settings the fit's config gave are read from its plan line."""
 
 import argparse
 import re
