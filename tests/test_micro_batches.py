@@ -161,10 +161,11 @@ def test_auto_run_measures_logs_saves_and_reuses_the_part_size(tiny_model_dir, d
     def recomputing(module) -> int:
         return sum(b.gradient_checkpointing for b in checkpointable_layers(module.model))
 
-    def training_pass(module, batch):  # (peak, seconds)
+    def training_pass(module, batch, *rest):  # (peak, seconds): the first part's tokens set the peak
         tokens, layers = batch["input_ids"].numel(), recomputing(module)
         calls.append((tokens, layers))
-        return int(tokens / 100 * (1 + 0.5 * (2 - layers)) * GIB), tokens / (1000.0 - 100 * layers)
+        seconds = sum(part["input_ids"].numel() for part in (batch, *rest)) / (1000.0 - 100 * layers)
+        return int(tokens / 100 * (1 + 0.5 * (2 - layers)) * GIB), seconds
 
     monkeypatch.setattr(autofit, "can_measure", lambda device: True)
     monkeypatch.setattr(autofit, "budget_bytes", lambda device, gib: (int(2.2 * GIB), "memory_budget_gib"))

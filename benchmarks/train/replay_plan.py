@@ -23,8 +23,8 @@ from lit_mistral.modeling.plan import Facts, Layout, Plan, choose, describe
 
 FACTS = re.compile(r"memory plan facts: Facts\((?P<fields>[^)]*)\)")
 PASS = re.compile(r"memory plan pass \d+: Layout\((?P<layout>[^)]*)\); (?:out of memory|peak [0-9.]+ GiB "
-                  r"\((?P<peak>\d+) bytes\)); [0-9.inf]+ s, [0-9.]+ s of it pinning CPU memory; (?P<rate>[0-9.]+) "
-                  "tokens/s")
+                  r"\((?P<peak>\d+) bytes\)); (?:\d+ tokens in \d+ parts?; )?[0-9.inf]+ s, [0-9.]+ s of it pinning "
+                  r"CPU memory(?: \(the GPU idle [0-9.]+ s of it\))?; (?P<rate>[0-9.]+) tokens/s")
 PLAN = re.compile(r"model\.compute plan: .*")
 GIVEN = re.compile(r"; set in the config, kept: (?P<given>.*)\.$")
 

@@ -10,8 +10,9 @@ already measured on larger parts meet the budget), then counts where the line th
 budget, until the line says no more fits (`choose_checkpoint_layers`). Parts (`data.batching.split_batch`): smaller
 parts take less activation memory, so fewer layers need to recompute, but make smaller matrix multiplies and read the
 4-bit weights once more per part; the whole batch, then halves, each with the layer count it needs, each that fits
-timed (by its probe's own pass where that ran warm, `plan.warm`) while smaller parts keep getting faster (by
-`PARTS_GAIN` at least) and some layers still recompute (`choose_micro_tokens`)."""
+timed (whole batches by their probe's own pass where that ran warm, `plan.warm`; parts by a pass over every part,
+as a step runs them) while smaller parts keep getting faster (by `PARTS_GAIN` at least) and some layers still
+recompute (`choose_micro_tokens`)."""
 
 import math
 import time
@@ -145,10 +146,11 @@ def choose_micro_tokens(try_size: Callable[[int], Trial], speed: Callable[[Trial
     return best or trials[-1], trials
 
 
-def training_pass(module, batch: dict) -> tuple[int | None, float]:
-    """One forward and backward pass of `module` on `batch` (on its device), as the model is set up (`fit_plan.apply`):
-    the CUDA allocator's peak (None if it ran out of memory) and the seconds it took (infinite if it ran out).
-    Gradients are dropped after; the random state (dropout) is left as it was."""
+def training_pass(module, batch: dict, *rest: dict) -> tuple[int | None, float]:
+    """One forward and backward pass of `module` on `batch` (on its device), as the model is set up (`fit_plan.apply`),
+    and on each of `rest` after it, as a step runs a batch's parts (their gradients summed): the CUDA allocator's peak
+    (None if it ran out of memory) and the seconds it took (infinite if it ran out). Gradients are dropped after; the
+    random state (dropout) is left as it was."""
     device = module.device
     with torch.random.fork_rng(devices=[device]):
         try:
@@ -156,9 +158,11 @@ def training_pass(module, batch: dict) -> tuple[int | None, float]:
             torch.cuda.reset_peak_memory_stats(device)
             torch.cuda.synchronize(device)
             started = time.perf_counter()
-            with module.trainer.precision_plugin.forward_context():
-                loss, count = module.loss_sum(batch)
-            (loss / count.clamp(min=1)).backward()
+            for part in (batch, *rest):
+                with module.trainer.precision_plugin.forward_context():
+                    loss, count = module.loss_sum(part)
+                (loss / count.clamp(min=1)).backward()
+                loss = count = None
             torch.cuda.synchronize(device)
             return torch.cuda.max_memory_allocated(device), time.perf_counter() - started
         except torch.OutOfMemoryError:

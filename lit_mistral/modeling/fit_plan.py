@@ -18,7 +18,7 @@ from lit_mistral.config import Compute
 from lit_mistral.data.batching import split_batch
 from lit_mistral.modeling import autofit
 from lit_mistral.modeling.build import checkpointable_layers, set_checkpointing
-from lit_mistral.modeling.offload import pinning_seconds
+from lit_mistral.modeling.offload import pinning_idle_seconds, pinning_seconds
 from lit_mistral.modeling.plan import GIB, Facts, Layout, Plan, choose, describe, plain_plan
 
 log = logging.getLogger(__name__)
@@ -149,33 +149,38 @@ def _measure(module, compute: Compute, layers: int) -> tuple[Plan, float, int]:
     log.debug("memory plan facts: %s", facts)
     module.model.train()
 
-    def part(size: int | None) -> dict:
-        parts = [batch] if size is None else split_batch(batch, size)
-        return max(parts, key=lambda p: p["input_ids"].numel())
+    def parts(size: int | None) -> list[dict]:
+        """The batch's parts at `size`, the largest first."""
+        return [batch] if size is None else sorted(split_batch(batch, size), key=lambda p: -p["input_ids"].numel())
 
-    # each training pass: its layout and tokens/s, the wait for CPU memory to be pinned left out (training waits
-    # for it in its first step only: `offload.pinning_seconds`); logged at DEBUG with its peak and times, which with
-    # the facts show why the plan chose as it did
+    # each training pass: its layout and tokens/s, less what the GPU lost waiting for CPU memory to be pinned (training
+    # waits for it in its first step only: `offload.pinning_idle_seconds`); logged at DEBUG with its peak and times,
+    # which with the facts show why the plan chose as it did. A probe runs the largest part of the batch (what the
+    # peak needs); a pass that times a part size runs every part, as a step does: a pass's fixed costs (its first
+    # allocations, the synchronizations) are a step's, not a part's.
     passes: list[tuple[Layout, float]] = []
     spent = [0.0]  # seconds in training passes, their setup apart
 
-    def run(layout: Layout) -> int | None:
+    def run(layout: Layout, every_part: bool = False) -> int | None:
         apply(module.model, layout, keep_dequantized=False)
-        batch = part(layout.size)
+        batches = parts(layout.size)[:None if every_part else 1]
         started = time.perf_counter()
         try:
-            peak, seconds = autofit.training_pass(module, batch)
+            peak, seconds = autofit.training_pass(module, *batches)
         finally:
             spent[0] += time.perf_counter() - started
         pinning = pinning_seconds(module.model)
-        passes.append((layout, batch["input_ids"].numel() / (seconds - pinning)))
+        idle = 0.0 if peak is None else pinning_idle_seconds(module.model)  # (events read once the GPU is done)
+        tokens = sum(b["input_ids"].numel() for b in batches)
+        passes.append((layout, tokens / (seconds - idle)))
         memory = "out of memory" if peak is None else f"peak {peak / GIB:.2f} GiB ({peak} bytes)"
-        log.debug("memory plan pass %d: %s; %s; %.3f s, %.3f s of it pinning CPU memory; %.0f tokens/s",
-                  len(passes), layout, memory, seconds, pinning, passes[-1][1])
+        log.debug("memory plan pass %d: %s; %s; %d tokens in %d part%s; %.3f s, %.3f s of it pinning CPU memory "
+                  "(the GPU idle %.3f s of it); %.0f tokens/s", len(passes), layout, memory, tokens, len(batches),
+                  "" if len(batches) == 1 else "s", seconds, pinning, idle, passes[-1][1])
         return peak
 
     def speed(layout: Layout) -> float:
-        run(layout)
+        run(layout, every_part=True)
         return passes[-1][1]
 
     def uncapped(layout: Layout) -> int | None:

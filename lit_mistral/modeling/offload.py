@@ -32,6 +32,8 @@ import torch
 from lit_mistral.errors import LitMistralError
 
 MIN_BYTES = 1 << 20  # smaller saved tensors stay where they are (a norm's statistics): not worth a copy
+# a wait for pinned memory longer than this pinned new pages (`pinning_idle_seconds` times what the GPU lost to it)
+STALL = 1e-3
 # an offloaded layer comes back when backward reaches the layer this many above it: the backward (with recomputation)
 # of two layers outlasts the copy of one layer's activations over a PCIe link
 AHEAD = 2
@@ -89,6 +91,8 @@ class ActivationOffload:
         self.device: torch.device | None = None
         self.bytes_out = 0  # copied to the CPU in the latest training pass
         self.pinning = 0.0  # seconds the latest training pass waited for CPU memory to be pinned (`pinning_seconds`)
+        # CUDA events around each of those waits on the computing stream (`pinning_idle_seconds`)
+        self.stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.bounded = True  # wait for an offloaded layer's copies before the next one's forward (see `_enter`)
 
     @classmethod
@@ -134,7 +138,7 @@ class ActivationOffload:
         offloaded = self.offloaded()
         if i == offloaded[0]:  # a new pass
             self.params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-            self.bytes_out, self.pinning = 0, 0.0
+            self.bytes_out, self.pinning, self.stalls = 0, 0.0, []
         elif self.bounded:
             # The CPU runs ahead of the GPU; an offloaded tensor's memory can be handed out again only once its copy
             # has run on the GPU, so with a link slower than the layers between, the offloaded activations would
@@ -186,6 +190,9 @@ class ActivationOffload:
         if self.streams is None:
             self.streams, self.device = (torch.cuda.Stream(span.device), torch.cuda.Stream(span.device)), span.device
             register_pinned_pages()
+        computing = torch.cuda.current_stream(span.device)
+        waiting = torch.cuda.Event(enable_timing=True)
+        waiting.record(computing)
         started = time.perf_counter()
         try:
             cpu = torch.empty(span.shape, dtype=span.dtype, pin_memory=True)
@@ -195,7 +202,12 @@ class ActivationOffload:
                 f"memory for a layer's activations ({str(err).strip().splitlines()[0][:200]}). Fix: fewer "
                 "--model.compute.offload_layers (each takes ~its activations' size in CPU memory), or 0.") from None
         finally:
-            self.pinning += time.perf_counter() - started
+            waited = time.perf_counter() - started
+            self.pinning += waited
+        if waited > STALL:  # new pages were pinned (memory pinned before is handed back at once)
+            resumed = torch.cuda.Event(enable_timing=True)
+            resumed.record(computing)
+            self.stalls.append((waiting, resumed))
         out_stream = self.streams[0]
         out_stream.wait_stream(torch.cuda.current_stream(span.device))  # after the kernels that wrote it
         with torch.cuda.stream(out_stream):
@@ -262,10 +274,24 @@ def _span(t: torch.Tensor) -> torch.Tensor:
 def pinning_seconds(model: torch.nn.Module) -> float:
     """The seconds `model`'s latest training pass waited for CPU memory to be pinned for its offloaded tensors (0
     where nothing offloads). Torch's pinned-memory allocator keeps what it pinned for the tensors of later passes of
-    the same sizes, so only a pass that is the first of its sizes waits: the memory plan leaves this wait out when it
-    times a pass (`fit_plan`), to time what training will see."""
+    the same sizes, so only a pass that is the first of its sizes waits; training waits in its first step only. The
+    memory plan leaves out of a pass's time what this wait cost the GPU (`pinning_idle_seconds`), to time what
+    training will see."""
     offload = getattr(model, "_activation_offload", None)
     return offload.pinning if offload is not None and offload.offloaded() else 0.0
+
+
+def pinning_idle_seconds(model: torch.nn.Module) -> float:
+    """The seconds the GPU sat idle in `model`'s latest training pass because the CPU was pinning memory for
+    offloaded tensors (read after the pass, once the GPU is done): the part of `pinning_seconds` that the pass lost.
+    While the CPU pins, the GPU goes on with the work queued before, so subtracting all of the CPU's wait from a
+    pass's time would make it look faster than training will be; the time between an event recorded on the
+    computing stream before the wait and one recorded after it is what the GPU spent with nothing to do (nothing
+    else is queued on that stream in between: none when the queue outlasted the wait). 0 on a device without CUDA."""
+    offload = getattr(model, "_activation_offload", None)
+    if offload is None or not offload.offloaded():
+        return 0.0
+    return sum(waiting.elapsed_time(resumed) for waiting, resumed in offload.stalls) / 1000
 
 
 def register_pinned_pages(environ=os.environ) -> str | None:

@@ -13,7 +13,7 @@ model's sizes where they are exact:
    weights of the layers that keep their activations (plus one layer's, while a recomputing layer's backward runs).
 2. else as few layers recompute as fit (`autofit.choose_checkpoint_layers`), some of them keeping their activations
    in CPU memory instead where enough others are left to hide the copies and the CPU has the memory, in parts where
-   parts are faster (`autofit.choose_micro_tokens`, each size timed as it would train, its offloading included),
+   parts are faster (`autofit.choose_micro_tokens`, each size timed as a step runs it, its offloading included),
    dropout masks drawn again (they take memory a layer's activations could take). Where a larger part size does not
    fit (or none does), the same in those sizes with the recomputing layers' inputs in CPU memory (a batch's hidden
    states per layer less on the GPU, the copies hidden by the recomputation), the faster kept. (Where a size fits
@@ -126,8 +126,9 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
     budget); `speed(layout)` its tokens/s, by one more pass (None: part sizes are not timed); `uncapped(layout)` the
     peak without the cap, measured once for the refusal's figure when even the smallest plan ran out. `passes`: the
     training passes run so far, in order, as (layout, tokens/s; 0 where it ran out of memory), which the probes add
-    to: a probe's own pass stands for its layout's speed where it ran warm after passes that ran through (`warm`),
-    and saves the pass `speed` would run. Settings given in `compute` (not `auto`) are kept as given."""
+    to: a probe's own pass of a whole batch stands for its layout's speed where it ran warm after passes that ran
+    through (`warm`), and saves the pass `speed` would run (a probe in parts runs one part: `_speed`). Settings given
+    in `compute` (not `auto`) are kept as given."""
     n, limit = facts.layers, facts.budget - facts.reserve
     peaks: dict[Layout, int | None] = {}
     if speed is not None:
@@ -220,7 +221,12 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
 
 
 def _speed(timed: Callable[[Layout], float], passes: list[tuple[Layout, float]], layout: Layout) -> float:
-    """Tokens/s laid out as `layout`: of its probe's pass where that ran warm, else of one more pass (`timed`)."""
+    """Tokens/s laid out as `layout`: of its probe's pass where that ran warm on whole batches, else of one more pass
+    (`timed`). A probe in parts runs only the largest part, whose time is not a step's over its number of parts: a
+    pass's fixed costs (its first allocations, the synchronizations) come once per step, so one part's pass makes
+    parts look slower than they train; `timed` runs every part, as a step does."""
+    if layout.size is not None:
+        return timed(layout)
     for i, (done, rate) in enumerate(passes):
         if done == layout and rate > 0 and warm(layout, [earlier for earlier, r in passes[:i] if r > 0]):
             return rate
@@ -230,8 +236,9 @@ def _speed(timed: Callable[[Layout], float], passes: list[tuple[Layout, float]],
 def warm(layout: Layout, earlier: list[Layout]) -> bool:
     """Whether a training pass laid out as `layout`, after the passes `earlier` (those that ran through), times the
     speed it trains at: one of them ran at the same part size (the kernels compiled and tuned for those shapes). The
-    first pass of a size pays that once, as a run with the settings fixed pays it in its first step. (The wait for
-    pinned CPU memory, which the first pass offloading at a size pays, is left out of the passes' times.)"""
+    first pass of a size pays that once, as a run with the settings fixed pays it in its first step. (What the wait
+    for pinned CPU memory, which the first pass offloading at a size pays, cost the GPU is left out of the passes'
+    times.)"""
     return any(e.size == layout.size for e in earlier)
 
 

@@ -41,11 +41,11 @@ def test_fit_plans_logs_saves_and_reuses_its_plan(tiny_model_dir, demo_file, tmp
 
     calls = []
 
-    def training_pass(module, batch):  # (peak, seconds)
+    def training_pass(module, batch, *rest):  # (peak, seconds): the first part's tokens set the peak
         blocks = checkpointable_layers(module.model)
         kept = sum(not b.gradient_checkpointing and not getattr(b, "offload_activations", False) for b in blocks)
-        calls.append((kept, batch["input_ids"].numel()))
-        return int((1 + kept) * GIB), 1.0
+        calls.append((kept, batch["input_ids"].numel(), len(rest)))
+        return int((1 + kept) * GIB), 1.0 + len(rest)
 
     def run(max_steps, ckpt_path=None, **compute):
         module = make_module(tiny_model_dir, compute=compute)
@@ -71,7 +71,10 @@ def test_fit_plans_logs_saves_and_reuses_its_plan(tiny_model_dir, demo_file, tmp
     made = module.memory_plan
     assert (made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens, made.keep_dequantized) == (
         1, 0, None, True)
-    assert calls[0] == (2, max(b["input_ids"].numel() for b in dm.train_dataloader()))  # the largest batch
+    assert calls[0] == (2, max(b["input_ids"].numel() for b in dm.train_dataloader()), 0)  # the largest batch
+    # probes run the largest part; a part size is timed over every part, as a step runs them
+    timings = [(i, call) for i, call in enumerate(calls) if call[2]]
+    assert timings and all(calls[i - 1][:2] == call[:2] for i, call in timings)
     lines = [r.message for r in caplog.records if r.message.startswith("model.compute plan:")]
     assert len(lines) == 1 and lines[0].startswith(
         "model.compute plan: 1 of 2 decoder layers recompute, 1 on the GPU; whole batches; 16-bit weights kept for "
@@ -83,7 +86,9 @@ def test_fit_plans_logs_saves_and_reuses_its_plan(tiny_model_dir, demo_file, tmp
     passes = [m for m in messages if m.startswith("memory plan pass")]
     assert len(passes) == len(calls) and passes[0].startswith(
         "memory plan pass 1: Layout(recompute=0, offload=0, size=None, regenerate=False, inputs=False); peak 3.00 GiB "
-        f"({3 * GIB} bytes); 1.000 s, 0.000 s of it pinning CPU memory; ")
+        f"({3 * GIB} bytes); {calls[0][1]} tokens in 1 part; 1.000 s, 0.000 s of it pinning CPU memory (the GPU idle "
+        "0.000 s of it); ")
+    assert f"tokens in {timings[0][1][2] + 1} parts; " in passes[timings[0][0]]
     # made again from the log without a GPU (benchmarks/train/replay_plan.py): the same choice; with the parts
     # answered as faster than whole batches, the replay goes on to smaller parts, which the fit did not run, and says so
     replayed, line, logged = replay(caplog.text)

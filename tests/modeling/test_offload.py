@@ -197,15 +197,38 @@ def test_offloading_on_a_gpu():
     (ref_loss, ref_grads), kept = peak(0, 0)
     assert offload_module.pinning_seconds(model) == 0  # nothing offloads
     (loss, grads), offloaded = peak(0, 6)
-    first = offload_module.pinning_seconds(model)
+    first, idle = offload_module.pinning_seconds(model), offload_module.pinning_idle_seconds(model)
+    assert 0 <= idle <= first  # the GPU idles for at most the CPU's wait
     peak(0, 6)  # the same sizes again: torch's pinned-memory allocator hands back what it pinned
     assert 0 < offload_module.pinning_seconds(model) < first
+    assert offload_module.pinning_idle_seconds(model) <= idle
     assert layout(model) == "ooooookk"
     assert model._activation_offload.streams is not None and model._activation_offload.passes == {}
     assert torch.equal(loss, ref_loss)
     for got, ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
     assert offloaded < 0.6 * kept, (offloaded, kept)
+
+
+def test_the_gpu_idle_while_pinning_is_read_from_events_around_each_wait():
+    """What the plan leaves out of a pass's time is the GPU's idle time while the CPU pinned (the milliseconds
+    between the events recorded before and after each wait that pinned new pages), not the CPU's whole wait: the GPU
+    works through what was queued meanwhile. Nothing offloading: 0."""
+    class Event:
+        def __init__(self, ms: float) -> None:
+            self.ms = ms
+
+        def elapsed_time(self, other: "Event") -> float:
+            return other.ms - self.ms
+
+    model = tiny_mistral(layers=4)
+    set_checkpointing(model, 2, 2)
+    offload = model._activation_offload
+    offload.pinning, offload.stalls = 0.5, [(Event(0.0), Event(30.0)), (Event(100.0), Event(100.0))]
+    assert offload_module.pinning_seconds(model) == 0.5
+    assert offload_module.pinning_idle_seconds(model) == pytest.approx(0.03)
+    set_checkpointing(model, 4, 0)
+    assert offload_module.pinning_idle_seconds(model) == 0.0
 
 
 @pytest.mark.gpu

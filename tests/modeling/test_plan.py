@@ -63,27 +63,30 @@ def choose(budget_gib: float, calls: list | None = None, cpu_gib: float = 200, t
     return plan.choose(probe, timing, facts(budget_gib, cpu_gib), Compute(**compute), passes=passes)
 
 
-@pytest.mark.parametrize(("budget", "chosen", "probes"), [
+@pytest.mark.parametrize(("budget", "chosen", "probes", "timed_sizes"), [
     # (recompute, offload, part tokens, keep_dequantized, masks drawn again, inputs in CPU memory)
-    (141, (0, 0, None, True, False, False), 1),  # everything fits, the 16-bit weights too: one probe
-    (80, (0, 0, None, False, False, False), 1),  # nothing recomputes, but the weights do not fit beside it
+    (141, (0, 0, None, True, False, False), 1, []),  # everything fits, the 16-bit weights too: one probe
+    (80, (0, 0, None, False, False, False), 1, []),  # nothing recomputes, but the weights do not fit beside it
     # halves of the batch keep every layer's activations: faster than whole batches recomputing, offloading or not
-    (40, (0, 0, 8192, False, True, False), 8),
-    (24, (10, 4, 8192, False, True, False), 11),  # halves, 14 recomputing, 4 of them offloading instead
-    (16, (22, 8, None, False, True, False), 9),  # qlora-16gb's choice: 22 recompute, 8 offload, 2 keep theirs
+    (40, (0, 0, 8192, False, True, False), 8, [8192]),
+    (24, (10, 4, 8192, False, True, False), 11, [8192, 4096]),  # halves, 14 recomputing, 4 of them offloading
+    (16, (22, 8, None, False, True, False), 9, [8192]),  # qlora-16gb's choice: 22 recompute, 8 offload, 2 keep theirs
     # halves with 8 layers offloading: faster than whole batches with the recomputing layers' inputs in CPU memory
-    (12, (20, 8, 8192, False, True, False), 11),
-    (8, (31, 0, 8192, False, True, True), 14),  # halves with the inputs offloaded, against quarters without
+    (12, (20, 8, 8192, False, True, False), 11, [8192, 4096]),
+    # halves with the inputs offloaded, against quarters without
+    (8, (31, 0, 8192, False, True, True), 14, [4096, 2048, 8192]),
 ])
-def test_the_fastest_plan_that_fits_each_budget(budget, chosen, probes):
+def test_the_fastest_plan_that_fits_each_budget(budget, chosen, probes, timed_sizes):
     """Every training pass counts (each costs about a step): each layout is probed once, the layer search at a part
-    size starts from the bytes per layer measured at the larger one, and the probes' own passes time the speeds
-    compared (each ran after another pass at its part size): no pass runs only to time."""
+    size starts from the bytes per layer measured at the larger one, and whole batches are timed by their probes'
+    own passes (each ran after another pass at its part size). A part size that fits is timed once, by a pass over
+    every part as a step runs them (a probe runs only the largest part), laid out as it would train."""
     calls, timed = [], []
     made = choose(budget, calls, timed=timed)
     assert (made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens, made.keep_dequantized,
             made.regenerate_dropout, made.offload_inputs) == chosen
-    assert len(calls) == len(set(calls)) == probes and timed == []  # each layout probed once
+    assert len(calls) == len(set(calls)) == probes  # each layout probed once
+    assert [layout.size for layout in timed] == timed_sizes and set(timed) <= set(calls)
     assert made.peak <= made.budget == int(budget * GIB)
     weights = 0.406 * (LAYERS + 0) if made.keep_dequantized else 0
     layout = Layout(made.checkpoint_layers, made.offload_layers, made.micro_batch_tokens, made.regenerate_dropout,
@@ -92,9 +95,9 @@ def test_the_fastest_plan_that_fits_each_budget(budget, chosen, probes):
 
 
 def test_a_probe_times_its_layout_only_where_it_ran_warm():
-    """A pass times what training would see only after another pass at its part size (kernels compiled and tuned
-    for those shapes), and only if that one ran through; offloading or not (the wait for pinned memory is left out of
-    the passes' times: test_offload.py)."""
+    """A probe's pass times what training would see only after another pass at its part size (kernels compiled and
+    tuned for those shapes), only if that one ran through, and only on whole batches; offloading or not (what the
+    wait for pinned memory cost the GPU is left out of the passes' times: test_offload.py)."""
     whole, inputs = Layout(22, 0, None, True), Layout(30, 0, None, True, True)
     assert not plan.warm(whole, []) and not plan.warm(whole, [Layout(32, 0, 8192, True)])
     assert plan.warm(whole, [Layout(32, 0, None, True)])
@@ -110,6 +113,10 @@ def test_a_probe_times_its_layout_only_where_it_ran_warm():
     assert plan._speed(timing, passes, whole) == 2.0 and timed == [whole]
     passes = [(Layout(32, 0, None, True), 0.5), (whole, 1.0)]
     assert plan._speed(timing, passes, whole) == 1.0 and timed == [whole]
+    # a probe in parts ran one part: a part size is timed by a pass of its own (every part, as a step runs them)
+    halves = Layout(22, 0, 8192, True)
+    passes = [(Layout(32, 0, 8192, True), 0.5), (halves, 1.0)]
+    assert plan._speed(timing, passes, halves) == 2.0 and timed == [whole, halves]
 
 
 def test_inputs_stay_on_the_gpu_without_the_cpu_memory_for_them():
