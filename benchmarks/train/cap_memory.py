@@ -16,7 +16,16 @@ import torch
 
 
 class CapMemory(L.Callback):
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """Caps the allocator at the first training batch: after the memory plan (made in the module's `on_train_start`,
+    which runs after the callbacks' and lifts its own cap when its probes are done), before the first step."""
+
+    def __init__(self) -> None:
+        self.capped = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self.capped:
+            return
+        self.capped = True
         gib = pl_module.spec.compute.memory_budget_gib
         device = pl_module.device
         if gib is None or device.type != "cuda":
