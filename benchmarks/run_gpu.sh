@@ -28,6 +28,8 @@
 #                                   Needs .whl-serve/ too (fastapi, uvicorn, openai and their dependencies)
 #   benchmarks/run_gpu.sh kernels   the LoRA dropout kernels against torch's dropout and multiplies
 #   benchmarks/run_gpu.sh tests     the GPU-marked tests (TESTS=-k expression to select)
+#   benchmarks/run_gpu.sh inputs    a pass's GPU memory with the recomputing layers' inputs in CPU memory and without,
+#                                   on a tiny model (benchmarks/train/probe_inputs.py)
 #   benchmarks/run_gpu.sh ddp       several GPUs (a 2-GPU machine): 1 GPU, 1 GPU accumulating 2, 2 GPUs DDP, and
 #                                   FSDP=SECONDS adds fsdp_qlora on 2
 #   benchmarks/run_gpu.sh fsdp-shared  on one GPU: what each of 2 processes holds under DDP, fsdp_qlora, and
@@ -43,7 +45,7 @@
 # by default: its memory plan fits the GPU).
 # Output: JSON lines in $OUT/<mode>.jsonl, and gpu.txt, versions.txt; name them for results/ as benchmarks/README.md says.
 set -uo pipefail
-MODE=${1:?usage: benchmarks/run_gpu.sh train|memory|plan|plan-long|plan-cost|big|predict|serve|kernels|tests|ddp|fsdp-shared}
+MODE=${1:?usage: benchmarks/run_gpu.sh train|memory|plan|plan-long|plan-cost|big|predict|serve|kernels|tests|inputs|ddp|fsdp-shared}
 OUT=${OUT:-$PWD/bench-out}; mkdir -p "$OUT"
 # compiled as pip installs them for users (no --no-compile: the first import would compile them, a cold-start cost)
 python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -55,7 +57,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,no
 python3 -c "import torch, transformers, peft, bitsandbytes, lightning, triton; print(torch.__version__, \
 transformers.__version__, peft.__version__, bitsandbytes.__version__, lightning.__version__, triton.__version__)" \
   | tee -a "$OUT/versions.txt"
-if [ ! -f "$CKPT/config.json" ]; then  # Mistral-7B-v0.1's exact config, random weights (~14.5 GB, ~20 s)
+if [ "$MODE" != inputs ] && [ ! -f "$CKPT/config.json" ]; then  # Mistral-7B-v0.1's config, random weights (~20 s)
   (cd .bench && python3 -c "import seed_recipe as s; s.make_checkpoint()") > /dev/null 2>&1 && cp .bench/tokenizer/* "$CKPT/"
 fi
 DATA=.bench/dolly-15k-head.jsonl
@@ -107,7 +109,8 @@ plan|plan-long|plan-cost)  # each within 9 minutes on an H100 (the script skips 
     --long_steps ${LONG_STEPS:-200} --extra="$callbacks" ${ONLY:+--only $ONLY} ${BUDGETS:+--budgets $BUDGETS} \
     ${DEADLINE:+--deadline $DEADLINE} \
     | tee -a "$OUT/$MODE.jsonl"
-  grep -h "model.compute plan:\|memory plan \|Time to the first\|Error\|error" /tmp/bench-plan/*.log | cut -c1-600 \
+  grep -h "model.compute plan:\|memory plan \|Time to the first\|CapMemory\|Error\|error" /tmp/bench-plan/*.log \
+    | cut -c1-600 \
     | tee -a "$OUT/$MODE-logs.txt"
   ;;
 big)
@@ -166,6 +169,9 @@ kernels)
 tests)
   gpu_tests "${TESTS:-}" 500
   ;;
+inputs)  # where a pass with the recomputing layers' inputs in CPU memory takes its GPU memory (tiny model, seconds)
+  PYTHONPATH=/tmp/site timeout 120 python3 benchmarks/train/probe_inputs.py | tee -a "$OUT/$MODE.jsonl"
+  ;;
 ddp)
   B="env PYTHONPATH=/tmp/site:$PWD python3 benchmarks/train/bench_ddp.py --model $CKPT --data $DATA --steps ${STEPS:-30} --timeout 200"
   CUDA_VISIBLE_DEVICES=0 $B --runs gpu1 gpu1_acc2 | tee -a "$OUT/$MODE.jsonl"
@@ -182,7 +188,7 @@ fsdp-shared)
   done | tee "$OUT/fsdp-logs.txt"
   ;;
 *)
-  echo "unknown mode $MODE: train, memory, plan, plan-long, big, predict, kernels, tests, ddp or fsdp-shared" >&2
+  echo "unknown mode $MODE: train, memory, plan, plan-long, plan-cost, big, predict, serve, kernels, tests, inputs, ddp or fsdp-shared" >&2
   exit 2
   ;;
 esac
