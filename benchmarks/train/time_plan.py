@@ -51,14 +51,15 @@ def wrap(owner, name: str, on_call):
     setattr(owner, name, wrapped)
 
 
-def timed_pass(original, module, batch):
+def timed_pass(original, module, batch, *rest):
     copy_before, host_before = record["copy_out_s"], host_stats()
     started = time.perf_counter()
-    peak, seconds = original(module, batch)
+    peak, seconds = original(module, batch, *rest)
     layout = layout_now[0]
     record["passes"].append(dict(
-        layout=None if layout is None else asdict(layout),
-        tokens=int(batch["input_ids"].numel()), wall_s=round(time.perf_counter() - started, 3),
+        layout=None if layout is None else asdict(layout), parts=1 + len(rest),
+        tokens=sum(int(b["input_ids"].numel()) for b in (batch, *rest)),
+        wall_s=round(time.perf_counter() - started, 3),
         pass_s=None if seconds == float("inf") else round(seconds, 3),
         peak_gib=None if peak is None else round(peak / GIB, 3),
         pinned=grown(host_before, host_stats()),
