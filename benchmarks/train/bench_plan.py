@@ -58,6 +58,9 @@ HAND = {  # the hand-tuned settings, every memory setting given (the plan decide
     # Memory modes)
     "24best": dict(gradient_checkpointing="true", checkpoint_layers=18, offload_layers=8, offload_inputs="false",
                    micro_batch_tokens="null", keep_dequantized="false", dropout_masks="regenerate"),
+    # the fastest seen at 40 GiB (an earlier plan's choice, BENCHMARKS.md, Memory modes): halves, 2 recomputing
+    "40best": dict(gradient_checkpointing="true", checkpoint_layers=2, offload_layers=1, offload_inputs="false",
+                   micro_batch_tokens=8191, keep_dequantized="false", dropout_masks="regenerate"),
     "auto": dict(gradient_checkpointing="true", checkpoint_layers="auto", offload_layers=0, offload_inputs="false",
                  micro_batch_tokens="null", keep_dequantized="false", dropout_masks="regenerate"),
     "fast": dict(gradient_checkpointing="false", checkpoint_layers="null", offload_layers=0, offload_inputs="false",
@@ -72,7 +75,7 @@ def runs(gpu_gib: float) -> list[tuple[str, float | None, str | None, list[str]]
     out = [("plan-8", 8, None, []), ("hand8-8", 8, "8gb", []),
            ("plan-16", 16, None, []), ("hand16-16", 16, "16gb", []),
            ("plan-24", 24, None, []), ("hand24-24", 24, "24gb", []), ("handbest-24", 24, "24best", []),
-           ("plan-40", 40, None, []), ("handauto-40", 40, "auto", [])]
+           ("plan-40", 40, None, []), ("handauto-40", 40, "auto", []), ("handbest-40", 40, "40best", [])]
     if gpu_gib > 81:
         out += [("plan-80", 80, None, []), ("handfast-80", 80, "fast", [])]
     out += [("plan-gpu", None, None, []), ("handfast-gpu", None, "fast", [])]
