@@ -23,8 +23,8 @@ from lit_mistral.modeling.plan import Facts, Layout, Plan, choose, describe
 
 FACTS = re.compile(r"memory plan facts: Facts\((?P<fields>[^)]*)\)")
 PASS = re.compile(r"memory plan pass \d+: Layout\((?P<layout>[^)]*)\); (?:out of memory|peak [0-9.]+ GiB "
-                  r"\((?P<peak>\d+) bytes\)); (?:\d+ tokens in \d+ parts?; )?[0-9.inf]+ s, [0-9.]+ s of it pinning "
-                  r"CPU memory(?: \(the GPU idle [0-9.]+ s of it\))?; (?P<rate>[0-9.]+) tokens/s")
+                  r"\((?P<peak>\d+) bytes\)); (?:(?P<tokens>\d+) tokens in \d+ parts?; )?[0-9.inf]+ s, [0-9.]+ s "
+                  r"of it pinning CPU memory(?: \(the GPU idle [0-9.]+ s of it\))?; (?P<rate>[0-9.]+) tokens/s")
 PLAN = re.compile(r"model\.compute plan: .*")
 GIVEN = re.compile(r"; set in the config, kept: (?P<given>.*)\.$")
 
@@ -41,9 +41,10 @@ def _fields(text: str) -> dict:
     return {key: _value(value) for key, value in (field.split("=") for field in text.split(", "))}
 
 
-def parse(text: str, nth: int = 1) -> tuple[Facts, list[tuple[Layout, int | None, float]], str, Compute]:
-    """The `nth` plan in a log: its facts, its passes (layout, peak or None, tokens/s), its plan line and the
-    settings its config gave (the rest `auto`)."""
+def parse(text: str, nth: int = 1) -> tuple[Facts, list[tuple[Layout, int | None, float, int]], str, Compute]:
+    """The `nth` plan in a log: its facts, its passes (layout, peak or None, tokens/s, the tokens it ran: logs made
+    before passes said so count a whole-batch pass as the batch, a pass in parts as not all of it), its plan line and
+    the settings its config gave (the rest `auto`)."""
     found = list(FACTS.finditer(text))
     if len(found) < nth:
         raise SystemExit(f"{len(found)} 'memory plan facts' lines, not {nth}: was the fit run with ShowPlanPasses, "
@@ -53,11 +54,15 @@ def parse(text: str, nth: int = 1) -> tuple[Facts, list[tuple[Layout, int | None
     line = PLAN.search(rest)
     if line is None:
         raise SystemExit("no 'model.compute plan:' line after the facts: the fit stopped before it chose")
-    passes = [(Layout(**_fields(m["layout"])), None if m["peak"] is None else int(m["peak"]), float(m["rate"]))
-              for m in PASS.finditer(rest[:line.start()])]
+    made = Facts(**_fields(facts["fields"]))
+    passes = []
+    for m in PASS.finditer(rest[:line.start()]):
+        layout = Layout(**_fields(m["layout"]))
+        tokens = int(m["tokens"]) if m["tokens"] else made.tokens if layout.size is None else 0
+        passes.append((layout, None if m["peak"] is None else int(m["peak"]), float(m["rate"]), tokens))
     given = GIVEN.search(line.group())
     settings = {} if given is None else _fields(given["given"])
-    return Facts(**_fields(facts["fields"])), passes, line.group(), Compute(**settings)
+    return made, passes, line.group(), Compute(**settings)
 
 
 def _key(layout: Layout) -> tuple:
@@ -69,20 +74,20 @@ def replay(text: str, rates: dict[tuple, float] | None = None, nth: int = 1) -> 
     logged), its line, and the fit's line."""
     facts, logged, line, compute = parse(text, nth)
     queue: dict[tuple, deque] = defaultdict(deque)
-    for layout, peak, rate in logged:
-        queue[_key(layout)].append((peak, (rates or {}).get(_key(layout), rate)))
-    passes: list[tuple[Layout, float]] = []
+    for layout, peak, rate, tokens in logged:
+        queue[_key(layout)].append((peak, (rates or {}).get(_key(layout), rate), tokens))
+    passes: list[tuple[Layout, float, int]] = []
 
-    def run(layout: Layout) -> int | None:
+    def run(layout: Layout, every_part: bool = False) -> int | None:
         if not queue[_key(layout)]:
             raise SystemExit(f"the fit ran no (further) pass laid out as {layout}: the replay chose otherwise from "
                              f"here ({len(passes)} passes replayed)")
-        peak, rate = queue[_key(layout)].popleft()
-        passes.append((layout, rate if peak is not None else 0.0))
+        peak, rate, tokens = queue[_key(layout)].popleft()
+        passes.append((layout, rate if peak is not None else 0.0, tokens))
         return peak
 
     def speed(layout: Layout) -> float:
-        run(layout)
+        run(layout, every_part=True)
         return passes[-1][1]
 
     made = choose(run, speed, facts, compute, run, passes)

@@ -156,9 +156,9 @@ def _measure(module, compute: Compute, layers: int) -> tuple[Plan, float, int]:
     # each training pass: its layout and tokens/s, less what the GPU lost waiting for CPU memory to be pinned (training
     # waits for it in its first step only: `offload.pinning_idle_seconds`); logged at DEBUG with its peak and times,
     # which with the facts show why the plan chose as it did. A probe runs the largest part of the batch (what the
-    # peak needs); a pass that times a part size runs every part, as a step does: a pass's fixed costs (its first
-    # allocations, the synchronizations) are a step's, not a part's.
-    passes: list[tuple[Layout, float]] = []
+    # peak needs) unless the plan asks for every part; a pass that times a part size runs every part, as a step does:
+    # a pass's fixed costs (its first allocations, the synchronizations) are a step's, not a part's.
+    passes: list[tuple[Layout, float, int]] = []
     spent = [0.0]  # seconds in training passes, their setup apart
 
     def run(layout: Layout, every_part: bool = False) -> int | None:
@@ -172,7 +172,7 @@ def _measure(module, compute: Compute, layers: int) -> tuple[Plan, float, int]:
         pinning = pinning_seconds(module.model)
         idle = 0.0 if peak is None else pinning_idle_seconds(module.model)  # (events read once the GPU is done)
         tokens = sum(b["input_ids"].numel() for b in batches)
-        passes.append((layout, tokens / (seconds - idle)))
+        passes.append((layout, tokens / (seconds - idle), tokens))
         memory = "out of memory" if peak is None else f"peak {peak / GIB:.2f} GiB ({peak} bytes)"
         log.debug("memory plan pass %d: %s; %s; %d tokens in %d part%s; %.3f s, %.3f s of it pinning CPU memory "
                   "(the GPU idle %.3f s of it); %.0f tokens/s", len(passes), layout, memory, tokens, len(batches),

@@ -118,25 +118,26 @@ def plain_plan(compute: Compute, layers: int, how: str) -> Plan:
                 compute.regenerate_dropout(), how=how, offload_inputs=bool(plain.offload_inputs) and recompute > 0)
 
 
-def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], float] | None, facts: Facts,
+def choose(probe: Callable[..., int | None], speed: Callable[[Layout], float] | None, facts: Facts,
            compute: Compute, uncapped: Callable[[Layout], int | None] | None = None,
-           passes: list[tuple[Layout, float]] | None = None) -> Plan:
-    """The fastest plan that fits (see the module's docstring), or a `LitMistralError` if none does. `probe(layout)`
-    is the peak (bytes) of a training pass laid out so, None if it ran out of memory (probes are capped at the
-    budget); `speed(layout)` its tokens/s, by one more pass (None: part sizes are not timed); `uncapped(layout)` the
-    peak without the cap, measured once for the refusal's figure when even the smallest plan ran out. `passes`: the
-    training passes run so far, in order, as (layout, tokens/s; 0 where it ran out of memory), which the probes add
-    to: a probe's own pass of a whole batch stands for its layout's speed where it ran warm after passes that ran
-    through (`warm`), and saves the pass `speed` would run (a probe in parts runs one part: `_speed`). Settings given
-    in `compute` (not `auto`) are kept as given."""
+           passes: list[tuple[Layout, float, int]] | None = None) -> Plan:
+    """The fastest plan that fits (see the module's docstring), or a `LitMistralError` if none does.
+    `probe(layout, every_part)` is the peak (bytes) of a training pass laid out so, None if it ran out of memory
+    (probes are capped at the budget): on the batch's largest part, or with `every_part` on all of its parts as a
+    step runs them; `speed(layout)` its tokens/s, by one more pass over every part (None: part sizes are not timed);
+    `uncapped(layout)` the peak without the cap, measured once for the refusal's figure when even the smallest plan
+    ran out. `passes`: the training passes run so far, in order, as (layout, tokens/s, 0 where it ran out of memory;
+    the tokens it ran), which the probes add to: a probe's own pass over the whole batch stands for its layout's speed
+    where it ran warm (`_speed`), and saves the pass `speed` would run. Settings given in `compute` (not `auto`) are
+    kept as given."""
     n, limit = facts.layers, facts.budget - facts.reserve
     peaks: dict[Layout, int | None] = {}
     if speed is not None:
-        speed = partial(_speed, speed, passes if passes is not None else [])
+        speed = partial(_speed, speed, passes if passes is not None else [], facts.tokens)
 
-    def measure(layout: Layout) -> int | None:  # each layout probed once
+    def measure(layout: Layout, every_part: bool = False) -> int | None:  # each layout probed once
         if layout not in peaks:
-            peaks[layout] = probe(layout)
+            peaks[layout] = probe(layout, every_part)
         return peaks[layout]
 
     masks, kd_given, offload_given, inputs_given, movable, layers_given, sizes = _given(compute, facts)
@@ -184,9 +185,11 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
 
     def offloading(trial: autofit.Trial) -> None:
         """Some of `trial`'s recomputing layers keep their activations in CPU memory instead, where enough others
-        hide the copies and it fits."""
+        hide the copies and it fits. Probed over every part of the batch: a layout that fits is the trial's, whose
+        speed the same pass then gives (a layout that does not runs out of memory in the largest part, which runs
+        first)."""
         for layers, count in _offload_candidates(trial.layers, trial.probes, facts):
-            if fits(measure(layout_of(False, layers, trial.size, count)), layers, count):
+            if fits(measure(layout_of(False, layers, trial.size, count), every_part=True), layers, count):
                 trial.layers, trial.offload = layers, count
                 return
 
@@ -220,15 +223,14 @@ def choose(probe: Callable[[Layout], int | None], speed: Callable[[Layout], floa
                 f"{len(peaks)} probes; {shown}", inputs and chosen.recompute > 0)
 
 
-def _speed(timed: Callable[[Layout], float], passes: list[tuple[Layout, float]], layout: Layout) -> float:
-    """Tokens/s laid out as `layout`: of its probe's pass where that ran warm on whole batches, else of one more pass
-    (`timed`). A probe in parts runs only the largest part, whose time is not a step's over its number of parts: a
-    pass's fixed costs (its first allocations, the synchronizations) come once per step, so one part's pass makes
-    parts look slower than they train; `timed` runs every part, as a step does."""
-    if layout.size is not None:
-        return timed(layout)
-    for i, (done, rate) in enumerate(passes):
-        if done == layout and rate > 0 and warm(layout, [earlier for earlier, r in passes[:i] if r > 0]):
+def _speed(timed: Callable[[Layout], float], passes: list[tuple[Layout, float, int]], tokens: int,
+           layout: Layout) -> float:
+    """Tokens/s laid out as `layout`: of its probe's pass where that ran the batch's `tokens` (every part) warm, else
+    of one more pass (`timed`, over every part). A probe of one part is not a step's time over its number of parts:
+    a pass's fixed costs (its first allocations, the synchronizations) come once per step, so one part's pass makes
+    parts look slower than they train."""
+    for i, (done, rate, ran) in enumerate(passes):
+        if done == layout and ran == tokens and rate > 0 and warm(layout, [e for e, r, _ in passes[:i] if r > 0]):
             return rate
     return timed(layout)
 

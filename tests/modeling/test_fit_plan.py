@@ -93,7 +93,7 @@ def test_fit_plans_logs_saves_and_reuses_its_plan(tiny_model_dir, demo_file, tmp
     # answered as faster than whole batches, the replay goes on to smaller parts, which the fit did not run, and says so
     replayed, line, logged = replay(caplog.text)
     assert replayed.record() == made.record() and chosen(line) == chosen(logged)
-    size = next(layout.size for layout, _, _ in parse(caplog.text)[1] if layout.size is not None)
+    size = next(layout.size for layout, *_ in parse(caplog.text)[1] if layout.size is not None)
     with pytest.raises(SystemExit, match=rf"no \(further\) pass laid out as Layout\(recompute=\d+, offload=0, "
                                          rf"size={size // 2},"):
         replay(caplog.text, {(1, 0, size, False): 1e6})

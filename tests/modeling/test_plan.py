@@ -46,19 +46,19 @@ def facts(budget_gib: float, cpu_gib: float = 200) -> Facts:
 def choose(budget_gib: float, calls: list | None = None, cpu_gib: float = 200, timed: list | None = None,
            **compute):
     """`plan.choose` on the memory model; `calls` gets each layout probed, `timed` each one timed by a pass of its
-    own (a probe's pass, where warm, times its layout without one)."""
+    own (a probe's pass over the whole batch, where warm, times its layout without one)."""
     passes = []
 
-    def probe(layout):
+    def probe(layout, every_part=False):
         if calls is not None:
             calls.append(layout)
-        passes.append((layout, speed(layout)))
+        passes.append((layout, speed(layout), TOKENS if every_part or layout.size is None else layout.size))
         return int(peak_gib(layout) * GIB)
 
     def timing(layout):
         if timed is not None:
             timed.append(layout)
-        passes.append((layout, speed(layout)))
+        passes.append((layout, speed(layout), TOKENS))
         return speed(layout)
     return plan.choose(probe, timing, facts(budget_gib, cpu_gib), Compute(**compute), passes=passes)
 
@@ -69,17 +69,18 @@ def choose(budget_gib: float, calls: list | None = None, cpu_gib: float = 200, t
     (80, (0, 0, None, False, False, False), 1, []),  # nothing recomputes, but the weights do not fit beside it
     # halves of the batch keep every layer's activations: faster than whole batches recomputing, offloading or not
     (40, (0, 0, 8192, False, True, False), 8, [8192]),
-    (24, (10, 4, 8192, False, True, False), 11, [8192, 4096]),  # halves, 14 recomputing, 4 of them offloading
-    (16, (22, 8, None, False, True, False), 9, [8192]),  # qlora-16gb's choice: 22 recompute, 8 offload, 2 keep theirs
+    (24, (10, 4, 8192, False, True, False), 11, [4096]),  # halves, 14 recomputing, 4 of them offloading instead
+    (16, (22, 8, None, False, True, False), 9, []),  # qlora-16gb's choice: 22 recompute, 8 offload, 2 keep theirs
     # halves with 8 layers offloading: faster than whole batches with the recomputing layers' inputs in CPU memory
-    (12, (20, 8, 8192, False, True, False), 11, [8192, 4096]),
+    (12, (20, 8, 8192, False, True, False), 11, []),
     # halves with the inputs offloaded, against quarters without
-    (8, (31, 0, 8192, False, True, True), 14, [4096, 2048, 8192]),
+    (8, (31, 0, 8192, False, True, True), 14, [8192]),
 ])
 def test_the_fastest_plan_that_fits_each_budget(budget, chosen, probes, timed_sizes):
     """Every training pass counts (each costs about a step): each layout is probed once, the layer search at a part
-    size starts from the bytes per layer measured at the larger one, and whole batches are timed by their probes'
-    own passes (each ran after another pass at its part size). A part size that fits is timed once, by a pass over
+    size starts from the bytes per layer measured at the larger one, and a layout is timed by its probe's own pass
+    where that ran the whole batch warm (after another pass at its part size): whole batches, and the offloading
+    tried at a part size, probed over every part. Else a part size that fits is timed once more, by a pass over
     every part as a step runs them (a probe runs only the largest part), laid out as it would train."""
     calls, timed = [], []
     made = choose(budget, calls, timed=timed)
@@ -109,14 +110,16 @@ def test_a_probe_times_its_layout_only_where_it_ran_warm():
         timed.append(layout)
         return 2.0
 
-    passes = [(Layout(32, 0, None, True), 0.0), (whole, 1.0)]  # the first ran out of memory: not warm
-    assert plan._speed(timing, passes, whole) == 2.0 and timed == [whole]
-    passes = [(Layout(32, 0, None, True), 0.5), (whole, 1.0)]
-    assert plan._speed(timing, passes, whole) == 1.0 and timed == [whole]
-    # a probe in parts ran one part: a part size is timed by a pass of its own (every part, as a step runs them)
+    passes = [(Layout(32, 0, None, True), 0.0, TOKENS), (whole, 1.0, TOKENS)]  # the first ran out of memory
+    assert plan._speed(timing, passes, TOKENS, whole) == 2.0 and timed == [whole]
+    passes = [(Layout(32, 0, None, True), 0.5, TOKENS), (whole, 1.0, TOKENS)]
+    assert plan._speed(timing, passes, TOKENS, whole) == 1.0 and timed == [whole]
+    # a probe of one part does not time its part size (a step runs every part); a probe over every part does
     halves = Layout(22, 0, 8192, True)
-    passes = [(Layout(32, 0, 8192, True), 0.5), (halves, 1.0)]
-    assert plan._speed(timing, passes, halves) == 2.0 and timed == [whole, halves]
+    passes = [(Layout(32, 0, 8192, True), 0.5, 8192), (halves, 1.0, 8192)]
+    assert plan._speed(timing, passes, TOKENS, halves) == 2.0 and timed == [whole, halves]
+    passes = [(Layout(32, 0, 8192, True), 0.5, 8192), (halves, 1.0, TOKENS)]
+    assert plan._speed(timing, passes, TOKENS, halves) == 1.0 and timed == [whole, halves]
 
 
 def test_inputs_stay_on_the_gpu_without_the_cpu_memory_for_them():
@@ -181,5 +184,5 @@ def test_the_refusal_measures_the_smallest_plan_once_without_the_cap():
 
     with pytest.raises(LitMistralError, match=r"the smallest plan tried needs 5\.3 GiB \(32 of 32 decoder layers "
                                               r"recomputing, parts of 2,048 tokens, their inputs in CPU memory\)"):
-        plan.choose(lambda layout: None, speed, facts(5), Compute(), without_cap)
+        plan.choose(lambda layout, every_part: None, speed, facts(5), Compute(), without_cap)
     assert uncapped == [Layout(32, 0, 2048, True, True)]
