@@ -57,7 +57,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,no
 python3 -c "import torch, transformers, peft, bitsandbytes, lightning, triton; print(torch.__version__, \
 transformers.__version__, peft.__version__, bitsandbytes.__version__, lightning.__version__, triton.__version__)" \
   | tee -a "$OUT/versions.txt"
-if [ "$MODE" != inputs ] && [ ! -f "$CKPT/config.json" ]; then  # Mistral-7B-v0.1's config, random weights (~20 s)
+if [ "$MODE" != inputs ] && [ ! -f "$CKPT/config.json" ]; then  # Mistral-7B-v0.1's exact config, random weights
   (cd .bench && python3 -c "import seed_recipe as s; s.make_checkpoint()") > /dev/null 2>&1 && cp .bench/tokenizer/* "$CKPT/"
 fi
 DATA=.bench/dolly-15k-head.jsonl

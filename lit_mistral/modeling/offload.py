@@ -277,8 +277,8 @@ def pinning_seconds(model: torch.nn.Module) -> float:
     the same sizes, so only a pass that is the first of its sizes waits; training waits in its first step only. The
     memory plan leaves out of a pass's time what this wait cost the GPU (`pinning_idle_seconds`), to time what
     training will see."""
-    offload = getattr(model, "_activation_offload", None)
-    return offload.pinning if offload is not None and offload.offloaded() else 0.0
+    offload = _offloading(model)
+    return offload.pinning if offload is not None else 0.0
 
 
 def pinning_idle_seconds(model: torch.nn.Module) -> float:
@@ -288,10 +288,16 @@ def pinning_idle_seconds(model: torch.nn.Module) -> float:
     pass's time would make it look faster than training will be; the time between an event recorded on the
     computing stream before the wait and one recorded after it is what the GPU spent with nothing to do (nothing
     else is queued on that stream in between: none when the queue outlasted the wait). 0 on a device without CUDA."""
-    offload = getattr(model, "_activation_offload", None)
-    if offload is None or not offload.offloaded():
+    offload = _offloading(model)
+    if offload is None:
         return 0.0
     return sum(waiting.elapsed_time(resumed) for waiting, resumed in offload.stalls) / 1000
+
+
+def _offloading(model: torch.nn.Module) -> ActivationOffload | None:
+    """`model`'s offloader where some layer offloads (its latest pass's counts are of this layout), else None."""
+    offload = getattr(model, "_activation_offload", None)
+    return offload if offload is not None and offload.offloaded() else None
 
 
 def register_pinned_pages(environ=os.environ) -> str | None:
